@@ -1,0 +1,3 @@
+from passtd.options import main
+
+raise SystemExit(main())

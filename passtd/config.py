@@ -1,0 +1,74 @@
+"""The resolved configuration of one passtd process: what options.py builds and daemon.run() consumes.
+
+Everything here is final: host defaults have been copied in, conflicts rejected, so the daemon never has to
+second-guess a field. Invariants that would otherwise let a half-built Config through are checked in
+`__post_init__` and reported as `ConfigError`, the same one-line error the command line gives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from passtd.dataplane.core.context import Context
+from passtd.errors import ConfigError
+
+MTU_MIN: Final = 68  # RFC 791: every IPv4 host must handle 68-byte datagrams
+MTU_MAX: Final = 65520  # passt's default and largest: 64 KiB minus room for headers
+MTU_DEFAULT: Final = 65520
+IPV6_MIN_MTU: Final = 1280  # RFC 8200 section 5; below it IPv6 is disabled
+SUN_PATH_MAX: Final = 107  # sizeof(sockaddr_un.sun_path) - 1 for the NUL on Linux
+DEFAULT_NS_IFNAME: Final = "tap0"
+SOCKET_DIR: Final = "passtd"
+SOCKET_NAME: Final = "passtd.socket"
+
+
+def default_socket_path(env: Mapping[str, str]) -> str:
+    """Per-user runtime dir when there is one (systemd --user, logind), else the system one."""
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return f"{runtime.rstrip('/')}/{SOCKET_DIR}/{SOCKET_NAME}"
+    return f"/run/{SOCKET_DIR}/{SOCKET_NAME}"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """One process's configuration; `ctx` is what the dataplane core sees, the rest is for the shell."""
+
+    mode: Literal["passt", "pasta"]
+    ctx: Context
+    socket_path: str | None  # passt: UNIX socket qemu connects to
+    one_off: bool  # passt: quit after the first guest disconnects
+    netns: str | None  # pasta: name under /run/netns, or a path
+    netns_pid: int | None  # pasta: join this process's netns
+    command: tuple[str, ...] | None  # pasta: () means the user's shell; None when attaching to a netns
+    ns_ifname: str  # pasta: name of the tap device in the namespace
+    config_net: bool  # pasta: configure addresses and routes in the namespace
+    pcap: str | None
+    pid_file: str | None
+    foreground: bool
+    debug: bool
+    quiet: bool
+    log_format: Literal["console", "json"]
+
+    def __post_init__(self) -> None:
+        if not MTU_MIN <= self.ctx.mtu <= MTU_MAX:
+            raise ConfigError(f"--mtu: {self.ctx.mtu} is out of range {MTU_MIN}..{MTU_MAX}")
+        if self.ctx.ip6 is not None and self.ctx.mtu < IPV6_MIN_MTU:
+            raise ConfigError(f"--mtu: {self.ctx.mtu} is below {IPV6_MIN_MTU}, the IPv6 minimum")
+        if self.debug and self.quiet:
+            raise ConfigError("-q/--quiet: cannot be combined with -d/--debug")
+        if self.mode == "passt":
+            if self.socket_path is None:
+                raise ConfigError("passt mode needs a socket path")
+            if self.netns is not None or self.netns_pid is not None or self.command is not None:
+                raise ConfigError("passt mode takes no namespace or command")
+            if self.config_net:
+                raise ConfigError("--config-net: only valid in pasta mode")
+        else:
+            if self.socket_path is not None or self.one_off:
+                raise ConfigError("pasta mode takes no socket")
+            targets = (self.netns is not None) + (self.netns_pid is not None) + (self.command is not None)
+            if targets != 1:
+                raise ConfigError("pasta needs exactly one of --netns, a PID or a command")

@@ -1,0 +1,1 @@
+"""gRPC control plane. Import-light: passtctl loads only generated code from here."""

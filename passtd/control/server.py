@@ -1,0 +1,161 @@
+"""The control server: grpc.aio on a UNIX socket, on the dataplane's own loop (STYLE 1.9: no threads).
+
+The socket file is the access control: mode 0600 (only passtd's user), or 0660 plus a group when one is
+given. It is created under a 0177 umask and opened to the group only after chgrp, so there is no window
+in which anyone else could connect. gRPC itself would silently unlink whatever sits at the path before
+binding, which would hijack a running daemon's socket; so the path is probed first and the start refused if
+something answers.
+
+Besides passt.v1.Control the server carries the standard health service (grpc.health.v1.Health, SERVING for
+"" and "passt.v1.Control", NOT_SERVING once shutdown starts) and server reflection, so grpcurl and generic
+probes work without the .proto file.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import socket
+import stat
+import weakref
+from dataclasses import dataclass
+from typing import Any, Final
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from passtd.control.api import ControlAPI
+from passtd.control.pb import passt_pb2_grpc
+from passtd.control.service import SERVICE_NAME, ControlServicer
+from passtd.errors import BackendError
+
+HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SUN_PATH_MAX: Final = 107  # sizeof(sockaddr_un.sun_path) - 1 for the NUL on Linux
+MODE_PRIVATE: Final = 0o600
+MODE_GROUP: Final = 0o660
+
+
+@dataclass(frozen=True, slots=True)
+class _Bound:
+    """What stop_control_server needs to undo: the health servicer to flip, the file to remove."""
+
+    health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped)
+    path: str
+    ino: int
+
+
+_bound: weakref.WeakKeyDictionary[Any, _Bound] = weakref.WeakKeyDictionary()
+
+
+def _gid_of(group: str) -> int:
+    """A group name or a numeric gid, as chgrp(1) accepts."""
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if group.isdigit():
+            return int(group)
+        raise BackendError(f"control socket: unknown group {group!r}") from None
+
+
+def _claim_path(path: str) -> None:
+    """Make `path` free for bind(): refuse if a server answers there, remove it if it is a stale socket."""
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise BackendError(f"control socket {path}: path longer than {SUN_PATH_MAX} bytes")
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise BackendError(f"control socket {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BackendError(f"control socket {path}: no permission to create files in {parent}")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise BackendError(f"control socket {path}: exists and is not a socket; not removing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.setblocking(False)  # a UNIX connect() completes or fails at once; EAGAIN means a full backlog
+        probe.connect(path)
+    except ConnectionRefusedError:
+        pass  # stale: left behind by a process that died without cleaning up
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno == errno.EAGAIN:
+            raise BackendError(f"control socket {path}: already in use by another server") from None
+        raise BackendError(f"control socket {path}: cannot probe: {exc.strerror}") from None
+    else:
+        raise BackendError(f"control socket {path}: already in use by another server")
+    finally:
+        probe.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise BackendError(f"control socket {path}: cannot remove stale socket: {exc.strerror}") from None
+
+
+def _bind(server: Any, path: str, mode: int) -> None:
+    """Bind with a umask that yields at most `mode`; the loop's thread does nothing else meanwhile."""
+    old = os.umask(0o777 & ~mode)
+    try:
+        server.add_insecure_port(f"unix:{path}")
+    except RuntimeError:  # grpc's text only says "failed to bind"; the errno goes to its own log line
+        raise BackendError(f"control socket {path}: cannot bind (see the grpc error above)") from None
+    finally:
+        os.umask(old)
+
+
+async def start_control_server(api: ControlAPI, path: str, *, group: str | None = None) -> grpc.aio.Server:
+    """Serve passt.v1.Control, health and reflection on `unix:{path}`; raise BackendError if it cannot.
+
+    The socket file gets mode 0600, or 0660 and the given group (name or gid). A stale socket file is
+    replaced; a live one (something accepts connections on it) is left alone and the start refused.
+    """
+    gid = _gid_of(group) if group is not None else None
+    mode = MODE_PRIVATE if gid is None else MODE_GROUP
+    _claim_path(path)
+
+    server = grpc.aio.server()
+    passt_pb2_grpc.add_ControlServicer_to_server(ControlServicer(api), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+    try:
+        _bind(server, path, MODE_PRIVATE)  # the group gets in only once the file is its own
+        try:
+            if gid is not None:
+                os.chown(path, -1, gid)
+            os.chmod(path, mode)
+            ino = os.stat(path).st_ino
+        except OSError as exc:
+            raise BackendError(f"control socket {path}: cannot set owner/mode: {exc.strerror}") from None
+        await server.start()
+        for service in ("", SERVICE_NAME):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    except BaseException:
+        await server.stop(None)
+        raise
+    _bound[server] = _Bound(health=health_servicer, path=path, ino=ino)
+    return server
+
+
+async def stop_control_server(server: grpc.aio.Server, grace: float | None) -> None:
+    """Report NOT_SERVING, let in-flight RPCs finish for up to `grace` seconds, then remove the socket file.
+
+    The file is removed only if it is still the one this server created, never a successor's.
+    """
+    bound = _bound.pop(server, None)
+    if bound is not None:
+        await bound.health.enter_graceful_shutdown()
+    await server.stop(grace)
+    if bound is None:
+        return
+    try:
+        if os.lstat(bound.path).st_ino == bound.ino:
+            os.unlink(bound.path)
+    except FileNotFoundError:
+        pass  # grpc removes the socket file itself on stop

@@ -1,0 +1,75 @@
+"""What passtd is to the guest: our MAC, the guest's addresses, gateway, DNS, MTU, and which services run.
+
+Read-only for the core; built once from the configuration. The guest's MAC is learned from its frames and
+kept in `Guest`, the only mutable piece of identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+
+from passtd.dataplane.packets.ethernet import BROADCAST
+
+DEFAULT_MAC = bytes.fromhex("9a559a559a55")
+
+
+def link_local_from_mac(mac: bytes) -> IPv6Address:
+    """Modified EUI-64 link-local address (RFC 4291 appendix A)."""
+    eui = bytes((mac[0] ^ 0x02,)) + mac[1:3] + b"\xff\xfe" + mac[3:6]
+    return IPv6Address(b"\xfe\x80" + b"\x00" * 6 + eui)
+
+
+@dataclass(frozen=True, slots=True)
+class Ip4Net:
+    addr: IPv4Address  # the guest's address
+    prefix_len: int
+    gateway: IPv4Address
+    dns: tuple[IPv4Address, ...] = ()
+
+    @property
+    def netmask(self) -> IPv4Address:
+        return IPv4Address((0xFFFFFFFF << (32 - self.prefix_len)) & 0xFFFFFFFF)
+
+
+@dataclass(frozen=True, slots=True)
+class Ip6Net:
+    addr: IPv6Address  # the guest's global address
+    prefix_len: int
+    gateway: IPv6Address  # what the guest routes through; may be our link-local address
+    our_ll: IPv6Address  # source of NDP and DHCPv6 messages
+    dns: tuple[IPv6Address, ...] = ()
+
+    @property
+    def prefix(self) -> IPv6Address:
+        mask = ((1 << 128) - 1) ^ ((1 << (128 - self.prefix_len)) - 1)
+        return IPv6Address(int(self.addr) & mask)
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    our_mac: bytes = DEFAULT_MAC
+    mtu: int = 65520
+    ip4: Ip4Net | None = None
+    ip6: Ip6Net | None = None
+    search: tuple[str, ...] = ()
+    dhcp: bool = True
+    ndp: bool = True
+    dhcpv6: bool = True
+    ra: bool = True
+    icmp: bool = True
+    map_gw: bool = True
+
+
+@dataclass(slots=True)
+class Guest:
+    """What we learned about the guest from its traffic (reported by the control plane)."""
+
+    mac: bytes | None = None
+    addrs4: set[IPv4Address] = field(default_factory=set)
+    addrs6: set[IPv6Address] = field(default_factory=set)
+
+    @property
+    def dst_mac(self) -> bytes:
+        """Unicast to the guest once known, broadcast before (passt does the same)."""
+        return self.mac if self.mac is not None else BROADCAST

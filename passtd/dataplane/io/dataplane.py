@@ -1,0 +1,202 @@
+"""The imperative shell: readiness → batch of frames → core → replies and socket work → flush.
+
+Dispatch is synchronous: a readiness callback drains up to `BATCH` frames, feeds them all to the core, then
+writes every reply in one `send_batch`. Only `MalformedFrame` is caught at the tap boundary (counted per
+reason, logged at debug); any other exception is a bug and reaches the loop's exception handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any, Final
+
+from passtd.dataplane.core.context import Context, Guest
+from passtd.dataplane.core.demux import Demux
+from passtd.dataplane.core.flowtable import FlowTable
+from passtd.dataplane.core.icmp import EchoFlow, EchoToHost, echo_to_guest, expired
+from passtd.dataplane.core.services.ndp import NdpResponder
+from passtd.dataplane.core.stats import Stats
+from passtd.dataplane.io.pcap import PcapWriter
+from passtd.dataplane.io.sockets import open_ping_socket, ping_group_hint, sockaddr
+from passtd.dataplane.io.tap.base import TapBackend
+from passtd.errors import MalformedFrame
+from passtd.logging import get_logger
+
+BATCH: Final = 64
+TICK: Final = 1.0
+
+
+class Dataplane:
+    def __init__(self, ctx: Context, loop: asyncio.AbstractEventLoop, pcap: PcapWriter | None = None) -> None:
+        self.ctx = ctx
+        self.loop = loop
+        self.pcap = pcap
+        self.guest = Guest()
+        self.stats = Stats()
+        self.flows = FlowTable()
+        self.ndp = NdpResponder(ctx)
+        self.demux = Demux(ctx, self.guest, self.stats, self.flows, self.ndp)
+        self.tap: TapBackend | None = None
+        self.disconnected: asyncio.Event = asyncio.Event()
+        self._ping_socks: dict[int, socket.socket] = {}
+        self._ping_refused = False
+        self._tick: asyncio.TimerHandle | None = None
+        self.log = get_logger(component="dataplane")
+
+    # -- tap side -------------------------------------------------------------------------------------------
+
+    def attach(self, tap: TapBackend) -> None:
+        """Start serving a guest; one at a time."""
+        self.tap = tap
+        self.disconnected.clear()
+        self.loop.add_reader(tap.fileno(), self._on_tap_readable)
+        if self._tick is None:
+            self._tick = self.loop.call_later(TICK, self._on_tick)
+        self.log.info("tap.attached", fd=tap.fileno())
+
+    def detach(self) -> None:
+        tap = self.tap
+        if tap is None:
+            return
+        self.tap = None
+        try:
+            self.loop.remove_reader(tap.fileno())
+        except (ValueError, OSError):
+            pass
+        tap.close()
+        self.guest.mac = None
+        self.disconnected.set()
+        self.log.info("tap.detached")
+
+    def _on_tap_readable(self) -> None:
+        tap = self.tap
+        if tap is None:
+            return
+        try:
+            frames = tap.recv_batch(BATCH)
+        except MalformedFrame as exc:
+            self.stats.drop(exc.reason)
+            self.log.warning("tap.stream.desync", reason=exc.reason)
+            self.detach()
+            return
+        except EOFError:
+            self.detach()
+            return
+        if not frames:
+            return
+        now = self.loop.time()
+        out: list[bytes] = []
+        actions: list[EchoToHost] = []
+        stats = self.stats
+        for frame in frames:
+            stats.frames_from_tap += 1
+            stats.bytes_from_tap += len(frame)
+            if self.pcap is not None:
+                self.pcap.write(frame)
+            try:
+                self.demux.handle_frame(frame, now, out, actions)
+            except MalformedFrame as exc:
+                stats.drop(exc.reason)
+                self.log.debug("tap.frame.dropped", reason=exc.reason, length=len(frame))
+        for action in actions:
+            self._echo_to_host(action)
+        self.send_to_tap(out)
+
+    def send_to_tap(self, frames: list[bytes]) -> None:
+        tap = self.tap
+        if not frames or tap is None:
+            return
+        self.stats.frames_to_tap += len(frames)
+        self.stats.bytes_to_tap += sum(len(f) for f in frames)
+        if self.pcap is not None:
+            for frame in frames:
+                self.pcap.write(frame)
+        tap.send_batch(frames)
+
+    # -- ICMP echo ------------------------------------------------------------------------------------------
+
+    def _echo_to_host(self, action: EchoToHost) -> None:
+        flow = action.flow
+        sock = self._ping_socks.get(flow.flow_id)
+        if sock is None:
+            try:
+                sock = open_ping_socket(flow.v6)
+            except PermissionError:
+                self.stats.drop("icmp.ping_socket_forbidden")
+                if not self._ping_refused:
+                    self._ping_refused = True
+                    self.log.warning("icmp.ping_socket.forbidden", hint=ping_group_hint())
+                self.flows.remove(flow)
+                return
+            except OSError as exc:
+                self.stats.drop("icmp.ping_socket_error")
+                self.log.warning("icmp.ping_socket.error", error=exc.strerror)
+                self.flows.remove(flow)
+                return
+            self._ping_socks[flow.flow_id] = sock
+            self.loop.add_reader(sock.fileno(), self._on_ping_readable, flow, sock)
+            self.log.debug("icmp.flow.opened", flow_id=flow.flow_id, target=sockaddr(flow.target_addr, 0)[0])
+        try:
+            sock.sendto(action.message, sockaddr(flow.target_addr, 0))
+        except OSError as exc:
+            self.stats.drop("icmp.send_error")
+            self.log.debug("icmp.send.failed", flow_id=flow.flow_id, error=exc.strerror)
+
+    def _on_ping_readable(self, flow: EchoFlow, sock: socket.socket) -> None:
+        out: list[bytes] = []
+        now = self.loop.time()
+        for _ in range(BATCH):
+            try:
+                message = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # ICMP errors queued on the socket: the guest's ping times out as it would
+                self.log.debug("icmp.recv.failed", flow_id=flow.flow_id, error=exc.strerror)
+                continue
+            frame = echo_to_guest(self.ctx, self.guest.dst_mac, flow, message, now)
+            if frame is not None:
+                out.append(frame)
+        self.send_to_tap(out)
+
+    def _close_echo(self, flow: EchoFlow) -> None:
+        self.flows.remove(flow)
+        sock = self._ping_socks.pop(flow.flow_id, None)
+        if sock is not None:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        self.log.debug("icmp.flow.closed", flow_id=flow.flow_id)
+
+    # -- timers ---------------------------------------------------------------------------------------------
+
+    def _on_tick(self) -> None:
+        now = self.loop.time()
+        self._tick = self.loop.call_later(TICK, self._on_tick)
+        if self.tap is not None and now >= self.ndp.next_deadline():
+            ra = self.ndp.handle_timer(self.guest.mac, now)
+            if ra is not None:
+                self.send_to_tap([ra])
+        for flow in expired(self.flows, now):
+            self._close_echo(flow)
+        if self.pcap is not None:
+            self.pcap.flush()
+
+    def close(self) -> None:
+        self.detach()
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        for flow in [f for f in self.flows if isinstance(f, EchoFlow)]:
+            self._close_echo(flow)
+        if self.pcap is not None:
+            self.pcap.close()
+
+    def status(self) -> dict[str, Any]:
+        """Counters and guest state, for logs and the control plane."""
+        return {
+            "guest_mac": self.guest.mac.hex(":") if self.guest.mac else None,
+            "frames_from_tap": self.stats.frames_from_tap,
+            "frames_to_tap": self.stats.frames_to_tap,
+            "dropped": dict(self.stats.dropped),
+            "flows": len(self.flows),
+        }

@@ -1,0 +1,461 @@
+"""Network namespaces and the tap device for pasta mode.
+
+A namespace is held as an open `/proc/PID/ns/net`-style descriptor: that keeps it alive and lets us enter it
+without a name. Entering uses `setns(2)`, which moves only the calling *thread*, so every piece of work done
+inside a namespace runs in a short-lived helper thread (`run_in_netns`): the event loop thread never changes
+namespace. Descriptors opened in there (the tap fd, a netlink socket) stay bound to that namespace and work
+from any thread afterwards.
+
+`spawn_in_new_netns` forks: call it before any event loop or thread exists (fork copies only the calling
+thread, and any lock another thread held stays locked forever in the child).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import signal
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Network
+from typing import Final, NoReturn, ParamSpec, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from passtd.dataplane.core.context import Context
+from passtd.errors import BackendError
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# <linux/sched.h>
+CLONE_NEWNET: Final = 0x40000000
+CLONE_NEWUSER: Final = 0x10000000
+# <linux/nsfs.h>: _IO(0xb7, 0x3), answers the CLONE_NEW* type of a namespace file (Linux 4.11)
+NS_GET_NSTYPE: Final = 0xB703
+# <linux/if_tun.h>
+TUNSETIFF: Final = 0x400454CA
+IFF_TAP: Final = 0x0002
+IFF_NO_PI: Final = 0x1000
+IFF_VNET_HDR: Final = 0x4000
+# <linux/sockios.h>, <linux/if.h>
+SIOCGIFFLAGS: Final = 0x8913
+SIOCSIFFLAGS: Final = 0x8914
+SIOCSIFMTU: Final = 0x8922
+IFF_UP: Final = 0x1
+IFNAMSIZ: Final = 16
+# <linux/if_addr.h>, <linux/rtnetlink.h>
+IFA_F_NODAD: Final = 0x02
+RTNH_F_ONLINK: Final = 0x04
+
+NETNS_RUN_DIR: Final = "/run/netns"
+TUN_DEVICE: Final = "/dev/net/tun"
+
+# struct ifreq: the name, then a 24-byte union (struct ifmap is the largest member on 64-bit)
+_IFREQ_FLAGS = struct.Struct("16sH22x")
+_IFREQ_INT = struct.Struct("16si20x")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _ns_syscall(name: str, *args: int) -> None:
+    """Call libc `setns`/`unshare` (Python 3.11 has no os.setns/os.unshare), raising OSError on failure."""
+    if getattr(_libc, name)(*args) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _netns_path(target: str | int) -> tuple[str, str]:
+    """Where the namespace file of `target` is, and how to name it in messages.
+
+    An int or a string of digits is a PID; a string containing a slash is a path; anything else is a name
+    under /run/netns (the `ip netns` convention, and pasta's order of interpretation).
+    """
+    if isinstance(target, int) and not isinstance(target, bool):
+        if target <= 0:
+            raise BackendError(f"invalid PID {target}")
+        return f"/proc/{target}/ns/net", f"process {target}"
+    if not isinstance(target, str) or not target:
+        raise BackendError(f"invalid network namespace {target!r}")
+    if "/" in target:
+        return target, f"network namespace {target}"
+    if target.isascii() and target.isdigit():
+        return _netns_path(int(target))
+    if target in (".", ".."):
+        raise BackendError(f"invalid network namespace name {target!r}")
+    return f"{NETNS_RUN_DIR}/{target}", f"network namespace {target!r}"
+
+
+def open_netns(target: str | int) -> int:
+    """An O_RDONLY descriptor of a network namespace given by name, path or PID (see `_netns_path`)."""
+    path, what = _netns_path(target)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if path.startswith("/proc/"):
+            raise BackendError(f"no {what} ({path} does not exist)") from None
+        raise BackendError(f"{what} not found ({path} does not exist)") from None
+    except PermissionError:
+        raise BackendError(f"cannot open {what}: permission denied ({path})") from None
+    except OSError as exc:
+        raise BackendError(f"cannot open {what} ({path}): {exc.strerror}") from None
+    try:
+        nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        os.close(fd)
+        raise BackendError(f"{path} is not a namespace file") from None
+    if nstype != CLONE_NEWNET:
+        os.close(fd)
+        raise BackendError(f"{path} is a namespace but not a network namespace")
+    return fd
+
+
+@contextmanager
+def in_netns(netns_fd: int) -> Iterator[None]:
+    """Move the *calling thread* into `netns_fd` for the block, then back.
+
+    Use it only in a helper thread (see `run_in_netns`): while inside, every socket this thread opens belongs
+    to the other namespace, which would silently break an event loop thread.
+    """
+    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            _ns_syscall("setns", netns_fd, CLONE_NEWNET)
+        except OSError as exc:
+            raise BackendError(f"cannot enter the network namespace: {exc.strerror}") from None
+        try:
+            yield
+        finally:
+            _ns_syscall("setns", original, CLONE_NEWNET)
+    finally:
+        os.close(original)
+
+
+def run_in_netns(netns_fd: int, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run `fn` in a fresh thread that joined `netns_fd`; return its result or raise its exception.
+
+    Blocks the caller until `fn` is done: meant for setup steps, not for the data path.
+    """
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            with in_netns(netns_fd):
+                outcome.append(fn(*args, **kwargs))
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=body, name="passtd-netns", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+def _ifname_bytes(ifname: str) -> bytes:
+    raw = ifname.encode("ascii", errors="replace")
+    bad = not ifname.isascii() or any(c in ifname for c in "/%: \t\n") or ifname in (".", "..")
+    if bad or not 0 < len(raw) < IFNAMSIZ:
+        raise BackendError(f"invalid interface name {ifname!r}")
+    return raw
+
+
+def _set_link_mtu_up(ifname: str, mtu: int) -> None:
+    """Set the MTU and IFF_UP of `ifname` in the calling thread's namespace (ioctl: cheap and fork-safe)."""
+    name = _ifname_bytes(ifname)
+    if not 0 < mtu <= 0xFFFF:
+        raise BackendError(f"cannot set MTU {mtu} on {ifname}: out of range")
+    # AF_UNIX always exists; the kernel hands unknown socket ioctls to the netdevice ioctl code
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            fcntl.ioctl(sock, SIOCSIFMTU, _IFREQ_INT.pack(name, mtu))
+        except OSError as exc:
+            raise BackendError(f"cannot set MTU {mtu} on {ifname}: {exc.strerror}") from None
+        _, flags = _IFREQ_FLAGS.unpack(fcntl.ioctl(sock, SIOCGIFFLAGS, _IFREQ_FLAGS.pack(name, 0)))
+        fcntl.ioctl(sock, SIOCSIFFLAGS, _IFREQ_FLAGS.pack(name, flags | IFF_UP))
+
+
+def _create_tap_here(ifname: str, mtu: int, vnet_hdr: bool) -> int:
+    name = _ifname_bytes(ifname)
+    try:
+        fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BackendError(f"cannot open {TUN_DEVICE}: {exc.strerror}") from None
+    try:
+        flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, _IFREQ_FLAGS.pack(name, flags))
+        except OSError as exc:
+            raise BackendError(f"cannot create tap device {ifname}: {exc.strerror}") from None
+        try:
+            _set_link_mtu_up(ifname, mtu)
+        except OSError as exc:
+            raise BackendError(f"cannot bring {ifname} up: {exc.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def create_tap(netns_fd: int | None, ifname: str, mtu: int, vnet_hdr: bool = False) -> int:
+    """Create tap device `ifname` in `netns_fd` (None: the caller's namespace), up with `mtu`.
+
+    Returns the non-blocking, close-on-exec tap descriptor carrying whole Ethernet frames (IFF_NO_PI; with
+    `vnet_hdr`, each frame is preceded by a virtio-net header). The device lives as long as the descriptor.
+    """
+    if netns_fd is None:
+        return _create_tap_here(ifname, mtu, vnet_hdr)
+    return run_in_netns(netns_fd, _create_tap_here, ifname, mtu, vnet_hdr)
+
+
+def _link_index(ipr: IPRoute, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise BackendError(f"no interface {ifname} in the namespace")
+    return int(found[0])
+
+
+def _configure_here(ifname: str, ctx: Context) -> None:
+    """Addresses and default routes of `ctx` on `ifname`, in the calling thread's namespace."""
+    ipr = IPRoute()
+    try:
+        lo = _link_index(ipr, "lo")
+        idx = _link_index(ipr, ifname)
+        ipr.link("set", index=lo, state="up")
+        ipr.link("set", index=idx, mtu=ctx.mtu, state="up")
+        if ctx.ip4 is not None:
+            ip4 = ctx.ip4
+            ipr.addr("replace", index=idx, address=str(ip4.addr), prefixlen=ip4.prefix_len)
+            if ip4.gateway != IPv4Address(0):
+                # onlink: the gateway need not be inside the guest's prefix (a /32 works too)
+                ipr.route(
+                    "replace",
+                    family=socket.AF_INET,
+                    dst="0.0.0.0/0",
+                    gateway=str(ip4.gateway),
+                    oif=idx,
+                    flags=RTNH_F_ONLINK,
+                )
+        if ctx.ip6 is not None:
+            ip6 = ctx.ip6
+            # no DAD: nobody else is on this link, and DAD would hold the address tentative for a second
+            ipr.addr("replace", index=idx, address=str(ip6.addr), prefixlen=ip6.prefix_len, flags=IFA_F_NODAD)
+            gw = ip6.gateway
+            if not gw.is_unspecified:
+                prefix = IPv6Network(f"{ip6.prefix}/{ip6.prefix_len}")
+                onlink = not gw.is_link_local and gw not in prefix
+                ipr.route(
+                    "replace",
+                    family=socket.AF_INET6,
+                    dst="::/0",
+                    gateway=str(gw),
+                    oif=idx,
+                    flags=RTNH_F_ONLINK if onlink else 0,
+                )
+    except NetlinkError as exc:
+        raise BackendError(f"cannot configure {ifname}: {exc}") from None
+    finally:
+        ipr.close()
+
+
+def configure_netns(netns_fd: int, ifname: str, ctx: Context) -> None:
+    """--config-net: lo up, MTU, the guest's addresses and default routes on `ifname` inside `netns_fd`.
+
+    Each family is skipped when `ctx` has none. Needs CAP_NET_ADMIN over the namespace, so a non-root caller
+    cannot do this for a namespace owned by another user namespace (spawn_in_new_netns does it in the child).
+    """
+    run_in_netns(netns_fd, _configure_here, ifname, ctx)
+
+
+@dataclass(frozen=True, slots=True)
+class Spawned:
+    """A command running in a namespace we created; the caller owns both descriptors and must reap `pid`."""
+
+    pid: int
+    netns_fd: int
+    tap_fd: int
+    ifname: str
+
+
+def _write_proc(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _child_setup(
+    ifname: str, mtu: int, ctx: Context | None, userns: bool, uid: int, gid: int, vnet_hdr: bool
+) -> int:
+    if userns:
+        _ns_syscall("unshare", CLONE_NEWUSER | CLONE_NEWNET)
+        # like `unshare -r`: we become root of the new user namespace, which gives CAP_NET_ADMIN over the
+        # new network namespace; setgroups must be denied before an unprivileged gid_map write
+        try:
+            _write_proc("/proc/self/setgroups", "deny")
+        except FileNotFoundError:
+            pass
+        _write_proc("/proc/self/uid_map", f"0 {uid} 1\n")
+        _write_proc("/proc/self/gid_map", f"0 {gid} 1\n")
+    else:
+        _ns_syscall("unshare", CLONE_NEWNET)
+    tap_fd = _create_tap_here(ifname, mtu, vnet_hdr)
+    if ctx is not None:
+        _configure_here(ifname, ctx)
+    return tap_fd
+
+
+def _child_main(
+    sock: socket.socket,
+    argv: Sequence[str],
+    ifname: str,
+    mtu: int,
+    ctx: Context | None,
+    userns: bool,
+    vnet_hdr: bool,
+    ids: tuple[int, int],
+) -> NoReturn:
+    """The forked child: set up, hand the tap fd over, wait for the go-ahead, exec. Never returns."""
+    try:
+        try:
+            tap_fd = _child_setup(ifname, mtu, ctx, userns, ids[0], ids[1], vnet_hdr)
+        except Exception as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            sock.send(b"err:" + (reason or type(exc).__name__).encode(errors="replace")[:4000])
+            os._exit(1)
+        socket.send_fds(sock, [b"ok"], [tap_fd])
+        os.close(tap_fd)
+        if sock.recv(16) != b"go":  # EOF: the parent gave up
+            os._exit(1)
+        sock.close()
+        # Python ignores these; a command expects the defaults (as subprocess' restore_signals does)
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
+        try:
+            os.execvp(argv[0], list(argv))
+        except OSError as exc:
+            os.write(2, f"passtd: cannot run {argv[0]}: {exc.strerror}\n".encode(errors="replace"))
+            os._exit(126 if exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EISDIR) else 127)
+    except BaseException:
+        pass
+    os._exit(1)
+
+
+def _kill_and_reap(pid: int) -> None:
+    """Only for our own, not yet reaped child: its PID cannot have been reused."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def spawn_in_new_netns(
+    argv: Sequence[str],
+    ifname: str,
+    mtu: int,
+    ctx: Context | None,
+    *,
+    userns: bool | None = None,
+    vnet_hdr: bool = False,
+    timeout: float = 30.0,
+) -> Spawned:
+    """Run `argv` in a new network namespace holding tap device `ifname` (pasta's command mode).
+
+    The child unshares the network namespace (and a user namespace mapping our uid/gid to root when
+    `userns`, by default when not root), creates the tap, applies `ctx` (--config-net) if given, passes the
+    tap fd back over a socketpair, then waits for our go-ahead before exec, so the command never runs
+    without its network. A command that cannot be executed exits with 127 (126: not executable).
+
+    Forks: call it before any event loop or thread exists. Setup failures raise BackendError with the
+    child's reason; the child is then reaped.
+    """
+    if not argv:
+        raise BackendError("no command to run in the namespace")
+    _ifname_bytes(ifname)
+    if userns is None:
+        userns = os.geteuid() != 0
+    ids = (os.geteuid(), os.getegid())
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        parent_sock.close()
+        _child_main(child_sock, argv, ifname, mtu, ctx, userns, vnet_hdr, ids)
+    child_sock.close()
+    tap_fd = -1
+    try:
+        parent_sock.settimeout(timeout)
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(parent_sock, 4096, 1, socket.MSG_CMSG_CLOEXEC)
+        except TimeoutError:
+            raise BackendError(f"namespace setup did not finish within {timeout:g} s") from None
+        if msg != b"ok" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            if msg.startswith(b"err:"):
+                reason = msg[4:].decode(errors="replace")
+            else:
+                reason = "the child exited during setup"
+            raise BackendError(f"cannot set up the namespace for {argv[0]}: {reason}")
+        tap_fd = fds[0]
+        netns_fd = open_netns(pid)
+        try:
+            parent_sock.send(b"go")
+        except OSError as exc:
+            os.close(netns_fd)
+            raise BackendError(f"the namespace child went away: {exc.strerror}") from None
+    except BaseException:
+        if tap_fd >= 0:
+            os.close(tap_fd)
+        _kill_and_reap(pid)
+        raise
+    finally:
+        parent_sock.close()
+    return Spawned(pid=pid, netns_fd=netns_fd, tap_fd=tap_fd, ifname=ifname)
+
+
+def wait_exit_status(status: int) -> int:
+    """A waitpid status as a shell reports it: the exit code, or 128 + signal number."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    raise ValueError(f"wait status {status:#x} is not a terminated process")
+
+
+class NetnsWatcher:
+    """Notices that an attached namespace went away (`ip netns del`, the target process exited).
+
+    We keep the namespace alive with our descriptor, so it never really disappears under us; what we watch
+    is the name the user gave: gone when that path is missing or names another namespace (a new one with the
+    same name, a reused PID, a zombie whose ns link is gone). One stat() per call: cheap enough to poll.
+    """
+
+    def __init__(self, target: str | int, netns_fd: int) -> None:
+        self.path, self.what = _netns_path(target)
+        st = os.fstat(netns_fd)
+        self._ident = (st.st_dev, st.st_ino)
+        self._gone = False
+
+    def gone(self) -> bool:
+        if not self._gone:
+            try:
+                st = os.stat(self.path)
+            except OSError:
+                self._gone = True
+            else:
+                self._gone = (st.st_dev, st.st_ino) != self._ident
+        return self._gone

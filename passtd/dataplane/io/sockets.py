@@ -1,0 +1,37 @@
+"""Host sockets, and the one place where their errors become log lines the user can act on."""
+
+from __future__ import annotations
+
+import socket
+from ipaddress import IPv4Address, IPv6Address
+
+
+def open_ping_socket(v6: bool) -> socket.socket:
+    """An unprivileged ICMP echo socket; raises PermissionError when net.ipv4.ping_group_range forbids it."""
+    if v6:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+    sock.setblocking(False)
+    return sock
+
+
+def sockaddr(addr: bytes, port: int) -> tuple[str, int] | tuple[str, int, int, int]:
+    """Packed address → the tuple `sendto`/`connect` take for its family."""
+    if len(addr) == 4:
+        return (str(IPv4Address(addr)), port)
+    return (str(IPv6Address(addr)), port, 0, 0)
+
+
+def ping_group_hint() -> str:
+    """What to tell the user when ping sockets are refused."""
+    try:
+        with open("/proc/sys/net/ipv4/ping_group_range") as f:
+            current = f.read().split()
+    except OSError:
+        current = []
+    shown = " ".join(current) if current else "unknown"
+    return (
+        f"net.ipv4.ping_group_range is '{shown}'; allow this group with: "
+        "sysctl -w net.ipv4.ping_group_range='0 2147483647'"
+    )

@@ -1,0 +1,30 @@
+"""The interface every tap back-end offers to the dataplane.
+
+Semantics (all calls are non-blocking and made from the event loop thread):
+
+- `fileno()` is the descriptor to watch for readability; it may change when a passt-mode guest reconnects,
+  which is why the dataplane asks again after `recv_batch` reports a disconnect.
+- `recv_batch(limit)` returns up to `limit` complete Ethernet frames that are ready now, possibly none.
+  Returned buffers are valid only until the next call (they may be views of a reused buffer).
+  It raises `EOFError` when the guest went away.
+- `send_batch(frames)` writes whole frames; a frame that cannot be written without blocking is dropped and
+  counted in `dropped_tx` (the guest's TCP or the flow logic retransmits), never buffered without bound.
+- `close()` releases every descriptor; calling it twice is harmless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class TapBackend(Protocol):
+    dropped_tx: int
+
+    def fileno(self) -> int: ...
+
+    def recv_batch(self, limit: int) -> list[memoryview]: ...
+
+    def send_batch(self, frames: Sequence[bytes | bytearray | memoryview]) -> None: ...
+
+    def close(self) -> None: ...

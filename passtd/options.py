@@ -1,0 +1,594 @@
+"""Command line → Config, with passt(1)/pasta(1) option names so existing users feel at home.
+
+    passtd passt [OPTIONS]
+    passtd pasta [OPTIONS] [--netns NAME|PATH | PID | [--] CMD [ARGS...]]
+
+Every problem is reported as exactly one line, `passtd: error: <option>: <what is wrong>`, with exit code 2:
+argparse's usage dump is suppressed because a wall of usage hides the one word that was wrong. `--help` and
+`--version` still print and exit 0.
+
+Defaults are copied from the host (passt's model, so the guest needs no NAT): the IPv4 and IPv6 address,
+prefix and gateway of the interface holding each family's default route, and the nameservers and search
+list of /etc/resolv.conf. A family the host has no default route for is disabled unless addresses are given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
+from typing import TYPE_CHECKING, Final, Literal, NoReturn, TypeVar
+
+from passtd import __version__
+from passtd.config import (
+    DEFAULT_NS_IFNAME,
+    IPV6_MIN_MTU,
+    MTU_DEFAULT,
+    MTU_MAX,
+    MTU_MIN,
+    SUN_PATH_MAX,
+    Config,
+    default_socket_path,
+)
+from passtd.dataplane.core.context import DEFAULT_MAC, Context, Ip4Net, Ip6Net, link_local_from_mac
+from passtd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from passtd.dataplane.io.hostview import HostView
+
+IPAddr = IPv4Address | IPv6Address
+T = TypeVar("T")
+
+PROG: Final = "passtd"
+V4_DEFAULT_PREFIX: Final = 24
+V6_DEFAULT_PREFIX: Final = 64
+LOG_FORMATS: Final = ("console", "json")
+IFNAMSIZ: Final = 16  # including the NUL
+
+_MAC_RE: Final = re.compile(r"[0-9A-Fa-f]{1,2}(?::[0-9A-Fa-f]{1,2}){5}")
+_LABEL_RE: Final = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_PID_RE: Final = re.compile(r"[0-9]+")
+_ARGUMENT_RE: Final = re.compile(r"argument (\S+): (.*)", re.DOTALL)
+
+_PASTA_USAGE: Final = "passtd pasta [OPTIONS] [--netns NAME|PATH | PID | [--] CMD [ARGS...]]"
+_DEFAULTS_EPILOG: Final = (
+    "Without -a/-n/-g, the guest copies the address, prefix and gateway of the host's default-route\n"
+    "interface for each IP family; a family with no host default route is disabled unless -a is given.\n"
+    "Without -D/-S, nameservers and search domains come from /etc/resolv.conf."
+)
+
+
+# --------------------------------------------------------------------------- argparse, one line per error
+
+
+def _one_line(message: str) -> str:
+    """Rewrite argparse's wording into `<option>: <problem>`, always on one line."""
+    message = " ".join(message.split())
+    if message.startswith("unrecognized arguments: "):
+        first = message.removeprefix("unrecognized arguments: ").split(" ", 1)[0]
+        if first == "--":
+            return "--: passt mode takes no command"
+        if first.startswith("-"):
+            return f"{first.split('=', 1)[0]}: unrecognized option"
+        return f"{first}: unexpected argument"
+    if message.startswith("the following arguments are required"):
+        return "a mode is required: passt or pasta"
+    m = _ARGUMENT_RE.fullmatch(message)
+    if m is None:
+        return message
+    names, problem = m.group(1), m.group(2)
+    if names == "MODE":
+        bad = re.search(r"invalid choice: ('[^']*')", problem)
+        return f"{bad.group(1) if bad else names} is not a mode: use passt or pasta"
+    option = names.split("/")[-1]
+    if problem == "expected one argument":
+        problem = "expects a value"
+    return f"{option}: {problem}"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises ConfigError instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(_one_line(message))
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if status != 0:
+            raise ConfigError(_one_line(message or "invalid arguments"))
+        if message:
+            sys.stderr.write(message)
+        raise SystemExit(0)  # --help, --version
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    """Options shared by both modes, with passt(1)'s names and meaning."""
+    a = p.add_argument
+    a("--version", action="version", version=f"{PROG} {__version__}")
+    a("-a", "--address", action="append", metavar="ADDR", help="guest IPv4 or IPv6 address (once per family)")
+    a("-n", "--netmask", metavar="MASK", help="guest IPv4 netmask, dotted or prefix length")
+    a(
+        "-g",
+        "--gateway",
+        action="append",
+        metavar="ADDR",
+        help="guest gateway, IPv4 or IPv6 (once per family)",
+    )
+    a("-m", "--mtu", metavar="MTU", help=f"MTU for the guest, {MTU_MIN}..{MTU_MAX} (default {MTU_DEFAULT})")
+    a("-M", "--mac-addr", metavar="ADDR", help="our MAC address toward the guest (default 9a:55:9a:55:9a:55)")
+    a("-D", "--dns", action="append", metavar="ADDR", help="nameserver for the guest, repeatable, or 'none'")
+    a("-S", "--search", action="append", metavar="LIST", help="search domains, space-separated, or 'none'")
+    a("-p", "--pcap", metavar="FILE", help="capture guest traffic to a pcap FILE")
+    a("-P", "--pid", metavar="FILE", help="write our PID to FILE")
+    a("-f", "--foreground", action="store_true", help="do not daemonise")
+    a("-d", "--debug", action="store_true", help="debug logging")
+    a("-q", "--quiet", action="store_true", help="log errors only")
+    a("-4", "--ipv4-only", action="store_true", help="disable IPv6")
+    a("-6", "--ipv6-only", action="store_true", help="disable IPv4")
+    a("--no-dhcp", action="store_true", help="no DHCP server")
+    a("--no-ndp", action="store_true", help="no NDP responses (implies --no-ra)")
+    a("--no-dhcpv6", action="store_true", help="no DHCPv6 server")
+    a("--no-ra", action="store_true", help="no router advertisements")
+    a("--no-icmp", action="store_true", help="no ICMP/ICMPv6 echo translation")
+    a("--no-map-gw", action="store_true", help="do not map the gateway address to the host's loopback")
+    a("--log-format", metavar="FORMAT", help="console (default) or json")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    top = _Parser(prog=PROG, allow_abbrev=False, description="User-mode networking for VMs and namespaces.")
+    top.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    modes = top.add_subparsers(dest="mode", required=True, metavar="MODE", parser_class=_Parser)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    passt = modes.add_parser(
+        "passt",
+        allow_abbrev=False,
+        help="serve a qemu guest on a UNIX socket",
+        epilog=_DEFAULTS_EPILOG,
+        formatter_class=fmt,
+    )
+    _add_common(passt)
+    passt.add_argument("-s", "--socket", metavar="PATH", help="UNIX socket path for qemu")
+    passt.add_argument("-1", "--one-off", action="store_true", help="quit when the guest disconnects")
+
+    pasta = modes.add_parser(
+        "pasta",
+        allow_abbrev=False,
+        usage=_PASTA_USAGE,
+        help="connect a network namespace",
+        epilog=_DEFAULTS_EPILOG,
+        formatter_class=fmt,
+    )
+    _add_common(pasta)
+    pasta.add_argument("-I", "--ns-ifname", metavar="NAME", help="tap device name in the namespace")
+    pasta.add_argument(
+        "--config-net", action="store_true", help="configure addresses and routes in the netns"
+    )
+    pasta.add_argument(
+        "--netns", metavar="NAME|PATH", help="join an existing netns (/run/netns/NAME or a path)"
+    )
+    # REMAINDER matches pasta's getopt "+": options end at the first PID or command word.
+    pasta.add_argument(
+        "target",
+        nargs=argparse.REMAINDER,
+        metavar="PID|CMD",
+        help="PID, or [--] CMD [ARGS...] (default: $SHELL)",
+    )
+    return top
+
+
+# --------------------------------------------------------------------------- value parsers
+
+
+def _parse_mtu(text: str | None) -> int:
+    if text is None:
+        return MTU_DEFAULT
+    try:
+        mtu = int(text, 10)
+    except ValueError:
+        raise ConfigError(f"--mtu: {text!r} is not a number") from None
+    if not MTU_MIN <= mtu <= MTU_MAX:
+        raise ConfigError(f"--mtu: {mtu} is out of range {MTU_MIN}..{MTU_MAX}")
+    return mtu
+
+
+def _parse_mac(text: str | None) -> bytes:
+    if text is None:
+        return DEFAULT_MAC
+    if _MAC_RE.fullmatch(text) is None:
+        raise ConfigError(f"--mac-addr: {text!r} is not a MAC address")
+    mac = bytes(int(part, 16) for part in text.split(":"))
+    if mac[0] & 1:
+        raise ConfigError(f"--mac-addr: {text} is a multicast address")
+    if mac == bytes(6):
+        raise ConfigError(f"--mac-addr: {text} is the all-zero address")
+    return mac
+
+
+def _parse_ip(option: str, text: str) -> IPAddr:
+    try:
+        return ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{option}: {text!r} is not an IPv4 or IPv6 address") from None
+
+
+def _parse_address(text: str) -> tuple[IPAddr, int | None]:
+    """ADDR or ADDR/PREFIX; the address must be one a guest can own."""
+    addr_text, slash, prefix_text = text.partition("/")
+    addr = _parse_ip("--address", addr_text)
+    prefix: int | None = None
+    if slash:
+        limit = 32 if addr.version == 4 else 128
+        if not prefix_text.isascii() or not prefix_text.isdigit() or not 1 <= int(prefix_text) <= limit:
+            raise ConfigError(f"--address: {text!r} has a bad prefix length (1..{limit})")
+        prefix = int(prefix_text)
+    if (
+        addr.is_unspecified
+        or addr.is_loopback
+        or addr.is_multicast
+        or (isinstance(addr, IPv4Address) and addr.is_reserved)
+        or (isinstance(addr, IPv6Address) and (addr.is_link_local or addr.ipv4_mapped is not None))
+    ):
+        raise ConfigError(f"--address: {addr} cannot be a guest address")
+    return addr, prefix
+
+
+def _parse_gateway(text: str) -> IPAddr:
+    gw = _parse_ip("--gateway", text)
+    if (
+        gw.is_unspecified
+        or gw.is_loopback
+        or gw.is_multicast
+        or (isinstance(gw, IPv4Address) and gw.is_reserved)
+    ):
+        raise ConfigError(f"--gateway: {gw} cannot be a gateway")
+    return gw
+
+
+def _parse_netmask(text: str) -> int:
+    """Dotted (255.255.255.0) or a prefix length (24), as passt accepts both."""
+    if text.isascii() and text.isdigit():
+        prefix = int(text)
+        if not 1 <= prefix <= 32:
+            raise ConfigError(f"--netmask: {text} is out of range 1..32")
+        return prefix
+    try:
+        mask = int(IPv4Address(text))
+    except ValueError:
+        raise ConfigError(f"--netmask: {text!r} is not a netmask") from None
+    host_bits = ~mask & 0xFFFFFFFF
+    if mask == 0 or host_bits & (host_bits + 1):  # ones must be contiguous from the top
+        raise ConfigError(f"--netmask: {text} is not a contiguous netmask")
+    return 32 - host_bits.bit_length()
+
+
+def _per_family(option: str, values: Sequence[IPAddr]) -> tuple[IPv4Address | None, IPv6Address | None]:
+    """At most one value per family, as passt takes one address and one gateway of each."""
+    v4 = [v for v in values if isinstance(v, IPv4Address)]
+    v6 = [v for v in values if isinstance(v, IPv6Address)]
+    for same in (v4, v6):
+        if len(same) > 1:
+            raise ConfigError(f"{option}: given twice for IPv{same[0].version} ({same[0]} and {same[1]})")
+    return (v4[0] if v4 else None), (v6[0] if v6 else None)
+
+
+def _parse_dns(values: Sequence[str] | None, host: HostView) -> tuple[IPAddr, ...]:
+    if values is None:  # the host's resolvers, minus loopback ones the guest would look for in itself
+        return tuple(ns for ns in host.nameservers if not ns.is_loopback and not ns.is_unspecified)
+    if "none" in values:
+        if len(values) > 1:
+            raise ConfigError("--dns: 'none' cannot be combined with addresses")
+        return ()
+    out: list[IPAddr] = []
+    for text in values:
+        ns = _parse_ip("--dns", text)
+        if ns.is_unspecified or ns.is_multicast:
+            raise ConfigError(f"--dns: {ns} cannot be a nameserver")
+        if ns not in out:
+            out.append(ns)
+    return tuple(out)
+
+
+def _parse_search(values: Sequence[str] | None, host: HostView) -> tuple[str, ...]:
+    if values is None:
+        return host.search
+    words = [w for v in values for w in v.split()]
+    if "none" in words:
+        if len(words) > 1:
+            raise ConfigError("--search: 'none' cannot be combined with domains")
+        return ()
+    out: list[str] = []
+    for word in words:
+        domain = word.removesuffix(".")
+        labels = domain.split(".")
+        if (
+            not domain
+            or len(domain) > 253
+            or not domain.isascii()
+            or not all(_LABEL_RE.fullmatch(label) for label in labels)
+        ):
+            raise ConfigError(f"--search: {word!r} is not a domain name")
+        if domain not in out:
+            out.append(domain)
+    if not out:
+        raise ConfigError("--search: expects at least one domain")
+    return tuple(out)
+
+
+def _check_ifname(option: str, name: str) -> str:
+    """Linux's dev_valid_name(): 1..15 bytes, not . or .., no '/', ':' or whitespace."""
+    if (
+        not name
+        or len(name.encode()) >= IFNAMSIZ
+        or name in (".", "..")
+        or any(c in "/:" or c.isspace() for c in name)
+    ):
+        raise ConfigError(f"{option}: {name!r} is not a valid interface name")
+    return name
+
+
+def _check_file(option: str, path: str | None) -> str | None:
+    if path is not None and (not path or "\0" in path):
+        raise ConfigError(f"{option}: expects a file name")
+    return path
+
+
+def _check_socket(path: str) -> str:
+    if not path or "\0" in path:
+        raise ConfigError("--socket: expects a path")
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise ConfigError(f"--socket: {path!r} is longer than {SUN_PATH_MAX} bytes")
+    return path
+
+
+# --------------------------------------------------------------------------- address plan
+
+
+def _first(*values: T | None) -> T:
+    """The first value that is not None (0 and empty values count as given)."""
+    for value in values:
+        if value is not None:
+            return value
+    raise AssertionError("the last value is a default and never None")
+
+
+def _auto_gateway4(addr: IPv4Address, prefix: int) -> IPv4Address:
+    """A gateway in the guest's subnet when neither -g nor the host gives one: its first other host."""
+    net = IPv4Network(f"{addr}/{prefix}", strict=False)
+    if prefix == 32:
+        raise ConfigError(f"--gateway: needed for {addr}/32 (no room for a gateway in the subnet)")
+    if prefix == 31:  # RFC 3021: both addresses are hosts
+        return net[0] if net[1] == addr else net[1]
+    return net[1] if net[1] != addr else net[2]
+
+
+def _plan_ip4(
+    addr_opt: tuple[IPv4Address, int | None] | None,
+    netmask: int | None,
+    gateway: IPv4Address | None,
+    host: HostView,
+    dns: tuple[IPv4Address, ...],
+) -> Ip4Net | None:
+    if addr_opt is not None:
+        addr, given_prefix = addr_opt
+        if given_prefix is not None and netmask is not None and given_prefix != netmask:
+            raise ConfigError(f"--netmask: /{netmask} contradicts --address {addr}/{given_prefix}")
+        prefix = _first(given_prefix, netmask, host.prefix4, V4_DEFAULT_PREFIX)
+    elif netmask is not None:
+        raise ConfigError("--netmask: needs an IPv4 -a/--address")
+    elif host.addr4 is None:
+        if gateway is not None:
+            raise ConfigError(f"--gateway: {gateway} needs an IPv4 -a/--address (the host has none)")
+        return None
+    else:
+        addr, prefix = host.addr4, _first(host.prefix4, V4_DEFAULT_PREFIX)
+    gw = gateway if gateway is not None else host.gw4
+    if gw is None:
+        gw = _auto_gateway4(addr, prefix)
+    if gw == addr:
+        raise ConfigError(
+            f"--gateway: {gw} is also the guest address"
+            if gateway is not None
+            else f"--address: {addr} is also the gateway"
+        )
+    net = IPv4Network(f"{addr}/{prefix}", strict=False)
+    if prefix <= 30 and addr in (net.network_address, net.broadcast_address):
+        raise ConfigError(f"--address: {addr} is not a host address in {net}")
+    return Ip4Net(addr=addr, prefix_len=prefix, gateway=gw, dns=dns)
+
+
+def _plan_ip6(
+    addr_opt: tuple[IPv6Address, int | None] | None,
+    gateway: IPv6Address | None,
+    host: HostView,
+    dns: tuple[IPv6Address, ...],
+    our_mac: bytes,
+) -> Ip6Net | None:
+    if addr_opt is not None:
+        addr, given_prefix = addr_opt
+        prefix = _first(given_prefix, host.prefix6, V6_DEFAULT_PREFIX)
+    elif host.addr6 is None:
+        if gateway is not None:
+            raise ConfigError(f"--gateway: {gateway} needs an IPv6 -a/--address (the host has none)")
+        return None
+    else:
+        addr, prefix = host.addr6, _first(host.prefix6, V6_DEFAULT_PREFIX)
+    our_ll = link_local_from_mac(our_mac)
+    gw = _first(gateway, host.gw6, our_ll)
+    if gw == addr:
+        raise ConfigError(
+            f"--gateway: {gw} is also the guest address"
+            if gateway is not None
+            else f"--address: {addr} is also the gateway"
+        )
+    return Ip6Net(addr=addr, prefix_len=prefix, gateway=gw, our_ll=our_ll, dns=dns)
+
+
+# --------------------------------------------------------------------------- pasta target
+
+
+def _pasta_target(
+    netns: str | None, target: Sequence[str]
+) -> tuple[str | None, int | None, tuple[str, ...] | None]:
+    """(netns, pid, command): exactly one is set; a bare pasta spawns the user's shell (command ())."""
+    pid: int | None = None
+    command: tuple[str, ...] | None = None
+    if target and target[0] == "--":
+        command = tuple(target[1:])
+    elif len(target) == 1 and _PID_RE.fullmatch(target[0]):
+        pid = int(target[0])
+        if pid == 0:
+            raise ConfigError("0: not a valid PID")
+    elif target:
+        command = tuple(target)
+    if netns is not None:
+        if netns in ("", ".", "..") or "\0" in netns or netns.endswith("/"):
+            raise ConfigError(f"--netns: {netns!r} is not a namespace name or path")
+        if pid is not None:
+            raise ConfigError(f"--netns: cannot be combined with a PID ({pid})")
+        if command is not None:
+            raise ConfigError("--netns: cannot be combined with a command")
+        return netns, None, None
+    if pid is None and command is None:
+        command = ()
+    return None, pid, command
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def parse_args(
+    argv: Sequence[str], host: HostView | None = None, *, env: Mapping[str, str] | None = None
+) -> Config:
+    """Parse and resolve argv into a Config; raises ConfigError with a one-line message.
+
+    `host` and `env` are injected by tests; by default they are read from the system (netlink, resolv.conf,
+    os.environ). `--help`/`--version` print and raise SystemExit(0), as argparse does.
+    """
+    ns = _build_parser().parse_args(list(argv))
+    mode: Literal["passt", "pasta"] = ns.mode
+
+    if ns.ipv4_only and ns.ipv6_only:
+        raise ConfigError("-6/--ipv6-only: cannot be combined with -4/--ipv4-only")
+    if ns.debug and ns.quiet:
+        raise ConfigError("-q/--quiet: cannot be combined with -d/--debug")
+    log_format = ns.log_format or "console"
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"--log-format: {log_format!r} is not one of {', '.join(LOG_FORMATS)}")
+
+    mtu = _parse_mtu(ns.mtu)
+    our_mac = _parse_mac(ns.mac_addr)
+    addresses = [_parse_address(t) for t in ns.address or ()]
+    addr4, addr6 = _per_family("--address", [a for a, _ in addresses])
+    prefixes = dict(addresses)
+    gw4, gw6 = _per_family("--gateway", [_parse_gateway(t) for t in ns.gateway or ()])
+    netmask = None if ns.netmask is None else _parse_netmask(ns.netmask)
+
+    if ns.ipv6_only:
+        for option, value in (("--address", addr4), ("--gateway", gw4)):
+            if value is not None:
+                raise ConfigError(f"{option}: {value} is IPv4, but -6/--ipv6-only disables IPv4")
+        if netmask is not None:
+            raise ConfigError("--netmask: IPv4 only, but -6/--ipv6-only disables IPv4")
+    if ns.ipv4_only:
+        for option, value6 in (("--address", addr6), ("--gateway", gw6)):
+            if value6 is not None:
+                raise ConfigError(f"{option}: {value6} is IPv6, but -4/--ipv4-only disables IPv6")
+    if mtu < IPV6_MIN_MTU:  # RFC 8200: IPv6 needs 1280; the daemon notes the family is off
+        if ns.ipv6_only:
+            raise ConfigError(f"--mtu: {mtu} is below {IPV6_MIN_MTU}, the IPv6 minimum, but -6 was given")
+        for option, value6 in (("--address", addr6), ("--gateway", gw6)):
+            if value6 is not None:
+                raise ConfigError(f"{option}: {value6} is IPv6, but --mtu {mtu} is below {IPV6_MIN_MTU}")
+
+    if host is None:
+        from passtd.dataplane.io.hostview import read_host_view
+
+        host = read_host_view()
+    dns = _parse_dns(ns.dns, host)
+    search = _parse_search(ns.search, host)
+
+    ip4 = None
+    if not ns.ipv6_only:
+        ip4 = _plan_ip4(
+            None if addr4 is None else (addr4, prefixes[addr4]),
+            netmask,
+            gw4,
+            host,
+            tuple(d for d in dns if isinstance(d, IPv4Address)),
+        )
+    ip6 = None
+    if not ns.ipv4_only and mtu >= IPV6_MIN_MTU:
+        ip6 = _plan_ip6(
+            None if addr6 is None else (addr6, prefixes[addr6]),
+            gw6,
+            host,
+            tuple(d for d in dns if isinstance(d, IPv6Address)),
+            our_mac,
+        )
+
+    ctx = Context(
+        our_mac=our_mac,
+        mtu=mtu,
+        ip4=ip4,
+        ip6=ip6,
+        search=search,
+        dhcp=not ns.no_dhcp,
+        ndp=not ns.no_ndp,
+        dhcpv6=not ns.no_dhcpv6,
+        ra=not (ns.no_ra or ns.no_ndp),  # router advertisements are NDP messages (RFC 4861 section 4.2)
+        icmp=not ns.no_icmp,
+        map_gw=not ns.no_map_gw,
+    )
+
+    default_ifname = host.ifname4 or host.ifname6 or DEFAULT_NS_IFNAME
+    socket_path: str | None = None
+    one_off = False
+    netns: str | None = None
+    netns_pid: int | None = None
+    command: tuple[str, ...] | None = None
+    config_net = False
+    ns_ifname = default_ifname
+    if mode == "passt":
+        environ = os.environ if env is None else env
+        socket_path = _check_socket(ns.socket if ns.socket is not None else default_socket_path(environ))
+        one_off = ns.one_off
+    else:
+        netns, netns_pid, command = _pasta_target(ns.netns, ns.target)
+        config_net = ns.config_net
+        if ns.ns_ifname is not None:
+            ns_ifname = _check_ifname("--ns-ifname", ns.ns_ifname)
+
+    return Config(
+        mode=mode,
+        ctx=ctx,
+        socket_path=socket_path,
+        one_off=one_off,
+        netns=netns,
+        netns_pid=netns_pid,
+        command=command,
+        ns_ifname=ns_ifname,
+        config_net=config_net,
+        pcap=_check_file("--pcap", ns.pcap),
+        pid_file=_check_file("--pid", ns.pid),
+        foreground=ns.foreground,
+        debug=ns.debug,
+        quiet=ns.quiet,
+        log_format="json" if log_format == "json" else "console",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `passtd` and `python -m passtd`: parse, then hand over to the daemon."""
+    try:
+        config = parse_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        sys.stderr.write(f"{PROG}: error: {' '.join(str(exc).split())}\n")
+        return 2
+    except SystemExit as exc:  # --help / --version, already printed
+        return exc.code if isinstance(exc.code, int) else 0
+    from passtd.daemon import run  # lazy: --help and bad options never load the dataplane
+
+    return run(config)

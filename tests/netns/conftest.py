@@ -1,0 +1,182 @@
+"""Real-namespace fixtures: a host namespace where passtd runs, a remote host behind a veth pair, a guest.
+
+Nothing here touches the machine's own network: passtd and every client run inside namespaces the fixture
+creates, and the host namespace's default route points at the remote namespace. Everything is torn down in
+`finally`, also when a test fails.
+
+    guest ns  ──tap──  passtd (in host ns: 10.77.0.1/24, fd77::1/64)  ──veth──  remote ns (10.77.0.2, fd77::2;
+                                                                                  10.88.0.1, fd88::1 on lo)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PASSTD = [sys.executable, "-m", "passtd"]
+HOST4, REMOTE4, FAR4 = "10.77.0.1", "10.77.0.2", "10.88.0.1"
+HOST6, REMOTE6, FAR6 = "fd77::1", "fd77::2", "fd88::1"
+HOST_DNS, HOST_SEARCH = "10.77.0.53", "passtd.test"
+OUR_LL = "fe80::9855:9aff:fe55:9a55"
+
+
+def sh(
+    *cmd: str, timeout: float = 30, check: bool = True, ns: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    argv = ["ip", "netns", "exec", ns, *cmd] if ns else list(cmd)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{argv} failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
+    return proc
+
+
+def ip_json(ns: str, *args: str) -> Any:
+    return json.loads(sh("ip", "-n", ns, "-j", *args).stdout or "[]")
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def needs_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs /dev/net/tun")
+    if shutil.which("ip") is None:
+        pytest.skip("needs iproute2")
+
+
+@dataclass
+class Passtd:
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                raise AssertionError(f"passtd ignored SIGTERM for {timeout}s:\n{self.output()}") from None
+        return self.proc.returncode
+
+
+@dataclass
+class Topology:
+    tmp: Path
+    host: str
+    remote: str
+    guest: str
+    veth: str
+    daemons: list[Passtd] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)
+
+    def passtd(self, *args: str, wait_tap: str | None = None) -> Passtd:
+        """Start passtd inside the host namespace; wait until the guest's tap exists when asked."""
+        log = self.tmp / f"passtd-{len(self.daemons)}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.host, *PASSTD, *args], stdout=out, stderr=out
+            )
+        daemon = Passtd(proc, log)
+        self.daemons.append(daemon)
+        if wait_tap is not None:
+
+            def tap_up() -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(f"passtd exited with {proc.returncode}:\n{daemon.output()}")
+                links = ip_json(self.guest, "link", "show")
+                return any(link["ifname"] == wait_tap and "UP" in link["flags"] for link in links)
+
+            wait_for(tap_up, 15, f"tap {wait_tap} in {self.guest}")
+        return daemon
+
+    def wait_link_local(self, ifname: str) -> None:
+        """IPv6 clients need a non-tentative link-local address first."""
+
+        def ready() -> bool:
+            for link in ip_json(self.guest, "-6", "addr", "show", "dev", ifname):
+                for a in link.get("addr_info", []):
+                    if a["local"].startswith("fe80") and not a.get("tentative"):
+                        return True
+            return False
+
+        wait_for(ready, 10, "link-local address")
+
+
+@pytest.fixture
+def topo(tmp_path: Path) -> Iterator[Topology]:
+    needs_root()
+    sfx = secrets.token_hex(3)
+    t = Topology(tmp_path, f"pdh-{sfx}", f"pdr-{sfx}", f"pdg-{sfx}", f"vh{sfx}")
+    created: list[str] = []
+    try:
+        for ns in (t.host, t.remote, t.guest):
+            sh("ip", "netns", "add", ns)
+            created.append(ns)
+            Path(f"/etc/netns/{ns}").mkdir(parents=True, exist_ok=True)
+            Path(f"/etc/netns/{ns}/resolv.conf").write_text("")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        Path(f"/etc/netns/{t.host}/resolv.conf").write_text(f"nameserver {HOST_DNS}\nsearch {HOST_SEARCH}\n")
+        sh(
+            "ip",
+            "link",
+            "add",
+            t.veth,
+            "netns",
+            t.host,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            t.remote,
+        )
+        for ns, dev, a4, a6 in ((t.host, t.veth, HOST4, HOST6), (t.remote, "eth0", REMOTE4, REMOTE6)):
+            sh("ip", "-n", ns, "addr", "add", f"{a4}/24", "dev", dev)
+            sh("ip", "-n", ns, "addr", "add", f"{a6}/64", "dev", dev, "nodad")
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", t.remote, "addr", "add", f"{FAR4}/32", "dev", "lo")
+        sh("ip", "-n", t.remote, "addr", "add", f"{FAR6}/128", "dev", "lo")
+        sh("ip", "-n", t.host, "route", "add", "default", "via", REMOTE4)
+        sh("ip", "-n", t.host, "-6", "route", "add", "default", "via", REMOTE6)
+        sh("sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647", ns=t.host)
+        yield t
+    finally:
+        for daemon in t.daemons:
+            if daemon.proc.poll() is None:
+                daemon.proc.kill()
+                daemon.proc.wait(5)
+        for pid in t.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for ns in created:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10, check=False)
+            shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
