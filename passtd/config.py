@@ -24,6 +24,15 @@ SOCKET_DIR: Final = "passtd"
 SOCKET_NAME: Final = "passtd.socket"
 
 
+def default_control_path(mode: str, socket_path: str | None, env: Mapping[str, str], pid: int) -> str:
+    """Next to the passt socket (NAME.socket → NAME.control); for pasta, one per process in the same dir."""
+    if socket_path is not None:
+        base = socket_path[: -len(".socket")] if socket_path.endswith(".socket") else socket_path
+        return f"{base}.control"
+    directory = default_socket_path(env).rsplit("/", 1)[0]
+    return f"{directory}/{mode}-{pid}.control"
+
+
 def default_socket_path(env: Mapping[str, str]) -> str:
     """Per-user runtime dir when there is one (systemd --user, logind), else the system one."""
     runtime = env.get("XDG_RUNTIME_DIR")
@@ -51,6 +60,8 @@ class Config:
     debug: bool
     quiet: bool
     log_format: Literal["console", "json"]
+    control_path: str | None = None  # gRPC control socket; None disables the control service
+    control_group: str | None = None  # group allowed to use the control socket (mode 0660)
 
     def __post_init__(self) -> None:
         if not MTU_MIN <= self.ctx.mtu <= MTU_MAX:

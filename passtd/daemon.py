@@ -26,6 +26,10 @@ from passtd.logging import get_logger, setup_logging
 NETNS_POLL: Final = 0.5
 
 
+class ControlStartError(Exception):
+    """The control socket could not be opened (path in use, bad group): fatal at start-up."""
+
+
 @dataclass(slots=True)
 class PastaSetup:
     tap_fd: int
@@ -54,6 +58,10 @@ def run(config: Config) -> int:
             f.write(f"{os.getpid()}\n")
     try:
         code = uvloop.run(_serve(config, pasta, listener))
+    except ControlStartError as exc:
+        print(f"passtd: error: {exc}", file=sys.stderr)
+        code = 1
+    try:
         if pasta is not None and pasta.child_pid is not None:
             code = _terminate_child(pasta.child_pid)
         return code
@@ -125,6 +133,22 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
     exit_code = 0
     pcap = PcapWriter(config.pcap) if config.pcap else None
     dp = Dataplane(config.ctx, loop, pcap)
+    control = None
+    if config.control_path is not None:
+        from passtd.control.server import start_control_server
+        from passtd.daemon_api import DaemonControl
+
+        directory = os.path.dirname(config.control_path)
+        if directory:
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+        try:
+            control = await start_control_server(
+                DaemonControl(config, dp), config.control_path, group=config.control_group
+            )
+        except BackendError as exc:
+            dp.close()
+            raise ControlStartError(str(exc)) from None
+        log.info("control.listening", socket=config.control_path)
 
     def on_stop(signame: str) -> None:
         log.info("passtd.signal", signal=signame)
@@ -198,6 +222,10 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
     watcher_task.cancel()
     if listener is not None:
         loop.remove_reader(listener.sock.fileno())
+    if control is not None:
+        from passtd.control.server import stop_control_server
+
+        await stop_control_server(control, 1.0)
     dp.close()
     return exit_code
 

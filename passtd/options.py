@@ -31,6 +31,7 @@ from passtd.config import (
     MTU_MIN,
     SUN_PATH_MAX,
     Config,
+    default_control_path,
     default_socket_path,
 )
 from passtd.dataplane.core.context import DEFAULT_MAC, Context, Ip4Net, Ip6Net, link_local_from_mac
@@ -134,6 +135,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     a("--no-icmp", action="store_true", help="no ICMP/ICMPv6 echo translation")
     a("--no-map-gw", action="store_true", help="do not map the gateway address to the host's loopback")
     a("--log-format", metavar="FORMAT", help="console (default) or json")
+    a("--control", metavar="PATH", help="gRPC control socket (default: next to the socket), or 'none'")
+    a("--control-group", metavar="GROUP", help="group allowed to use the control socket (mode 0660)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -335,11 +338,11 @@ def _check_file(option: str, path: str | None) -> str | None:
     return path
 
 
-def _check_socket(path: str) -> str:
+def _check_socket(path: str, option: str = "--socket") -> str:
     if not path or "\0" in path:
-        raise ConfigError("--socket: expects a path")
+        raise ConfigError(f"{option}: expects a path")
     if len(os.fsencode(path)) > SUN_PATH_MAX:
-        raise ConfigError(f"--socket: {path!r} is longer than {SUN_PATH_MAX} bytes")
+        raise ConfigError(f"{option}: {path!r} is longer than {SUN_PATH_MAX} bytes")
     return path
 
 
@@ -561,6 +564,14 @@ def parse_args(
         if ns.ns_ifname is not None:
             ns_ifname = _check_ifname("--ns-ifname", ns.ns_ifname)
 
+    environ = os.environ if env is None else env
+    control_path: str | None
+    if ns.control == "none":
+        control_path = None
+    elif ns.control is not None:
+        control_path = _check_socket(ns.control, "--control")
+    else:
+        control_path = default_control_path(mode, socket_path, environ, os.getpid())
     return Config(
         mode=mode,
         ctx=ctx,
@@ -577,6 +588,8 @@ def parse_args(
         debug=ns.debug,
         quiet=ns.quiet,
         log_format="json" if log_format == "json" else "console",
+        control_path=control_path,
+        control_group=ns.control_group,
     )
 
 
