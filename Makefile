@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the tests drive as real components (guest clients, namespaces, captures).
-DEB_PKGS := iproute2 nftables socat iperf3 isc-dhcp-client busybox-static tcpdump ndisc6 procps iputils-ping
+DEB_PKGS := iproute2 nftables socat iperf3 isc-dhcp-client busybox-static tcpdump ndisc6 procps iputils-ping qemu-system-x86
 ARGS ?= passt --foreground
 
 .PHONY: setup deb venv run test lint typecheck unit clean

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from passtd.dataplane.core.context import Context
+from passtd.dataplane.core.fwd import ForwardTables
 from passtd.errors import ConfigError
 
 MTU_MIN: Final = 68  # RFC 791: every IPv4 host must handle 68-byte datagrams
@@ -62,6 +63,8 @@ class Config:
     log_format: Literal["console", "json"]
     control_path: str | None = None  # gRPC control socket; None disables the control service
     control_group: str | None = None  # group allowed to use the control socket (mode 0660)
+    forward: ForwardTables | None = None  # -t/-u/-T/-U; None: nothing forwarded
+    max_flows: int = 256 * 1024
 
     def __post_init__(self) -> None:
         if not MTU_MIN <= self.ctx.mtu <= MTU_MAX:

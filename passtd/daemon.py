@@ -37,8 +37,18 @@ class PastaSetup:
     watcher: object | None  # NetnsWatcher when attached to an existing namespace
 
 
+_early_signals: list[str] = []
+
+
+def _note_early_signal(signum: int, frame: object) -> None:
+    """SIGTERM/SIGINT before the loop runs: remembered, acted on as soon as it does."""
+    _early_signals.append(signal.Signals(signum).name)
+
+
 def run(config: Config) -> int:
     """Start passtd with a parsed configuration; returns the process exit code."""
+    signal.signal(signal.SIGTERM, _note_early_signal)
+    signal.signal(signal.SIGINT, _note_early_signal)
     setup_logging(config.debug, config.quiet, config.log_format)
     log = get_logger()
     try:
@@ -132,7 +142,9 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
     stop = asyncio.Event()
     exit_code = 0
     pcap = PcapWriter(config.pcap) if config.pcap else None
-    dp = Dataplane(config.ctx, loop, pcap)
+    dp = Dataplane(config.ctx, loop, pcap, max_flows=config.max_flows)
+    if config.forward is not None:
+        dp.set_forwarding(config.forward)
     control = None
     if config.control_path is not None:
         from passtd.control.server import start_control_server
@@ -155,6 +167,8 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
         stop.set()
 
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+    if "SIGTERM" in _early_signals:
+        on_stop("SIGTERM")
     if pasta is not None and pasta.child_pid is not None:
         loop.add_signal_handler(signal.SIGINT, lambda: None)  # the command in the foreground decides
     else:

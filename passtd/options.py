@@ -35,6 +35,7 @@ from passtd.config import (
     default_socket_path,
 )
 from passtd.dataplane.core.context import DEFAULT_MAC, Context, Ip4Net, Ip6Net, link_local_from_mac
+from passtd.dataplane.core.fwd import ForwardTables
 from passtd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -135,6 +136,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     a("--no-icmp", action="store_true", help="no ICMP/ICMPv6 echo translation")
     a("--no-map-gw", action="store_true", help="do not map the gateway address to the host's loopback")
     a("--log-format", metavar="FORMAT", help="console (default) or json")
+    a("-t", "--tcp-ports", action="append", metavar="SPEC", help="TCP ports forwarded to the guest")
+    a("-u", "--udp-ports", action="append", metavar="SPEC", help="UDP ports forwarded to the guest")
+    a("--max-flows", metavar="N", help="bound on concurrent flows (default 262144)")
     a("--control", metavar="PATH", help="gRPC control socket (default: next to the socket), or 'none'")
     a("--control-group", metavar="GROUP", help="group allowed to use the control socket (mode 0660)")
 
@@ -166,6 +170,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_common(pasta)
     pasta.add_argument("-I", "--ns-ifname", metavar="NAME", help="tap device name in the namespace")
+    pasta.add_argument(
+        "-T", "--tcp-ns", action="append", metavar="SPEC", help="namespace TCP ports to the host"
+    )
+    pasta.add_argument(
+        "-U", "--udp-ns", action="append", metavar="SPEC", help="namespace UDP ports to the host"
+    )
     pasta.add_argument(
         "--config-net", action="store_true", help="configure addresses and routes in the netns"
     )
@@ -564,6 +574,21 @@ def parse_args(
         if ns.ns_ifname is not None:
             ns_ifname = _check_ifname("--ns-ifname", ns.ns_ifname)
 
+    forward = ForwardTables.from_options(
+        _joined(ns.tcp_ports), _joined(ns.udp_ports),
+        _joined(getattr(ns, "tcp_ns", None)), _joined(getattr(ns, "udp_ns", None)), mode,
+    )  # fmt: skip
+    for option, policy in (("-T", forward.tcp_out), ("-U", forward.udp_out)):
+        if policy.mode not in ("none", "auto"):
+            raise ConfigError(f"{option}: namespace-to-host forwarding is not supported yet")
+    max_flows = 256 * 1024
+    if ns.max_flows is not None:
+        try:
+            max_flows = int(ns.max_flows)
+        except ValueError:
+            raise ConfigError(f"--max-flows: {ns.max_flows!r} is not a number") from None
+        if not 1 <= max_flows <= 1 << 22:
+            raise ConfigError(f"--max-flows: {max_flows} is out of range 1..{1 << 22}")
     environ = os.environ if env is None else env
     control_path: str | None
     if ns.control == "none":
@@ -590,7 +615,14 @@ def parse_args(
         log_format="json" if log_format == "json" else "console",
         control_path=control_path,
         control_group=ns.control_group,
+        forward=forward,
+        max_flows=max_flows,
     )
+
+
+def _joined(values: Sequence[str] | None) -> str | None:
+    """Repeated -t/-u/-T/-U options act as one spec with space-separated parts."""
+    return None if not values else " ".join(values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,11 +17,13 @@ from passtd.dataplane.core.services.dhcp import handle_dhcp
 from passtd.dataplane.core.services.dhcpv6 import handle_dhcpv6
 from passtd.dataplane.core.services.ndp import NdpResponder
 from passtd.dataplane.core.stats import Stats
+from passtd.dataplane.core.tcp.handler import TcpHandler
 from passtd.dataplane.packets.checksum import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 from passtd.dataplane.packets.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, parse_ethernet
 from passtd.dataplane.packets.icmp import ICMPV6_ECHO_REQUEST
 from passtd.dataplane.packets.ipv4 import parse_ipv4
 from passtd.dataplane.packets.ipv6 import parse_ipv6
+from passtd.dataplane.packets.tcp import parse_tcp
 from passtd.dataplane.packets.udp import parse_udp
 from passtd.errors import MalformedFrame
 
@@ -31,7 +33,10 @@ _UNSPECIFIED6 = bytes(16)
 
 
 class Demux:
-    def __init__(self, ctx: Context, guest: Guest, stats: Stats, flows: FlowTable, ndp: NdpResponder) -> None:
+    def __init__(
+        self, ctx: Context, guest: Guest, stats: Stats, flows: FlowTable, ndp: NdpResponder, tcp: TcpHandler
+    ) -> None:
+        self.tcp = tcp
         self.ctx = ctx
         self.guest = guest
         self.stats = stats
@@ -95,7 +100,7 @@ class Demux:
                 return
             self._echo(False, ip.src, ip.dst, ip.payload, now, actions)
         elif ip.proto == IPPROTO_TCP:
-            self.stats.drop("tcp.no_flow")
+            self.tcp.tap_segment(False, ip.src, ip.dst, parse_tcp(ip.payload), now)
         else:
             self.stats.drop("ipv4.unknown_protocol")
 
@@ -125,6 +130,6 @@ class Demux:
                 return
             self.stats.drop("udp.no_flow")
         elif ip.proto == IPPROTO_TCP:
-            self.stats.drop("tcp.no_flow")
+            self.tcp.tap_segment(True, ip.src, ip.dst, parse_tcp(ip.payload), now)
         else:
             self.stats.drop("ipv6.unknown_protocol")

@@ -8,18 +8,26 @@ reason, logged at debug); any other exception is a bug and reaches the loop's ex
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from typing import Any, Final
 
 from passtd.dataplane.core.context import Context, Guest
 from passtd.dataplane.core.demux import Demux
 from passtd.dataplane.core.flowtable import FlowTable
+from passtd.dataplane.core.fwd import NONE, ForwardTables, Listener
 from passtd.dataplane.core.icmp import EchoFlow, EchoToHost, echo_to_guest, expired
 from passtd.dataplane.core.services.ndp import NdpResponder
 from passtd.dataplane.core.stats import Stats
+from passtd.dataplane.core.tcp.conn import TcpConn
+from passtd.dataplane.core.tcp.handler import TcpHandler
+from passtd.dataplane.core.timeouts import Timeouts
+from passtd.dataplane.io.listeners import BindResult, ListenerSet
 from passtd.dataplane.io.pcap import PcapWriter
 from passtd.dataplane.io.sockets import open_ping_socket, ping_group_hint, sockaddr
 from passtd.dataplane.io.tap.base import TapBackend
+from passtd.dataplane.io.tcp import TcpIo
+from passtd.dataplane.packets.ethernet import build_ethernet
 from passtd.errors import MalformedFrame
 from passtd.logging import get_logger
 
@@ -28,15 +36,36 @@ TICK: Final = 1.0
 
 
 class Dataplane:
-    def __init__(self, ctx: Context, loop: asyncio.AbstractEventLoop, pcap: PcapWriter | None = None) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        loop: asyncio.AbstractEventLoop,
+        pcap: PcapWriter | None = None,
+        max_flows: int = 1 << 18,
+    ) -> None:
         self.ctx = ctx
         self.loop = loop
         self.pcap = pcap
         self.guest = Guest()
         self.stats = Stats()
-        self.flows = FlowTable()
+        self.flows = FlowTable(max_flows)
         self.ndp = NdpResponder(ctx)
-        self.demux = Demux(ctx, self.guest, self.stats, self.flows, self.ndp)
+        self.timeouts = Timeouts()
+        self._out: list[bytes] = []
+        self.tcp_io = TcpIo()
+        self.tcp = TcpHandler(
+            ctx, self.guest, self.flows, self.stats, self.tcp_io, self._to_tap, os.urandom(16),
+            self.timeouts, on_close=self._on_tcp_close,
+        )  # fmt: skip
+        self.tcp_io.on_connected = lambda conn: self.tcp.sock_connected(conn, self.loop.time())
+        self.tcp_io.on_error = lambda conn, reason: self.tcp.sock_error(conn, reason, self.loop.time())
+        self.tcp_io.on_readable = lambda conn: self.tcp.sock_readable(conn, self.loop.time())
+        self.loop.add_reader(self.tcp_io.fileno(), self._on_tcp_events)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self.demux = Demux(ctx, self.guest, self.stats, self.flows, self.ndp, self.tcp)
+        self.forward = ForwardTables("passt")
+        self.tcp_listeners = ListenerSet("tcp", loop, self._on_tcp_listener)
         self.tap: TapBackend | None = None
         self.disconnected: asyncio.Event = asyncio.Event()
         self._ping_socks: dict[int, socket.socket] = {}
@@ -86,7 +115,7 @@ class Dataplane:
         if not frames:
             return
         now = self.loop.time()
-        out: list[bytes] = []
+        out = self._out
         actions: list[EchoToHost] = []
         stats = self.stats
         for frame in frames:
@@ -101,7 +130,79 @@ class Dataplane:
                 self.log.debug("tap.frame.dropped", reason=exc.reason, length=len(frame))
         for action in actions:
             self._echo_to_host(action)
-        self.send_to_tap(out)
+        self._after_batch(now)
+
+    def _to_tap(self, ethertype: int, packet: bytes) -> None:
+        """Frames from the TCP core, collected until the end of the batch."""
+        self._out.append(build_ethernet(self.guest.dst_mac, self.ctx.our_mac, ethertype, packet))
+
+    def _after_batch(self, now: float) -> None:
+        """Every callback ends here: ACKs the TCP core owes, one write of all frames, timer re-armed."""
+        self.tcp.flush(now)
+        if self._out:
+            out, self._out = self._out, []
+            self.send_to_tap(out)
+        deadline = self.tcp.next_deadline()
+        if deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self.loop.call_at(deadline, self._on_tcp_timer)
+
+    def _on_tcp_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        now = self.loop.time()
+        self.tcp.on_timer(now)
+        self._after_batch(now)
+
+    def _on_tcp_events(self) -> None:
+        for _ in range(16):  # bounded: other sockets and the tap get their turn
+            if self.tcp_io.poll() < 256:
+                break
+        self._after_batch(self.loop.time())
+
+    def _on_tcp_close(self, conn: TcpConn, reason: str) -> None:
+        self.log.debug("tcp.flow.closed", flow_id=conn.flow_id, reason=reason)
+
+    def set_forwarding(self, tables: ForwardTables) -> list[BindResult]:
+        """Replace the port policy: diff the listeners, report each bind; flows are never touched."""
+        ephemeral = local_port_range()
+        old = self.forward
+        self.forward = tables
+        results = self.tcp_listeners.apply(
+            tables.tcp_in.listeners(ephemeral) if tables.tcp_in != NONE else set()
+        )
+        for result in results:
+            if not result.ok:
+                self.log.warning("forward.bind.failed", port=result.listener.port, address=result.address,
+                                 error=result.errno_name)  # fmt: skip
+        if old.tcp_in != tables.tcp_in:
+            self.log.info("forward.tcp.changed", spec=tables.tcp_in.to_spec())
+        return results
+
+    def _on_tcp_listener(self, listener: Listener, sock: socket.socket) -> None:
+        self.accept_tcp(sock, listener.target_port)
+
+    def accept_tcp(self, listener: socket.socket, guest_port: int) -> None:
+        """A forwarded port is readable: accept every pending connection and offer each to the guest."""
+        now = self.loop.time()
+        for _ in range(64):
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self.log.warning("tcp.accept.failed", error=exc.strerror)
+                break
+            port = self.tcp_io.adopt(sock)
+            family_v6 = sock.family == socket.AF_INET6
+            addr = socket.inet_pton(socket.AF_INET6 if family_v6 else socket.AF_INET, peer[0])
+            conn = self.tcp.accepted(port, addr, peer[1], guest_port, now)
+            if conn is not None:
+                self.tcp_io.bind(conn)
+                self.log.debug("tcp.flow.accepted", flow_id=conn.flow_id, peer=peer[0], port=peer[1])
+        self._after_batch(now)
 
     def send_to_tap(self, frames: list[bytes]) -> None:
         tap = self.tap
@@ -182,6 +283,14 @@ class Dataplane:
             self.pcap.flush()
 
     def close(self) -> None:
+        for conn in [f for f in self.flows if isinstance(f, TcpConn)]:
+            self.tcp.reset(conn, "shutdown")
+        self._after_batch(self.loop.time())
+        if self._timer is not None:
+            self._timer.cancel()
+        self.loop.remove_reader(self.tcp_io.fileno())
+        self.tcp_io.close()
+        self.tcp_listeners.close()
         self.detach()
         if self._tick is not None:
             self._tick.cancel()
@@ -200,3 +309,13 @@ class Dataplane:
             "dropped": dict(self.stats.dropped),
             "flows": len(self.flows),
         }
+
+
+def local_port_range() -> tuple[int, int]:
+    """The kernel's ephemeral port range: `-t all` leaves it alone, as passt does."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        return (32768, 60999)
+    return (low, high)

@@ -1,0 +1,108 @@
+"""One translated TCP connection: sequence bookkeeping for the guest side, and the host socket behind it.
+
+The host socket is reached through `SockPort`, a narrow interface the shell implements over a real socket
+(dataplane/io/tcp.py) and tests implement with a fake. Everything here is plain data and arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+from passtd.dataplane.core.flowtable import Flow
+from passtd.dataplane.packets.tcp import SegmentBuilder
+
+
+class TcpInfo(NamedTuple):
+    """What the shell reads from TCP_INFO (and SO_SNDBUF) for mirroring."""
+
+    bytes_acked: int  # payload bytes the host peer acknowledged (SYN excluded)
+    snd_wnd: int  # the peer's receive window
+    sndbuf: int  # room the socket has for unacknowledged data
+    rtt_us: int
+    retransmits: int
+
+
+class SockPort(Protocol):
+    """The host socket as the TCP core sees it. Errors surface as OSError."""
+
+    def peek(self, offset: int, size: int) -> memoryview | None:
+        """Up to `size` received bytes starting `offset` bytes into the receive queue, without consuming them.
+        None: nothing new yet. Empty view: end of stream and nothing beyond `offset`."""
+        ...
+
+    def discard(self, n: int) -> None:
+        """Drop `n` bytes from the front of the receive queue (the guest acknowledged them)."""
+        ...
+
+    def send(self, data: memoryview, more: bool) -> int:
+        """Write what the socket takes now; 0 when its buffer is full."""
+        ...
+
+    def shutdown_write(self) -> None: ...
+
+    def info(self) -> TcpInfo: ...
+
+    def set_window_clamp(self, size: int) -> None: ...
+
+    def set_mss(self, mss: int) -> None: ...
+
+    def close(self) -> None:
+        """Orderly close (FIN already exchanged)."""
+        ...
+
+    def reset(self) -> None:
+        """Abortive close: RST to the peer (SO_LINGER 0)."""
+        ...
+
+
+@dataclass(slots=True, eq=False)
+class TcpConn(Flow):
+    v6: bool = False
+    guest_addr: bytes = b""
+    guest_port: int = 0
+    remote_addr: bytes = b""  # as the guest sees it (the gateway for host loopback)
+    remote_port: int = 0
+    target_addr: bytes = b""  # where the host socket connects (loopback for the gateway)
+    events: int = 0
+    sock: SockPort | None = None
+    seg: SegmentBuilder | None = None
+    close_reason: str = ""
+    # Toward the guest (host → guest data)
+    seq_init_to_tap: int = 0
+    seq_to_tap: int = 0  # next sequence number we send
+    seq_max_to_tap: int = 0  # highest sequence number sent so far (before any rewind)
+    seq_ack_from_tap: int = 0  # last byte the guest acknowledged
+    wnd_from_tap: int = 0  # the guest's window, scaled, in bytes
+    ws_from_tap: int = 0  # shift applied to the guest's window field
+    mss_to_tap: int = 536  # largest payload the guest accepts (RFC 9293 default)
+    dup_acks: int = 0
+    fin_seq: int = 0  # sequence number of our FIN, once SOCK_FIN_SENT
+    # From the guest (guest → host data)
+    seq_init_from_tap: int = 0
+    seq_from_tap: int = 0  # next byte expected from the guest
+    seq_ack_to_tap: int = 0  # last ACK number we sent
+    wnd_to_tap: int = 0  # last window we advertised, bytes
+    ws_to_tap: int = 0  # shift we apply to the window field we send
+    written: int = 0  # bytes of guest data written into the socket
+    clamp: int = -1  # last TCP_WINDOW_CLAMP set on the socket
+    # RFC 6298 retransmission timer for data toward the guest
+    srtt: float = 0.0
+    rttvar: float = 0.0
+    rto: float = 1.0
+    rtt_seq: int = -1  # sequence number being timed, -1 when none (Karn: never a retransmitted one)
+    rtt_sent: float = 0.0
+    rto_due: float = 0.0  # 0: not armed
+    retransmits: int = 0
+    total_retransmits: int = 0
+    persist_due: float = 0.0  # zero-window probe
+    ack_due: float = 0.0  # re-check TCP_INFO to ACK the guest's data
+    fin_since: float = 0.0  # when the first FIN was seen, for the FIN timeout
+    last_tap: float = 0.0
+    last_sock: float = 0.0
+    scheduled: float = 0.0  # deadline currently in the timer heap (0: none)
+
+    @property
+    def in_flight(self) -> int:
+        """Bytes sent to the guest and not yet acknowledged (the socket still holds them)."""
+        return (self.seq_to_tap - self.seq_ack_from_tap) & 0xFFFFFFFF

@@ -1,0 +1,211 @@
+"""Listening sockets for one protocol and direction, opened and closed as the port policy changes.
+
+The policy side (`core/fwd.py`) computes which `Listener`s should exist; this class makes the sockets match
+and reports, port by port, what the kernel said, because one refused port must not stop the others (passt
+only gives up when *no* port could be bound). It never touches established connections: a TCP listening
+socket and the sockets `accept()` returned from it are independent, so closing a listener leaves them alone.
+
+A `Listener` with `bind_addr` None is two sockets, 0.0.0.0 and :: with IPV6_V6ONLY, so that each family
+can fail on its own (IPv6 disabled, or only one family's port taken) and is reported on its own.
+
+Sockets are grouped by `Listener.key` (address, interface, port). A diff that closes and reopens the same key
+with another target port is a *retarget*: the sockets stay open and only the Listener handed to
+`on_readable` changes, so there is no moment at which the port refuses connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from passtd.dataplane.core.fwd import Listener
+
+BACKLOG: Final = 128
+WILDCARDS: Final = (("0.0.0.0", socket.AF_INET), ("::", socket.AF_INET6))
+
+SocketFactory = Callable[[int, int], socket.socket]
+OnReadable = Callable[[Listener, socket.socket], None]
+
+
+@dataclass(frozen=True, slots=True)
+class BindResult:
+    """What happened to one socket of one listener: `address` is the concrete address bound ("0.0.0.0")."""
+
+    listener: Listener
+    address: str
+    ok: bool
+    errno_name: str | None
+    message: str
+
+
+def _errno_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+def _hint(code: int | None) -> str:
+    if code == errno.EACCES:
+        return " (ports below 1024 need CAP_NET_BIND_SERVICE, or a lower net.ipv4.ip_unprivileged_port_start)"
+    if code == errno.EADDRINUSE:
+        return " (another socket is bound to it)"
+    if code == errno.EADDRNOTAVAIL:
+        return " (no such local address)"
+    if code == errno.ENODEV:
+        return " (no such interface)"
+    return ""
+
+
+class ListenerSet:
+    """Owns the listening sockets of one protocol+direction and calls `on_readable` when one is ready.
+
+    `socket_factory(family, type)` makes the unbound sockets; the default is `socket.socket`. pasta's
+    namespace-side listeners (-T/-U) pass a factory that creates the socket inside the namespace
+    (`netns.run_in_netns`); a socket keeps its namespace for life, so binding and polling work from here.
+    """
+
+    def __init__(
+        self,
+        proto: Literal["tcp", "udp"],
+        loop: asyncio.AbstractEventLoop,
+        on_readable: OnReadable,
+        *,
+        backlog: int = BACKLOG,
+        socket_factory: SocketFactory | None = None,
+    ) -> None:
+        if proto not in ("tcp", "udp"):
+            raise ValueError(f"proto must be 'tcp' or 'udp', not {proto!r}")
+        self.proto = proto
+        self._loop = loop
+        self._on_readable = on_readable
+        self._backlog = backlog
+        self._factory: SocketFactory = socket_factory or socket.socket
+        self._type = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+        self._current: dict[tuple[object, ...], Listener] = {}
+        self._socks: dict[tuple[object, ...], dict[str, socket.socket]] = {}
+
+    # -- queries ---------------------------------------------------------------------------------------
+
+    @property
+    def listeners(self) -> frozenset[Listener]:
+        """Listeners holding at least one open socket."""
+        return frozenset(self._current.values())
+
+    def sockets(self, listener: Listener) -> dict[str, socket.socket]:
+        """The open sockets of `listener`'s key, by bound address (a copy)."""
+        return dict(self._socks.get(listener.key, {}))
+
+    def __len__(self) -> int:
+        return sum(len(socks) for socks in self._socks.values())
+
+    # -- changes ---------------------------------------------------------------------------------------
+
+    def apply(self, listeners: Iterable[Listener]) -> list[BindResult]:
+        """Make the open set equal `listeners` (diffing against what is open now)."""
+        wanted = set(listeners)
+        have = set(self._current.values())
+        return self.apply_diff(have - wanted, wanted - have)
+
+    def apply_diff(self, to_close: Iterable[Listener], to_open: Iterable[Listener]) -> list[BindResult]:
+        """Close, then open; a key in both is retargeted in place. Returns one result per socket attempted.
+
+        Closing first lets a port move between scopes (127.0.0.1 → any) in one diff. Retargeted keys report
+        `ok` for each socket kept, and retry families that had failed before.
+        """
+        opening = {listener.key: listener for listener in to_open}
+        for listener in to_close:
+            key = listener.key
+            if key in opening or self._current.get(key) != listener:
+                continue  # retargeted below, or not ours (never bound, or already replaced)
+            self._close_key(key)
+        results: list[BindResult] = []
+        for listener in sorted(opening.values(), key=lambda lst: lst.port):
+            results.extend(self._open(listener))
+        return results
+
+    def close(self) -> None:
+        """Close every listening socket (idempotent)."""
+        for key in list(self._socks):
+            self._close_key(key)
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _addresses(self, listener: Listener) -> tuple[tuple[str, int], ...]:
+        addr = listener.bind_addr
+        if addr is None:
+            return WILDCARDS
+        return ((str(addr), socket.AF_INET if addr.version == 4 else socket.AF_INET6),)
+
+    def _open(self, listener: Listener) -> list[BindResult]:
+        key = listener.key
+        held = self._socks.get(key, {})
+        results: list[BindResult] = []
+        for host, family in self._addresses(listener):
+            if host in held:
+                results.append(BindResult(listener, host, True, None, f"{self._where(listener, host)}: kept"))
+                continue
+            sock, result = self._bind(listener, host, family)
+            results.append(result)
+            if sock is not None:
+                held[host] = sock
+                self._loop.add_reader(sock.fileno(), self._ready, key, sock)
+        if held:
+            self._socks[key] = held
+            self._current[key] = listener
+        return results
+
+    def _bind(self, listener: Listener, host: str, family: int) -> tuple[socket.socket | None, BindResult]:
+        where = self._where(listener, host)
+        try:
+            sock = self._factory(family, self._type)
+        except OSError as exc:
+            msg = f"{where}: cannot create socket: {os.strerror(exc.errno or 0)}"
+            return None, BindResult(listener, host, False, _errno_name(exc), msg)
+        try:
+            sock.setblocking(False)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if self.proto == "tcp":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            scope_id = 0
+            if listener.ifname is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, listener.ifname.encode())
+                if (
+                    family == socket.AF_INET6
+                    and listener.bind_addr is not None
+                    and listener.bind_addr.is_link_local
+                ):
+                    scope_id = socket.if_nametoindex(listener.ifname)
+            if family == socket.AF_INET6:
+                sock.bind((host, listener.port, 0, scope_id))
+            else:
+                sock.bind((host, listener.port))
+            if self.proto == "tcp":
+                sock.listen(self._backlog)
+        except OSError as exc:
+            sock.close()
+            msg = f"{where}: {os.strerror(exc.errno) if exc.errno else exc}{_hint(exc.errno)}"
+            return None, BindResult(listener, host, False, _errno_name(exc), msg)
+        return sock, BindResult(listener, host, True, None, f"{where}: listening")
+
+    def _where(self, listener: Listener, host: str) -> str:
+        shown = f"[{host}]" if ":" in host else host
+        dev = f"%{listener.ifname}" if listener.ifname else ""
+        return f"{self.proto} {shown}{dev}:{listener.port}"
+
+    def _close_key(self, key: tuple[object, ...]) -> None:
+        self._current.pop(key, None)
+        for sock in self._socks.pop(key, {}).values():
+            try:
+                self._loop.remove_reader(sock.fileno())
+            except (ValueError, OSError):
+                pass  # already closed elsewhere: nothing is registered under a dead fd
+            sock.close()
+
+    def _ready(self, key: tuple[object, ...], sock: socket.socket) -> None:
+        listener = self._current.get(key)
+        if listener is not None:
+            self._on_readable(listener, sock)

@@ -1,0 +1,222 @@
+"""Host TCP sockets for the TCP core: the real `SockPort`, and edge-triggered readiness through one epoll.
+
+Why epoll and not `loop.add_reader` per socket: data toward the guest stays in the socket until the guest
+acknowledges it (it is only peeked), so a level-triggered reader would fire forever. With EPOLLET the core
+hears about new data once, and otherwise re-peeks when the guest's ACKs open the window. The epoll fd itself
+is watched by the event loop, so one callback serves every TCP socket and drains all their events in a batch.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import struct
+from collections.abc import Callable
+from typing import Final
+
+from passtd.dataplane.core.tcp import states as st
+from passtd.dataplane.core.tcp.conn import TcpConn, TcpInfo
+from passtd.dataplane.io.sockets import sockaddr
+
+SO_PEEK_OFF: Final = 42
+TCP_INFO_LEN: Final = 232
+_TCPI_RTT: Final = struct.Struct("=I")
+_TCPI_U32: Final = struct.Struct("=I")
+_TCPI_U64: Final = struct.Struct("=Q")
+_LINGER0: Final = struct.pack("ii", 1, 0)
+BUF_SIZE: Final = 1 << 20
+EV_CONNECTING: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+EV_ESTABLISHED: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+MAX_EVENTS: Final = 256
+
+_peek_buf = bytearray(BUF_SIZE)
+_peek_view = memoryview(_peek_buf)
+
+
+def probe_peek_off() -> bool:
+    """SO_PEEK_OFF on TCP sockets came with Linux 6.10; older kernels refuse the option."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True
+
+
+PEEK_OFF: Final = probe_peek_off()
+
+
+class TcpSockPort:
+    """`SockPort` over a real non-blocking TCP socket."""
+
+    __slots__ = ("acked_base", "fd", "peek_off", "sock")
+
+    def __init__(self, sock: socket.socket, *, connected: bool) -> None:
+        self.sock = sock
+        # tcpi_bytes_acked counts our SYN on a socket we connected, not on one we accepted.
+        self.acked_base = 1 if connected else 0
+        self.fd = sock.fileno()
+        self.peek_off = -1  # unknown: set before the first peek
+        if PEEK_OFF:
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+            self.peek_off = 0
+
+    def peek(self, offset: int, size: int) -> memoryview | None:
+        sock = self.sock
+        if PEEK_OFF:
+            if self.peek_off != offset:
+                sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, offset)
+            try:
+                n = sock.recv_into(_peek_view, min(size, BUF_SIZE), socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                self.peek_off = offset
+                return None
+            self.peek_off = offset + n
+            return _peek_view[:n]
+        return self._peek_from_start(offset, size)
+
+    def _peek_from_start(self, offset: int, size: int) -> memoryview | None:
+        """Without SO_PEEK_OFF: peek everything up to offset+size and skip what the guest already has."""
+        global _peek_buf, _peek_view
+        want = offset + size
+        if want > len(_peek_buf):
+            _peek_buf = bytearray(want)
+            _peek_view = memoryview(_peek_buf)
+        try:
+            n = self.sock.recv_into(_peek_view, want, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return None
+        if n == 0:
+            return _peek_view[:0]
+        if n <= offset:
+            return None  # end of stream is only seen once everything was acknowledged
+        return _peek_view[offset:n]
+
+    def discard(self, n: int) -> None:
+        while n > 0:
+            got = self.sock.recv_into(_peek_view, min(n, BUF_SIZE), socket.MSG_TRUNC)
+            if got <= 0:
+                break
+            n -= got
+            if self.peek_off >= 0:
+                self.peek_off = max(0, self.peek_off - got)
+
+    def send(self, data: memoryview, more: bool) -> int:
+        try:
+            return self.sock.send(data, socket.MSG_MORE if more else 0)
+        except (BlockingIOError, InterruptedError):
+            return 0
+
+    def shutdown_write(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def info(self) -> TcpInfo:
+        raw = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
+        acked = _TCPI_U64.unpack_from(raw, 120)[0] if len(raw) >= 128 else 0
+        snd_wnd = _TCPI_U32.unpack_from(raw, 228)[0] if len(raw) >= 232 else 65535
+        sndbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        return TcpInfo(
+            bytes_acked=max(0, acked - self.acked_base),
+            snd_wnd=snd_wnd,
+            sndbuf=sndbuf,
+            rtt_us=_TCPI_RTT.unpack_from(raw, 68)[0],
+            retransmits=_TCPI_U32.unpack_from(raw, 100)[0],
+        )
+
+    def set_window_clamp(self, size: int) -> None:
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, size)
+
+    def set_mss(self, mss: int) -> None:
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def reset(self) -> None:
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class TcpIo:
+    """Opens and watches host TCP sockets for the TCP core (its `SocketFactory`)."""
+
+    def __init__(self) -> None:
+        self.epoll = select.epoll()
+        self.conns: dict[int, TcpConn] = {}
+        self.on_connected: Callable[[TcpConn], None] = lambda conn: None
+        self.on_error: Callable[[TcpConn, str], None] = lambda conn, reason: None
+        self.on_readable: Callable[[TcpConn], None] = lambda conn: None
+
+    def fileno(self) -> int:
+        return self.epoll.fileno()
+
+    def connect(self, conn: TcpConn) -> TcpSockPort:
+        family = socket.AF_INET6 if conn.v6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, max(conn.mss_to_tap, 88))
+        except OSError:
+            pass
+        err = sock.connect_ex(sockaddr(conn.target_addr, conn.remote_port))
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            raise OSError(err, errno.errorcode.get(err, str(err)))
+        port = TcpSockPort(sock, connected=True)
+        self.conns[port.fd] = conn
+        self.epoll.register(port.fd, EV_CONNECTING)
+        return port
+
+    def adopt(self, sock: socket.socket) -> TcpSockPort:
+        """An accepted socket, before the core knows its flow (see `bind`)."""
+        sock.setblocking(False)
+        return TcpSockPort(sock, connected=False)
+
+    def bind(self, conn: TcpConn) -> None:
+        assert isinstance(conn.sock, TcpSockPort)
+        self.conns[conn.sock.fd] = conn
+        self.epoll.register(conn.sock.fd, EV_ESTABLISHED)
+
+    def forget(self, conn: TcpConn) -> None:
+        sock = conn.sock
+        if isinstance(sock, TcpSockPort) and self.conns.pop(sock.fd, None) is not None:
+            try:
+                self.epoll.unregister(sock.fd)
+            except (OSError, ValueError):
+                pass
+
+    def poll(self) -> int:
+        """Dispatch every ready event; returns how many there were."""
+        events = self.epoll.poll(0, MAX_EVENTS)
+        conns = self.conns
+        for fd, ev in events:
+            conn = conns.get(fd)
+            if conn is None:
+                continue
+            sock = conn.sock
+            if not isinstance(sock, TcpSockPort):
+                continue
+            if conn.events & st.TAP_SYN_RCVD:
+                if ev & (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
+                    err = sock.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err or ev & select.EPOLLHUP:
+                        self.on_error(conn, f"connect_failed:{errno.errorcode.get(err, 'EHUP')}")
+                        continue
+                    self.epoll.modify(fd, EV_ESTABLISHED)
+                    self.on_connected(conn)
+                continue
+            if ev & select.EPOLLERR:
+                err = sock.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    self.on_error(conn, f"rst_from_host:{errno.errorcode.get(err, err)}")
+                    continue
+            self.on_readable(conn)
+        return len(events)
+
+    def close(self) -> None:
+        self.epoll.close()

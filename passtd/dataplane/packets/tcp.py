@@ -1,0 +1,135 @@
+"""TCP header parse (RFC 9293 §3.1) with bounded option walking, and segment builders toward the guest.
+
+Option parsing stops at End-of-Option-List, steps over NOPs, and rejects any other option whose length is
+below 2 or runs past the header: the reference C loops forever on a zero length, we raise MalformedFrame.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final, NamedTuple
+
+from passtd.dataplane.packets.checksum import IPPROTO_TCP, checksum, ones_sum, pseudo_header4, pseudo_header6
+from passtd.dataplane.packets.ipv4 import build_ipv4_header
+from passtd.dataplane.packets.ipv6 import build_ipv6_header
+from passtd.errors import MalformedFrame
+
+TCP_HLEN: Final = 20
+FIN: Final = 0x01
+SYN: Final = 0x02
+RST: Final = 0x04
+PSH: Final = 0x08
+ACK: Final = 0x10
+URG: Final = 0x20
+
+OPT_EOL: Final = 0
+OPT_NOP: Final = 1
+OPT_MSS: Final = 2
+OPT_WS: Final = 3
+OPT_SACK_PERM: Final = 4
+MAX_WS: Final = 14  # RFC 7323 §2.3
+
+_TCP = struct.Struct("!HHIIBBHHH")
+
+
+class TcpHeader(NamedTuple):
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    window: int  # unscaled, as on the wire
+    mss: int  # 0 when absent (only meaningful on SYN)
+    ws: int  # -1 when absent; clamped to 14
+    payload: memoryview
+
+
+def parse_tcp(segment: memoryview) -> TcpHeader:
+    """Parse the header; options are read only on SYN segments, where MSS and window scale matter."""
+    if len(segment) < TCP_HLEN:
+        raise MalformedFrame("tcp.truncated")
+    sport, dport, seq, ack, off, flags, window, _csum, _urg = _TCP.unpack_from(segment)
+    doff = (off >> 4) * 4
+    if doff < TCP_HLEN or doff > len(segment):
+        raise MalformedFrame("tcp.bad_data_offset")
+    mss = 0
+    ws = -1
+    if flags & SYN and doff > TCP_HLEN:
+        mss, ws = _parse_options(segment, doff)
+    return TcpHeader(sport, dport, seq, ack, flags, window, mss, ws, segment[doff:])
+
+
+def _parse_options(segment: memoryview, end: int) -> tuple[int, int]:
+    mss = 0
+    ws = -1
+    i = TCP_HLEN
+    while i < end:  # every branch advances i by at least 1
+        kind = segment[i]
+        if kind == OPT_EOL:
+            break
+        if kind == OPT_NOP:
+            i += 1
+            continue
+        if i + 1 >= end:
+            raise MalformedFrame("tcp.option_truncated")
+        length = segment[i + 1]
+        if length < 2 or i + length > end:
+            raise MalformedFrame("tcp.bad_option_length")
+        if kind == OPT_MSS and length == 4:
+            mss = (segment[i + 2] << 8) | segment[i + 3]
+        elif kind == OPT_WS and length == 3:
+            ws = min(segment[i + 2], MAX_WS)
+        i += length
+    return mss, ws
+
+
+def syn_options(mss: int, ws: int) -> bytes:
+    """MSS, then NOP + window scale when `ws` >= 0 (padded to a multiple of 4 bytes)."""
+    opts = struct.pack("!BBH", OPT_MSS, 4, mss)
+    if ws >= 0:
+        opts += bytes((OPT_NOP, OPT_WS, 3, ws))
+    return opts
+
+
+class SegmentBuilder:
+    """Builds guest-bound IP+TCP segments for one flow: addresses and pseudo-header sum computed once."""
+
+    __slots__ = ("dport", "dst", "hdr_len", "psum", "sport", "src", "v6")
+
+    def __init__(self, src: bytes, dst: bytes, sport: int, dport: int) -> None:
+        self.src = src
+        self.dst = dst
+        self.sport = sport
+        self.dport = dport
+        self.v6 = len(src) == 16
+        # Sum of the pseudo-header without its length field: lengths are added per segment.
+        self.psum = ones_sum(src + dst + bytes((0, IPPROTO_TCP)))
+        self.hdr_len = 40 if self.v6 else 20
+
+    def build(
+        self,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        payload: bytes | memoryview = b"",
+        options: bytes = b"",
+    ) -> bytes:
+        """IP header + TCP header + payload with both checksums (the L3 one only for IPv4)."""
+        hlen = TCP_HLEN + len(options)
+        seg_len = hlen + len(payload)
+        tcp = bytearray(_TCP.pack(self.sport, self.dport, seq, ack, (hlen // 4) << 4, flags, window, 0, 0))
+        tcp += options
+        csum = checksum(self.psum.to_bytes(2, "big"), seg_len.to_bytes(2, "big"), tcp, payload)
+        struct.pack_into("!H", tcp, 16, csum)
+        if self.v6:
+            ip = build_ipv6_header(self.src, self.dst, IPPROTO_TCP, seg_len, hop_limit=64)
+        else:
+            ip = build_ipv4_header(self.src, self.dst, IPPROTO_TCP, seg_len)
+        return b"".join((ip, tcp, payload))
+
+
+def tcp_checksum_ok(src: bytes, dst: bytes, segment: memoryview) -> bool:
+    """Verify a received segment (tests and debugging; the dataplane trusts the guest's kernel)."""
+    pseudo = pseudo_header6 if len(src) == 16 else pseudo_header4
+    return checksum(pseudo(src, dst, IPPROTO_TCP, len(segment)), segment) == 0

@@ -1,0 +1,400 @@
+"""The TCP core as scripts: guest segments in, host-socket calls and guest segments out."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from passtd.dataplane.core.tcp import handler as handler_mod
+from passtd.dataplane.core.tcp import states
+from passtd.dataplane.core.tcp.seq import MASK, seq_add, seq_diff, seq_le, seq_lt
+from passtd.dataplane.core.timeouts import Timeouts
+from passtd.dataplane.packets.tcp import ACK, FIN, PSH, RST, SYN
+from tests.helpers.tcpfake import FAR4, GUEST4, GW4, FakeSock, Rig
+
+G_ISN = 1000
+
+
+def established(rig: Rig, now: float = 0.0, window: int = 65535) -> tuple[int, FakeSock]:
+    """Guest SYN → connect → SYN-ACK → guest ACK; returns our ISN + 1 and the fake socket."""
+    rig.guest(SYN, G_ISN, window=window, now=now)
+    assert rig.take() == []  # nothing until connect() completes
+    sock = rig.factory.socks[-1]
+    rig.handler.sock_connected(rig.conn(), now)
+    (synack,) = rig.take()
+    assert synack.flags == SYN | ACK and synack.tcp.ack == G_ISN + 1
+    rig.guest(ACK, G_ISN + 1, seq_add(synack.tcp.seq, 1), window=window, now=now)
+    assert rig.conn().events & states.ESTABLISHED
+    return seq_add(synack.tcp.seq, 1), sock
+
+
+def test_guest_syn_to_gateway_connects_to_loopback_and_answers_with_our_options() -> None:
+    rig = Rig()
+    rig.guest(SYN, G_ISN, mss=1400, ws=7)
+    conn = rig.conn()
+    assert conn.target_addr == bytes((127, 0, 0, 1)) and conn.remote_port == 5000
+    assert states.state_name(conn.events) == "TAP_SYN_SENT"
+    rig.handler.sock_connected(conn, 0.0)
+    (synack,) = rig.take()
+    assert (synack.src, synack.dst, synack.tcp.sport, synack.tcp.dport) == (GW4, GUEST4, 5000, 40000)
+    assert synack.tcp.mss == 1460 and synack.tcp.ws == handler_mod.OUR_WS
+    assert states.state_name(conn.events) == "TAP_SYN_RCVD"
+    rig.guest(ACK, G_ISN + 1, seq_add(synack.tcp.seq, 1))
+    assert states.state_name(conn.events) == "ESTABLISHED"
+    assert rig.factory.socks[0].mss == 1400  # the guest's MSS mirrored onto the socket
+
+
+def test_remote_destination_keeps_its_address() -> None:
+    rig = Rig()
+    rig.guest(SYN, G_ISN, dst=FAR4)
+    assert rig.conn().target_addr == FAR4
+
+
+def test_refused_connect_is_answered_with_rst_at_once() -> None:
+    rig = Rig()
+    rig.factory.refuse = OSError(errno.ECONNREFUSED, "refused")
+    rig.guest(SYN, G_ISN)
+    (rst,) = rig.take()
+    assert rst.flags & RST and rst.tcp.ack == G_ISN + 1
+    assert len(rig.flows) == 0
+    rig2 = Rig()
+    rig2.guest(SYN, G_ISN)
+    rig2.handler.sock_error(rig2.conn(), "connect_failed:ECONNREFUSED", 0.1)
+    (rst,) = rig2.take()
+    assert rst.flags & RST and rst.tcp.ack == G_ISN + 1 and len(rig2.flows) == 0
+
+
+def test_segment_without_flow_gets_rst() -> None:
+    rig = Rig()
+    rig.guest(ACK, 5, ack=777, data=b"x")
+    (rst,) = rig.take()
+    assert rst.flags == RST and rst.tcp.seq == 777
+    rig.guest(RST, 5)
+    assert rig.take() == []  # never an RST for an RST
+
+
+def test_guest_data_is_written_and_acked_only_when_the_peer_acked() -> None:
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    sock.acked = 0
+    rig.guest(ACK | PSH, G_ISN + 1, our, b"hello")
+    assert bytes(sock.tx) == b"hello"
+    (ack,) = rig.take()
+    assert ack.tcp.ack == G_ISN + 1  # the peer has not acknowledged yet
+    conn = rig.conn()
+    assert conn.ack_due == pytest.approx(0.02)
+    sock.acked = 5
+    rig.handler.on_timer(0.03)
+    (ack,) = rig.take()
+    assert ack.tcp.ack == G_ISN + 6 and conn.ack_due == 0.0
+
+
+def test_out_of_order_and_duplicate_guest_data() -> None:
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    rig.guest(ACK, G_ISN + 11, our, b"later")  # a gap: dropped, duplicate ACK
+    assert sock.tx == b"" and rig.take()[0].tcp.ack == G_ISN + 1
+    rig.guest(ACK, G_ISN + 1, our, b"0123456789")
+    rig.guest(ACK, G_ISN + 6, our, b"56789abcde")  # overlaps: only the new part is written
+    assert bytes(sock.tx) == b"0123456789abcde"
+
+
+def test_socket_full_stops_acking() -> None:
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    sock.capacity = 3
+    rig.guest(ACK, G_ISN + 1, our, b"abcdef")
+    assert bytes(sock.tx) == b"abc"
+    assert rig.take()[-1].tcp.ack == G_ISN + 4  # the rest is not acknowledged; the guest resends it
+    sock.capacity = 100
+    rig.guest(ACK, G_ISN + 1, our, b"abcdef")
+    assert bytes(sock.tx) == b"abcdef"
+
+
+def test_host_data_segmented_by_mss_and_discarded_only_when_acked() -> None:
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    sock.rx += bytes(range(256)) * 20  # 5120 bytes
+    rig.handler.sock_readable(rig.conn(), 0.1)
+    segs = rig.take()
+    assert [len(s.data) for s in segs] == [1460, 1460, 1460, 740]
+    assert b"".join(s.data for s in segs) == bytes(range(256)) * 20
+    assert segs[-1].flags & PSH and sock.discarded == 0
+    rig.guest(ACK, G_ISN + 1, seq_add(our, 2920))
+    assert sock.discarded == 2920
+
+
+def test_two_duplicate_acks_rewind_and_resend() -> None:
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    sock.rx += b"a" * 3000
+    rig.handler.sock_readable(rig.conn(), 0.1)
+    rig.take()
+    rig.guest(ACK, G_ISN + 1, seq_add(our, 1460))
+    rig.guest(ACK, G_ISN + 1, seq_add(our, 1460))
+    assert rig.take() == []
+    rig.guest(ACK, G_ISN + 1, seq_add(our, 1460))
+    again = rig.take()
+    assert [s.tcp.seq for s in again] == [seq_add(our, 1460), seq_add(our, 2920)]
+    assert rig.conn().total_retransmits == 1
+
+
+def test_rto_retransmits_with_backoff_then_resets() -> None:
+    rig = Rig(timeouts=Timeouts(tcp_max_retransmits=3))
+    our, sock = established(rig)
+    rig.take()
+    sock.rx += b"z" * 100
+    rig.handler.sock_readable(rig.conn(), 0.0)
+    rig.take()
+    conn = rig.conn()
+    assert conn.rto == 1.0 and conn.rto_due == 1.0
+    times = []
+    now = 0.0
+    for _ in range(3):
+        now = rig.handler.next_deadline()
+        rig.handler.on_timer(now)
+        (seg,) = rig.take()
+        assert seg.tcp.seq == our and seg.data == b"z" * 100
+        times.append(now)
+    assert times == [1.0, 3.0, 7.0]  # exponential backoff
+    rig.handler.on_timer(rig.handler.next_deadline())
+    (rst,) = rig.take()
+    assert rst.flags & RST and sock.was_reset and rig.closed[-1][1] == "timeout"
+
+
+def test_rtt_sample_sets_rto() -> None:
+    rig = Rig()
+    our, sock = established(rig)
+    sock.rx += b"q" * 10
+    rig.handler.sock_readable(rig.conn(), 1.0)
+    rig.guest(ACK, G_ISN + 1, seq_add(our, 10), now=1.05)
+    conn = rig.conn()
+    assert conn.srtt == pytest.approx(0.05)
+    assert conn.rto == pytest.approx(0.2)  # clamped to the minimum
+
+
+def test_zero_window_stops_then_probe_then_resumes() -> None:
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    rig.guest(ACK, G_ISN + 1, our, window=0)
+    sock.rx += b"w" * 2000
+    rig.handler.sock_readable(rig.conn(), 0.0)
+    assert rig.take() == []
+    now = rig.handler.next_deadline()
+    rig.handler.on_timer(now)
+    (probe,) = rig.take()
+    assert probe.data == b"" and probe.tcp.seq == seq_add(our, -1 & MASK)
+    rig.guest(ACK, G_ISN + 1, our, window=10, now=now + 0.1)
+    segs = rig.take()
+    assert sum(len(s.data) for s in segs) == 10 * 2**7  # scaled window (ws 7)
+
+
+def test_guest_half_close_then_host_reply_then_close() -> None:
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    rig.guest(FIN | ACK, G_ISN + 1, our, b"req")
+    assert sock.shut_wr and bytes(sock.tx) == b"req"
+    conn = rig.conn()
+    assert states.state_name(conn.events) == "FIN_WAIT_1"
+    assert rig.take()[-1].tcp.ack == G_ISN + 5  # data + FIN
+    sock.rx += b"reply" * 1000
+    rig.handler.sock_readable(conn, 0.1)
+    segs = rig.take()
+    assert b"".join(s.data for s in segs) == b"reply" * 1000
+    sock.eof = True
+    rig.guest(ACK, G_ISN + 5, seq_add(our, 5000), now=0.2)  # acks everything: the socket is drained
+    (fin,) = rig.take()
+    assert fin.flags & FIN and fin.tcp.seq == seq_add(our, 5000)
+    assert states.state_name(conn.events) == "LAST_ACK"
+    rig.guest(ACK, G_ISN + 5, seq_add(our, 5001), now=0.3)
+    assert len(rig.flows) == 0 and sock.closed and not sock.was_reset
+    assert rig.closed == [(conn.flow_id, "fin")]
+
+
+def test_host_closes_first_guest_keeps_sending() -> None:
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    sock.eof = True
+    conn = rig.conn()
+    rig.handler.sock_readable(conn, 0.0)
+    (fin,) = rig.take()
+    assert fin.flags & FIN
+    rig.guest(ACK, G_ISN + 1, seq_add(our, 1))
+    assert states.state_name(conn.events) == "CLOSE_WAIT"
+    rig.guest(ACK, G_ISN + 1, seq_add(our, 1), b"more data")
+    assert bytes(sock.tx) == b"more data"
+    rig.guest(FIN | ACK, G_ISN + 10, seq_add(our, 1))
+    assert sock.shut_wr and len(rig.flows) == 0
+
+
+def test_guest_rst_resets_the_socket() -> None:
+    rig = Rig()
+    our, sock = established(rig)
+    rig.guest(RST, G_ISN + 1, our)
+    assert sock.was_reset and len(rig.flows) == 0 and rig.closed[-1][1] == "rst_from_guest"
+
+
+def test_host_error_sends_rst_to_guest() -> None:
+    rig = Rig()
+    _, sock = established(rig)
+    rig.take()
+    sock.fail = ConnectionResetError(errno.ECONNRESET, "reset")
+    rig.handler.sock_readable(rig.conn(), 0.0)
+    (rst,) = rig.take()
+    assert rst.flags & RST and len(rig.flows) == 0
+
+
+def test_host_initiated_flow() -> None:
+    rig = Rig()
+    sock = FakeSock()
+    conn = rig.handler.accepted(sock, bytes((127, 0, 0, 1)), 33333, 8080, 0.0)
+    assert conn is not None
+    (syn,) = rig.take()
+    assert syn.flags == SYN and syn.src == GW4 and syn.tcp.sport == 33333 and syn.tcp.dport == 8080
+    assert states.state_name(conn.events) == "SOCK_SYN_SENT"
+    rig.guest(SYN | ACK, 9000, seq_add(syn.tcp.seq, 1), sport=8080, dport=33333)
+    assert states.state_name(conn.events) == "ESTABLISHED"
+    (ack,) = rig.take()
+    assert ack.flags == ACK and ack.tcp.ack == 9001
+    sock.rx += b"hi"
+    rig.handler.sock_readable(conn, 0.1)
+    assert rig.take()[0].data == b"hi"
+
+
+def test_host_initiated_syn_retransmitted_then_given_up() -> None:
+    rig = Rig(timeouts=Timeouts(tcp_max_retransmits=2))
+    sock = FakeSock()
+    rig.handler.accepted(sock, FAR4, 1, 80, 0.0)
+    rig.take()
+    for expected in (1.0, 3.0):
+        assert rig.handler.next_deadline() == expected
+        rig.handler.on_timer(expected)
+        assert rig.take()[0].flags == SYN
+    rig.handler.on_timer(rig.handler.next_deadline())
+    assert sock.was_reset and len(rig.flows) == 0
+
+
+def test_syn_timeout_and_activity_timeout() -> None:
+    rig = Rig(timeouts=Timeouts(tcp_syn=5.0, tcp_activity=50.0))
+    rig.guest(SYN, G_ISN)
+    rig.handler.on_timer(5.0)
+    assert len(rig.flows) == 0 and rig.closed[-1][1] == "timeout"
+    rig2 = Rig(timeouts=Timeouts(tcp_activity=50.0))
+    established(rig2)
+    rig2.handler.on_timer(49.0)
+    assert len(rig2.flows) == 1
+    rig2.handler.on_timer(rig2.handler.next_deadline())
+    assert len(rig2.flows) == 0
+
+
+def test_sequence_numbers_wrap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handler_mod, "isn", lambda *a: 0xFFFFFF00)
+    rig = Rig()
+    g_isn = 0xFFFFFFF0
+    rig.guest(SYN, g_isn)
+    sock = rig.factory.socks[0]
+    rig.handler.sock_connected(rig.conn(), 0.0)
+    rig.take()
+    rig.guest(ACK, seq_add(g_isn, 1), 0xFFFFFF01)
+    rig.guest(ACK, seq_add(g_isn, 1), 0xFFFFFF01, b"x" * 100)
+    assert rig.take()[-1].tcp.ack == seq_add(g_isn, 101)
+    sock.rx += b"y" * 1000
+    rig.handler.sock_readable(rig.conn(), 0.0)
+    rig.take()
+    rig.guest(ACK, seq_add(g_isn, 101), seq_add(0xFFFFFF01, 1000))
+    assert sock.discarded == 1000
+
+
+@given(a=st.integers(0, MASK), n=st.integers(-(2**31) + 1, 2**31 - 1))
+def test_seq_arithmetic_across_the_wrap(a: int, n: int) -> None:
+    b = seq_add(a, n)
+    assert seq_diff(b, a) == n
+    assert seq_lt(a, b) == (n > 0)
+    assert seq_le(a, b) == (n >= 0)
+
+
+def test_state_rules() -> None:
+    ev = states.set_event(0, states.TAP_SYN_RCVD)
+    ev = states.set_event(ev, states.TAP_SYN_ACK_SENT)
+    assert ev == states.TAP_SYN_ACK_SENT  # rule 1
+    ev = states.set_event(ev, states.ESTABLISHED)
+    assert ev == states.ESTABLISHED
+    with pytest.raises(ValueError, match="SOCK_FIN_SENT before SOCK_FIN_RCVD"):
+        states.set_event(ev, states.SOCK_FIN_SENT)  # rule 2
+    for bit in (states.SOCK_FIN_RCVD, states.SOCK_FIN_SENT, states.TAP_FIN_ACKED, states.TAP_FIN_RCVD):
+        ev = states.set_event(ev, bit)
+    assert not states.is_closed(ev)
+    assert states.is_closed(states.set_event(ev, states.TAP_FIN_SENT))  # rule 3
+    assert {states.state_name(e) for e in range(states.ALL + 1)} <= set(states.STATE_NAMES)
+
+
+# -- sweep: every reachable state against every input ------------------------------------------------------
+
+INPUTS = ["syn", "ack", "data", "fin", "rst", "dup", "readable", "eof", "timer", "garbage_ack", "full"]
+
+
+def drive(rig: Rig, our: int, sock: FakeSock, step: str, arg: int, now: float) -> None:
+    conn = next(iter(rig.flows), None)
+    if conn is None:
+        return
+    seq = rig.conn().seq_from_tap
+    if step == "syn":
+        rig.guest(SYN, G_ISN, now=now)
+    elif step == "ack":
+        rig.guest(ACK, seq, seq_add(rig.conn().seq_ack_from_tap, arg % 3000), window=arg % 65536, now=now)
+    elif step == "data":
+        rig.guest(ACK | PSH, seq, rig.conn().seq_ack_from_tap, b"d" * (arg % 2000 + 1), now=now)
+    elif step == "fin":
+        rig.guest(FIN | ACK, seq, rig.conn().seq_ack_from_tap, now=now)
+    elif step == "rst":
+        rig.guest(RST, seq, now=now)
+    elif step == "dup":
+        rig.guest(ACK, seq, rig.conn().seq_ack_from_tap, now=now)
+    elif step == "readable":
+        sock.rx += b"r" * (arg % 5000)
+        rig.handler.sock_readable(rig.conn(), now)
+    elif step == "eof":
+        sock.eof = True
+        rig.handler.sock_readable(rig.conn(), now)
+    elif step == "timer":
+        rig.handler.on_timer(now)
+    elif step == "garbage_ack":
+        rig.guest(ACK, (seq + arg) & MASK, arg * 7919 & MASK, b"g", now=now)
+    elif step == "full":
+        sock.capacity = arg % 5
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(st.tuples(st.sampled_from(INPUTS), st.integers(0, 1 << 20)), max_size=25))
+def test_sweep_every_state_against_every_input(steps: list[tuple[str, int]]) -> None:
+    rig = Rig()
+    our, sock = established(rig)
+    delivered = 0
+    now = 0.0
+    for step, arg in steps:
+        now += 0.05 + (arg % 7)
+        drive(rig, our, sock, step, arg, now)
+        for seg in rig.take():
+            if seg.data:
+                # Never send the guest bytes the socket did not deliver (they all read b"r").
+                assert set(seg.data) == {ord("r")}
+            delivered += len(seg.data)
+        if len(rig.flows):
+            conn = rig.conn()
+            assert conn.in_flight <= len(sock.rx) + 1  # never discarded what the guest did not acknowledge
+            assert states.state_name(conn.events) in states.STATE_NAMES
+            assert conn.sock is sock
+        else:
+            assert sock.closed
+            break

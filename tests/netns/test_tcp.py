@@ -1,0 +1,221 @@
+"""TCP translation end to end: real sockets on both sides of passtd, byte-exact transfers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.netns.conftest import FAR4, FAR6, HOST4, REMOTE4, REMOTE6, Topology, sh
+
+pytestmark = pytest.mark.netns
+TOOL = str(Path(__file__).with_name("tcptool.py"))
+IF = "eth0"
+KiB, MiB = 1024, 1024 * 1024
+FWD = ["-t", "20001-20009"]
+
+
+def digest(size: int, seed: int) -> str:
+    import hashlib
+    import random
+
+    return hashlib.sha256(random.Random(seed).randbytes(size)).hexdigest()
+
+
+class Peer:
+    def __init__(self, topo: Topology, ns: str, *args: str, timeout: float = 120) -> None:
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, TOOL, *args, "--timeout", str(timeout)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        topo.pids.append(self.proc.pid)
+        self.timeout = timeout
+
+    def wait_ready(self) -> Peer:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.strip() == "ready", line + (self.proc.stderr.read() if self.proc.stderr else "")
+        return self
+
+    def result(self) -> dict[str, Any]:
+        out, err = self.proc.communicate(timeout=self.timeout)
+        assert self.proc.returncode == 0, err
+        return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def serve(topo: Topology, ns: str, host: str, port: int, **kw: Any) -> Peer:
+    return Peer(topo, ns, "serve", host, str(port), *_opts(kw)).wait_ready()
+
+
+def connect(topo: Topology, ns: str, host: str, port: int, **kw: Any) -> Peer:
+    return Peer(topo, ns, "connect", host, str(port), *_opts(kw))
+
+
+def _opts(kw: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for k, v in kw.items():
+        if v is True:
+            out.append(f"--{k}")
+        else:
+            out += [f"--{k}", str(v)]
+    return out
+
+
+@pytest.fixture
+def pasta(topo: Topology) -> Topology:
+    topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, "--config-net", *FWD, wait_tap=IF)
+    topo.wait_link_local(IF)
+    return topo
+
+
+@pytest.mark.parametrize(("gw", "loopback"), [(REMOTE4, "127.0.0.1"), (REMOTE6, "::1")], ids=["v4", "v6"])
+@pytest.mark.parametrize("size", [4 * KiB, 64 * MiB], ids=["4KiB", "64MiB"])
+def test_guest_to_host_loopback(pasta: Topology, gw: str, loopback: str, size: int) -> None:
+    server = serve(pasta, pasta.host, loopback, 5001, first="read", size=1000, seed=2)
+    client = connect(pasta, pasta.guest, gw, 5001, size=size, seed=1)
+    assert server.result()["rx_sha"] == digest(size, 1)
+    assert client.result() == {"rx_len": 1000, "rx_sha": digest(1000, 2)}
+
+
+@pytest.mark.parametrize(("loopback", "guest"), [("127.0.0.1", "0.0.0.0"), ("::1", "::")], ids=["v4", "v6"])
+@pytest.mark.parametrize("size", [4 * KiB, 64 * MiB], ids=["4KiB", "64MiB"])
+def test_host_to_guest_forwarded(pasta: Topology, loopback: str, guest: str, size: int) -> None:
+    server = serve(pasta, pasta.guest, guest, 20001, size=size, seed=3, peer=True)
+    client = connect(pasta, pasta.host, loopback, 20001, first="read", size=10, seed=4)
+    assert client.result() == {"rx_len": size, "rx_sha": digest(size, 3)}
+    got = server.result()
+    assert got["rx_sha"] == digest(10, 4)
+    assert got["peer"] in (REMOTE4, REMOTE6)  # host loopback appears as the gateway
+
+
+@pytest.mark.parametrize("far", [FAR4, FAR6], ids=["v4", "v6"])
+def test_guest_to_remote_and_back(pasta: Topology, far: str) -> None:
+    server = serve(pasta, pasta.remote, far, 5002, first="read", size=300 * KiB, seed=5, peer=True)
+    client = connect(pasta, pasta.guest, far, 5002, size=200 * KiB, seed=6)
+    assert client.result() == {"rx_len": 300 * KiB, "rx_sha": digest(300 * KiB, 5)}
+    got = server.result()
+    assert got["rx_sha"] == digest(200 * KiB, 6)
+    assert got["peer"] in (HOST4, "fd77::1")  # the host socket's own address
+
+
+def test_remote_to_guest_keeps_source_address(pasta: Topology) -> None:
+    server = serve(pasta, pasta.guest, "0.0.0.0", 20002, size=1 * MiB, seed=7, peer=True)
+    client = connect(pasta, pasta.remote, HOST4, 20002, first="read")
+    assert client.result() == {"rx_len": 1 * MiB, "rx_sha": digest(1 * MiB, 7)}
+    assert server.result()["peer"] == REMOTE4
+
+
+def test_half_close_both_ways(pasta: Topology) -> None:
+    # Guest closes first, then receives the whole 8 MiB reply.
+    server = serve(pasta, pasta.host, "127.0.0.1", 5003, first="read", size=8 * MiB, seed=8)
+    client = connect(pasta, pasta.guest, REMOTE4, 5003, size=100, seed=9)
+    assert client.result() == {"rx_len": 8 * MiB, "rx_sha": digest(8 * MiB, 8)}
+    assert server.result()["rx_sha"] == digest(100, 9)
+    # Host peer closes first, then receives the guest's whole reply.
+    server = serve(pasta, pasta.guest, "0.0.0.0", 20003, first="read", size=8 * MiB, seed=10)
+    client = connect(pasta, pasta.host, "127.0.0.1", 20003, size=100, seed=11)
+    assert client.result() == {"rx_len": 8 * MiB, "rx_sha": digest(8 * MiB, 10)}
+    assert server.result()["rx_sha"] == digest(100, 11)
+
+
+def test_refused_connect_is_fast(pasta: Topology) -> None:
+    t0 = time.monotonic()
+    out = sh("socat", "-u", "OPEN:/dev/null", f"TCP:{REMOTE4}:5999", ns=pasta.guest, check=False, timeout=10)
+    assert time.monotonic() - t0 < 1.0
+    assert "Connection refused" in out.stderr, out.stderr
+
+
+def test_zero_window_reader_resumes(pasta: Topology) -> None:
+    server = serve(pasta, pasta.host, "127.0.0.1", 5004, size=16 * MiB, seed=12)
+    client = connect(pasta, pasta.guest, REMOTE4, 5004, first="read", pause=5)
+    assert client.result() == {"rx_len": 16 * MiB, "rx_sha": digest(16 * MiB, 12)}
+    server.result()
+
+
+def test_host_reset_reaches_the_guest(pasta: Topology) -> None:
+    script = (
+        "import socket, struct\n"
+        "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "s.bind(('127.0.0.1', 5005)); s.listen(); print('ready', flush=True)\n"
+        "c, _ = s.accept(); c.recv(10)\n"
+        "c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0)); c.close()\n"
+    )
+    server = subprocess.Popen(["ip", "netns", "exec", pasta.host, sys.executable, "-c", script],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    pasta.pids.append(server.pid)
+    assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+    client = (
+        "import socket\n"
+        f"c = socket.create_connection(('{REMOTE4}', 5005), timeout=10); c.sendall(b'hi')\n"
+        "try:\n    c.recv(10); print('no error')\n"
+        "except ConnectionResetError:\n    print('ECONNRESET')\n"
+    )
+    out = sh(sys.executable, "-c", client, ns=pasta.guest, timeout=20)
+    assert out.stdout.strip() == "ECONNRESET"
+    server.communicate(timeout=10)
+
+
+def test_many_short_connections_leave_nothing_behind(topo: Topology) -> None:
+    ctl = str(topo.tmp / "ctl.sock")
+    topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, "--config-net", "--control", ctl, wait_tap=IF)
+    script = (
+        "import socket, threading\n"
+        "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "s.bind(('127.0.0.1', 5006)); s.listen(128); print('ready', flush=True)\n"
+        "for _ in range(1000):\n"
+        "    c, _ = s.accept(); c.sendall(c.recv(100)); c.close()\n"
+    )
+    server = subprocess.Popen(["ip", "netns", "exec", topo.host, sys.executable, "-c", script],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    topo.pids.append(server.pid)
+    assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+    client = (
+        "import socket\n"
+        "ok = 0\n"
+        "for i in range(1000):\n"
+        f"    c = socket.create_connection(('{REMOTE4}', 5006), timeout=10)\n"
+        "    c.sendall(b'ping%d' % i); data = b''\n"
+        "    while True:\n"
+        "        chunk = c.recv(100)\n"
+        "        if not chunk: break\n"
+        "        data += chunk\n"
+        "    ok += data == b'ping%d' % i; c.close()\n"
+        "print(ok)\n"
+    )
+    out = sh(sys.executable, "-c", client, ns=topo.guest, timeout=120)
+    assert out.stdout.strip() == "1000"
+    server.communicate(timeout=10)
+
+    def tcp_flows() -> int:
+        res = subprocess.run([sys.executable, "-m", "passtctl", "-c", ctl, "status", "-o", "json"],
+                             capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
+        return int(json.loads(res.stdout)["flows"].get("tcp", 0))
+
+    deadline = time.monotonic() + 10
+    while tcp_flows() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert tcp_flows() == 0
+    fds = len(os.listdir(f"/proc/{topo.daemons[0].proc.pid}/fd"))
+    assert fds < 40, f"{fds} descriptors still open"
+
+
+@pytest.mark.slow
+def test_transfers_survive_two_percent_loss(pasta: Topology) -> None:
+    rules = pasta.tmp / "loss.nft"
+    rules.write_text(
+        "table inet loss {\n"
+        " chain in { type filter hook input priority 0; meta l4proto tcp numgen random mod 100 < 2 drop; }\n"
+        " chain out { type filter hook output priority 0; meta l4proto tcp numgen random mod 100 < 2 drop; }"
+        "\n}\n"
+    )
+    sh("nft", "-f", str(rules), ns=pasta.guest)
+    server = serve(pasta, pasta.host, "127.0.0.1", 5007, first="read", size=32 * MiB, seed=13)
+    client = connect(pasta, pasta.guest, REMOTE4, 5007, size=32 * MiB, seed=14)
+    assert client.result() == {"rx_len": 32 * MiB, "rx_sha": digest(32 * MiB, 13)}
+    assert server.result()["rx_sha"] == digest(32 * MiB, 14)
