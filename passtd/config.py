@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
 from typing import Final, Literal
 
 from passtd.dataplane.core.context import Context
@@ -65,6 +66,8 @@ class Config:
     control_group: str | None = None  # group allowed to use the control socket (mode 0660)
     forward: ForwardTables | None = None  # -t/-u/-T/-U; None: nothing forwarded
     max_flows: int = 256 * 1024
+    dns_forward: tuple[IPv4Address | IPv6Address, ...] = ()  # guest-side DNS addresses we relay
+    dns_upstream: tuple[IPv4Address | IPv6Address, ...] = ()  # the host's nameservers (first one used)
 
     def __post_init__(self) -> None:
         if not MTU_MIN <= self.ctx.mtu <= MTU_MAX:

@@ -138,6 +138,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     a("--log-format", metavar="FORMAT", help="console (default) or json")
     a("-t", "--tcp-ports", action="append", metavar="SPEC", help="TCP ports forwarded to the guest")
     a("-u", "--udp-ports", action="append", metavar="SPEC", help="UDP ports forwarded to the guest")
+    a("--dns-forward", action="append", metavar="ADDR",
+      help="DNS queries the guest sends to ADDR go to the host's first nameserver")  # fmt: skip
     a("--max-flows", metavar="N", help="bound on concurrent flows (default 262144)")
     a("--control", metavar="PATH", help="gRPC control socket (default: next to the socket), or 'none'")
     a("--control-group", metavar="GROUP", help="group allowed to use the control socket (mode 0660)")
@@ -520,7 +522,10 @@ def parse_args(
         from passtd.dataplane.io.hostview import read_host_view
 
         host = read_host_view()
+    dns_forward = tuple(_parse_ip("--dns-forward", t) for t in ns.dns_forward or ())
     dns = _parse_dns(ns.dns, host)
+    if dns_forward and ns.dns is None:
+        dns = dns_forward  # the guest asks the forwarding address; passtd relays to the host's resolver
     search = _parse_search(ns.search, host)
 
     ip4 = None
@@ -617,6 +622,8 @@ def parse_args(
         control_group=ns.control_group,
         forward=forward,
         max_flows=max_flows,
+        dns_forward=dns_forward,
+        dns_upstream=tuple(host.nameservers),
     )
 
 

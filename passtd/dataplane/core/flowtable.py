@@ -40,6 +40,17 @@ class Flow:
     packets_to_guest: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class FlowEvent:
+    """What watchers of the flow table hear: a flow opened, changed state, or closed (with why)."""
+
+    kind: str  # "opened" | "state" | "closed"
+    flow: Flow
+    state: str
+    reason: str = ""  # for "closed": fin, rst_from_guest, rst_from_host, timeout, reset_by_api, limit, ...
+    time: float = 0.0
+
+
 class FlowTableFull(Exception):
     """Raised by `add` at the size bound; the caller refuses the new flow (RST, drop)."""
 

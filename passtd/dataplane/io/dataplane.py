@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Callable
 from typing import Any, Final
 
 from passtd.dataplane.core.context import Context, Guest
 from passtd.dataplane.core.demux import Demux
-from passtd.dataplane.core.flowtable import FlowTable
+from passtd.dataplane.core.flowtable import Flow, FlowEvent, FlowTable
 from passtd.dataplane.core.fwd import NONE, ForwardTables, Listener
 from passtd.dataplane.core.icmp import EchoFlow, EchoToHost, echo_to_guest, expired
 from passtd.dataplane.core.services.ndp import NdpResponder
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.core.tcp.conn import TcpConn
 from passtd.dataplane.core.tcp.handler import TcpHandler
+from passtd.dataplane.core.tcp.states import state_name
 from passtd.dataplane.core.timeouts import Timeouts
 from passtd.dataplane.io.listeners import BindResult, ListenerSet
 from passtd.dataplane.io.pcap import PcapWriter
@@ -55,8 +57,9 @@ class Dataplane:
         self.tcp_io = TcpIo()
         self.tcp = TcpHandler(
             ctx, self.guest, self.flows, self.stats, self.tcp_io, self._to_tap, os.urandom(16),
-            self.timeouts, on_close=self._on_tcp_close,
+            self.timeouts, on_close=self._on_tcp_close, on_state=self._on_tcp_state,
         )  # fmt: skip
+        self.watchers: list[Callable[[FlowEvent], None]] = []
         self.tcp_io.on_connected = lambda conn: self.tcp.sock_connected(conn, self.loop.time())
         self.tcp_io.on_error = lambda conn, reason: self.tcp.sock_error(conn, reason, self.loop.time())
         self.tcp_io.on_readable = lambda conn: self.tcp.sock_readable(conn, self.loop.time())
@@ -164,6 +167,38 @@ class Dataplane:
 
     def _on_tcp_close(self, conn: TcpConn, reason: str) -> None:
         self.log.debug("tcp.flow.closed", flow_id=conn.flow_id, reason=reason)
+        self._emit("closed", conn, "CLOSED", reason)
+
+    def _on_tcp_state(self, conn: TcpConn, before: str, after: str) -> None:
+        self._emit("opened" if before == "CLOSED" else "state", conn, after)
+
+    def _emit(self, kind: str, flow: Flow, state: str, reason: str = "") -> None:
+        if self.watchers:
+            event = FlowEvent(kind, flow, state, reason, self.loop.time())
+            for watcher in list(self.watchers):
+                watcher(event)
+
+    # -- control ---------------------------------------------------------------------------------------------
+
+    def set_timeouts(self, timeouts: Timeouts) -> None:
+        """Takes effect at the next timer tick: every TCP deadline is recomputed from the new values."""
+        self.timeouts = timeouts
+        self.tcp.timeouts = timeouts
+        self.tcp.reschedule_all()
+        self._after_batch(self.loop.time())
+
+    def reset_flow(self, flow_id: int, reason: str = "reset_by_api") -> Flow | None:
+        """RST both sides of one flow (datagram flows are just closed); None when the id is unknown."""
+        flow = self.flows.by_id(flow_id)
+        if isinstance(flow, TcpConn):
+            self.tcp.reset(flow, reason)
+        elif isinstance(flow, EchoFlow):
+            self._close_echo(flow, reason)
+        elif flow is not None:
+            self.flows.remove(flow)
+            self._emit("closed", flow, "CLOSED", reason)
+        self._after_batch(self.loop.time())
+        return flow
 
     def set_forwarding(self, tables: ForwardTables) -> list[BindResult]:
         """Replace the port policy: diff the listeners, report each bind; flows are never touched."""
@@ -236,6 +271,7 @@ class Dataplane:
                 self.flows.remove(flow)
                 return
             self._ping_socks[flow.flow_id] = sock
+            self._emit("opened", flow, "ACTIVE")
             self.loop.add_reader(sock.fileno(), self._on_ping_readable, flow, sock)
             self.log.debug("icmp.flow.opened", flow_id=flow.flow_id, target=sockaddr(flow.target_addr, 0)[0])
         try:
@@ -260,8 +296,9 @@ class Dataplane:
                 out.append(frame)
         self.send_to_tap(out)
 
-    def _close_echo(self, flow: EchoFlow) -> None:
+    def _close_echo(self, flow: EchoFlow, reason: str = "timeout") -> None:
         self.flows.remove(flow)
+        self._emit("closed", flow, "CLOSED", reason)
         sock = self._ping_socks.pop(flow.flow_id, None)
         if sock is not None:
             self.loop.remove_reader(sock.fileno())
@@ -277,7 +314,7 @@ class Dataplane:
             ra = self.ndp.handle_timer(self.guest.mac, now)
             if ra is not None:
                 self.send_to_tap([ra])
-        for flow in expired(self.flows, now):
+        for flow in expired(self.flows, now, self.timeouts.icmp_idle):
             self._close_echo(flow)
         if self.pcap is not None:
             self.pcap.flush()
@@ -296,7 +333,7 @@ class Dataplane:
             self._tick.cancel()
             self._tick = None
         for flow in [f for f in self.flows if isinstance(f, EchoFlow)]:
-            self._close_echo(flow)
+            self._close_echo(flow, "shutdown")
         if self.pcap is not None:
             self.pcap.close()
 
@@ -319,3 +356,10 @@ def local_port_range() -> tuple[int, int]:
     except (OSError, ValueError):
         return (32768, 60999)
     return (low, high)
+
+
+def flow_state(flow: Flow) -> str:
+    """The state shown for any flow: TCP's derived name, ACTIVE for datagram flows."""
+    if isinstance(flow, TcpConn):
+        return state_name(flow.events)
+    return "ACTIVE"

@@ -213,7 +213,8 @@ class TcpIo:
             if ev & select.EPOLLERR:
                 err = sock.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
-                    self.on_error(conn, f"rst_from_host:{errno.errorcode.get(err, err)}")
+                    name = errno.errorcode.get(err, str(err))
+                    self.on_error(conn, "rst_from_host" if err == errno.ECONNRESET else f"host_error:{name}")
                     continue
             self.on_readable(conn)
         return len(events)

@@ -7,6 +7,7 @@ shell turns into one `call_at`. See states.py for the rules; this module is the 
 
 from __future__ import annotations
 
+import errno
 import heapq
 from collections.abc import Callable
 from typing import Final, Protocol
@@ -57,6 +58,7 @@ class TcpHandler:
         secret: bytes,
         timeouts: Timeouts | None = None,
         on_close: Callable[[TcpConn, str], None] | None = None,
+        on_state: Callable[[TcpConn, str, str], None] | None = None,
     ) -> None:
         self.ctx = ctx
         self.guest = guest
@@ -67,8 +69,18 @@ class TcpHandler:
         self.secret = secret
         self.timeouts = timeouts or Timeouts()
         self.on_close = on_close
+        self.on_state = on_state
         self._heap: list[tuple[float, int]] = []
         self._ack_pending: dict[int, TcpConn] = {}
+
+    def _set(self, conn: TcpConn, bit: int) -> None:
+        """Every event goes through states.set_event; observers hear about user-visible state changes."""
+        before = st.state_name(conn.events)
+        conn.events = st.set_event(conn.events, bit)
+        if self.on_state is not None:
+            after = st.state_name(conn.events)
+            if after != before:
+                self.on_state(conn, before, after)
 
     # ------------------------------------------------------------------------------------------ frames out
 
@@ -134,7 +146,7 @@ class TcpHandler:
                 self._close(conn, "bad_handshake", reset_sock=True, rst_tap=True)
                 return
             conn.seq_ack_from_tap = tcp.ack
-            conn.events = st.set_event(conn.events, st.ESTABLISHED)
+            self._set(conn, st.ESTABLISHED)
             self._on_established(conn, now)
         self._tap_ack(conn, tcp, now)
         if self.flows.by_id(conn.flow_id) is not conn:
@@ -171,7 +183,7 @@ class TcpHandler:
             self.stats.drop("flow.table_full")
             self._rst_unknown(v6, src, dst, tcp)
             return
-        conn.events = st.set_event(0, st.TAP_SYN_RCVD)
+        self._set(conn, st.TAP_SYN_RCVD)
         self.stats.handled["tcp.syn"] += 1
         try:
             conn.sock = self.sockets.connect(conn)
@@ -207,7 +219,7 @@ class TcpHandler:
         if not conn.events & st.TAP_SYN_RCVD:
             return
         conn.last_sock = now
-        conn.events = st.set_event(conn.events, st.TAP_SYN_ACK_SENT)
+        self._set(conn, st.TAP_SYN_ACK_SENT)
         self._send_syn(conn, ACK)
         self._schedule(conn)
 
@@ -260,7 +272,7 @@ class TcpHandler:
             sock.reset()
             self.stats.drop("flow.table_full")
             return None
-        conn.events = st.set_event(0, st.SOCK_ACCEPTED)
+        self._set(conn, st.SOCK_ACCEPTED)
         self._send_syn(conn, 0)
         conn.rto_due = now + conn.rto
         self._schedule(conn)
@@ -288,7 +300,7 @@ class TcpHandler:
         self._take_syn_options(conn, tcp)
         if tcp.ws < 0:
             conn.ws_to_tap = 0
-        conn.events = st.set_event(conn.events, st.ESTABLISHED)
+        self._set(conn, st.ESTABLISHED)
         conn.rto_due = 0.0
         conn.retransmits = 0
         self._send(conn, ACK)
@@ -315,13 +327,13 @@ class TcpHandler:
             data_end = ack
             if conn.events & st.SOCK_FIN_SENT and ack == seq_add(conn.fin_seq, 1):
                 data_end = conn.fin_seq  # the FIN is not a byte in the socket
-                conn.events = st.set_event(conn.events, st.TAP_FIN_ACKED)
+                self._set(conn, st.TAP_FIN_ACKED)
             data = seq_diff(data_end, conn.seq_ack_from_tap)
             if data > 0 and conn.sock is not None:
                 try:
                     conn.sock.discard(data)
                 except OSError as exc:
-                    self._close(conn, f"sock_error:{exc.errno}", reset_sock=True, rst_tap=True)
+                    self._sock_failed(conn, exc)
                     return
             self._rtt_sample(conn, ack, now)
             conn.seq_ack_from_tap = ack
@@ -397,7 +409,7 @@ class TcpHandler:
             try:
                 n = conn.sock.send(payload[offset:], more=not flags & PSH)
             except OSError as exc:
-                self._close(conn, f"sock_error:{exc.errno}", reset_sock=True, rst_tap=True)
+                self._sock_failed(conn, exc)
                 return
             conn.seq_from_tap = seq_add(conn.seq_from_tap, n)
             conn.written += n
@@ -406,14 +418,14 @@ class TcpHandler:
                 self._queue_ack(conn)
                 return  # the rest is not acknowledged; the guest sends it again
         if flags & FIN:
-            conn.events = st.set_event(conn.events, st.TAP_FIN_RCVD)
+            self._set(conn, st.TAP_FIN_RCVD)
             assert conn.sock is not None
             try:
                 conn.sock.shutdown_write()
             except OSError as exc:
-                self._close(conn, f"sock_error:{exc.errno}", reset_sock=True, rst_tap=True)
+                self._sock_failed(conn, exc)
                 return
-            conn.events = st.set_event(conn.events, st.TAP_FIN_SENT)
+            self._set(conn, st.TAP_FIN_SENT)
             conn.seq_from_tap = seq_add(conn.seq_from_tap, 1)
             if not conn.fin_since:
                 conn.fin_since = now
@@ -440,7 +452,7 @@ class TcpHandler:
         try:
             info = sock.info()
         except OSError as exc:
-            self._close(conn, f"sock_error:{exc.errno}", reset_sock=True, rst_tap=True)
+            self._sock_failed(conn, exc)
             return
         acked = min(info.bytes_acked, conn.written)
         ack = seq_add(conn.seq_init_from_tap, 1 + acked)
@@ -509,18 +521,18 @@ class TcpHandler:
             try:
                 view = sock.peek(in_flight, min(room, PEEK_CHUNK))
             except OSError as exc:
-                self._close(conn, f"sock_error:{exc.errno}", reset_sock=True, rst_tap=True)
+                self._sock_failed(conn, exc)
                 return
             if view is None:
                 break
             n = len(view)
             if n == 0:
-                conn.events = st.set_event(conn.events, st.SOCK_FIN_RCVD)
+                self._set(conn, st.SOCK_FIN_RCVD)
                 if not conn.fin_since:
                     conn.fin_since = now
                 conn.fin_seq = conn.seq_to_tap
                 self._send(conn, FIN | ACK)
-                conn.events = st.set_event(conn.events, st.SOCK_FIN_SENT)
+                self._set(conn, st.SOCK_FIN_SENT)
                 conn.seq_to_tap = seq_add(conn.seq_to_tap, 1)
                 self._mark_sent(conn, now)
                 sent_any = True
@@ -643,6 +655,14 @@ class TcpHandler:
             conn.rto_due = now + conn.rto
 
     # -------------------------------------------------------------------------------------------- closing
+
+    def _sock_failed(self, conn: TcpConn, exc: OSError) -> None:
+        """The host side broke: RST to the guest; a peer's RST is named as such for the control API."""
+        code = exc.errno or 0
+        reason = (
+            "rst_from_host" if code == errno.ECONNRESET else f"host_error:{errno.errorcode.get(code, code)}"
+        )
+        self._close(conn, reason, reset_sock=True, rst_tap=True)
 
     def reset(self, conn: TcpConn, reason: str) -> None:
         """Control API / shutdown: RST both sides."""
