@@ -142,7 +142,8 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
     stop = asyncio.Event()
     exit_code = 0
     pcap = PcapWriter(config.pcap) if config.pcap else None
-    dp = Dataplane(config.ctx, loop, pcap, max_flows=config.max_flows)
+    dp = Dataplane(config.ctx, loop, pcap, max_flows=config.max_flows, dns_forward=config.dns_forward,
+                   dns_upstream=config.dns_upstream)  # fmt: skip
     if config.forward is not None:
         dp.set_forwarding(config.forward)
     control = None

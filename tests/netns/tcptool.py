@@ -53,9 +53,46 @@ def exchange(sock: socket.socket, size: int, seed: int, pause: float, first: str
     return {"rx_len": total, "rx_sha": got.hexdigest()}
 
 
+def udp_echo(host: str, port: int, count: int, timeout: float) -> dict[str, object]:
+    """Echo `count` datagrams back to their sender; report the peers seen."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind((host, port))
+    sock.settimeout(timeout)
+    print("ready", flush=True)
+    peers: set[str] = set()
+    n = 0
+    for _ in range(count):
+        data, peer = sock.recvfrom(65535)
+        peers.add(f"{peer[0]}:{peer[1]}")
+        sock.sendto(data, peer)
+        n += 1
+    return {"echoed": n, "peers": sorted(peers)}
+
+
+def udp_client(host: str, port: int, count: int, size: int, seed: int, timeout: float) -> dict[str, object]:
+    """Send `count` datagrams one at a time, each waiting for its echo: on a local path none may be lost."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.connect((host, port))
+    sock.settimeout(min(timeout, 5.0))
+    ok = 0
+    rng = random.Random(seed)
+    for i in range(count):
+        data = i.to_bytes(4, "big") + rng.randbytes(max(0, size - 4))
+        sock.send(data)
+        try:
+            if sock.recv(65535) == data:
+                ok += 1
+        except TimeoutError:
+            pass
+    return {"ok": ok, "sport": sock.getsockname()[1]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["serve", "connect"])
+    p.add_argument("mode", choices=["serve", "connect", "udp-echo", "udp-client"])
+    p.add_argument("--count", type=int, default=1)
     p.add_argument("host")
     p.add_argument("port", type=int)
     p.add_argument("--size", type=int, default=0, help="bytes to send")
@@ -66,6 +103,13 @@ def main() -> int:
     p.add_argument("--peer", action="store_true", help="also print the peer's address")
     args = p.parse_args()
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    if args.mode == "udp-echo":
+        print(json.dumps(udp_echo(args.host, args.port, args.count, args.timeout)), flush=True)
+        return 0
+    if args.mode == "udp-client":
+        result = udp_client(args.host, args.port, args.count, args.size, args.seed, args.timeout)
+        print(json.dumps(result), flush=True)
+        return 0
     if args.mode == "serve":
         srv = socket.socket(family, socket.SOCK_STREAM)
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -7,6 +7,7 @@ caller) or a `Stats.drop` with a reason; nothing else escapes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 
 from passtd.dataplane.core.context import Context, Guest
@@ -24,7 +25,7 @@ from passtd.dataplane.packets.icmp import ICMPV6_ECHO_REQUEST
 from passtd.dataplane.packets.ipv4 import parse_ipv4
 from passtd.dataplane.packets.ipv6 import parse_ipv6
 from passtd.dataplane.packets.tcp import parse_tcp
-from passtd.dataplane.packets.udp import parse_udp
+from passtd.dataplane.packets.udp import UdpHeader, parse_udp
 from passtd.errors import MalformedFrame
 
 _NDP_TYPES = frozenset((133, 134, 135, 136, 137))
@@ -32,11 +33,22 @@ _UNSPECIFIED4 = bytes(4)
 _UNSPECIFIED6 = bytes(16)
 
 
+UdpSink = Callable[[bool, bytes, bytes, UdpHeader, float], None]
+
+
 class Demux:
     def __init__(
-        self, ctx: Context, guest: Guest, stats: Stats, flows: FlowTable, ndp: NdpResponder, tcp: TcpHandler
+        self,
+        ctx: Context,
+        guest: Guest,
+        stats: Stats,
+        flows: FlowTable,
+        ndp: NdpResponder,
+        tcp: TcpHandler,
+        udp: UdpSink | None = None,
     ) -> None:
         self.tcp = tcp
+        self.udp = udp
         self.ctx = ctx
         self.guest = guest
         self.stats = stats
@@ -66,6 +78,12 @@ class Demux:
         if reply is not None:
             out.append(reply)
 
+    def _udp(self, v6: bool, src: bytes, dst: bytes, udp: UdpHeader, now: float) -> None:
+        if self.udp is None or dst[0] == 0xFF or (not v6 and dst[0] >= 224):
+            self.stats.drop("udp.no_flow")  # multicast and broadcast are not relayed
+            return
+        self.udp(v6, src, dst, udp, now)
+
     def _echo(
         self, v6: bool, src: bytes, dst: bytes, message: memoryview, now: float, actions: list[EchoToHost]
     ) -> None:
@@ -90,10 +108,10 @@ class Demux:
             self.guest.addrs4.add(IPv4Address(ip.src))
         if ip.proto == IPPROTO_UDP:
             udp = parse_udp(ip.payload)
-            if udp.dport == 67:
+            if udp.dport == 67:  # our DHCP server, whatever the destination address (passt does the same)
                 self._reply("dhcp", handle_dhcp(self.ctx, mac, udp), out)
                 return
-            self.stats.drop("udp.no_flow")
+            self._udp(False, ip.src, ip.dst, udp, now)
         elif ip.proto == IPPROTO_ICMP:
             if not self.ctx.icmp:
                 self.stats.drop("icmp.disabled")
@@ -128,7 +146,7 @@ class Demux:
             if udp.dport == 547:
                 self._reply("dhcpv6", handle_dhcpv6(self.ctx, mac, ip, udp), out)
                 return
-            self.stats.drop("udp.no_flow")
+            self._udp(True, ip.src, ip.dst, udp, now)
         elif ip.proto == IPPROTO_TCP:
             self.tcp.tap_segment(True, ip.src, ip.dst, parse_tcp(ip.payload), now)
         else:

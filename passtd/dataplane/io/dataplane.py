@@ -11,12 +11,13 @@ import asyncio
 import os
 import socket
 from collections.abc import Callable
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Final
 
 from passtd.dataplane.core.context import Context, Guest
 from passtd.dataplane.core.demux import Demux
 from passtd.dataplane.core.flowtable import Flow, FlowEvent, FlowTable
-from passtd.dataplane.core.fwd import NONE, ForwardTables, Listener
+from passtd.dataplane.core.fwd import ForwardTables, Listener
 from passtd.dataplane.core.icmp import EchoFlow, EchoToHost, echo_to_guest, expired
 from passtd.dataplane.core.services.ndp import NdpResponder
 from passtd.dataplane.core.stats import Stats
@@ -24,11 +25,13 @@ from passtd.dataplane.core.tcp.conn import TcpConn
 from passtd.dataplane.core.tcp.handler import TcpHandler
 from passtd.dataplane.core.tcp.states import state_name
 from passtd.dataplane.core.timeouts import Timeouts
+from passtd.dataplane.core.udp import UdpFlow
 from passtd.dataplane.io.listeners import BindResult, ListenerSet
 from passtd.dataplane.io.pcap import PcapWriter
 from passtd.dataplane.io.sockets import open_ping_socket, ping_group_hint, sockaddr
 from passtd.dataplane.io.tap.base import TapBackend
 from passtd.dataplane.io.tcp import TcpIo
+from passtd.dataplane.io.udp import UdpRelay
 from passtd.dataplane.packets.ethernet import build_ethernet
 from passtd.errors import MalformedFrame
 from passtd.logging import get_logger
@@ -44,9 +47,12 @@ class Dataplane:
         loop: asyncio.AbstractEventLoop,
         pcap: PcapWriter | None = None,
         max_flows: int = 1 << 18,
+        dns_forward: tuple[IPv4Address | IPv6Address, ...] = (),
+        dns_upstream: tuple[IPv4Address | IPv6Address, ...] = (),
     ) -> None:
         self.ctx = ctx
         self.loop = loop
+        self.log = get_logger(component="dataplane")
         self.pcap = pcap
         self.guest = Guest()
         self.stats = Stats()
@@ -66,15 +72,19 @@ class Dataplane:
         self.loop.add_reader(self.tcp_io.fileno(), self._on_tcp_events)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
-        self.demux = Demux(ctx, self.guest, self.stats, self.flows, self.ndp, self.tcp)
+        self.udp = UdpRelay(
+            ctx, loop, self.flows, self.stats, self.guest, self._to_tap, self._after_batch, self._emit,
+            self.log, dns_forward, dns_upstream,
+        )  # fmt: skip
+        self.demux = Demux(ctx, self.guest, self.stats, self.flows, self.ndp, self.tcp, self.udp.from_guest)
         self.forward = ForwardTables("passt")
         self.tcp_listeners = ListenerSet("tcp", loop, self._on_tcp_listener)
+        self.udp_listeners = ListenerSet("udp", loop, self.udp.on_listener)
         self.tap: TapBackend | None = None
         self.disconnected: asyncio.Event = asyncio.Event()
         self._ping_socks: dict[int, socket.socket] = {}
         self._ping_refused = False
         self._tick: asyncio.TimerHandle | None = None
-        self.log = get_logger(component="dataplane")
 
     # -- tap side -------------------------------------------------------------------------------------------
 
@@ -194,6 +204,8 @@ class Dataplane:
             self.tcp.reset(flow, reason)
         elif isinstance(flow, EchoFlow):
             self._close_echo(flow, reason)
+        elif isinstance(flow, UdpFlow):
+            self.udp.close_flow(flow, reason)
         elif flow is not None:
             self.flows.remove(flow)
             self._emit("closed", flow, "CLOSED", reason)
@@ -205,15 +217,16 @@ class Dataplane:
         ephemeral = local_port_range()
         old = self.forward
         self.forward = tables
-        results = self.tcp_listeners.apply(
-            tables.tcp_in.listeners(ephemeral) if tables.tcp_in != NONE else set()
-        )
+        results = self.tcp_listeners.apply(tables.tcp_in.listeners(ephemeral))
+        results += self.udp_listeners.apply(tables.udp_in.listeners(ephemeral))
         for result in results:
             if not result.ok:
                 self.log.warning("forward.bind.failed", port=result.listener.port, address=result.address,
                                  error=result.errno_name)  # fmt: skip
         if old.tcp_in != tables.tcp_in:
             self.log.info("forward.tcp.changed", spec=tables.tcp_in.to_spec())
+        if old.udp_in != tables.udp_in:
+            self.log.info("forward.udp.changed", spec=tables.udp_in.to_spec())
         return results
 
     def _on_tcp_listener(self, listener: Listener, sock: socket.socket) -> None:
@@ -314,6 +327,7 @@ class Dataplane:
             ra = self.ndp.handle_timer(self.guest.mac, now)
             if ra is not None:
                 self.send_to_tap([ra])
+        self.udp.expire(now, self.timeouts.udp_idle)
         for flow in expired(self.flows, now, self.timeouts.icmp_idle):
             self._close_echo(flow)
         if self.pcap is not None:
@@ -328,6 +342,8 @@ class Dataplane:
         self.loop.remove_reader(self.tcp_io.fileno())
         self.tcp_io.close()
         self.tcp_listeners.close()
+        self.udp.close()
+        self.udp_listeners.close()
         self.detach()
         if self._tick is not None:
             self._tick.cancel()

@@ -1,0 +1,101 @@
+"""UDP flows: one host socket per (guest port, remote address, remote port), replies mapped back.
+
+Guest-initiated flows get their own socket, bound to the guest's source port when the host has it free (so
+the remote sees the same port) and connected to the destination, which makes the kernel deliver only that
+peer's replies to it. Datagrams arriving on a forwarded host port create host-initiated flows that share the
+listening socket; the guest's replies go back out of that same socket with sendto(). The gateway address means
+the host's loopback, and DNS sent to a --dns-forward address goes to the host's resolver. A flow is forgotten
+after `udp_idle` seconds without traffic either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any, Final
+
+from passtd.dataplane.core.context import Context
+from passtd.dataplane.core.flowtable import PROTO_UDP, Flow, FlowKey, key_addr
+from passtd.dataplane.core.icmp import LOOPBACK4, LOOPBACK6, map_target
+from passtd.dataplane.packets.ethernet import ETH_P_IP, ETH_P_IPV6
+from passtd.dataplane.packets.udp import build_udp4, build_udp6
+
+DNS_PORT: Final = 53
+
+
+@dataclass(slots=True, eq=False)
+class UdpFlow(Flow):
+    v6: bool = False
+    guest_addr: bytes = b""
+    guest_port: int = 0
+    remote_addr: bytes = b""  # as the guest sees it
+    remote_port: int = 0
+    target_addr: bytes = b""  # where the host socket sends (loopback for the gateway, the resolver for DNS)
+    target_port: int = 0
+    sock: Any = None  # the shell's socket object; shared with the listener for host-initiated flows
+    own_sock: bool = True  # False: the socket is a forwarded port's listener, not ours to close
+
+
+def udp_key(remote: bytes, remote_port: int, guest_port: int) -> FlowKey:
+    return (PROTO_UDP, key_addr(remote), remote_port, guest_port)
+
+
+def target_for(
+    ctx: Context,
+    dst: bytes,
+    dport: int,
+    dns_forward: tuple[IPv4Address | IPv6Address, ...],
+    dns_upstream: tuple[IPv4Address | IPv6Address, ...],
+) -> bytes:
+    """Where a guest datagram to dst:dport really goes on the host."""
+    if dport == DNS_PORT and dns_upstream and any(dst == a.packed for a in dns_forward):
+        v6 = len(dst) == 16
+        same = [a for a in dns_upstream if (a.version == 6) == v6]
+        return (same or list(dns_upstream))[0].packed
+    return map_target(ctx, dst)
+
+
+def new_guest_flow(
+    flow_id: int, v6: bool, src: bytes, dst: bytes, sport: int, dport: int, target: bytes, now: float
+) -> UdpFlow:
+    return UdpFlow(
+        flow_id, PROTO_UDP, udp_key(dst, dport, sport), now, now, guest_initiated=True, v6=v6,
+        guest_addr=bytes(src), guest_port=sport, remote_addr=bytes(dst), remote_port=dport,
+        target_addr=target, target_port=dport,
+    )  # fmt: skip
+
+
+def remote_as_seen(ctx: Context, peer: bytes) -> bytes:
+    """A host-loopback peer appears to the guest as the gateway (unless --no-map-gw)."""
+    if ctx.map_gw:
+        if len(peer) == 4 and peer[0] == 127 and ctx.ip4 is not None:
+            return ctx.ip4.gateway.packed
+        if peer == LOOPBACK6 and ctx.ip6 is not None:
+            return ctx.ip6.gateway.packed
+    return peer
+
+
+def new_host_flow(
+    flow_id: int, guest_addr: bytes, guest_port: int, remote: bytes, peer: bytes, peer_port: int, sock: Any,
+    now: float,
+) -> UdpFlow:  # fmt: skip
+    return UdpFlow(
+        flow_id, PROTO_UDP, udp_key(remote, peer_port, guest_port), now, now, guest_initiated=False,
+        v6=len(guest_addr) == 16, guest_addr=guest_addr, guest_port=guest_port, remote_addr=remote,
+        remote_port=peer_port, target_addr=peer, target_port=peer_port, sock=sock, own_sock=False,
+    )  # fmt: skip
+
+
+def datagram_to_guest(flow: UdpFlow, payload: bytes | memoryview, now: float) -> tuple[int, bytes]:
+    """(ethertype, IP packet) carrying a host-side datagram to the guest, from the address it expects."""
+    flow.last_active = now
+    flow.packets_to_guest += 1
+    flow.bytes_to_guest += len(payload)
+    if flow.v6:
+        return ETH_P_IPV6, build_udp6(
+            flow.remote_addr, flow.guest_addr, flow.remote_port, flow.guest_port, payload
+        )
+    return ETH_P_IP, build_udp4(flow.remote_addr, flow.guest_addr, flow.remote_port, flow.guest_port, payload)
+
+
+__all__ = ["LOOPBACK4", "LOOPBACK6", "UdpFlow"]
