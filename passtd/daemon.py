@@ -35,6 +35,7 @@ class PastaSetup:
     tap_fd: int
     child_pid: int | None
     watcher: object | None  # NetnsWatcher when attached to an existing namespace
+    netns_fd: int | None = None  # for -T listeners and spliced loopback paths inside the namespace
 
 
 _early_signals: list[str] = []
@@ -109,7 +110,7 @@ def _setup_pasta(config: Config) -> PastaSetup:
     if config.command is not None:
         argv = list(config.command) or [os.environ.get("SHELL") or "/bin/sh"]
         spawned = netns.spawn_in_new_netns(argv, config.ns_ifname, config.ctx.mtu, ctx)
-        return PastaSetup(spawned.tap_fd, spawned.pid, None)
+        return PastaSetup(spawned.tap_fd, spawned.pid, None, spawned.netns_fd)
     target: str | int
     if config.netns_pid is not None:
         target = config.netns_pid
@@ -120,7 +121,7 @@ def _setup_pasta(config: Config) -> PastaSetup:
     tap_fd = netns.create_tap(netns_fd, config.ns_ifname, config.ctx.mtu)
     if ctx is not None:
         netns.configure_netns(netns_fd, config.ns_ifname, ctx)
-    return PastaSetup(tap_fd, None, netns.NetnsWatcher(target, netns_fd))
+    return PastaSetup(tap_fd, None, netns.NetnsWatcher(target, netns_fd), netns_fd)
 
 
 def _detach() -> None:
@@ -144,6 +145,8 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
     pcap = PcapWriter(config.pcap) if config.pcap else None
     dp = Dataplane(config.ctx, loop, pcap, max_flows=config.max_flows, dns_forward=config.dns_forward,
                    dns_upstream=config.dns_upstream)  # fmt: skip
+    if pasta is not None:
+        dp.netns_fd = pasta.netns_fd
     if config.forward is not None:
         dp.set_forwarding(config.forward)
     control = None

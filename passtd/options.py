@@ -583,9 +583,8 @@ def parse_args(
         _joined(ns.tcp_ports), _joined(ns.udp_ports),
         _joined(getattr(ns, "tcp_ns", None)), _joined(getattr(ns, "udp_ns", None)), mode,
     )  # fmt: skip
-    for option, policy in (("-T", forward.tcp_out), ("-U", forward.udp_out)):
-        if policy.mode not in ("none", "auto"):
-            raise ConfigError(f"{option}: namespace-to-host forwarding is not supported yet")
+    if getattr(ns, "udp_ns", None) and forward.udp_out.mode not in ("none", "auto"):
+        raise ConfigError("-U: namespace-to-host UDP forwarding is not supported yet")
     max_flows = 256 * 1024
     if ns.max_flows is not None:
         try:

@@ -85,13 +85,38 @@ def test_guest_to_host_loopback(pasta: Topology, gw: str, loopback: str, size: i
 
 @pytest.mark.parametrize(("loopback", "guest"), [("127.0.0.1", "0.0.0.0"), ("::1", "::")], ids=["v4", "v6"])
 @pytest.mark.parametrize("size", [4 * KiB, 64 * MiB], ids=["4KiB", "64MiB"])
-def test_host_to_guest_forwarded(pasta: Topology, loopback: str, guest: str, size: int) -> None:
+def test_host_loopback_to_guest_is_spliced(pasta: Topology, loopback: str, guest: str, size: int) -> None:
+    """Host loopback → forwarded port → the namespace's loopback, socket to socket (pasta's bypass)."""
     server = serve(pasta, pasta.guest, guest, 20001, size=size, seed=3, peer=True)
     client = connect(pasta, pasta.host, loopback, 20001, first="read", size=10, seed=4)
     assert client.result() == {"rx_len": size, "rx_sha": digest(size, 3)}
     got = server.result()
     assert got["rx_sha"] == digest(10, 4)
-    assert got["peer"] in (REMOTE4, REMOTE6)  # host loopback appears as the gateway
+    assert got["peer"] == loopback
+
+
+@pytest.mark.parametrize(("host", "guest", "gw"), [(HOST4, "0.0.0.0", REMOTE4), ("fd77::1", "::", REMOTE6)],
+                         ids=["v4", "v6"])  # fmt: skip
+@pytest.mark.parametrize("size", [4 * KiB, 64 * MiB], ids=["4KiB", "64MiB"])
+def test_host_to_guest_through_the_tap(pasta: Topology, host: str, guest: str, gw: str, size: int) -> None:
+    """From the host's own address the connection crosses the tap; the guest sees the gateway."""
+    server = serve(pasta, pasta.guest, guest, 20001, size=size, seed=3, peer=True)
+    client = connect(pasta, pasta.host, host, 20001, first="read", size=10, seed=4)
+    assert client.result() == {"rx_len": size, "rx_sha": digest(size, 3)}
+    got = server.result()
+    assert got["rx_sha"] == digest(10, 4)
+    assert got["peer"] == gw
+
+
+def test_namespace_loopback_to_host_with_tcp_ns(topo: Topology) -> None:
+    """-T: a connection to the namespace's own loopback reaches the same port on the host's loopback."""
+    topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, "-T", "5010", wait_tap=IF)
+    for loopback in ("127.0.0.1", "::1"):
+        server = serve(topo, topo.host, loopback, 5010, first="read", size=8 * MiB, seed=20, peer=True)
+        client = connect(topo, topo.guest, loopback, 5010, size=3 * MiB, seed=21)
+        assert client.result() == {"rx_len": 8 * MiB, "rx_sha": digest(8 * MiB, 20)}
+        got = server.result()
+        assert got["rx_sha"] == digest(3 * MiB, 21) and got["peer"] == loopback
 
 
 @pytest.mark.parametrize("far", [FAR4, FAR6], ids=["v4", "v6"])
@@ -117,9 +142,9 @@ def test_half_close_both_ways(pasta: Topology) -> None:
     client = connect(pasta, pasta.guest, REMOTE4, 5003, size=100, seed=9)
     assert client.result() == {"rx_len": 8 * MiB, "rx_sha": digest(8 * MiB, 8)}
     assert server.result()["rx_sha"] == digest(100, 9)
-    # Host peer closes first, then receives the guest's whole reply.
+    # Host peer closes first, then receives the guest's whole reply (through the tap: not from loopback).
     server = serve(pasta, pasta.guest, "0.0.0.0", 20003, first="read", size=8 * MiB, seed=10)
-    client = connect(pasta, pasta.host, "127.0.0.1", 20003, size=100, seed=11)
+    client = connect(pasta, pasta.host, HOST4, 20003, size=100, seed=11)
     assert client.result() == {"rx_len": 8 * MiB, "rx_sha": digest(8 * MiB, 10)}
     assert server.result()["rx_sha"] == digest(100, 11)
 

@@ -63,6 +63,19 @@ def map_target(ctx: Context, dst: bytes) -> bytes:
     return dst
 
 
+def remote_as_seen(ctx: Context, peer: bytes) -> bytes:
+    """A host-side peer as the guest sees it: the host itself (its loopback, or the address the guest
+    shares with it) appears as the gateway, unless --no-map-gw."""
+    if not ctx.map_gw:
+        return peer
+    if len(peer) == 4:
+        if ctx.ip4 is not None and (peer[0] == 127 or peer == ctx.ip4.addr.packed):
+            return ctx.ip4.gateway.packed
+    elif ctx.ip6 is not None and (peer == LOOPBACK6 or peer == ctx.ip6.addr.packed):
+        return ctx.ip6.gateway.packed
+    return peer
+
+
 def echo_from_guest(
     ctx: Context, table: FlowTable, v6: bool, src: bytes, dst: bytes, message: memoryview, now: float
 ) -> EchoToHost | None:

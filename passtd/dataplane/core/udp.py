@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from passtd.dataplane.core.context import Context
 from passtd.dataplane.core.flowtable import PROTO_UDP, Flow, FlowKey, key_addr
-from passtd.dataplane.core.icmp import LOOPBACK4, LOOPBACK6, map_target
+from passtd.dataplane.core.icmp import LOOPBACK4, LOOPBACK6, map_target, remote_as_seen
 from passtd.dataplane.packets.ethernet import ETH_P_IP, ETH_P_IPV6
 from passtd.dataplane.packets.udp import build_udp4, build_udp6
 
@@ -65,16 +65,6 @@ def new_guest_flow(
     )  # fmt: skip
 
 
-def remote_as_seen(ctx: Context, peer: bytes) -> bytes:
-    """A host-loopback peer appears to the guest as the gateway (unless --no-map-gw)."""
-    if ctx.map_gw:
-        if len(peer) == 4 and peer[0] == 127 and ctx.ip4 is not None:
-            return ctx.ip4.gateway.packed
-        if peer == LOOPBACK6 and ctx.ip6 is not None:
-            return ctx.ip6.gateway.packed
-    return peer
-
-
 def new_host_flow(
     flow_id: int, guest_addr: bytes, guest_port: int, remote: bytes, peer: bytes, peer_port: int, sock: Any,
     now: float,
@@ -98,4 +88,4 @@ def datagram_to_guest(flow: UdpFlow, payload: bytes | memoryview, now: float) ->
     return ETH_P_IP, build_udp4(flow.remote_addr, flow.guest_addr, flow.remote_port, flow.guest_port, payload)
 
 
-__all__ = ["LOOPBACK4", "LOOPBACK6", "UdpFlow"]
+__all__ = ["LOOPBACK4", "LOOPBACK6", "UdpFlow", "remote_as_seen"]

@@ -8,18 +8,21 @@ reason, logged at debug); any other exception is a bug and reaches the loop's ex
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
+import struct
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Final
 
 from passtd.dataplane.core.context import Context, Guest
 from passtd.dataplane.core.demux import Demux
-from passtd.dataplane.core.flowtable import Flow, FlowEvent, FlowTable
+from passtd.dataplane.core.flowtable import PROTO_TCP, Flow, FlowEvent, FlowTable, FlowTableFull, key_addr
 from passtd.dataplane.core.fwd import ForwardTables, Listener
 from passtd.dataplane.core.icmp import EchoFlow, EchoToHost, echo_to_guest, expired
 from passtd.dataplane.core.services.ndp import NdpResponder
+from passtd.dataplane.core.splice import SpliceFlow
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.core.tcp.conn import TcpConn
 from passtd.dataplane.core.tcp.handler import TcpHandler
@@ -27,8 +30,10 @@ from passtd.dataplane.core.tcp.states import state_name
 from passtd.dataplane.core.timeouts import Timeouts
 from passtd.dataplane.core.udp import UdpFlow
 from passtd.dataplane.io.listeners import BindResult, ListenerSet
+from passtd.dataplane.io.netns import run_in_netns
 from passtd.dataplane.io.pcap import PcapWriter
 from passtd.dataplane.io.sockets import open_ping_socket, ping_group_hint, sockaddr
+from passtd.dataplane.io.splice import SplicedPair
 from passtd.dataplane.io.tap.base import TapBackend
 from passtd.dataplane.io.tcp import TcpIo
 from passtd.dataplane.io.udp import UdpRelay
@@ -80,6 +85,8 @@ class Dataplane:
         self.forward = ForwardTables("passt")
         self.tcp_listeners = ListenerSet("tcp", loop, self._on_tcp_listener)
         self.udp_listeners = ListenerSet("udp", loop, self.udp.on_listener)
+        self.netns_fd: int | None = None  # pasta: the namespace, for -T and spliced loopback paths
+        self.tcp_ns_listeners: ListenerSet | None = None
         self.tap: TapBackend | None = None
         self.disconnected: asyncio.Event = asyncio.Event()
         self._ping_socks: dict[int, socket.socket] = {}
@@ -206,6 +213,8 @@ class Dataplane:
             self._close_echo(flow, reason)
         elif isinstance(flow, UdpFlow):
             self.udp.close_flow(flow, reason)
+        elif isinstance(flow, SpliceFlow) and flow.pair is not None:
+            flow.pair.reset()
         elif flow is not None:
             self.flows.remove(flow)
             self._emit("closed", flow, "CLOSED", reason)
@@ -219,6 +228,14 @@ class Dataplane:
         self.forward = tables
         results = self.tcp_listeners.apply(tables.tcp_in.listeners(ephemeral))
         results += self.udp_listeners.apply(tables.udp_in.listeners(ephemeral))
+        if self.netns_fd is not None and (self.tcp_ns_listeners is not None or tables.tcp_out.rules):
+            if self.tcp_ns_listeners is None:
+                netns_fd = self.netns_fd
+                self.tcp_ns_listeners = ListenerSet(
+                    "tcp", self.loop, self._on_tcp_ns_listener,
+                    socket_factory=lambda family, kind: run_in_netns(netns_fd, socket.socket, family, kind),
+                )  # fmt: skip
+            results += self.tcp_ns_listeners.apply(on_loopback(tables.tcp_out.listeners(ephemeral)))
         for result in results:
             if not result.ok:
                 self.log.warning("forward.bind.failed", port=result.listener.port, address=result.address,
@@ -232,6 +249,79 @@ class Dataplane:
     def _on_tcp_listener(self, listener: Listener, sock: socket.socket) -> None:
         self.accept_tcp(sock, listener.target_port)
 
+    def _on_tcp_ns_listener(self, listener: Listener, sock: socket.socket) -> None:
+        """-T: a connection inside the namespace to its loopback goes to the same port on the host's."""
+        now = self.loop.time()
+        for _ in range(64):
+            try:
+                conn, peer = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self.log.warning("tcp.ns_accept.failed", error=exc.strerror)
+                break
+            self._splice(conn, peer, listener.target_port, in_netns=False, now=now)
+
+    def _splice(self, accepted: socket.socket, peer: Any, port: int, *, in_netns: bool, now: float) -> None:
+        """Join `accepted` to a new connection to loopback:port (inside the namespace when `in_netns`)."""
+        v6 = accepted.family == socket.AF_INET6
+        loopback = "::1" if v6 else "127.0.0.1"
+        family = socket.AF_INET6 if v6 else socket.AF_INET
+        try:
+            if in_netns:
+                assert self.netns_fd is not None
+                out = run_in_netns(self.netns_fd, socket.socket, family, socket.SOCK_STREAM)
+            else:
+                out = socket.socket(family, socket.SOCK_STREAM)
+            out.setblocking(False)
+            err = out.connect_ex((loopback, port))
+        except OSError as exc:
+            self.log.debug("tcp.splice.failed", error=exc.strerror)
+            _reset(accepted)
+            return
+        if err not in (0, errno.EINPROGRESS):
+            out.close()
+            _reset(accepted)
+            self.stats.handled["tcp.splice.refused"] += 1
+            return
+        addr = socket.inet_pton(family, loopback)
+        flow = SpliceFlow(
+            self.flows.new_id(), PROTO_TCP, (PROTO_TCP, key_addr(addr), peer[1], -port), now, now,
+            guest_initiated=not in_netns, v6=v6, guest_addr=addr, guest_port=port if in_netns else peer[1],
+            remote_addr=addr, remote_port=peer[1] if in_netns else port,
+        )  # fmt: skip
+        try:
+            self.flows.add(flow)
+        except FlowTableFull:
+            out.close()
+            _reset(accepted)
+            self.stats.drop("flow.table_full")
+            return
+
+        def connected() -> None:
+            self.loop.remove_writer(out.fileno())
+            if out.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                out.close()
+                _reset(accepted)
+                self.flows.remove(flow)
+                self._emit("closed", flow, "CLOSED", "connect_failed")
+                return
+            flow.pair = SplicedPair(
+                self.loop, accepted, out, lambda pair, reason: self._spliced_done(flow, reason)
+            )
+            self._emit("opened", flow, "SPLICED")
+
+        self.loop.add_writer(out.fileno(), connected)
+
+    def _spliced_done(self, flow: SpliceFlow, reason: str) -> None:
+        pair = flow.pair
+        if pair is not None:
+            flow.bytes_from_guest, flow.bytes_to_guest = (
+                (pair.bytes_ba, pair.bytes_ab) if flow.guest_initiated else (pair.bytes_ab, pair.bytes_ba)
+            )
+        self.flows.remove(flow)
+        self._emit("closed", flow, "CLOSED", reason)
+
     def accept_tcp(self, listener: socket.socket, guest_port: int) -> None:
         """A forwarded port is readable: accept every pending connection and offer each to the guest."""
         now = self.loop.time()
@@ -243,9 +333,12 @@ class Dataplane:
             except OSError as exc:
                 self.log.warning("tcp.accept.failed", error=exc.strerror)
                 break
-            port = self.tcp_io.adopt(sock)
             family_v6 = sock.family == socket.AF_INET6
             addr = socket.inet_pton(socket.AF_INET6 if family_v6 else socket.AF_INET, peer[0])
+            if self.netns_fd is not None and _is_loopback(addr):
+                self._splice(sock, peer, guest_port, in_netns=True, now=now)  # pasta's splice bypass
+                continue
+            port = self.tcp_io.adopt(sock)
             conn = self.tcp.accepted(port, addr, peer[1], guest_port, now)
             if conn is not None:
                 self.tcp_io.bind(conn)
@@ -342,6 +435,11 @@ class Dataplane:
         self.loop.remove_reader(self.tcp_io.fileno())
         self.tcp_io.close()
         self.tcp_listeners.close()
+        if self.tcp_ns_listeners is not None:
+            self.tcp_ns_listeners.close()
+        for spliced in [f for f in self.flows if isinstance(f, SpliceFlow)]:
+            if spliced.pair is not None:
+                spliced.pair.reset()
         self.udp.close()
         self.udp_listeners.close()
         self.detach()
@@ -375,7 +473,33 @@ def local_port_range() -> tuple[int, int]:
 
 
 def flow_state(flow: Flow) -> str:
-    """The state shown for any flow: TCP's derived name, ACTIVE for datagram flows."""
+    """The state shown for any flow: TCP's derived name, SPLICED for socket-to-socket, ACTIVE otherwise."""
     if isinstance(flow, TcpConn):
         return state_name(flow.events)
+    if isinstance(flow, SpliceFlow):
+        return "SPLICED" if flow.pair is not None else "CONNECTING"
     return "ACTIVE"
+
+
+def on_loopback(listeners: set[Listener]) -> set[Listener]:
+    """-T/-U listen on the namespace's loopback: an unscoped rule becomes one per loopback address."""
+    out: set[Listener] = set()
+    for lst in listeners:
+        if lst.bind_addr is None:
+            out.add(Listener(IPv4Address("127.0.0.1"), lst.ifname, lst.port, lst.target_port))
+            out.add(Listener(IPv6Address("::1"), lst.ifname, lst.port, lst.target_port))
+        else:
+            out.add(lst)
+    return out
+
+
+def _is_loopback(addr: bytes) -> bool:
+    return (len(addr) == 4 and addr[0] == 127) or addr == bytes(15) + b"\x01"
+
+
+def _reset(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()

@@ -14,7 +14,7 @@ from typing import Final, Protocol
 
 from passtd.dataplane.core.context import Context, Guest
 from passtd.dataplane.core.flowtable import PROTO_TCP, FlowTable, FlowTableFull, key_addr
-from passtd.dataplane.core.icmp import map_target
+from passtd.dataplane.core.icmp import map_target, remote_as_seen
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.core.tcp import states as st
 from passtd.dataplane.core.tcp.conn import SockPort, TcpConn
@@ -241,12 +241,7 @@ class TcpHandler:
             sock.reset()
             self.stats.drop("tcp.family_disabled")
             return None
-        remote = peer
-        if self.ctx.map_gw:
-            if not v6 and peer[0] == 127 and net4 is not None:
-                remote = net4.gateway.packed
-            elif v6 and peer == bytes(15) + b"\x01" and net6 is not None:
-                remote = net6.gateway.packed
+        remote = remote_as_seen(self.ctx, peer)
         guest_addr = self._guest_address(v6)
         key = (PROTO_TCP, key_addr(remote), peer_port, guest_port)
         old = self.flows.get(key)
