@@ -244,3 +244,18 @@ def test_transfers_survive_two_percent_loss(pasta: Topology) -> None:
     client = connect(pasta, pasta.guest, REMOTE4, 5007, size=32 * MiB, seed=14)
     assert client.result() == {"rx_len": 32 * MiB, "rx_sha": digest(32 * MiB, 13)}
     assert server.result()["rx_sha"] == digest(32 * MiB, 14)
+
+
+def test_pasta_auto_forwards_ports_bound_on_the_other_side(topo: Topology) -> None:
+    """Without -t/-T, pasta mode forwards whatever is bound on the other side, rescanned every second."""
+    topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, "--config-net", wait_tap=IF)
+    server = serve(topo, topo.guest, "0.0.0.0", 20150, size=1 * MiB, seed=30)
+    time.sleep(2.5)  # two scans
+    client = connect(topo, topo.host, "127.0.0.1", 20150, first="read")
+    assert client.result() == {"rx_len": 1 * MiB, "rx_sha": digest(1 * MiB, 30)}
+    server.result()
+    server = serve(topo, topo.host, "127.0.0.1", 5030, size=1 * MiB, seed=31)
+    time.sleep(2.5)
+    client = connect(topo, topo.guest, "127.0.0.1", 5030, first="read")
+    assert client.result() == {"rx_len": 1 * MiB, "rx_sha": digest(1 * MiB, 31)}
+    server.result()

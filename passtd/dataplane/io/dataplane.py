@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import resource
 import socket
 import struct
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from passtd.dataplane.core.tcp.handler import TcpHandler
 from passtd.dataplane.core.tcp.states import state_name
 from passtd.dataplane.core.timeouts import Timeouts
 from passtd.dataplane.core.udp import UdpFlow
+from passtd.dataplane.io.autoscan import read_bound_ports
 from passtd.dataplane.io.listeners import BindResult, ListenerSet
 from passtd.dataplane.io.netns import run_in_netns
 from passtd.dataplane.io.pcap import PcapWriter
@@ -87,6 +89,8 @@ class Dataplane:
         self.udp_listeners = ListenerSet("udp", loop, self.udp.on_listener)
         self.netns_fd: int | None = None  # pasta: the namespace, for -T and spliced loopback paths
         self.tcp_ns_listeners: ListenerSet | None = None
+        self._auto_last: dict[str, frozenset[int]] = {}
+        raise_nofile_limit()
         self.tap: TapBackend | None = None
         self.disconnected: asyncio.Event = asyncio.Event()
         self._ping_socks: dict[int, socket.socket] = {}
@@ -226,6 +230,7 @@ class Dataplane:
         ephemeral = local_port_range()
         old = self.forward
         self.forward = tables
+        self._auto_last.clear()  # `auto` tables are rebuilt at the next tick
         results = self.tcp_listeners.apply(tables.tcp_in.listeners(ephemeral))
         results += self.udp_listeners.apply(tables.udp_in.listeners(ephemeral))
         if self.netns_fd is not None and (self.tcp_ns_listeners is not None or tables.tcp_out.rules):
@@ -425,6 +430,48 @@ class Dataplane:
             self._close_echo(flow)
         if self.pcap is not None:
             self.pcap.flush()
+        if self.netns_fd is not None:
+            self._auto_scan()
+
+    def _auto_scan(self) -> None:
+        """pasta `auto`: mirror the ports bound on each side into listeners on the other, every tick."""
+        tables = self.forward
+        netns_fd = self.netns_fd
+        assert netns_fd is not None
+        wanted: dict[str, set[Listener]] = {}
+        for direction, policy in (
+            ("tcp_in", tables.tcp_in),
+            ("udp_in", tables.udp_in),
+            ("tcp_out", tables.tcp_out),
+        ):
+            if policy.mode != "auto":
+                continue
+            proto = direction[:3]
+            if direction.endswith("_in"):  # ports bound in the namespace, forwarded from the host
+                ports = run_in_netns(netns_fd, read_bound_ports, proto)
+                ours_there = (
+                    self.tcp_ns_listeners.listeners if self.tcp_ns_listeners and proto == "tcp" else ()
+                )
+            else:  # ports bound on the host, forwarded from the namespace's loopback
+                ports = read_bound_ports(proto, "/proc/self/net")
+                ours_there = self.tcp_listeners.listeners
+            ports -= {lst.port for lst in ours_there}
+            key = frozenset(ports)
+            if self._auto_last.get(direction) == key:
+                continue
+            self._auto_last[direction] = key
+            wanted[direction] = {Listener(None, None, port, port) for port in ports}
+        if "tcp_in" in wanted:
+            self.tcp_listeners.apply(wanted["tcp_in"])
+        if "udp_in" in wanted:
+            self.udp_listeners.apply(wanted["udp_in"])
+        if "tcp_out" in wanted:
+            if self.tcp_ns_listeners is None:
+                self.tcp_ns_listeners = ListenerSet(
+                    "tcp", self.loop, self._on_tcp_ns_listener,
+                    socket_factory=lambda family, kind: run_in_netns(netns_fd, socket.socket, family, kind),
+                )  # fmt: skip
+            self.tcp_ns_listeners.apply(on_loopback(wanted["tcp_out"]))
 
     def close(self) -> None:
         for conn in [f for f in self.flows if isinstance(f, TcpConn)]:
@@ -491,6 +538,13 @@ def on_loopback(listeners: set[Listener]) -> set[Listener]:
         else:
             out.add(lst)
     return out
+
+
+def raise_nofile_limit() -> None:
+    """Forwarding many ports needs many descriptors: take the soft limit up to the hard one, as passt does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _is_loopback(addr: bytes) -> bool:
