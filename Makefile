@@ -3,10 +3,11 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the tests drive as real components (guest clients, namespaces, captures).
-DEB_PKGS := iproute2 nftables socat iperf3 isc-dhcp-client busybox-static tcpdump ndisc6 procps iputils-ping qemu-system-x86
+DEB_PKGS := iproute2 nftables socat iperf3 isc-dhcp-client busybox-static tcpdump ndisc6 procps iputils-ping \
+	qemu-system-x86 systemd
 ARGS ?= passt --foreground
 
-.PHONY: setup deb venv run test lint typecheck unit clean
+.PHONY: setup deb venv run test lint typecheck unit clean bench install
 
 setup: deb venv
 
@@ -45,3 +46,55 @@ test: setup lint typecheck
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+# `make install [PREFIX=/usr/local] [DESTDIR=] [SYSCONFDIR=/etc] [COMPAT=0] [INSTALL_PYTHON=1]`
+# passtd goes into its own virtualenv under $(PREFIX)/lib/passtd (Debian's python refuses system-wide pip,
+# PEP 668), its commands are linked into $(PREFIX)/bin, the units into $(UNITDIR) with ExecStart= pointing at
+# $(PREFIX)/bin, examples into $(PREFIX)/share/doc/passtd/examples and $(SYSCONFDIR)/passtd (kept if present).
+# COMPAT=1 also links `passt` and `pasta` (they then shadow a packaged passt in /usr/bin).
+PREFIX ?= /usr/local
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+LIBDIR := $(PREFIX)/lib/passtd
+DOCDIR := $(PREFIX)/share/doc/passtd
+PYTHON3 ?= python3
+COMPAT ?= 0
+INSTALL_PYTHON ?= 1
+
+install:
+	@set -e; \
+	commands="passtd passtctl"; [ "$(COMPAT)" = 1 ] && commands="$$commands passt pasta"; \
+	if [ "$(INSTALL_PYTHON)" = 1 ]; then \
+	  $(PYTHON3) -m venv "$(DESTDIR)$(LIBDIR)"; \
+	  "$(DESTDIR)$(LIBDIR)/bin/python" -m pip install -q --upgrade pip; \
+	  "$(DESTDIR)$(LIBDIR)/bin/python" -m pip install -q .; \
+	  if [ -n "$(DESTDIR)" ]; then \
+	    grep -rlI -- "$(DESTDIR)" "$(DESTDIR)$(LIBDIR)/bin" | xargs -r sed -i "s#$(DESTDIR)##g"; \
+	  fi; \
+	  install -d "$(DESTDIR)$(PREFIX)/bin"; \
+	  for c in $$commands; do ln -sfn "$(LIBDIR)/bin/$$c" "$(DESTDIR)$(PREFIX)/bin/$$c"; done; \
+	fi; \
+	install -d "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(DOCDIR)/examples" "$(DESTDIR)$(SYSCONFDIR)/passtd"; \
+	for unit in systemd/*.service; do \
+	  sed "s#/usr/local/bin/passtd#$(PREFIX)/bin/passtd#g; s#/usr/local/share/doc/passtd#$(DOCDIR)#g" \
+	    "$$unit" > "$(DESTDIR)$(UNITDIR)/$$(basename "$$unit")"; \
+	  chmod 0644 "$(DESTDIR)$(UNITDIR)/$$(basename "$$unit")"; \
+	done; \
+	install -m 0644 examples/*.toml "$(DESTDIR)$(DOCDIR)/examples/"; \
+	install -m 0644 README.md "$(DESTDIR)$(DOCDIR)/"; \
+	for ex in examples/*.toml; do \
+	  target="$(DESTDIR)$(SYSCONFDIR)/passtd/$$(basename "$$ex").example"; \
+	  [ -e "$$target" ] || install -m 0644 "$$ex" "$$target"; \
+	done; \
+	echo "installed: units in $(UNITDIR), examples in $(SYSCONFDIR)/passtd; then: systemctl daemon-reload"
+
+# Side-by-side benchmark against pasta and slirp4netns (not part of `make test`): see bench/README.md.
+bench: setup
+	@missing=""; for p in passt slirp4netns iperf3; do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	$(PY) bench/run.py $(BENCH_ARGS)

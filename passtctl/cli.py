@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import time
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Final, NoReturn
 
 from passtctl.client import (
     ADDRESS_ENV,
@@ -18,10 +20,21 @@ from passtctl.client import (
     DEFAULT_TIMEOUT,
     ControlClient,
     ControlError,
+    Tls,
     socket_path,
 )
-from passtctl.render import render_json, render_status_table
+from passtctl.render import (
+    render_connections,
+    render_event,
+    render_json,
+    render_json_line,
+    render_policy_change,
+    render_port_policy,
+    render_status_table,
+    render_timeouts,
+)
 from passtd import __version__
+from passtd.control.pb import passt_pb2
 
 PROG = "passtctl"
 EXIT_OK = 0
@@ -48,9 +61,83 @@ def _positive_seconds(text: str) -> float:
 
 def _address(text: str) -> str:
     try:
-        return socket_path(text)
+        socket_path(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number (1-65535): {text!r}")
+    return int(text)
+
+
+def _conn_id(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"not a connection id: {text!r}")
+    return int(text)
+
+
+_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}
+_VALUE: Final = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ms|s|m|h)?")
+TIMEOUT_KEYS: Final = tuple(f.name for f in passt_pb2.Timeouts.DESCRIPTOR.fields)
+
+
+def parse_duration(text: str) -> float:
+    """`2s`, `500ms`, `1.5m`, `2h`, or a bare number of seconds."""
+    match = _VALUE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"bad duration {text!r} (write e.g. 30s, 500ms, 5m, 2h)")
+    return float(match.group(1)) * _UNITS[match.group(2) or ""]
+
+
+def parse_assignment(text: str) -> tuple[str, float]:
+    """`KEY=VALUE` for `timeouts set`: a duration, or a plain count for tcp_max_retransmits."""
+    key, eq, value = text.partition("=")
+    if not eq:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+    if key not in TIMEOUT_KEYS:
+        raise argparse.ArgumentTypeError(f"unknown timeout {key!r} (known: {', '.join(TIMEOUT_KEYS)})")
+    try:
+        if key == "tcp_max_retransmits":
+            if not value.isdigit():
+                raise ValueError(f"a count, not {value!r}")
+            return key, float(value)
+        return key, parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{key}: {exc}") from None
+
+
+_PROTOCOLS: Final = {
+    "tcp": passt_pb2.PROTOCOL_TCP,
+    "udp": passt_pb2.PROTOCOL_UDP,
+    "icmp": passt_pb2.PROTOCOL_ICMP,
+}
+_FORWARD_DIRECTIONS: Final = {
+    "tcp_in": passt_pb2.FORWARD_DIRECTION_TCP_IN,
+    "udp_in": passt_pb2.FORWARD_DIRECTION_UDP_IN,
+    "tcp_out": passt_pb2.FORWARD_DIRECTION_TCP_OUT,
+    "udp_out": passt_pb2.FORWARD_DIRECTION_UDP_OUT,
+}
+
+
+def _filter_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--proto", choices=tuple(_PROTOCOLS), help="only this protocol")
+    parser.add_argument("--state", metavar="STATE", help="only flows in this state, e.g. ESTABLISHED")
+    parser.add_argument(
+        "--port", type=_port, metavar="N", help="only flows with this guest, remote or local port"
+    )
+    parser.add_argument("--address", metavar="ADDR", help="only flows with this guest or remote address")
+
+
+def _filter(args: argparse.Namespace) -> passt_pb2.ConnectionFilter:
+    return passt_pb2.ConnectionFilter(
+        protocol=_PROTOCOLS[args.proto] if args.proto else passt_pb2.PROTOCOL_UNSPECIFIED,
+        state=args.state or "",
+        port=args.port or 0,
+        address=args.address or "",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TIMEOUT,
         help=f"give up on a call after this long (default: {DEFAULT_TIMEOUT:g})",
     )
+    tls = parser.add_argument_group("TCP control (-c tcp:HOST:PORT)")
+    tls.add_argument("--tls-ca", metavar="FILE", help="CA certificate(s) the server's certificate chains to")
+    tls.add_argument("--tls-cert", metavar="FILE", help="our client certificate")
+    tls.add_argument("--tls-key", metavar="FILE", help="our client certificate's private key")
+    tls.add_argument("--insecure", action="store_true", help="plaintext (a server on loopback started so)")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
@@ -91,6 +183,85 @@ def build_parser() -> argparse.ArgumentParser:
         "--service", default="", metavar="NAME", help='service to check (default: "", the whole server)'
     )
     health.set_defaults(run=_health)
+
+    conns = commands.add_parser("conns", help="list, watch and reset connections (flows)")
+    conns_cmds = conns.add_subparsers(
+        dest="conns_command", metavar="ACTION", required=True, parser_class=_Parser
+    )
+    listing = conns_cmds.add_parser("list", help="list open connections")
+    _filter_options(listing)
+    listing.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "wide", "json"),
+        default="table",
+        help="table (default), wide, json",
+    )
+    listing.set_defaults(run=_conns_list)
+    watch = conns_cmds.add_parser("watch", help="print connection events as they happen (Ctrl-C stops)")
+    _filter_options(watch)
+    watch.add_argument(
+        "-o", "--output", choices=("text", "json"), default="text", help="text, or one JSON object a line"
+    )
+    watch.add_argument("--existing", action="store_true", help="first list the connections open now")
+    watch.add_argument("--count", type=int, metavar="N", help="stop after N events")
+    watch.add_argument(
+        "--for", dest="duration", type=_positive_seconds, metavar="SECONDS", help="stop after this long"
+    )
+    watch.set_defaults(run=_conns_watch)
+    reset = conns_cmds.add_parser(
+        "reset",
+        help="reset connections: RST to both sides",
+        description="Reset connections by id, all of them (--all), or those matching --port/--proto/...",
+    )
+    reset.add_argument("ids", nargs="*", type=_conn_id, metavar="ID", help="connection ids (from conns list)")
+    reset.add_argument("--all", action="store_true", help="every connection (with filters: every match)")
+    _filter_options(reset)
+    reset.set_defaults(run=_conns_reset)
+
+    ports = commands.add_parser("ports", help="show or change port forwarding (-t/-u/-T/-U)")
+    ports_cmds = ports.add_subparsers(
+        dest="ports_command", metavar="ACTION", required=True, parser_class=_Parser
+    )
+    for name, text, run in (
+        ("list", "show the four forwarding tables", _ports_list),
+        ("add", "forward the ports of SPEC too", _ports_change),
+        ("remove", "stop forwarding the ports of SPEC (established connections stay)", _ports_change),
+        ("set", "replace the table with SPEC ('none' clears it)", _ports_change),
+    ):
+        sub = ports_cmds.add_parser(name, help=text, description=text)
+        if name != "list":
+            sub.add_argument(
+                "spec", metavar="SPEC", help="a passt port spec: 8080, 8000-8010:9000-9010, ~22, none"
+            )
+            which = sub.add_mutually_exclusive_group()
+            which.add_argument(
+                "--dir", choices=tuple(_FORWARD_DIRECTIONS), help="table to change (default tcp_in)"
+            )
+            for flag, direction in (("-t", "tcp_in"), ("-u", "udp_in"), ("-T", "tcp_out"), ("-U", "udp_out")):
+                which.add_argument(
+                    flag, dest="dir", action="store_const", const=direction, help=f"= --dir {direction}"
+                )
+        else:
+            sub.add_argument(
+                "-o", "--output", choices=("table", "json"), default="table", help="table or json"
+            )
+        sub.set_defaults(run=run, op=name)
+
+    timeouts = commands.add_parser("timeouts", help="show or change the dataplane's timeouts")
+    t_cmds = timeouts.add_subparsers(
+        dest="timeouts_command", metavar="ACTION", required=True, parser_class=_Parser
+    )
+    t_get = t_cmds.add_parser("get", help="show every timeout")
+    t_get.add_argument("-o", "--output", choices=("table", "json"), default="table", help="table or json")
+    t_get.set_defaults(run=_timeouts_get)
+    t_set = t_cmds.add_parser(
+        "set",
+        help="change timeouts: KEY=VALUE... (e.g. udp_idle=2s tcp_ack_interval=10ms)",
+        description=f"Keys: {', '.join(TIMEOUT_KEYS)}. Values: 30s, 500ms, 5m, 2h, or seconds.",
+    )
+    t_set.add_argument("assignments", nargs="+", type=parse_assignment, metavar="KEY=VALUE")
+    t_set.set_defaults(run=_timeouts_set)
     return parser
 
 
@@ -106,6 +277,92 @@ def _health(client: ControlClient, args: argparse.Namespace) -> int:
     return EXIT_OK if name == "SERVING" else EXIT_FAILED
 
 
+def _conns_list(client: ControlClient, args: argparse.Namespace) -> int:
+    conns = list(client.connections(_filter(args)))
+    if args.output == "json":
+        sys.stdout.write(render_json(passt_pb2.ListConnectionsResponse(connections=conns)))
+    else:
+        sys.stdout.write(render_connections(conns, time.time(), wide=args.output == "wide"))
+    return EXIT_OK
+
+
+def _conns_watch(client: ControlClient, args: argparse.Namespace) -> int:
+    if args.count is not None and args.count < 1:
+        raise ControlError("--count: must be at least 1")
+
+    def ready() -> None:
+        sys.stderr.write(f"{PROG}: watching connections (Ctrl-C to stop)\n")
+        sys.stderr.flush()
+
+    events = client.watch(_filter(args), existing=args.existing, duration=args.duration, on_ready=ready)
+    seen = 0
+    try:
+        for event in events:
+            sys.stdout.write(render_json_line(event) if args.output == "json" else render_event(event))
+            sys.stdout.flush()
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        events.close()
+    return EXIT_OK
+
+
+def _conns_reset(client: ControlClient, args: argparse.Namespace) -> int:
+    flt = _filter(args)
+    filtered = flt != passt_pb2.ConnectionFilter()
+    if args.ids and (args.all or filtered):
+        raise UsageError("give connection ids, or --all/--port/..., not both")
+    if not args.ids and not (args.all or filtered):
+        raise UsageError("give connection ids, --all, or a filter such as --port N")
+    gone: list[passt_pb2.Connection] = []
+    if args.ids:
+        for conn_id in args.ids:
+            gone += client.reset(conn_id)
+    else:
+        gone = client.reset_matching(flt, everything=args.all)
+    sys.stdout.write(f"reset {len(gone)} connection{'s' if len(gone) != 1 else ''}")
+    sys.stdout.write((": " + " ".join(str(c.id) for c in gone) if gone else "") + "\n")
+    return EXIT_OK
+
+
+def _ports_list(client: ControlClient, args: argparse.Namespace) -> int:
+    policy = client.port_policy()
+    sys.stdout.write(render_json(policy) if args.output == "json" else render_port_policy(policy))
+    return EXIT_OK
+
+
+def _ports_change(client: ControlClient, args: argparse.Namespace) -> int:
+    direction = _FORWARD_DIRECTIONS[args.dir or "tcp_in"]
+    change = client.change_forward(args.op, direction, args.spec)
+    sys.stdout.write(render_policy_change(change))
+    failed = [b for b in change.binds if not b.ok]
+    if failed:
+        sys.stderr.write(f"{PROG}: error: {len(failed)} of {len(change.binds)} sockets could not be bound\n")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _timeouts_get(client: ControlClient, args: argparse.Namespace) -> int:
+    timeouts = client.timeouts()
+    sys.stdout.write(render_json(timeouts) if args.output == "json" else render_timeouts(timeouts))
+    return EXIT_OK
+
+
+def _timeouts_set(client: ControlClient, args: argparse.Namespace) -> int:
+    values = dict(args.assignments)
+    if len(values) != len(args.assignments):
+        raise UsageError("a timeout is named twice")
+    sys.stdout.write(render_timeouts(client.set_timeouts(values)))
+    return EXIT_OK
+
+
+class UsageError(Exception):
+    """Arguments argparse cannot check alone; exit status 2."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -113,9 +370,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version and usage errors; keep main() returning a status
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     run: Callable[[ControlClient, argparse.Namespace], int] = args.run
+    tls = Tls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, insecure=args.insecure)
     try:
-        with ControlClient(args.control, timeout=args.timeout) as client:
+        with ControlClient(args.control, timeout=args.timeout, tls=tls) as client:
             return run(client, args)
+    except UsageError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return EXIT_USAGE
     except ControlError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return EXIT_FAILED

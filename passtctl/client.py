@@ -6,8 +6,10 @@ time. Imports grpc, protobuf and the generated modules, nothing of the daemon.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator, Iterator, Mapping
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Self
+from typing import Any, Final, Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,11 +30,44 @@ class ControlError(Exception):
     """A failed call, already phrased for the user as one line."""
 
 
+TCP_PREFIXES: Final = ("tcp://", "tcp:")
+
+
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """Client side of `--control-listen`: the CA that signed the server's certificate, and our own
+    certificate and key (the server requires one). `insecure` is plaintext, for loopback tests only."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    insecure: bool = False
+
+
+def tcp_target(address: str) -> str | None:
+    """`tcp:HOST:PORT` or `tcp://HOST:PORT` → "HOST:PORT" (IPv6 in brackets); None for a UNIX address.
+
+    Raises ValueError for a tcp: address without a port.
+    """
+    for prefix in TCP_PREFIXES:
+        if address.startswith(prefix):
+            rest = address[len(prefix) :]
+            host, colon, port = rest.rpartition(":")
+            if not colon or not host or not port.isdigit():
+                raise ValueError(f"no HOST:PORT in {address!r}")
+            return rest
+    return None
+
+
 def socket_path(address: str) -> str:
-    """The socket path in `address`: a plain path, `unix:PATH` or `unix:///ABSOLUTE/PATH`.
+    """The socket path in `address`: a plain path, `unix:PATH` or `unix:///ABSOLUTE/PATH`; for a TCP
+    address (`tcp:HOST:PORT`), HOST:PORT.
 
     Raises ValueError when no path is left.
     """
+    target = tcp_target(address)
+    if target is not None:
+        return target
     if address.startswith("unix://"):
         path = address[len("unix://") :]
     elif address.startswith("unix:"):
@@ -59,13 +94,37 @@ def describe_rpc_error(exc: grpc.RpcError, path: str, timeout: float) -> str:
     return f"{path}: {code.name.lower().replace('_', ' ')}"
 
 
-class ControlClient:
-    """Calls on passt.v1.Control and grpc.health.v1.Health over one channel to `unix:PATH`."""
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ControlError(f"{path}: {exc.strerror}") from None
 
-    def __init__(self, address: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+
+def _channel(address: str, tls: Tls | None) -> grpc.Channel:
+    target = tcp_target(address)
+    if target is None:
+        return grpc.insecure_channel(f"unix:{socket_path(address)}")
+    if tls is None or tls.insecure:
+        return grpc.insecure_channel(target)
+    if not (tls.cert and tls.key):
+        raise ControlError(f"{target}: the server requires a client certificate (--tls-cert and --tls-key)")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(tls.ca) if tls.ca else None,
+        private_key=_read(tls.key),
+        certificate_chain=_read(tls.cert),
+    )
+    return grpc.secure_channel(target, credentials)
+
+
+class ControlClient:
+    """Calls on passt.v1.Control and grpc.health.v1.Health over one channel to `unix:PATH` or TCP."""
+
+    def __init__(self, address: str, *, timeout: float = DEFAULT_TIMEOUT, tls: Tls | None = None) -> None:
         self.path = socket_path(address)
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(f"unix:{self.path}")
+        self._channel = _channel(address, tls)
         self._control = passt_pb2_grpc.ControlStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -80,13 +139,94 @@ class ControlClient:
     def close(self) -> None:
         self._channel.close()
 
-    def status(self) -> passt_pb2.Status:
+    def _unary(self, method: Any, request: Any) -> Any:
         try:
-            reply: passt_pb2.Status = self._control.GetStatus(
-                passt_pb2.GetStatusRequest(), timeout=self.timeout
-            )
+            return method(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise ControlError(describe_rpc_error(exc, self.path, self.timeout)) from None
+
+    def status(self) -> passt_pb2.Status:
+        reply: passt_pb2.Status = self._unary(self._control.GetStatus, passt_pb2.GetStatusRequest())
+        return reply
+
+    def connections(
+        self, flt: passt_pb2.ConnectionFilter, page_size: int = 0
+    ) -> Iterator[passt_pb2.Connection]:
+        """Every matching connection, page after page."""
+        token = ""
+        while True:
+            request = passt_pb2.ListConnectionsRequest(filter=flt, page_size=page_size, page_token=token)
+            reply: passt_pb2.ListConnectionsResponse = self._unary(self._control.ListConnections, request)
+            yield from reply.connections
+            token = reply.next_page_token
+            if not token:
+                return
+
+    def watch(
+        self,
+        flt: passt_pb2.ConnectionFilter,
+        *,
+        existing: bool = False,
+        duration: float | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> Generator[passt_pb2.ConnectionEvent, None, None]:
+        """Events until `duration` seconds have passed (then it just ends), the server ends the stream, or
+        the caller stops iterating (the call is cancelled)."""
+        call = self._control.WatchConnections(
+            passt_pb2.WatchConnectionsRequest(filter=flt, include_existing=existing), timeout=duration
+        )
+        try:
+            call.initial_metadata()  # the server sends it once subscribed: nothing after this is missed
+            if on_ready is not None:
+                on_ready()
+            yield from call
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and duration is not None:
+                return
+            raise ControlError(describe_rpc_error(exc, self.path, self.timeout)) from None
+        finally:
+            call.cancel()
+
+    def reset(self, connection_id: int) -> list[passt_pb2.Connection]:
+        reply = self._unary(self._control.ResetConnection, passt_pb2.ResetConnectionRequest(id=connection_id))
+        return list(reply.connections)
+
+    def reset_matching(
+        self, flt: passt_pb2.ConnectionFilter, *, everything: bool
+    ) -> list[passt_pb2.Connection]:
+        request = passt_pb2.ResetConnectionsRequest(filter=flt, all=everything)
+        reply = self._unary(self._control.ResetConnections, request)
+        return list(reply.connections)
+
+    def port_policy(self) -> passt_pb2.PortPolicy:
+        reply: passt_pb2.PortPolicy = self._unary(
+            self._control.GetPortPolicy, passt_pb2.GetPortPolicyRequest()
+        )
+        return reply
+
+    def change_forward(
+        self, op: str, direction: passt_pb2.ForwardDirection.ValueType, spec: str
+    ) -> passt_pb2.PortPolicyChange:
+        """op: "set" (replace the table), "add" or "remove"."""
+        method, kind = {
+            "set": (self._control.SetPortPolicy, passt_pb2.SetPortPolicyRequest),
+            "add": (self._control.AddForward, passt_pb2.AddForwardRequest),
+            "remove": (self._control.RemoveForward, passt_pb2.RemoveForwardRequest),
+        }[op]
+        reply: passt_pb2.PortPolicyChange = self._unary(method, kind(direction=direction, spec=spec))
+        return reply
+
+    def timeouts(self) -> passt_pb2.Timeouts:
+        reply: passt_pb2.Timeouts = self._unary(self._control.GetTimeouts, passt_pb2.GetTimeoutsRequest())
+        return reply
+
+    def set_timeouts(self, values: Mapping[str, float]) -> passt_pb2.Timeouts:
+        message = passt_pb2.Timeouts()
+        for name, value in values.items():
+            setattr(message, name, int(value) if name == "tcp_max_retransmits" else value)
+        request = passt_pb2.SetTimeoutsRequest(timeouts=message)
+        request.update_mask.paths.extend(values)
+        reply: passt_pb2.Timeouts = self._unary(self._control.SetTimeouts, request)
         return reply
 
     def health(self, service: str = "") -> str:

@@ -6,6 +6,7 @@ No I/O and no gRPC here, so every output can be tested against exact text.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, cast
 
@@ -68,6 +69,18 @@ def _breakdown(counts: Mapping[str, int]) -> list[Row]:
     return [(f"  {name}", str(counts[name])) for name in sorted(counts)]
 
 
+def _flow_breakdown(status: passt_pb2.Status) -> list[Row]:
+    """One row per protocol, with its states: "  tcp  3 (ESTABLISHED 2, FIN_WAIT_1 1)"."""
+    rows: list[Row] = []
+    for proto in sorted(status.flows):
+        text = str(status.flows[proto])
+        if proto in status.flow_states:
+            states = status.flow_states[proto].states
+            text += " (" + ", ".join(f"{name} {states[name]}" for name in sorted(states)) + ")"
+        rows.append((f"  {proto}", text))
+    return rows
+
+
 def _mode(mode: passt_pb2.Mode.ValueType) -> str:
     if mode == passt_pb2.MODE_PASST:
         return "passt"
@@ -123,7 +136,7 @@ def status_rows(status: passt_pb2.Status) -> list[Row]:
         ("dropped", f"{sum(counters.dropped.values())} frames"),
         *_breakdown(counters.dropped),
         ("flows", f"{flows_total} of {status.limits.max_flows} max"),
-        *_breakdown(status.flows),
+        *_flow_breakdown(status),
     ]
 
 
@@ -159,3 +172,190 @@ def render_json(message: Message) -> str:
     )
     descriptor = cast(Descriptor, message.DESCRIPTOR)  # the stubs also allow upb's twin class
     return json.dumps(_in_field_order(descriptor, data), indent=2) + "\n"
+
+
+# -- tables with columns -------------------------------------------------------------------------------
+
+
+def render_columns(headers: Sequence[str], rows: Iterable[Sequence[str]], right: Iterable[int] = ()) -> str:
+    """A header line and rows, columns two spaces apart; columns in `right` (numbers) right-aligned."""
+    body = [list(headers), *(list(row) for row in rows)]
+    widths = [max(len(row[i]) for row in body) for i in range(len(headers))]
+    right_set = set(right)
+    lines = []
+    for row in body:
+        cells = [
+            cell.rjust(widths[i]) if i in right_set else cell.ljust(widths[i]) for i, cell in enumerate(row)
+        ]
+        lines.append(_GAP.join(cells).rstrip() + "\n")
+    return "".join(lines)
+
+
+def format_seconds(value: float) -> str:
+    """A timeout or a time: milliseconds below one second, else seconds, shortest exact form."""
+    if 0 < value < 1:
+        return f"{value * 1000:g} ms"
+    return f"{value:g} s"
+
+
+def endpoint(address: str, port: int) -> str:
+    if not address:
+        return _NONE
+    shown = f"[{address}]" if ":" in address else address
+    return f"{shown}:{port}" if port else address
+
+
+_PROTOCOL_NAMES: Final = {
+    passt_pb2.PROTOCOL_TCP: "tcp",
+    passt_pb2.PROTOCOL_UDP: "udp",
+    passt_pb2.PROTOCOL_ICMP: "icmp",
+}
+_DIRECTION_NAMES: Final = {
+    passt_pb2.DIRECTION_GUEST_INITIATED: "out",
+    passt_pb2.DIRECTION_HOST_INITIATED: "in",
+}
+
+
+def protocol_name(value: passt_pb2.Protocol.ValueType) -> str:
+    return _PROTOCOL_NAMES.get(value, "?")
+
+
+def _guest(conn: passt_pb2.Connection) -> str:
+    if conn.protocol == passt_pb2.PROTOCOL_ICMP:  # the "port" is the echo identifier
+        return f"{conn.guest_address} id {conn.guest_port}" if conn.guest_address else _NONE
+    return endpoint(conn.guest_address, conn.guest_port)
+
+
+CONN_HEADERS: Final = (
+    "ID",
+    "PROTO",
+    "STATE",
+    "DIR",
+    "GUEST",
+    "REMOTE",
+    "FROM GUEST",
+    "TO GUEST",
+    "AGE",
+    "IDLE",
+)
+CONN_WIDE_HEADERS: Final = (*CONN_HEADERS, "LOCAL", "PKTS IN", "PKTS OUT", "RTT", "RETRANS", "WINDOW", "MSS")
+_CONN_RIGHT: Final = (0, 6, 7, 8, 9)
+_CONN_WIDE_RIGHT: Final = (*_CONN_RIGHT, 11, 12, 13, 14, 15, 16)
+
+
+def connection_row(conn: passt_pb2.Connection, now: float, wide: bool = False) -> list[str]:
+    row = [
+        str(conn.id),
+        protocol_name(conn.protocol),
+        conn.state or _NONE,
+        _DIRECTION_NAMES.get(conn.direction, "?"),
+        _guest(conn),
+        endpoint(conn.remote_address, conn.remote_port),
+        format_bytes(conn.bytes_from_guest),
+        format_bytes(conn.bytes_to_guest),
+        format_duration(now - conn.created_time),
+        format_duration(now - conn.last_activity_time),
+    ]
+    if wide:
+        tcp = conn.tcp if conn.HasField("tcp") else None
+        row += [
+            endpoint(conn.local_address, conn.local_port),
+            str(conn.packets_from_guest),
+            str(conn.packets_to_guest),
+            f"{tcp.host_rtt_us / 1000:.2f} ms" if tcp is not None else _NONE,
+            str(tcp.retransmits_to_guest) if tcp is not None else _NONE,
+            format_bytes(tcp.window_from_guest) if tcp is not None else _NONE,
+            str(tcp.mss_to_guest) if tcp is not None else _NONE,
+        ]
+    return row
+
+
+def render_connections(conns: Iterable[passt_pb2.Connection], now: float, wide: bool = False) -> str:
+    """`passtctl conns list`: one row per flow; FROM/TO GUEST are payload bytes, AGE and IDLE durations."""
+    rows = [connection_row(c, now, wide) for c in conns]
+    if wide:
+        return render_columns(CONN_WIDE_HEADERS, rows, _CONN_WIDE_RIGHT)
+    return render_columns(CONN_HEADERS, rows, _CONN_RIGHT)
+
+
+_EVENT_NAMES: Final = {
+    passt_pb2.EVENT_KIND_OPENED: "opened",
+    passt_pb2.EVENT_KIND_STATE_CHANGED: "state",
+    passt_pb2.EVENT_KIND_CLOSED: "closed",
+    passt_pb2.EVENT_KIND_EXISTING: "existing",
+}
+
+
+def render_event(event: passt_pb2.ConnectionEvent) -> str:
+    """One line per event: time, kind, id, protocol, state, tuple; closed events add reason and bytes."""
+    conn = event.connection
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.time)) + f".{int(event.time * 1000) % 1000:03d}"
+    parts = [
+        stamp,
+        f"{_EVENT_NAMES.get(event.kind, '?'):<8}",
+        str(conn.id),
+        protocol_name(conn.protocol),
+        conn.state or _NONE,
+        f"{_guest(conn)} {'->' if conn.direction != passt_pb2.DIRECTION_HOST_INITIATED else '<-'} "
+        f"{endpoint(conn.remote_address, conn.remote_port)}",
+    ]
+    if event.kind == passt_pb2.EVENT_KIND_CLOSED:
+        parts.append(f"reason {event.reason_detail or '-'}")
+        parts.append(
+            f"from guest {format_bytes(conn.bytes_from_guest)}, to guest {format_bytes(conn.bytes_to_guest)}"
+        )
+    line = " ".join(parts)
+    if event.dropped_before:
+        line = f"(missed {event.dropped_before} events)\n" + line
+    return line + "\n"
+
+
+def render_json_line(message: Message) -> str:
+    """The same mapping as render_json, on one line: for streams (`conns watch -o json`)."""
+    data = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    descriptor = cast(Descriptor, message.DESCRIPTOR)
+    return json.dumps(_in_field_order(descriptor, data), separators=(",", ":")) + "\n"
+
+
+# -- port policy and timeouts ----------------------------------------------------------------------------
+
+DIRECTION_OPTION: Final = {
+    passt_pb2.FORWARD_DIRECTION_TCP_IN: ("tcp_in", "-t"),
+    passt_pb2.FORWARD_DIRECTION_UDP_IN: ("udp_in", "-u"),
+    passt_pb2.FORWARD_DIRECTION_TCP_OUT: ("tcp_out", "-T"),
+    passt_pb2.FORWARD_DIRECTION_UDP_OUT: ("udp_out", "-U"),
+}
+
+
+def render_port_policy(policy: passt_pb2.PortPolicy) -> str:
+    rows = [[*DIRECTION_OPTION.get(t.direction, ("?", "?")), t.spec] for t in policy.tables]
+    return render_columns(("DIRECTION", "OPTION", "SPEC"), rows)
+
+
+def render_policy_change(change: passt_pb2.PortPolicyChange) -> str:
+    name, option = DIRECTION_OPTION.get(change.current.direction, ("?", "?"))
+    out = f"{name} ({option}): {change.previous.spec} -> {change.current.spec}\n"
+    rows = [
+        ["ok" if b.ok else "FAILED", b.error or "", b.message or endpoint(b.address, b.port)]
+        for b in change.binds
+    ]
+    if rows:
+        out += "".join("  " + line for line in render_columns(("", "", ""), rows).splitlines(True)[1:])
+    return out
+
+
+def timeouts_rows(timeouts: passt_pb2.Timeouts) -> list[Row]:
+    rows: list[Row] = []
+    for field in passt_pb2.Timeouts.DESCRIPTOR.fields:
+        value = getattr(timeouts, field.name)
+        if field.name == "tcp_max_retransmits":
+            rows.append((field.name, str(value)))
+        else:
+            rows.append((field.name, format_seconds(value)))
+    return rows
+
+
+def render_timeouts(timeouts: passt_pb2.Timeouts) -> str:
+    return render_table(timeouts_rows(timeouts))

@@ -8,13 +8,17 @@ second-guess a field. Invariants that would otherwise let a half-built Config th
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from passtd.dataplane.core.context import Context
 from passtd.dataplane.core.fwd import ForwardTables
+from passtd.dataplane.core.timeouts import Timeouts
 from passtd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from passtd.dataplane.io.hostview import HostView
 
 MTU_MIN: Final = 68  # RFC 791: every IPv4 host must handle 68-byte datagrams
 MTU_MAX: Final = 65520  # passt's default and largest: 64 KiB minus room for headers
@@ -24,6 +28,8 @@ SUN_PATH_MAX: Final = 107  # sizeof(sockaddr_un.sun_path) - 1 for the NUL on Lin
 DEFAULT_NS_IFNAME: Final = "tap0"
 SOCKET_DIR: Final = "passtd"
 SOCKET_NAME: Final = "passtd.socket"
+LOG_SIZE_DEFAULT: Final = 1024 * 1024  # passt(1): --log-size defaults to 1 MiB
+LOG_SIZE_MIN: Final = 4096  # room for a few lines after trimming
 
 
 def default_control_path(mode: str, socket_path: str | None, env: Mapping[str, str], pid: int) -> str:
@@ -68,6 +74,16 @@ class Config:
     max_flows: int = 256 * 1024
     dns_forward: tuple[IPv4Address | IPv6Address, ...] = ()  # guest-side DNS addresses we relay
     dns_upstream: tuple[IPv4Address | IPv6Address, ...] = ()  # the host's nameservers (first one used)
+    timeouts: Timeouts = field(default_factory=Timeouts)  # the [timeouts] table of the config file
+    config_file: str | None = None  # --config FILE, re-read on SIGHUP
+    argv: tuple[str, ...] = ()  # the command line this came from, parsed again on SIGHUP
+    log_file: str | None = None  # --log-file: log there instead of stderr
+    log_size: int = LOG_SIZE_DEFAULT  # --log-size: cap of the log file, oldest lines dropped first
+    interface: str | None = None  # --interface: host interface the defaults were copied from
+    outbound: tuple[IPv4Address | IPv6Address, ...] = ()  # --outbound: accepted, not applied (see README)
+    # What the host looked like at start; SIGHUP re-parses against it (netlink cannot run inside the loop,
+    # and what it decides, addresses, needs a restart anyway).
+    host_view: HostView | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not MTU_MIN <= self.ctx.mtu <= MTU_MAX:

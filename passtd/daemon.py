@@ -2,6 +2,15 @@
 
 Everything that must happen before an event loop or a thread exists (forking the namespace child, creating
 the tap, binding the passt socket, detaching) happens synchronously in `run`; the loop only serves.
+
+Signals, once the loop runs:
+- SIGTERM/SIGINT: STOPPING=1, stop accepting (the passt socket is closed and removed), stop the control
+  server, reset every TCP flow, remove the PID file, exit 0.
+- SIGHUP: parse the command line again, which re-reads the `--config` file, and apply what can change live:
+  the port policy (`Dataplane.set_forwarding`: listeners are diffed, flows untouched) and the timeouts. A bad
+  file is logged and the running configuration kept; without `--config` there is nothing to reload.
+With $NOTIFY_SOCKET (systemd Type=notify), READY=1 is sent once the passt socket (or the tap) and the control
+socket accept connections, STATUS= lines follow the guest, and WATCHDOG=1 at half of $WATCHDOG_USEC.
 """
 
 from __future__ import annotations
@@ -17,13 +26,19 @@ from typing import Final
 import uvloop
 
 from passtd.config import Config
+from passtd.dataplane.core.fwd import ForwardTables
+from passtd.dataplane.core.timeouts import Timeouts
 from passtd.dataplane.io.dataplane import Dataplane
 from passtd.dataplane.io.pcap import PcapWriter
 from passtd.dataplane.io.tap.qemu_stream import QemuStreamBackend, QemuStreamListener
-from passtd.errors import BackendError
+from passtd.errors import BackendError, ConfigError
 from passtd.logging import get_logger, setup_logging
+from passtd.notify import Notifier
 
 NETNS_POLL: Final = 0.5
+CONTROL_GRACE: Final = 1.0
+# Fields that a SIGHUP cannot change in a running process: they are set up before the loop starts.
+_LIVE_FIELDS: Final = frozenset({"forward", "timeouts", "argv"})
 
 
 class ControlStartError(Exception):
@@ -42,16 +57,23 @@ _early_signals: list[str] = []
 
 
 def _note_early_signal(signum: int, frame: object) -> None:
-    """SIGTERM/SIGINT before the loop runs: remembered, acted on as soon as it does."""
+    """SIGTERM/SIGINT/SIGHUP before the loop runs: remembered, acted on as soon as it does."""
     _early_signals.append(signal.Signals(signum).name)
 
 
 def run(config: Config) -> int:
     """Start passtd with a parsed configuration; returns the process exit code."""
-    signal.signal(signal.SIGTERM, _note_early_signal)
-    signal.signal(signal.SIGINT, _note_early_signal)
-    setup_logging(config.debug, config.quiet, config.log_format)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _note_early_signal)
+    try:
+        setup_logging(config.debug, config.quiet, config.log_format, None, config.log_file, config.log_size)
+    except OSError as exc:
+        print(f"passtd: error: --log-file: cannot open {config.log_file}: {exc.strerror}", file=sys.stderr)
+        return 1
     log = get_logger()
+    if config.outbound:
+        log.warning("outbound.not_applied", addresses=[str(a) for a in config.outbound],
+                    reason="outbound sockets are not bound to a source address yet")  # fmt: skip
     try:
         if config.mode == "pasta":
             pasta = _setup_pasta(config)
@@ -125,7 +147,12 @@ def _setup_pasta(config: Config) -> PastaSetup:
 
 
 def _detach() -> None:
-    """Classic double fork; the parent returns to the shell once the child runs."""
+    """Classic double fork; the parent returns to the shell once the child runs.
+
+    stderr goes to /dev/null too, as passt does: libvirt reads the starter's stderr until EOF, so a daemon
+    holding it would hang libvirt. Detached without --log-file, logs are therefore discarded (passt would
+    use syslog): run with --foreground under a supervisor, or give --log-file.
+    """
     if os.fork() > 0:
         os._exit(0)
     os.setsid()
@@ -134,7 +161,63 @@ def _detach() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
     os.close(devnull)
+
+
+def _reload(current: Config, dp: Dataplane, notifier: Notifier) -> Config:
+    """SIGHUP: the configuration to keep running with (the new one, or `current` when the new one is bad)."""
+    log = get_logger()
+    if current.config_file is None:
+        log.info("config.reload.skipped", reason="no --config file was given: nothing to reload")
+        return current
+    from passtd.options import parse_args  # the daemon needs it only here
+
+    notifier.reloading()
+    try:
+        new = parse_args(current.argv, current.host_view)
+    except ConfigError as exc:
+        message = " ".join(str(exc).split())
+        log.error("config.reload.failed", file=current.config_file, error=message, kept="previous")
+        notifier.ready(f"reload failed, previous configuration kept: {message}")
+        return current
+    except SystemExit:  # argv cannot hold --help here; never let a reload end the process
+        return current
+    if new.mode != current.mode:
+        log.error("config.reload.failed", file=current.config_file, error=f"mode changed to {new.mode}",
+                  kept="previous configuration")  # fmt: skip
+        notifier.ready("reload failed: the mode cannot change, previous configuration kept")
+        return current
+    dp.set_forwarding(new.forward or ForwardTables(new.mode))
+    dp.set_timeouts(new.timeouts)
+    fixed = sorted(
+        name
+        for name in Config.__dataclass_fields__
+        if name not in _LIVE_FIELDS and getattr(new, name) != getattr(current, name)
+    )
+    if fixed:
+        log.warning("config.reload.restart_needed", fields=fixed)
+    log.info("config.reloaded", file=new.config_file, **_policy_summary(new))
+    notifier.ready(_status(new, "configuration reloaded"))
+    return new
+
+
+def _policy_summary(config: Config) -> dict[str, str]:
+    forward = config.forward or ForwardTables(config.mode)
+    return {"tcp_ports": forward.tcp_in.to_spec(), "udp_ports": forward.udp_in.to_spec()}
+
+
+def _status(config: Config, what: str) -> str:
+    where = config.socket_path if config.mode == "passt" else f"tap {config.ns_ifname}"
+    control = f", control {config.control_path}" if config.control_path else ""
+    return f"{what}: {where}{control}; tcp ports {_policy_summary(config)['tcp_ports']}"
+
+
+async def _watchdog(notifier: Notifier, interval: float) -> None:
+    """WATCHDOG=1 from the loop itself: a stalled loop stops the pings and systemd restarts us."""
+    while True:
+        notifier.ping()
+        await asyncio.sleep(interval)
 
 
 async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamListener | None) -> int:
@@ -142,6 +225,8 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
     log = get_logger()
     stop = asyncio.Event()
     exit_code = 0
+    notifier = Notifier()
+    current = config
     pcap = PcapWriter(config.pcap) if config.pcap else None
     dp = Dataplane(config.ctx, loop, pcap, max_flows=config.max_flows, dns_forward=config.dns_forward,
                    dns_upstream=config.dns_upstream)  # fmt: skip
@@ -149,6 +234,8 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
         dp.netns_fd = pasta.netns_fd
     if config.forward is not None:
         dp.set_forwarding(config.forward)
+    if config.timeouts != Timeouts():
+        dp.set_timeouts(config.timeouts)
     control = None
     if config.control_path is not None:
         from passtd.control.server import start_control_server
@@ -170,13 +257,23 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
         log.info("passtd.signal", signal=signame)
         stop.set()
 
+    def on_hup() -> None:
+        nonlocal current
+        log.info("passtd.signal", signal="SIGHUP")
+        current = _reload(current, dp, notifier)
+
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     if "SIGTERM" in _early_signals:
         on_stop("SIGTERM")
     if pasta is not None and pasta.child_pid is not None:
         loop.add_signal_handler(signal.SIGINT, lambda: None)  # the command in the foreground decides
     else:
         loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+        if "SIGINT" in _early_signals:
+            on_stop("SIGINT")
+    if "SIGHUP" in _early_signals:
+        on_hup()
 
     if pasta is not None:
         from passtd.dataplane.io.netns import wait_exit_status
@@ -218,6 +315,7 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
                 return
             dp.attach(QemuStreamBackend(conn, loop))
             log.info("passt.guest.connected")
+            notifier.status(_status(current, "guest connected"))
 
         loop.add_reader(listener.sock.fileno(), on_accept)
 
@@ -231,20 +329,34 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
                 if dp.disconnected.is_set() and dp.tap is None and not stop.is_set():
                     dp.disconnected.clear()
                     log.info("passt.guest.disconnected")
+                    notifier.status(_status(current, "guest disconnected, waiting"))
                     if config.one_off:
                         stop.set()
 
         watcher_task = asyncio.create_task(watch_guest())
 
+    # Both sockets accept connections from here on: the passt socket since bind(), the control one since
+    # start_control_server(); in pasta mode the tap is attached.
+    notifier.ready(_status(current, "serving" if pasta is not None else "waiting for a guest"))
+    watchdog_task = None
+    if notifier.enabled and notifier.watchdog is not None:
+        watchdog_task = asyncio.create_task(_watchdog(notifier, notifier.watchdog))
+
     await stop.wait()
+    notifier.stopping("stopping: resetting flows")
     watcher_task.cancel()
-    if listener is not None:
+    if watchdog_task is not None:
+        watchdog_task.cancel()
+    if listener is not None:  # stop accepting first: no new guest while flows are reset
         loop.remove_reader(listener.sock.fileno())
+        listener.close()
     if control is not None:
         from passtd.control.server import stop_control_server
 
-        await stop_control_server(control, 1.0)
+        await stop_control_server(control, CONTROL_GRACE)
     dp.close()
+    log.info("passtd.stopped")
+    notifier.close()
     return exit_code
 
 

@@ -1,25 +1,157 @@
 """The control plane's view of a running daemon: `ControlAPI` implemented over the dataplane.
 
 Lives beside the composition root, not in passtd.control, so that the control package (and passtctl) never
-import the dataplane.
+import the dataplane. Everything here runs on the dataplane's loop: walks over the flow table yield every
+`YIELD_EVERY` flows so that frames keep flowing, and watch callbacks only build a small view and offer it to
+a bounded queue.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import socket
 import time
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, replace
+from typing import Any, Final
 
 from passtd import __version__
 from passtd.config import Config
-from passtd.control.api import BackendView, ConfigView, CountersView, LimitsView, StatusView
-from passtd.dataplane.core.flowtable import PROTO_ICMP, PROTO_TCP, PROTO_UDP
-from passtd.dataplane.io.dataplane import Dataplane
+from passtd.control.api import (
+    FORWARD_DIRECTIONS,
+    BackendView,
+    BindResultView,
+    ConfigView,
+    ConnectionEventView,
+    ConnectionFilter,
+    ConnectionView,
+    CountersView,
+    EventQueue,
+    FailedPrecondition,
+    ForwardDirection,
+    ForwardOp,
+    ForwardRuleView,
+    ForwardTableView,
+    InvalidArgument,
+    LimitsView,
+    NotFound,
+    PortPolicyChangeView,
+    ResourceExhausted,
+    StatusView,
+    TcpDetailsView,
+    TimeoutsView,
+)
+from passtd.dataplane.core.flowtable import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Flow, FlowEvent
+from passtd.dataplane.core.fwd import OPTION_OF, ForwardTables, PortPolicy
+from passtd.dataplane.core.tcp.conn import TcpConn
+from passtd.dataplane.core.timeouts import RANGES, Timeouts
+from passtd.dataplane.io.dataplane import Dataplane, flow_state
+from passtd.dataplane.io.listeners import BindResult
+from passtd.errors import ConfigError
 
-_PROTO_NAMES = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp"}
+PROTO_NAMES: Final = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp"}
+YIELD_EVERY: Final = 500  # flows matched between two yields to the loop
+VIEW_YIELD_EVERY: Final = 100  # flows turned into views (or reset) between two yields: ~20 µs each
+WATCH_QUEUE: Final = 4096  # events buffered per watcher before they are dropped
+MAX_WATCHERS: Final = 64
+INT_TIMEOUTS: Final = frozenset({"tcp_max_retransmits"})
 
 
 def _mac(mac: bytes) -> str:
     return mac.hex(":")
+
+
+def _addr(packed: Any) -> str:
+    """A 4- or 16-byte packed address as text (IPv4-mapped IPv6 shown as IPv4); "" when absent."""
+    if not isinstance(packed, bytes | bytearray) or len(packed) not in (4, 16):
+        return ""
+    addr = ipaddress.ip_address(bytes(packed))
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def _packed_forms(text: str) -> tuple[bytes, ...]:
+    """An address as the flows may store it: 4 bytes, 16 bytes, and IPv4-mapped IPv6 for IPv4."""
+    addr = ipaddress.ip_address(text)
+    if isinstance(addr, ipaddress.IPv4Address):
+        return (addr.packed, b"\0" * 10 + b"\xff\xff" + addr.packed)
+    return (addr.packed,)
+
+
+def _raw_socket(flow: Flow) -> socket.socket | None:
+    """The flow's host socket: TcpConn keeps a SockPort wrapping it (`.sock`), UDP flows the socket itself."""
+    sock = getattr(flow, "sock", None)
+    raw = getattr(sock, "sock", sock)
+    return raw if isinstance(raw, socket.socket) else None
+
+
+def _local(flow: Flow) -> tuple[str, int]:
+    raw = _raw_socket(flow)
+    if raw is None:
+        return "", 0
+    try:
+        name = raw.getsockname()
+    except OSError:
+        return "", 0
+    if not isinstance(name, tuple):
+        return "", 0
+    return _addr(ipaddress.ip_address(name[0]).packed), int(name[1])
+
+
+def _bind_view(result: BindResult) -> BindResultView:
+    return BindResultView(
+        address=result.address,
+        ifname=result.listener.ifname or "",
+        port=result.listener.port,
+        target_port=result.listener.target_port,
+        ok=result.ok,
+        error=result.errno_name or "",
+        message=result.message,
+    )
+
+
+def table_view(direction: ForwardDirection, policy: PortPolicy) -> ForwardTableView:
+    return ForwardTableView(
+        direction=direction,
+        spec=policy.to_spec(),
+        mode=policy.mode,
+        rules=tuple(
+            ForwardRuleView(
+                bind_address="" if r.bind_addr is None else str(r.bind_addr),
+                ifname=r.ifname or "",
+                first=r.first,
+                last=r.last,
+                target_first=r.target_first,
+            )
+            for r in policy.rules
+        ),
+        excluded=tuple(sorted(policy.excluded)),
+    )
+
+
+def checked_timeouts(current: Timeouts, values: Mapping[str, float]) -> Timeouts:
+    """`current` with `values` applied, all checked first against RANGES; InvalidArgument names the field."""
+    for name, value in values.items():
+        if name not in RANGES:
+            raise InvalidArgument(f"timeouts.{name}: unknown timeout (known: {', '.join(RANGES)})")
+        lo, hi = RANGES[name]
+        unit = "" if name in INT_TIMEOUTS else " s"
+        if not lo <= value <= hi:
+            raise InvalidArgument(f"timeouts.{name}: {value:g}{unit} is out of range {lo:g}..{hi:g}{unit}")
+        if name in INT_TIMEOUTS and value != int(value):
+            raise InvalidArgument(f"timeouts.{name}: {value:g} is not a whole number")
+    typed = {k: int(v) if k in INT_TIMEOUTS else float(v) for k, v in values.items()}
+    new = replace(current, **typed)  # type: ignore[arg-type]
+    if new.tcp_rto_min > new.tcp_rto_max:
+        field = "tcp_rto_min" if "tcp_rto_min" in values else "tcp_rto_max"
+        raise InvalidArgument(
+            f"timeouts.{field}: tcp_rto_min ({new.tcp_rto_min:g} s) must not exceed "
+            f"tcp_rto_max ({new.tcp_rto_max:g} s)"
+        )
+    return new
 
 
 class DaemonControl:
@@ -27,8 +159,96 @@ class DaemonControl:
         self.config = config
         self.dp = dataplane
         self.started = time.monotonic()
+        self._watchers = 0
 
-    def status(self) -> StatusView:
+    # -- views of flows ---------------------------------------------------------------------------------
+
+    def _wall(self, loop_time: float) -> float:
+        return time.time() - (self.dp.loop.time() - loop_time)
+
+    def view(
+        self, flow: Flow, *, full: bool = True, local: bool | None = None, state: str | None = None
+    ) -> ConnectionView:
+        """A flow as the API shows it. `full` adds what costs system calls: the local address (also alone
+        with `local`) and TCP_INFO."""
+        # ICMP echo has no port: its identifier stands in.
+        port: Any = getattr(flow, "guest_port", None) or getattr(flow, "guest_ident", 0)
+        guest_port = int(port)
+        local_address, local_port = _local(flow) if (full if local is None else local) else ("", 0)
+        tcp = None
+        if isinstance(flow, TcpConn):
+            rtt_us = retransmits = 0
+            if full and flow.sock is not None:
+                try:
+                    info = flow.sock.info()
+                    rtt_us, retransmits = info.rtt_us, info.retransmits
+                except (OSError, AttributeError):
+                    pass
+            tcp = TcpDetailsView(
+                guest_srtt_seconds=flow.srtt,
+                guest_rto_seconds=flow.rto,
+                retransmits_to_guest=flow.total_retransmits,
+                window_from_guest=min(flow.wnd_from_tap, 2**32 - 1),
+                window_to_guest=min(flow.wnd_to_tap, 2**32 - 1),
+                mss_to_guest=flow.mss_to_tap,
+                host_rtt_us=rtt_us,
+                host_retransmits=retransmits,
+            )
+        return ConnectionView(
+            id=flow.flow_id,
+            protocol=PROTO_NAMES.get(flow.proto, f"ip{flow.proto}"),
+            state=state if state is not None else flow_state(flow),
+            direction="guest" if flow.guest_initiated else "host",
+            guest_address=_addr(getattr(flow, "guest_addr", b"")),
+            guest_port=int(guest_port),
+            remote_address=_addr(getattr(flow, "remote_addr", b"")),
+            remote_port=int(getattr(flow, "remote_port", 0)),
+            local_address=local_address,
+            local_port=local_port,
+            bytes_from_guest=flow.bytes_from_guest,
+            bytes_to_guest=flow.bytes_to_guest,
+            packets_from_guest=flow.packets_from_guest,
+            packets_to_guest=flow.packets_to_guest,
+            created_time=self._wall(flow.created),
+            last_activity_time=self._wall(flow.last_active),
+            tcp=tcp,
+        )
+
+    def _matches(self, flow: Flow, flt: ConnectionFilter, packed: tuple[bytes, ...]) -> bool:
+        """ConnectionFilter.matches on the flow's own fields, without building a view (the walk over a
+        large table is mostly this). `packed` is the filter address in 4- and 16-byte form."""
+        if flt.protocol and PROTO_NAMES.get(flow.proto, "") != flt.protocol:
+            return False
+        if flt.direction and flow.guest_initiated != (flt.direction == "guest"):
+            return False
+        if (
+            packed
+            and getattr(flow, "guest_addr", None) not in packed
+            and getattr(flow, "remote_addr", None) not in packed
+        ):
+            return False
+        if flt.port:
+            port: Any = getattr(flow, "guest_port", None) or getattr(flow, "guest_ident", 0)
+            if flt.port not in (port, getattr(flow, "remote_port", 0)) and _local(flow)[1] != flt.port:
+                return False
+        return not flt.state or flow_state(flow) == flt.state
+
+    async def _matching(self, flt: ConnectionFilter, after_id: int = 0) -> list[Flow]:
+        """Matching flows with id > after_id, sorted by id; yields to the loop every YIELD_EVERY flows."""
+        out: list[Flow] = []
+        everything = flt.empty
+        packed = _packed_forms(flt.address) if flt.address else ()
+        for i, flow in enumerate(self.dp.flows):
+            if i and i % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            if flow.flow_id > after_id and (everything or self._matches(flow, flt, packed)):
+                out.append(flow)
+        out.sort(key=lambda f: f.flow_id)
+        return out
+
+    # -- ControlAPI ---------------------------------------------------------------------------------------
+
+    async def status(self) -> StatusView:
         cfg, ctx, dp = self.config, self.config.ctx, self.dp
         guest = dp.guest
         backend = BackendView(
@@ -66,7 +286,16 @@ class DaemonControl:
             bytes_to_guest=stats.bytes_to_tap,
             dropped=dict(stats.dropped),
         )
-        flows = Counter(_PROTO_NAMES.get(f.proto, str(f.proto)) for f in dp.flows)
+        by_state: Counter[tuple[str, str]] = Counter()
+        for i, flow in enumerate(dp.flows):
+            if i and i % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            by_state[PROTO_NAMES.get(flow.proto, f"ip{flow.proto}"), flow_state(flow)] += 1
+        flows: Counter[str] = Counter()
+        states: dict[str, dict[str, int]] = {}
+        for (proto, state), n in sorted(by_state.items()):
+            flows[proto] += n
+            states.setdefault(proto, {})[state] = n
         return StatusView(
             version=__version__,
             mode=cfg.mode,
@@ -76,4 +305,120 @@ class DaemonControl:
             counters=counters,
             flows=dict(flows),
             limits=LimitsView(max_flows=dp.flows.max_flows),
+            flow_states=states,
         )
+
+    async def list_connections(
+        self, flt: ConnectionFilter, after_id: int, limit: int
+    ) -> tuple[list[ConnectionView], int]:
+        flows = await self._matching(flt, after_id)
+        page = flows[:limit]
+        views: list[ConnectionView] = []
+        for i, flow in enumerate(page):
+            if i and i % VIEW_YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            views.append(self.view(flow))
+        more = len(flows) > limit
+        return views, (page[-1].flow_id if more and page else 0)
+
+    def watch(self, flt: ConnectionFilter) -> EventQueue:
+        if self._watchers >= MAX_WATCHERS:
+            raise ResourceExhausted(f"too many connection watchers (limit {MAX_WATCHERS})")
+        watchers = self.dp.watchers
+
+        def on_event(event: FlowEvent) -> None:
+            view = self.view(event.flow, full=False, state=event.state)
+            if not flt.matches(view):
+                return
+            kind = event.kind if event.kind in ("opened", "state", "closed") else "state"
+            queue.offer(
+                ConnectionEventView(
+                    kind=kind,  # type: ignore[arg-type]
+                    time=self._wall(event.time),
+                    connection=view,
+                    reason=event.reason,
+                )
+            )
+
+        def unsubscribe() -> None:
+            self._watchers -= 1
+            if on_event in watchers:
+                watchers.remove(on_event)
+
+        queue = EventQueue(WATCH_QUEUE, unsubscribe)
+        watchers.append(on_event)
+        self._watchers += 1
+        return queue
+
+    async def reset_connections(
+        self, ids: Sequence[int] | None, flt: ConnectionFilter
+    ) -> list[ConnectionView]:
+        flows: Iterable[Flow]
+        if ids is not None:
+            found = [self.dp.flows.by_id(i) for i in ids]
+            missing = [i for i, f in zip(ids, found, strict=True) if f is None]
+            if missing:
+                raise NotFound(f"no connection with id {', '.join(map(str, missing))}")
+            flows = [f for f in found if f is not None]
+        else:
+            flows = await self._matching(flt)
+        out: list[ConnectionView] = []
+        for i, flow in enumerate(flows):
+            if i and i % VIEW_YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            if self.dp.flows.by_id(flow.flow_id) is not flow:
+                continue  # closed on its own while we yielded
+            view = self.view(flow)
+            if self.dp.reset_flow(flow.flow_id, "reset_by_api") is not None:
+                out.append(view)
+        return out
+
+    def _tables(self) -> ForwardTables:
+        tables = self.dp.forward
+        if tables.mode != self.config.mode:  # the dataplane starts as passt until the policy is set
+            tables = ForwardTables(self.config.mode)
+        return tables
+
+    def port_policy(self) -> tuple[ForwardTableView, ...]:
+        tables = self._tables()
+        return tuple(table_view(d, tables.policy(d)) for d in FORWARD_DIRECTIONS)
+
+    def change_forward(self, op: ForwardOp, direction: ForwardDirection, spec: str) -> PortPolicyChangeView:
+        if direction not in OPTION_OF:
+            raise InvalidArgument(f"direction: {direction!r} is not one of {', '.join(OPTION_OF)}")
+        option = OPTION_OF[direction]
+        tables = self._tables()
+        if direction.endswith("_out") and tables.mode == "passt":
+            raise FailedPrecondition(f"{option}: only valid in pasta mode")
+        try:
+            if op == "replace":
+                new = tables.replace(direction, spec)
+            elif op == "add":
+                new = tables.add(direction, spec)
+            elif op == "delete":
+                new = tables.delete(direction, spec)
+            else:
+                raise InvalidArgument(f"op: {op!r} is not replace, add or delete")
+        except InvalidArgument:
+            raise
+        except ConfigError as exc:
+            raise InvalidArgument(f"spec: {exc}") from None
+        policy = new.policy(direction)
+        if direction.endswith("_out") and policy.mode not in ("none", "auto"):
+            raise FailedPrecondition(f"{option}: namespace-to-host forwarding is not supported yet")
+        previous = table_view(direction, tables.policy(direction))
+        results = self.dp.set_forwarding(new)
+        return PortPolicyChangeView(
+            previous=previous,
+            current=table_view(direction, policy),
+            binds=tuple(_bind_view(r) for r in results),
+        )
+
+    def timeouts(self) -> TimeoutsView:
+        return TimeoutsView(**asdict(self.dp.timeouts))
+
+    def set_timeouts(self, values: Mapping[str, float]) -> TimeoutsView:
+        new = checked_timeouts(self.dp.timeouts, values)
+        if new != self.dp.timeouts:
+            self.dp.set_timeouts(new)
+        return self.timeouts()

@@ -19,6 +19,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 from typing import TYPE_CHECKING, Final, Literal, NoReturn, TypeVar
 
@@ -26,6 +27,8 @@ from passtd import __version__
 from passtd.config import (
     DEFAULT_NS_IFNAME,
     IPV6_MIN_MTU,
+    LOG_SIZE_DEFAULT,
+    LOG_SIZE_MIN,
     MTU_DEFAULT,
     MTU_MAX,
     MTU_MIN,
@@ -34,6 +37,7 @@ from passtd.config import (
     default_control_path,
     default_socket_path,
 )
+from passtd.configfile import FileConfig, OptionSpec, key_error, load
 from passtd.dataplane.core.context import DEFAULT_MAC, Context, Ip4Net, Ip6Net, link_local_from_mac
 from passtd.dataplane.core.fwd import ForwardTables
 from passtd.errors import ConfigError
@@ -143,6 +147,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     a("--max-flows", metavar="N", help="bound on concurrent flows (default 262144)")
     a("--control", metavar="PATH", help="gRPC control socket (default: next to the socket), or 'none'")
     a("--control-group", metavar="GROUP", help="group allowed to use the control socket (mode 0660)")
+    a("--config", metavar="FILE", help="TOML file with long options as keys; the command line wins")
+    a("-l", "--log-file", metavar="PATH", help="log to PATH instead of stderr")
+    a(
+        "--log-size",
+        metavar="SIZE",
+        help=f"cap of the log file in bytes, oldest lines go first (default {LOG_SIZE_DEFAULT})",
+    )
+    a("-i", "--interface", metavar="NAME", help="copy addresses and routes from host interface NAME")
+    a("-o", "--outbound", action="append", metavar="ADDR",
+      help="source address for outbound sockets (accepted; not applied yet, see README)")  # fmt: skip
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -471,18 +485,184 @@ def _pasta_target(
     return None, pid, command
 
 
+# --------------------------------------------------------------------------- host defaults
+
+
+def _read_host_view(interface: str | None) -> HostView:
+    """The host's defaults: from the default-route interfaces, or all from `interface` (-i, as passt)."""
+    from passtd.dataplane.io.hostview import read_host_view
+
+    view = read_host_view()
+    if interface is None:
+        return view
+    return host_view_on(interface, view)
+
+
+def host_view_on(interface: str, base: HostView) -> HostView:
+    """Addresses and default gateways of `interface` only; resolvers still come from `base`.
+
+    passt(1) -i: addresses and routes are derived from that interface. An interface without a default route
+    still lends its address; the gateway is then chosen as without -g.
+    """
+    import socket
+
+    from pyroute2 import IPRoute, NetlinkError
+
+    from passtd.dataplane.io.hostview import _addrs, _routes, pick_address, pick_default_route
+
+    values: dict[str, object] = {"ifname4": None, "addr4": None, "prefix4": None, "gw4": None,
+                                 "ifname6": None, "addr6": None, "prefix6": None, "gw6": None}  # fmt: skip
+    try:
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=interface)
+            if not found:
+                raise ConfigError(f"--interface: no interface named {interface!r}")
+            index = int(found[0])
+            for family, sfx in ((socket.AF_INET, "4"), (socket.AF_INET6, "6")):
+                route = pick_default_route(r for r in _routes(ipr, family) if r.oif == index)
+                gateway = None if route is None else route.gateway
+                addr = pick_address(_addrs(ipr, family, index), gateway)
+                values[f"ifname{sfx}"] = interface
+                if addr is not None:
+                    values[f"addr{sfx}"] = ip_address(addr.address)
+                    values[f"prefix{sfx}"] = addr.prefix_len
+                if gateway is not None and addr is not None:
+                    values[f"gw{sfx}"] = ip_address(gateway.split("%", 1)[0])
+    except (OSError, NetlinkError) as exc:
+        raise ConfigError(f"--interface: cannot read {interface}: {exc}") from None
+    return replace(base, **values)  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------------------- public API
+
+
+def option_specs(parser: argparse.ArgumentParser | None = None) -> dict[str, OptionSpec]:
+    """Config-file keys: every long option of either mode, with the modes that accept it."""
+    top = parser or _build_parser()
+    found: dict[str, tuple[str, str, set[str]]] = {}
+    for mode, sub in _subparsers(top).items():
+        for action in sub._actions:
+            longs = [o for o in action.option_strings if o.startswith("--")]
+            if not longs or action.dest in _NOT_KEYS:
+                continue
+            key = longs[0][2:]
+            kind = (
+                "flag"
+                if isinstance(action, argparse._StoreTrueAction)
+                else "list"
+                if isinstance(action, argparse._AppendAction)
+                else "value"
+            )
+            found.setdefault(key, (action.dest, kind, set()))[2].add(mode)
+    return {
+        key: OptionSpec(key, dest, kind, frozenset(modes))  # type: ignore[arg-type]
+        for key, (dest, kind, modes) in found.items()
+    }
+
+
+_NOT_KEYS: Final = frozenset({"help", "version", "config", "target"})
+
+
+def _subparsers(top: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in top._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("the top parser has the mode subcommands")
+
+
+def options_with_values(mode: str) -> frozenset[str]:
+    """Option strings of `mode` that take a separate value (-t, --tcp-ports, ...), for argv rewriters."""
+    sub = _subparsers(_build_parser())[mode]
+    return frozenset(
+        o for a in sub._actions if a.nargs is None and a.option_strings for o in a.option_strings
+    )
+
+
+def _option_dests(top: argparse.ArgumentParser) -> dict[str, str]:
+    """Every option string (-t, --tcp-ports) → its argparse destination, to name keys in errors."""
+    out: dict[str, str] = {}
+    for sub in _subparsers(top).values():
+        for action in sub._actions:
+            for option in action.option_strings:
+                out[option] = action.dest
+    return out
+
+
+def _leading_config(argv: list[str]) -> str | None:
+    """`passtd --config FILE [OPTIONS]`: the mode then comes from the file."""
+    if not argv:
+        return None
+    if argv[0] == "--config":
+        if len(argv) < 2:
+            raise ConfigError("--config: expects a value")
+        return argv[1]
+    if argv[0].startswith("--config="):
+        return argv[0].removeprefix("--config=")
+    return None
+
+
+def _merge(ns: argparse.Namespace, file: FileConfig) -> set[str]:
+    """Fill what the command line left unset from the file; returns the destinations the file supplied."""
+    taken: set[str] = set()
+    for dest, value in file.values.items():
+        if getattr(ns, dest, None) in (None, False):
+            setattr(ns, dest, value)
+            taken.add(dest)
+    return taken
+
+
+def _blame_file(exc: ConfigError, file: FileConfig, taken: set[str], dests: Mapping[str, str]) -> ConfigError:
+    """Rewrite `--mtu: reason` as `FILE: key 'mtu': reason` when the file supplied that option."""
+    message = str(exc)
+    head, sep, reason = message.partition(": ")
+    if not sep:
+        return exc
+    for option in head.split("/"):
+        dest = dests.get(option)
+        if dest is not None and dest in taken:
+            return key_error(file.path, file.key_of(dest), reason)
+    return exc
 
 
 def parse_args(
     argv: Sequence[str], host: HostView | None = None, *, env: Mapping[str, str] | None = None
 ) -> Config:
-    """Parse and resolve argv into a Config; raises ConfigError with a one-line message.
+    """Parse and resolve argv (and the --config file it names) into a Config; raises a one-line ConfigError.
 
     `host` and `env` are injected by tests; by default they are read from the system (netlink, resolv.conf,
     os.environ). `--help`/`--version` print and raise SystemExit(0), as argparse does.
     """
-    ns = _build_parser().parse_args(list(argv))
+    original = tuple(argv)
+    args = list(argv)
+    parser = _build_parser()
+    specs = option_specs(parser)
+    file: FileConfig | None = None
+    leading = _leading_config(args)
+    if leading is not None:
+        file = load(leading, specs)
+        if file.mode is None:
+            raise key_error(leading, "mode", "required when the command line names no mode")
+        args = [file.mode, *args]
+    ns = parser.parse_args(args)
+    taken: set[str] = set()
+    if ns.config is not None:
+        if file is None or file.path != ns.config:
+            file = load(_check_file("--config", ns.config) or "", specs)
+        file.check_mode(ns.mode)
+        taken = _merge(ns, file)
+    try:
+        config = _resolve(ns, host, env)
+    except ConfigError as exc:
+        if file is None:
+            raise
+        raise _blame_file(exc, file, taken, _option_dests(parser)) from None
+    if file is None:
+        return replace(config, argv=original)
+    return replace(config, argv=original, config_file=file.path, timeouts=file.timeouts)
+
+
+def _resolve(ns: argparse.Namespace, host: HostView | None, env: Mapping[str, str] | None) -> Config:
+    """Check and combine the parsed options (from argv and the file) against the host's defaults."""
     mode: Literal["passt", "pasta"] = ns.mode
 
     if ns.ipv4_only and ns.ipv6_only:
@@ -518,10 +698,19 @@ def parse_args(
             if value6 is not None:
                 raise ConfigError(f"{option}: {value6} is IPv6, but --mtu {mtu} is below {IPV6_MIN_MTU}")
 
+    interface = None if ns.interface is None else _check_ifname("--interface", ns.interface)
     if host is None:
-        from passtd.dataplane.io.hostview import read_host_view
-
-        host = read_host_view()
+        host = _read_host_view(interface)
+    outbound = tuple(_parse_ip("--outbound", t) for t in ns.outbound or ())
+    _per_family("--outbound", outbound)
+    log_size = LOG_SIZE_DEFAULT
+    if ns.log_size is not None:
+        try:
+            log_size = int(ns.log_size, 10)
+        except ValueError:
+            raise ConfigError(f"--log-size: {ns.log_size!r} is not a number") from None
+        if log_size < LOG_SIZE_MIN:
+            raise ConfigError(f"--log-size: {log_size} is below the minimum of {LOG_SIZE_MIN} bytes")
     dns_forward = tuple(_parse_ip("--dns-forward", t) for t in ns.dns_forward or ())
     dns = _parse_dns(ns.dns, host)
     if dns_forward and ns.dns is None:
@@ -623,6 +812,11 @@ def parse_args(
         max_flows=max_flows,
         dns_forward=dns_forward,
         dns_upstream=tuple(host.nameservers),
+        log_file=_check_file("--log-file", ns.log_file),
+        log_size=log_size,
+        interface=interface,
+        outbound=outbound,
+        host_view=host,
     )
 
 

@@ -8,9 +8,13 @@ function and nothing here imports the dataplane, grpc or protobuf.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+import asyncio
+import ipaddress
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Final, Literal, Protocol
+
+from passtd.errors import ConfigError, PasstError
 
 Mode = Literal["passt", "pasta"]
 BackendKind = Literal["unix-stream", "tap"]
@@ -18,6 +22,29 @@ BackendKind = Literal["unix-stream", "tap"]
 
 def _empty() -> Mapping[str, int]:
     return {}
+
+
+def _empty_nested() -> Mapping[str, Mapping[str, int]]:
+    return {}
+
+
+# -- errors: each maps to one gRPC status code in service.py ---------------------------------------------
+
+
+class InvalidArgument(ConfigError):
+    """A request field is wrong; the message starts with the field's name (INVALID_ARGUMENT)."""
+
+
+class NotFound(PasstError):
+    """No flow with that id (NOT_FOUND)."""
+
+
+class FailedPrecondition(PasstError):
+    """Valid, but not possible in the daemon's present state or mode (FAILED_PRECONDITION)."""
+
+
+class ResourceExhausted(PasstError):
+    """A limit is reached, e.g. too many watchers (RESOURCE_EXHAUSTED)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,11 +112,277 @@ class StatusView:
     counters: CountersView
     flows: Mapping[str, int] = field(default_factory=_empty)  # protocol -> open flows
     limits: LimitsView
+    flow_states: Mapping[str, Mapping[str, int]] = field(default_factory=_empty_nested)  # proto -> state -> n
+
+
+# -- connections ---------------------------------------------------------------------------------------
+
+ConnDirection = Literal["guest", "host"]  # which side opened the flow
+EventKind = Literal["opened", "state", "closed", "existing"]
+PROTOCOLS: Final = ("tcp", "udp", "icmp")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TcpDetailsView:
+    """passt.v1.TcpDetails."""
+
+    guest_srtt_seconds: float = 0.0
+    guest_rto_seconds: float = 0.0
+    retransmits_to_guest: int = 0
+    window_from_guest: int = 0
+    window_to_guest: int = 0
+    mss_to_guest: int = 0
+    host_rtt_us: int = 0
+    host_retransmits: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionView:
+    """passt.v1.Connection: one flow. Addresses are text ("" when unknown), times are wall-clock seconds."""
+
+    id: int
+    protocol: str  # "tcp", "udp", "icmp"
+    state: str
+    direction: ConnDirection
+    guest_address: str = ""
+    guest_port: int = 0
+    remote_address: str = ""
+    remote_port: int = 0
+    local_address: str = ""
+    local_port: int = 0
+    bytes_from_guest: int = 0
+    bytes_to_guest: int = 0
+    packets_from_guest: int = 0
+    packets_to_guest: int = 0
+    created_time: float = 0.0
+    last_activity_time: float = 0.0
+    tcp: TcpDetailsView | None = None
+
+
+def _norm_address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionFilter:
+    """passt.v1.ConnectionFilter, validated: every set field must match; unset ones match everything."""
+
+    protocol: str = ""  # "" or one of PROTOCOLS
+    state: str = ""  # upper case, "" for any
+    address: str = ""  # normalised text of an IP address; guest or remote
+    port: int = 0  # guest, remote or host socket local port
+    direction: ConnDirection | Literal[""] = ""
+
+    @classmethod
+    def build(
+        cls, *, protocol: str = "", state: str = "", address: str = "", port: int = 0, direction: str = ""
+    ) -> ConnectionFilter:
+        """A filter from loose values; raises InvalidArgument naming the bad field."""
+        if protocol and protocol not in PROTOCOLS:
+            raise InvalidArgument(f"filter.protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        if not 0 <= port <= 65535:
+            raise InvalidArgument(f"filter.port: {port} is out of range 1..65535")
+        if address:
+            try:
+                address = str(ipaddress.ip_address(address.strip("[]")))
+            except ValueError:
+                raise InvalidArgument(f"filter.address: {address!r} is not an IP address") from None
+        if direction not in ("", "guest", "host"):
+            raise InvalidArgument(f"filter.direction: {direction!r} is not 'guest' or 'host'")
+        return cls(protocol=protocol, state=state.upper(), address=address, port=port, direction=direction)  # type: ignore[arg-type]
+
+    @property
+    def empty(self) -> bool:
+        return self == ConnectionFilter()
+
+    @property
+    def needs_local_port(self) -> bool:
+        """Matching may need the host socket's local port (a system call per flow)."""
+        return self.port != 0
+
+    def matches(self, view: ConnectionView) -> bool:
+        if self.protocol and view.protocol != self.protocol:
+            return False
+        if self.state and view.state != self.state:
+            return False
+        if self.direction and view.direction != self.direction:
+            return False
+        if self.address and self.address not in (
+            _norm_address(view.guest_address),
+            _norm_address(view.remote_address),
+        ):
+            return False
+        return not self.port or self.port in (view.guest_port, view.remote_port, view.local_port)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionEventView:
+    """passt.v1.ConnectionEvent."""
+
+    kind: EventKind
+    time: float
+    connection: ConnectionView
+    reason: str = ""  # the dataplane's name: "fin", "rst_from_guest", "timeout", "reset_by_api"...
+    dropped_before: int = 0
+
+
+class EventQueue:
+    """One watcher's bounded queue. `offer` never blocks: when full the event is dropped and counted, and
+    the count rides on the next event that does get in (`dropped_before`), so the client sees the gap where
+    it happened. The dataplane calls `offer` synchronously; the servicer awaits `get`.
+    """
+
+    def __init__(self, maxsize: int, on_close: Callable[[], None] = lambda: None) -> None:
+        self._queue: asyncio.Queue[ConnectionEventView | None] = asyncio.Queue(maxsize)
+        self._on_close = on_close
+        self._pending_drops = 0
+        self.dropped = 0  # total since the watch started
+        self.closed = False
+
+    def offer(self, event: ConnectionEventView) -> None:
+        if self.closed:
+            return
+        if self._queue.full():
+            self._pending_drops += 1
+            self.dropped += 1
+            return
+        if self._pending_drops:
+            event = replace(event, dropped_before=self._pending_drops)
+            self._pending_drops = 0
+        self._queue.put_nowait(event)
+
+    async def get(self) -> ConnectionEventView | None:
+        """The next event, or None once the queue is closed (server shutdown)."""
+        if self.closed and self._queue.empty():
+            return None
+        return await self._queue.get()
+
+    def close(self) -> None:
+        """Unsubscribe, and wake a pending `get` with None. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self._on_close()
+        while True:  # make room for the wake-up; whatever is still queued is not read any more
+            try:
+                self._queue.put_nowait(None)
+                return
+            except asyncio.QueueFull:
+                self._queue.get_nowait()
+
+
+# -- port forwarding --------------------------------------------------------------------------------------
+
+ForwardDirection = Literal["tcp_in", "udp_in", "tcp_out", "udp_out"]
+FORWARD_DIRECTIONS: Final[tuple[ForwardDirection, ...]] = ("tcp_in", "udp_in", "tcp_out", "udp_out")
+ForwardOp = Literal["replace", "add", "delete"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardRuleView:
+    bind_address: str = ""
+    ifname: str = ""
+    first: int
+    last: int
+    target_first: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardTableView:
+    """passt.v1.ForwardTable: one direction's policy."""
+
+    direction: ForwardDirection
+    spec: str
+    mode: str  # none, auto, all, spec
+    rules: tuple[ForwardRuleView, ...] = ()
+    excluded: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BindResultView:
+    address: str
+    ifname: str = ""
+    port: int
+    target_port: int
+    ok: bool
+    error: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PortPolicyChangeView:
+    previous: ForwardTableView
+    current: ForwardTableView
+    binds: tuple[BindResultView, ...] = ()
+
+
+# -- timeouts ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimeoutsView:
+    """passt.v1.Timeouts: seconds, except tcp_max_retransmits (a count)."""
+
+    tcp_syn: float
+    tcp_fin: float
+    tcp_activity: float
+    tcp_ack_interval: float
+    tcp_rto_initial: float
+    tcp_rto_min: float
+    tcp_rto_max: float
+    tcp_max_retransmits: int
+    udp_idle: float
+    icmp_idle: float
 
 
 class ControlAPI(Protocol):
-    """What the control plane may ask of the daemon. Called on the dataplane's loop; must not block."""
+    """What the control plane may ask of the daemon. Called on the dataplane's loop; must not block.
 
-    def status(self) -> StatusView:
-        """A fresh snapshot; never walks the flow table."""
+    The async methods walk the flow table and yield to the loop every few hundred flows. Errors are the
+    classes above (or any PasstError); anything else is a bug.
+
+    No call needs a guest to be attached: an orchestrator sets ports and timeouts before the VM boots,
+    and flows left over from a guest that went away can still be listed and reset (the host side gets its
+    RST, the guest side has nobody to tell). So FAILED_PRECONDITION means "not in this mode" (-T/-U specs,
+    namespace tables in passt mode), never "no guest".
+    """
+
+    async def status(self) -> StatusView:
+        """A fresh snapshot (counts flows by protocol and state, yielding on large tables)."""
+        ...
+
+    async def list_connections(
+        self, flt: ConnectionFilter, after_id: int, limit: int
+    ) -> tuple[list[ConnectionView], int]:
+        """Up to `limit` matching flows with id > after_id, by id; and the last id returned when more
+        matching flows may follow, else 0."""
+        ...
+
+    def watch(self, flt: ConnectionFilter) -> EventQueue:
+        """Subscribe to flow events matching `flt`; the caller must close() the queue. ResourceExhausted
+        when too many watchers are open."""
+        ...
+
+    async def reset_connections(
+        self, ids: Sequence[int] | None, flt: ConnectionFilter
+    ) -> list[ConnectionView]:
+        """Reset the flows with these ids (NotFound if one is unknown, nothing reset then), or, when `ids`
+        is None, every flow matching `flt`. Returns the flows as they were just before."""
+        ...
+
+    def port_policy(self) -> tuple[ForwardTableView, ...]:
+        """The four tables, in FORWARD_DIRECTIONS order."""
+        ...
+
+    def change_forward(self, op: ForwardOp, direction: ForwardDirection, spec: str) -> PortPolicyChangeView:
+        """Replace, add to or delete from one table; listeners follow, flows are untouched."""
+        ...
+
+    def timeouts(self) -> TimeoutsView: ...
+
+    def set_timeouts(self, values: Mapping[str, float]) -> TimeoutsView:
+        """Change the named timeouts, all or nothing; InvalidArgument names the first bad field."""
         ...

@@ -1,10 +1,37 @@
-"""Pure conversion from the control API's views to protobuf messages (unit-tested without gRPC)."""
+"""Pure conversion between the control API's views and protobuf messages (unit-tested without gRPC).
+
+Requests are validated here on the way in: a bad field raises `InvalidArgument` whose message starts with
+the field's proto name, which the servicer returns as INVALID_ARGUMENT.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from dataclasses import fields
 from typing import Final
 
-from passtd.control.api import BackendView, ConfigView, CountersView, LimitsView, Mode, StatusView
+from passtd.control.api import (
+    FORWARD_DIRECTIONS,
+    BackendView,
+    BindResultView,
+    ConfigView,
+    ConnDirection,
+    ConnectionEventView,
+    ConnectionFilter,
+    ConnectionView,
+    CountersView,
+    EventKind,
+    ForwardDirection,
+    ForwardTableView,
+    InvalidArgument,
+    LimitsView,
+    Mode,
+    PortPolicyChangeView,
+    StatusView,
+    TcpDetailsView,
+    TimeoutsView,
+)
 from passtd.control.pb import passt_pb2
 
 MODE_TO_PB: Final[dict[Mode, passt_pb2.Mode.ValueType]] = {
@@ -71,4 +98,220 @@ def status_to_pb(view: StatusView) -> passt_pb2.Status:
         counters=counters_to_pb(view.counters),
         flows=dict(view.flows),
         limits=limits_to_pb(view.limits),
+        flow_states={
+            proto: passt_pb2.FlowStates(states=dict(states)) for proto, states in view.flow_states.items()
+        },
     )
+
+
+# -- connections ----------------------------------------------------------------------------------------
+
+PROTOCOL_TO_PB: Final[dict[str, passt_pb2.Protocol.ValueType]] = {
+    "tcp": passt_pb2.PROTOCOL_TCP,
+    "udp": passt_pb2.PROTOCOL_UDP,
+    "icmp": passt_pb2.PROTOCOL_ICMP,
+}
+PROTOCOL_FROM_PB: Final = {v: k for k, v in PROTOCOL_TO_PB.items()}
+DIRECTION_TO_PB: Final[dict[ConnDirection, passt_pb2.Direction.ValueType]] = {
+    "guest": passt_pb2.DIRECTION_GUEST_INITIATED,
+    "host": passt_pb2.DIRECTION_HOST_INITIATED,
+}
+DIRECTION_FROM_PB: Final = {v: k for k, v in DIRECTION_TO_PB.items()}
+EVENT_KIND_TO_PB: Final[dict[EventKind, passt_pb2.EventKind.ValueType]] = {
+    "opened": passt_pb2.EVENT_KIND_OPENED,
+    "state": passt_pb2.EVENT_KIND_STATE_CHANGED,
+    "closed": passt_pb2.EVENT_KIND_CLOSED,
+    "existing": passt_pb2.EVENT_KIND_EXISTING,
+}
+# The dataplane's reason names (FlowEvent.reason) → the proto enum; anything else is OTHER.
+CLOSE_REASON_TO_PB: Final[dict[str, passt_pb2.CloseReason.ValueType]] = {
+    "fin": passt_pb2.CLOSE_REASON_FIN,
+    "rst_from_guest": passt_pb2.CLOSE_REASON_RST_FROM_GUEST,
+    "rst_from_host": passt_pb2.CLOSE_REASON_RST_FROM_HOST,
+    "timeout": passt_pb2.CLOSE_REASON_TIMEOUT,
+    "reset_by_api": passt_pb2.CLOSE_REASON_RESET_BY_API,
+    "limit": passt_pb2.CLOSE_REASON_LIMIT,
+    "shutdown": passt_pb2.CLOSE_REASON_SHUTDOWN,
+}
+
+
+def filter_from_pb(message: passt_pb2.ConnectionFilter) -> ConnectionFilter:
+    """Validate a filter; InvalidArgument names the field."""
+    protocol = ""
+    if message.protocol:
+        if message.protocol not in PROTOCOL_FROM_PB:
+            raise InvalidArgument(f"filter.protocol: unknown value {message.protocol}")
+        protocol = PROTOCOL_FROM_PB[message.protocol]
+    direction = ""
+    if message.direction:
+        if message.direction not in DIRECTION_FROM_PB:
+            raise InvalidArgument(f"filter.direction: unknown value {message.direction}")
+        direction = DIRECTION_FROM_PB[message.direction]
+    return ConnectionFilter.build(
+        protocol=protocol,
+        state=message.state,
+        address=message.address,
+        port=message.port,
+        direction=direction,
+    )
+
+
+def tcp_details_to_pb(view: TcpDetailsView) -> passt_pb2.TcpDetails:
+    return passt_pb2.TcpDetails(
+        guest_srtt_seconds=view.guest_srtt_seconds,
+        guest_rto_seconds=view.guest_rto_seconds,
+        retransmits_to_guest=view.retransmits_to_guest,
+        window_from_guest=view.window_from_guest,
+        window_to_guest=view.window_to_guest,
+        mss_to_guest=view.mss_to_guest,
+        host_rtt_us=view.host_rtt_us,
+        host_retransmits=view.host_retransmits,
+    )
+
+
+def connection_to_pb(view: ConnectionView) -> passt_pb2.Connection:
+    return passt_pb2.Connection(
+        id=view.id,
+        protocol=PROTOCOL_TO_PB.get(view.protocol, passt_pb2.PROTOCOL_UNSPECIFIED),
+        state=view.state,
+        direction=DIRECTION_TO_PB[view.direction],
+        guest_address=view.guest_address,
+        guest_port=view.guest_port,
+        remote_address=view.remote_address,
+        remote_port=view.remote_port,
+        local_address=view.local_address,
+        local_port=view.local_port,
+        bytes_from_guest=view.bytes_from_guest,
+        bytes_to_guest=view.bytes_to_guest,
+        packets_from_guest=view.packets_from_guest,
+        packets_to_guest=view.packets_to_guest,
+        created_time=view.created_time,
+        last_activity_time=view.last_activity_time,
+        tcp=tcp_details_to_pb(view.tcp) if view.tcp is not None else None,
+    )
+
+
+def event_to_pb(view: ConnectionEventView) -> passt_pb2.ConnectionEvent:
+    closed = view.kind == "closed"
+    return passt_pb2.ConnectionEvent(
+        kind=EVENT_KIND_TO_PB[view.kind],
+        time=view.time,
+        connection=connection_to_pb(view.connection),
+        reason=CLOSE_REASON_TO_PB.get(view.reason, passt_pb2.CLOSE_REASON_OTHER)
+        if closed
+        else passt_pb2.CLOSE_REASON_UNSPECIFIED,
+        reason_detail=view.reason,
+        dropped_before=view.dropped_before,
+    )
+
+
+# Page tokens are the decimal id of the last flow returned: ids only grow, so "after this id" is stable
+# across flows opening and closing between pages.
+
+
+def page_token_from_pb(token: str) -> int:
+    if not token:
+        return 0
+    if not token.isascii() or not token.isdigit() or len(token) > 20:
+        raise InvalidArgument(f"page_token: {token!r} is not a token this server issued")
+    return int(token)
+
+
+def page_token_to_pb(after_id: int) -> str:
+    return str(after_id) if after_id else ""
+
+
+# -- port forwarding ----------------------------------------------------------------------------------
+
+FORWARD_DIRECTION_TO_PB: Final[dict[ForwardDirection, passt_pb2.ForwardDirection.ValueType]] = {
+    "tcp_in": passt_pb2.FORWARD_DIRECTION_TCP_IN,
+    "udp_in": passt_pb2.FORWARD_DIRECTION_UDP_IN,
+    "tcp_out": passt_pb2.FORWARD_DIRECTION_TCP_OUT,
+    "udp_out": passt_pb2.FORWARD_DIRECTION_UDP_OUT,
+}
+FORWARD_DIRECTION_FROM_PB: Final = {v: k for k, v in FORWARD_DIRECTION_TO_PB.items()}
+assert tuple(FORWARD_DIRECTION_TO_PB) == FORWARD_DIRECTIONS
+
+
+def forward_direction_from_pb(value: int) -> ForwardDirection:
+    if value not in FORWARD_DIRECTION_FROM_PB:
+        raise InvalidArgument(
+            f"direction: {value} is not one of FORWARD_DIRECTION_TCP_IN, _UDP_IN, _TCP_OUT, _UDP_OUT"
+        )
+    return FORWARD_DIRECTION_FROM_PB[value]  # type: ignore[index]
+
+
+def spec_from_pb(spec: str) -> str:
+    if not spec.strip():
+        raise InvalidArgument("spec: empty; give a port spec such as '8080' or 'none'")
+    if len(spec) > 4096:
+        raise InvalidArgument("spec: longer than 4096 characters")
+    return spec
+
+
+def forward_table_to_pb(view: ForwardTableView) -> passt_pb2.ForwardTable:
+    return passt_pb2.ForwardTable(
+        direction=FORWARD_DIRECTION_TO_PB[view.direction],
+        spec=view.spec,
+        mode=view.mode,
+        rules=[
+            passt_pb2.ForwardRule(
+                bind_address=r.bind_address,
+                ifname=r.ifname,
+                first=r.first,
+                last=r.last,
+                target_first=r.target_first,
+            )
+            for r in view.rules
+        ],
+        excluded=view.excluded,
+    )
+
+
+def bind_result_to_pb(view: BindResultView) -> passt_pb2.BindResult:
+    return passt_pb2.BindResult(
+        address=view.address,
+        ifname=view.ifname,
+        port=view.port,
+        target_port=view.target_port,
+        ok=view.ok,
+        error=view.error,
+        message=view.message,
+    )
+
+
+def policy_change_to_pb(view: PortPolicyChangeView) -> passt_pb2.PortPolicyChange:
+    return passt_pb2.PortPolicyChange(
+        previous=forward_table_to_pb(view.previous),
+        current=forward_table_to_pb(view.current),
+        binds=[bind_result_to_pb(b) for b in view.binds],
+    )
+
+
+# -- timeouts -------------------------------------------------------------------------------------------
+
+TIMEOUT_NAMES: Final = tuple(f.name for f in fields(TimeoutsView))
+
+
+def timeouts_to_pb(view: TimeoutsView) -> passt_pb2.Timeouts:
+    return passt_pb2.Timeouts(**{name: getattr(view, name) for name in TIMEOUT_NAMES})
+
+
+def timeouts_from_pb(message: passt_pb2.Timeouts, paths: list[str] | tuple[str, ...]) -> Mapping[str, float]:
+    """The values named by an update mask; InvalidArgument for an empty mask, an unknown or repeated name,
+    or a value that is not a finite number. Ranges are the daemon's to check."""
+    if not paths:
+        raise InvalidArgument(f"update_mask: empty; name the timeouts to change ({', '.join(TIMEOUT_NAMES)})")
+    out: dict[str, float] = {}
+    for path in paths:
+        if path not in TIMEOUT_NAMES:
+            raise InvalidArgument(
+                f"update_mask: unknown timeout {path!r} (known: {', '.join(TIMEOUT_NAMES)})"
+            )
+        if path in out:
+            raise InvalidArgument(f"update_mask: {path!r} named twice")
+        value = float(getattr(message, path))
+        if not math.isfinite(value):
+            raise InvalidArgument(f"timeouts.{path}: {value} is not a finite number")
+        out[path] = value
+    return out

@@ -6,6 +6,12 @@ in which anyone else could connect. gRPC itself would silently unlink whatever s
 binding, which would hijack a running daemon's socket; so the path is probed first and the start refused if
 something answers.
 
+Optionally the same server also listens on TCP (`--control-listen HOST:PORT`). Over TCP the socket file's
+permissions no longer protect anything, so TLS with client certificates is mandatory: the server presents
+its certificate and accepts only clients whose certificate chains to the configured CA (mutual TLS).
+Plaintext TCP exists only for tests and local tooling, and only on a loopback address with an explicit
+`--control-insecure`.
+
 Besides passt.v1.Control the server carries the standard health service (grpc.health.v1.Health, SERVING for
 "" and "passt.v1.Control", NOT_SERVING once shutdown starts) and server reflection, so grpcurl and generic
 probes work without the .proto file.
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import grp
+import ipaddress
 import os
 import socket
 import stat
@@ -29,7 +36,7 @@ from grpc_reflection.v1alpha import reflection
 from passtd.control.api import ControlAPI
 from passtd.control.pb import passt_pb2_grpc
 from passtd.control.service import SERVICE_NAME, ControlServicer
-from passtd.errors import BackendError
+from passtd.errors import BackendError, ConfigError
 
 HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SUN_PATH_MAX: Final = 107  # sizeof(sockaddr_un.sun_path) - 1 for the NUL on Linux
@@ -42,8 +49,10 @@ class _Bound:
     """What stop_control_server needs to undo: the health servicer to flip, the file to remove."""
 
     health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped)
-    path: str
+    servicer: ControlServicer
+    path: str | None
     ino: int
+    tcp_port: int | None
 
 
 _bound: weakref.WeakKeyDictionary[Any, _Bound] = weakref.WeakKeyDictionary()
@@ -109,38 +118,146 @@ def _bind(server: Any, path: str, mode: int) -> None:
         os.umask(old)
 
 
-async def start_control_server(api: ControlAPI, path: str, *, group: str | None = None) -> grpc.aio.Server:
-    """Serve passt.v1.Control, health and reflection on `unix:{path}`; raise BackendError if it cannot.
+@dataclass(frozen=True, slots=True)
+class TcpListen:
+    """`--control-listen HOST:PORT` and its TLS files (PEM). Port 0 picks a free port (see control_port)."""
+
+    host: str
+    port: int
+    cert: str | None = None  # --control-cert: the server's certificate chain
+    key: str | None = None  # --control-key: its private key
+    client_ca: str | None = None  # --control-client-ca: CA bundle client certificates must chain to
+    insecure: bool = False  # --control-insecure: plaintext, loopback only
+
+    @property
+    def target(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen(text: str, option: str = "--control-listen") -> tuple[str, int]:
+    """`HOST:PORT` or `[IPV6]:PORT` → (host, port); ConfigError naming `option` otherwise."""
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not host:
+        raise ConfigError(f"{option}: {text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(f"{option}: write IPv6 addresses in brackets, e.g. [::1]:{port_text}")
+    if not port_text.isascii() or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{option}: bad port {port_text!r} (0..65535)")
+    return host, int(port_text)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror}") from None
+
+
+def tcp_credentials(tcp: TcpListen) -> grpc.ServerCredentials | None:
+    """The TLS credentials for `tcp` (None for an allowed --control-insecure); ConfigError when the
+    combination is not allowed: plaintext off loopback, or TLS without all three files."""
+    if tcp.insecure:
+        if not _is_loopback(tcp.host):
+            raise ConfigError(
+                f"--control-insecure: only allowed on a loopback address, not {tcp.host!r} "
+                "(use --control-cert, --control-key and --control-client-ca)"
+            )
+        if tcp.cert or tcp.key or tcp.client_ca:
+            raise ConfigError("--control-insecure: cannot be combined with --control-cert/-key/-client-ca")
+        return None
+    missing = [
+        name
+        for name, value in (
+            ("--control-cert", tcp.cert),
+            ("--control-key", tcp.key),
+            ("--control-client-ca", tcp.client_ca),
+        )
+        if not value
+    ]
+    if missing:
+        raise ConfigError(
+            f"--control-listen: TLS with client certificates is required; missing {', '.join(missing)} "
+            "(or --control-insecure on a loopback address)"
+        )
+    assert tcp.cert and tcp.key and tcp.client_ca
+    return grpc.ssl_server_credentials(
+        [(_read(tcp.key, "--control-key"), _read(tcp.cert, "--control-cert"))],
+        root_certificates=_read(tcp.client_ca, "--control-client-ca"),
+        require_client_auth=True,
+    )
+
+
+async def start_control_server(
+    api: ControlAPI, path: str | None, *, group: str | None = None, tcp: TcpListen | None = None
+) -> grpc.aio.Server:
+    """Serve passt.v1.Control, health and reflection on `unix:{path}` and/or TCP; BackendError (or
+    ConfigError for a TLS setup that is not allowed) if it cannot.
 
     The socket file gets mode 0600, or 0660 and the given group (name or gid). A stale socket file is
     replaced; a live one (something accepts connections on it) is left alone and the start refused.
     """
+    if path is None and tcp is None:
+        raise ConfigError("control server: neither a socket path nor a TCP address")
     gid = _gid_of(group) if group is not None else None
     mode = MODE_PRIVATE if gid is None else MODE_GROUP
-    _claim_path(path)
+    credentials = tcp_credentials(tcp) if tcp is not None else None
+    if path is not None:
+        _claim_path(path)
 
     server = grpc.aio.server()
-    passt_pb2_grpc.add_ControlServicer_to_server(ControlServicer(api), server)
+    servicer = ControlServicer(api)
+    passt_pb2_grpc.add_ControlServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+    ino = 0
+    tcp_port: int | None = None
     try:
-        _bind(server, path, MODE_PRIVATE)  # the group gets in only once the file is its own
-        try:
-            if gid is not None:
-                os.chown(path, -1, gid)
-            os.chmod(path, mode)
-            ino = os.stat(path).st_ino
-        except OSError as exc:
-            raise BackendError(f"control socket {path}: cannot set owner/mode: {exc.strerror}") from None
+        if path is not None:
+            _bind(server, path, MODE_PRIVATE)  # the group gets in only once the file is its own
+            try:
+                if gid is not None:
+                    os.chown(path, -1, gid)
+                os.chmod(path, mode)
+                ino = os.stat(path).st_ino
+            except OSError as exc:
+                raise BackendError(f"control socket {path}: cannot set owner/mode: {exc.strerror}") from None
+        if tcp is not None:
+            try:
+                if credentials is None:
+                    tcp_port = server.add_insecure_port(tcp.target)
+                else:
+                    tcp_port = server.add_secure_port(tcp.target, credentials)
+            except RuntimeError:
+                tcp_port = 0
+            if not tcp_port:
+                raise BackendError(f"control listen {tcp.target}: cannot bind (see the grpc error above)")
         await server.start()
         for service in ("", SERVICE_NAME):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     except BaseException:
         await server.stop(None)
         raise
-    _bound[server] = _Bound(health=health_servicer, path=path, ino=ino)
+    _bound[server] = _Bound(health=health_servicer, servicer=servicer, path=path, ino=ino, tcp_port=tcp_port)
     return server
+
+
+def control_port(server: grpc.aio.Server) -> int | None:
+    """The TCP port `server` listens on (the one picked for port 0), or None without TCP."""
+    bound = _bound.get(server)
+    return bound.tcp_port if bound is not None else None
 
 
 async def stop_control_server(server: grpc.aio.Server, grace: float | None) -> None:
@@ -151,8 +268,9 @@ async def stop_control_server(server: grpc.aio.Server, grace: float | None) -> N
     bound = _bound.pop(server, None)
     if bound is not None:
         await bound.health.enter_graceful_shutdown()
+        bound.servicer.shutdown()  # watch streams end with OK instead of waiting out the grace period
     await server.stop(grace)
-    if bound is None:
+    if bound is None or bound.path is None:
         return
     try:
         if os.lstat(bound.path).st_ino == bound.ino:

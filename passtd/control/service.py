@@ -6,23 +6,54 @@ print it; anything else is a bug and reaches the client as grpc's generic UNKNOW
 
 from __future__ import annotations
 
-from typing import Final, NoReturn
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Final, NoReturn, TypeVar
 
 import grpc
 
-from passtd.control.api import ControlAPI
-from passtd.control.convert import status_to_pb
+from passtd.control.api import (
+    ConnectionEventView,
+    ConnectionFilter,
+    ControlAPI,
+    EventQueue,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from passtd.control.convert import (
+    connection_to_pb,
+    event_to_pb,
+    filter_from_pb,
+    forward_direction_from_pb,
+    forward_table_to_pb,
+    page_token_from_pb,
+    page_token_to_pb,
+    policy_change_to_pb,
+    spec_from_pb,
+    status_to_pb,
+    timeouts_from_pb,
+    timeouts_to_pb,
+)
 from passtd.control.pb import passt_pb2, passt_pb2_grpc
 from passtd.errors import BackendError, ConfigError, PasstError
 
 SERVICE_NAME: Final = passt_pb2.DESCRIPTOR.services_by_name["Control"].full_name  # "passt.v1.Control"
+PAGE_SIZE_DEFAULT: Final = 1000
+PAGE_SIZE_MAX: Final = 10000
+EXISTING_PAGE: Final = 1000
 
 # Most specific first: the first isinstance match decides.
 _STATUS_CODES: Final[tuple[tuple[type[PasstError], grpc.StatusCode], ...]] = (
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (BackendError, grpc.StatusCode.UNAVAILABLE),
     (PasstError, grpc.StatusCode.FAILED_PRECONDITION),
 )
+
+T = TypeVar("T")
+_ChangeRequest = passt_pb2.SetPortPolicyRequest | passt_pb2.AddForwardRequest | passt_pb2.RemoveForwardRequest
 
 
 def status_code_for(exc: PasstError) -> grpc.StatusCode:
@@ -34,15 +65,141 @@ async def _abort(context: grpc.aio.ServicerContext, exc: PasstError) -> NoReturn
     raise AssertionError("context.abort returned")  # it always raises
 
 
+async def _call(context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await fn()
+    except PasstError as exc:
+        await _abort(context, exc)
+
+
+async def _sync(fn: Callable[[], T]) -> T:
+    return fn()
+
+
 class ControlServicer(passt_pb2_grpc.ControlServicer):
     def __init__(self, api: ControlAPI) -> None:
         self._api = api
+        self._watches: set[EventQueue] = set()
+
+    def shutdown(self) -> None:
+        """End every open watch stream cleanly (the client sees OK, not CANCELLED)."""
+        for queue in list(self._watches):
+            queue.close()
 
     async def GetStatus(
         self, request: passt_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> passt_pb2.Status:
-        try:
-            view = self._api.status()
-        except PasstError as exc:
-            await _abort(context, exc)
+        view = await _call(context, self._api.status)
         return status_to_pb(view)
+
+    async def ListConnections(
+        self, request: passt_pb2.ListConnectionsRequest, context: grpc.aio.ServicerContext
+    ) -> passt_pb2.ListConnectionsResponse:
+        async def run() -> passt_pb2.ListConnectionsResponse:
+            flt = filter_from_pb(request.filter)
+            after = page_token_from_pb(request.page_token)
+            size = min(request.page_size or PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX)
+            views, last = await self._api.list_connections(flt, after, size)
+            return passt_pb2.ListConnectionsResponse(
+                connections=[connection_to_pb(v) for v in views], next_page_token=page_token_to_pb(last)
+            )
+
+        return await _call(context, run)
+
+    async def WatchConnections(
+        self, request: passt_pb2.WatchConnectionsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[passt_pb2.ConnectionEvent]:
+        flt = await _call(context, lambda: _sync(lambda: filter_from_pb(request.filter)))
+        queue = await _call(context, lambda: _sync(lambda: self._api.watch(flt)))
+        self._watches.add(queue)
+        try:
+            await context.send_initial_metadata(())  # tells the client it is subscribed
+            # Subscribed first, listed second: a flow opening in between shows up twice, never not at all.
+            after = 0
+            while request.include_existing:
+                views, after = await self._api.list_connections(flt, after, EXISTING_PAGE)
+                for view in views:
+                    yield event_to_pb(
+                        ConnectionEventView(kind="existing", time=view.last_activity_time, connection=view)
+                    )
+                if not after:
+                    break
+            while (event := await queue.get()) is not None:
+                yield event_to_pb(event)
+        finally:
+            self._watches.discard(queue)
+            queue.close()
+
+    async def ResetConnection(
+        self, request: passt_pb2.ResetConnectionRequest, context: grpc.aio.ServicerContext
+    ) -> passt_pb2.ResetConnectionsResponse:
+        async def run() -> passt_pb2.ResetConnectionsResponse:
+            if not request.id:
+                raise InvalidArgument("id: 0 is not a flow id")
+            views = await self._api.reset_connections([request.id], ConnectionFilter())
+            return passt_pb2.ResetConnectionsResponse(connections=[connection_to_pb(v) for v in views])
+
+        return await _call(context, run)
+
+    async def ResetConnections(
+        self, request: passt_pb2.ResetConnectionsRequest, context: grpc.aio.ServicerContext
+    ) -> passt_pb2.ResetConnectionsResponse:
+        async def run() -> passt_pb2.ResetConnectionsResponse:
+            flt = filter_from_pb(request.filter)
+            if flt.empty and not request.all:
+                raise InvalidArgument("filter: empty; set 'all' to reset every connection")
+            views = await self._api.reset_connections(None, flt)
+            return passt_pb2.ResetConnectionsResponse(connections=[connection_to_pb(v) for v in views])
+
+        return await _call(context, run)
+
+    async def GetPortPolicy(
+        self, request: passt_pb2.GetPortPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> passt_pb2.PortPolicy:
+        tables = await _call(context, lambda: _sync(self._api.port_policy))
+        return passt_pb2.PortPolicy(tables=[forward_table_to_pb(t) for t in tables])
+
+    async def _change(
+        self,
+        op: str,
+        request: passt_pb2.SetPortPolicyRequest
+        | passt_pb2.AddForwardRequest
+        | passt_pb2.RemoveForwardRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> passt_pb2.PortPolicyChange:
+        def run() -> passt_pb2.PortPolicyChange:
+            direction = forward_direction_from_pb(request.direction)
+            spec = spec_from_pb(request.spec)
+            return policy_change_to_pb(self._api.change_forward(op, direction, spec))  # type: ignore[arg-type]
+
+        return await _call(context, lambda: _sync(run))
+
+    async def SetPortPolicy(
+        self, request: passt_pb2.SetPortPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> passt_pb2.PortPolicyChange:
+        return await self._change("replace", request, context)
+
+    async def AddForward(
+        self, request: passt_pb2.AddForwardRequest, context: grpc.aio.ServicerContext
+    ) -> passt_pb2.PortPolicyChange:
+        return await self._change("add", request, context)
+
+    async def RemoveForward(
+        self, request: passt_pb2.RemoveForwardRequest, context: grpc.aio.ServicerContext
+    ) -> passt_pb2.PortPolicyChange:
+        return await self._change("delete", request, context)
+
+    async def GetTimeouts(
+        self, request: passt_pb2.GetTimeoutsRequest, context: grpc.aio.ServicerContext
+    ) -> passt_pb2.Timeouts:
+        view = await _call(context, lambda: _sync(self._api.timeouts))
+        return timeouts_to_pb(view)
+
+    async def SetTimeouts(
+        self, request: passt_pb2.SetTimeoutsRequest, context: grpc.aio.ServicerContext
+    ) -> passt_pb2.Timeouts:
+        def run() -> passt_pb2.Timeouts:
+            values = timeouts_from_pb(request.timeouts, list(request.update_mask.paths))
+            return timeouts_to_pb(self._api.set_timeouts(values))
+
+        return await _call(context, lambda: _sync(run))

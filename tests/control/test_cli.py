@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from passtctl.cli import main
+from passtctl.cli import main, parse_assignment, parse_duration
 from passtctl.render import render_status_table
 from passtd import __version__
 from passtd.control.convert import status_to_pb
@@ -212,3 +212,136 @@ def test_cli_imports_no_daemon() -> None:
         [str(PYTHON), "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout == "[]\n"
+
+
+# -- conns, ports, timeouts ----------------------------------------------------------------------------
+
+
+def test_conns_list_json_and_filter(server: ServerThread) -> None:
+    done = passtctl("-c", str(server.path), "conns", "list", "-o", "json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert [c["id"] for c in data["connections"]] == ["7", "9", "12"]
+    assert data["connections"][0]["tcp"]["mss_to_guest"] == 65480
+    done = passtctl("-c", str(server.path), "conns", "list", "--proto", "udp")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("ID  PROTO  STATE")
+    assert len(lines) == 2 and lines[1].split()[:3] == ["9", "udp", "ACTIVE"]
+
+
+def test_conns_reset(server: ServerThread) -> None:
+    done = passtctl("-c", str(server.path), "conns", "reset", "7", "12")
+    assert (done.returncode, done.stdout) == (0, "reset 2 connections: 7 12\n"), done.stderr
+    done = passtctl("-c", str(server.path), "conns", "reset", "7")
+    assert (done.returncode, done.stderr) == (1, "passtctl: error: no connection with id 7\n")
+    done = passtctl("-c", str(server.path), "conns", "reset", "--port", "53")
+    assert (done.returncode, done.stdout) == (0, "reset 1 connection: 9\n")
+    done = passtctl("-c", str(server.path), "conns", "reset", "--all")
+    assert (done.returncode, done.stdout) == (0, "reset 0 connections\n")
+    assert server.api.reset_log == [7, 12, 9]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("conns", "reset"), "give connection ids, --all, or a filter such as --port N"),
+        (("conns", "reset", "3", "--all"), "give connection ids, or --all/--port/..., not both"),
+        (("conns", "reset", "x"), "argument ID: not a connection id: 'x'"),
+        (("conns", "list", "--port", "0"), "argument --port: not a port number (1-65535): '0'"),
+        (("timeouts", "set", "udp_idle"), "argument KEY=VALUE: expected KEY=VALUE, not 'udp_idle'"),
+        (("timeouts", "set", "udp=2s"), "argument KEY=VALUE: unknown timeout 'udp'"),
+        (("timeouts", "set", "udp_idle=2x"), "argument KEY=VALUE: udp_idle: bad duration '2x'"),
+        (
+            ("timeouts", "set", "tcp_max_retransmits=2s"),
+            "argument KEY=VALUE: tcp_max_retransmits: a count, not '2s'",
+        ),
+        (("ports", "add", "22", "-t", "-u"), "argument -u: not allowed with argument -t"),
+    ],
+)
+def test_cli_usage_errors(server: ServerThread, args: tuple[str, ...], message: str) -> None:
+    done = passtctl("-c", str(server.path), *args)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"passtctl: error: {message}"), done.stderr
+    assert done.stderr.count("\n") == 1
+    assert server.api.reset_log == [] and server.api.changes == []
+
+
+def test_ports(server: ServerThread) -> None:
+    done = passtctl("-c", str(server.path), "ports", "list")
+    assert done.returncode == 0
+    assert done.stdout.splitlines()[1] == "tcp_in     -t      22,80:8080"
+    # The fake reports one socket refused: the change is printed, the exit status says it failed.
+    done = passtctl("-c", str(server.path), "ports", "add", "-u", "5353")
+    assert done.returncode == 1
+    assert done.stdout.startswith("udp_in (-u): none -> 5353\n")
+    assert done.stderr == "passtctl: error: 1 of 2 sockets could not be bound\n"
+    passtctl("-c", str(server.path), "ports", "remove", "5353", "--dir", "udp_in")
+    passtctl("-c", str(server.path), "ports", "set", "none")
+    assert server.api.changes == [
+        ("add", "udp_in", "5353"),
+        ("delete", "udp_in", "5353"),
+        ("replace", "tcp_in", "none"),
+    ]
+
+
+def test_timeouts(server: ServerThread) -> None:
+    done = passtctl(
+        "-c", str(server.path), "timeouts", "set", "udp_idle=2s", "tcp_ack_interval=10ms", "tcp_fin=1.5m"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "udp_idle             2 s\n" in done.stdout
+    current = server.api.current_timeouts
+    assert (current.udp_idle, current.tcp_ack_interval, current.tcp_fin) == (2.0, 0.01, 90.0)
+    done = passtctl("-c", str(server.path), "timeouts", "set", "udp_idle=0.5s")
+    assert done.returncode == 1
+    assert done.stderr == "passtctl: error: timeouts.udp_idle: 0.5 s is out of range 1..86400 s\n"
+    done = passtctl("-c", str(server.path), "timeouts", "get", "-o", "json")
+    assert json.loads(done.stdout)["udp_idle"] == 2
+
+
+def test_watch_ends_after_duration(server: ServerThread) -> None:
+    done = passtctl("-c", str(server.path), "conns", "watch", "--existing", "-o", "json", "--for", "1")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "passtctl: watching connections (Ctrl-C to stop)\n"
+    kinds = [json.loads(line)["kind"] for line in done.stdout.splitlines()]
+    assert kinds == ["EVENT_KIND_EXISTING"] * 3
+    done = passtctl("-c", str(server.path), "conns", "watch", "--existing", "--count", "2")
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("2s", 2.0), ("500ms", 0.5), ("1.5m", 90.0), ("2h", 7200.0), ("3", 3.0), (".5s", 0.5)],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "s", "2 s", "-1s", "1e3s", "2d", "1..2s"])
+def test_parse_duration_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match="bad duration"):
+        parse_duration(text)
+
+
+def test_parse_assignment() -> None:
+    assert parse_assignment("udp_idle=2s") == ("udp_idle", 2.0)
+    assert parse_assignment("tcp_max_retransmits=5") == ("tcp_max_retransmits", 5.0)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("conns", "--help"),
+        ("conns", "list", "--help"),
+        ("conns", "watch", "--help"),
+        ("conns", "reset", "--help"),
+        ("ports", "--help"),
+        ("ports", "add", "--help"),
+        ("timeouts", "set", "--help"),
+    ],
+)
+def test_help_everywhere(args: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(list(args)) == 0
+    assert capsys.readouterr().out.startswith("usage: passtctl")

@@ -106,6 +106,7 @@ FULL = StatusView(
     ),
     flows={"tcp": 1},
     limits=LimitsView(max_flows=1),
+    flow_states={"tcp": {"ESTABLISHED": 1}},
 )
 
 

@@ -2,15 +2,49 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 
 import pytest
 from google.protobuf import json_format
 
-from passtctl.render import format_bytes, format_duration, render_json, render_status_table, render_table
-from passtd.control.convert import status_to_pb
+from passtctl.render import (
+    format_bytes,
+    format_duration,
+    format_seconds,
+    render_columns,
+    render_connections,
+    render_event,
+    render_json,
+    render_json_line,
+    render_policy_change,
+    render_port_policy,
+    render_status_table,
+    render_table,
+    render_timeouts,
+)
+from passtd.control.api import ConnectionEventView
+from passtd.control.convert import (
+    connection_to_pb,
+    event_to_pb,
+    forward_table_to_pb,
+    policy_change_to_pb,
+    status_to_pb,
+    timeouts_to_pb,
+)
 from passtd.control.pb import passt_pb2
-from tests.control.samples import BARE, SAMPLE
+from tests.control.samples import (
+    BARE,
+    CONN_ICMP,
+    CONN_TCP,
+    CONN_UDP,
+    CONNECTIONS,
+    SAMPLE,
+    T0,
+    TIMEOUTS,
+    FakeControlAPI,
+)
 
 SAMPLE_TABLE = """\
 version              0.1.0
@@ -33,8 +67,8 @@ dropped              3 frames
   arp.truncated      1
   ipv4.bad_checksum  2
 flows                5 of 4096 max
-  tcp                3
-  udp                2
+  tcp                3 (ESTABLISHED 2, FIN_WAIT_1 1)
+  udp                2 (ACTIVE 2)
 """
 
 BARE_TABLE = """\
@@ -141,3 +175,114 @@ def test_json_prints_default_fields() -> None:
     assert data["config"]["ipv6_address"] == ""
     assert data["counters"]["dropped"] == {}
     assert data["flows"] == {}
+
+
+# -- connections, events, port policy, timeouts ------------------------------------------------------------
+
+CONNS_TABLE = """\
+ID  PROTO  STATE        DIR  GUEST             REMOTE               FROM GUEST  TO GUEST    AGE  IDLE
+ 7  tcp    ESTABLISHED  out  10.0.2.15:45678   10.0.2.2:5001           4.0 KiB   1.5 MiB  2m 5s    2s
+ 9  udp    ACTIVE       in   [2001:db8::2]:53  [2001:db8::1]:40000       100 B      50 B    10s   10s
+12  icmp   ACTIVE       out  10.0.2.15 id 3    192.0.2.1                   0 B       0 B     0s    0s
+"""
+CONNS_WIDE_FIRST_ROWS = (
+    "ID  PROTO  STATE        DIR  GUEST             REMOTE               FROM GUEST  TO GUEST    AGE  IDLE"
+    "  LOCAL            PKTS IN  PKTS OUT      RTT  RETRANS    WINDOW    MSS\n"
+    " 7  tcp    ESTABLISHED  out  10.0.2.15:45678   10.0.2.2:5001           4.0 KiB   1.5 MiB  2m 5s    2s"
+    "  127.0.0.1:39000        5        30  0.04 ms        3  64.0 KiB  65480\n"
+    " 9  udp    ACTIVE       in   [2001:db8::2]:53  [2001:db8::1]:40000       100 B      50 B    10s   10s"
+    "  [::]:5353              1         1        -        -         -      -\n"
+)
+
+
+def _conns() -> list[passt_pb2.Connection]:
+    return [connection_to_pb(c) for c in CONNECTIONS]
+
+
+def test_connections_table() -> None:
+    assert render_connections(_conns(), T0) == CONNS_TABLE
+
+
+def test_connections_wide() -> None:
+    assert render_connections(_conns(), T0, wide=True).startswith(CONNS_WIDE_FIRST_ROWS)
+
+
+def test_connections_empty_is_just_the_header() -> None:
+    assert render_connections([], T0) == (
+        "ID  PROTO  STATE  DIR  GUEST  REMOTE  FROM GUEST  TO GUEST  AGE  IDLE\n"
+    )
+
+
+def test_render_columns_right_alignment() -> None:
+    assert (
+        render_columns(("A", "N"), [("x", "1"), ("yy", "100")], right=(1,)) == "A     N\nx     1\nyy  100\n"
+    )
+
+
+def test_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        closed = ConnectionEventView(kind="closed", time=T0 + 0.25, connection=CONN_TCP, reason="fin")
+        assert render_event(event_to_pb(dataclasses.replace(closed, dropped_before=2))) == (
+            "(missed 2 events)\n"
+            "22:13:20.250 closed   7 tcp ESTABLISHED 10.0.2.15:45678 -> 10.0.2.2:5001 reason fin "
+            "from guest 4.0 KiB, to guest 1.5 MiB\n"
+        )
+        opened = ConnectionEventView(kind="opened", time=T0, connection=CONN_UDP)
+        assert render_event(event_to_pb(opened)) == (
+            "22:13:20.000 opened   9 udp ACTIVE [2001:db8::2]:53 <- [2001:db8::1]:40000\n"
+        )
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_event_json_line() -> None:
+    event = event_to_pb(ConnectionEventView(kind="opened", time=T0, connection=CONN_ICMP))
+    text = render_json_line(event)
+    assert text.count("\n") == 1 and text.endswith("}\n")
+    data = json.loads(text)
+    assert (data["kind"], data["connection"]["id"], data["connection"]["protocol"]) == (
+        "EVENT_KIND_OPENED", "12", "PROTOCOL_ICMP"
+    )  # fmt: skip
+
+
+def test_port_policy_and_change() -> None:
+    api = FakeControlAPI()
+    tables = passt_pb2.PortPolicy(tables=[forward_table_to_pb(t) for t in api.tables.values()])
+    assert render_port_policy(tables) == (
+        "DIRECTION  OPTION  SPEC\n"
+        "tcp_in     -t      22,80:8080\n"
+        "udp_in     -u      none\n"
+        "tcp_out    -T      none\n"
+        "udp_out    -U      none\n"
+    )
+    change = policy_change_to_pb(api.change_forward("add", "tcp_in", "8080"))
+    assert render_policy_change(change) == (
+        "tcp_in (-t): 22,80:8080 -> 8080\n"
+        "  ok                  tcp 0.0.0.0:8080: listening\n"
+        "  FAILED  EADDRINUSE  tcp [::]:8080: Address already in use (another socket is bound to it)\n"
+    )
+
+
+def test_timeouts_table() -> None:
+    assert render_timeouts(timeouts_to_pb(TIMEOUTS)) == (
+        "tcp_syn              240 s\n"
+        "tcp_fin              240 s\n"
+        "tcp_activity         7200 s\n"
+        "tcp_ack_interval     20 ms\n"
+        "tcp_rto_initial      1 s\n"
+        "tcp_rto_min          200 ms\n"
+        "tcp_rto_max          60 s\n"
+        "tcp_max_retransmits  12\n"
+        "udp_idle             180 s\n"
+        "icmp_idle            60 s\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(0, "0 s"), (0.02, "20 ms"), (0.0015, "1.5 ms"), (1, "1 s"), (2.5, "2.5 s")]
+)
+def test_format_seconds(seconds: float, text: str) -> None:
+    assert format_seconds(seconds) == text

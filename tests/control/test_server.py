@@ -18,11 +18,12 @@ import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from passtd.control.convert import status_to_pb
+from passtd.control.api import FailedPrecondition
+from passtd.control.convert import connection_to_pb, status_to_pb
 from passtd.control.pb import passt_pb2, passt_pb2_grpc
 from passtd.control.server import start_control_server, stop_control_server
 from passtd.errors import BackendError, ConfigError, PasstError
-from tests.control.samples import SAMPLE, FakeControlAPI
+from tests.control.samples import CONN_TCP, CONN_UDP, SAMPLE, FakeControlAPI
 
 T = TypeVar("T")
 TIMEOUT = 5.0
@@ -98,9 +99,12 @@ async def test_reflection(tmp_path: Path) -> None:
             channel, reflection_pb2.ServerReflectionRequest(file_containing_symbol="passt.v1.Control")
         )
         protos = found.file_descriptor_response.file_descriptor_proto
-        assert len(protos) == 1
+        # passt.proto and the one well-known type it imports (FieldMask, for SetTimeouts).
+        assert len(protos) == 2
         assert b"passt.v1" in protos[0]
         assert b"GetStatus" in protos[0]
+        assert b"WatchConnections" in protos[0]
+        assert b"google/protobuf/field_mask.proto" in protos[1]
 
 
 @in_loop
@@ -219,3 +223,180 @@ def test_api_errors_map_to_status_codes(tmp_path: Path, error: PasstError, code:
         assert info.value.details() == str(error)
 
     run(main())
+
+
+# -- connections, port policy and timeouts through the real server and a fake API -------------------------
+
+
+async def _code(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value.code(), info.value.details() or ""
+
+
+@in_loop
+async def test_list_connections_pages(tmp_path: Path) -> None:
+    async with serving(tmp_path / "ctl.sock") as channel:
+        stub = passt_pb2_grpc.ControlStub(channel)
+        ids: list[int] = []
+        token = ""
+        pages = 0
+        while True:
+            reply = await stub.ListConnections(
+                passt_pb2.ListConnectionsRequest(page_size=2, page_token=token), timeout=TIMEOUT
+            )
+            ids += [c.id for c in reply.connections]
+            pages += 1
+            token = reply.next_page_token
+            if not token:
+                break
+        assert (ids, pages) == ([7, 9, 12], 2)
+        only = await stub.ListConnections(
+            passt_pb2.ListConnectionsRequest(
+                filter=passt_pb2.ConnectionFilter(protocol=passt_pb2.PROTOCOL_UDP)
+            ),
+            timeout=TIMEOUT,
+        )
+        assert [c.id for c in only.connections] == [9]
+        assert only.connections[0] == connection_to_pb(CONN_UDP)
+        bad = passt_pb2.ListConnectionsRequest(filter=passt_pb2.ConnectionFilter(port=65536))
+        assert await _code(stub.ListConnections(bad, timeout=TIMEOUT)) == (
+            grpc.StatusCode.INVALID_ARGUMENT, "filter.port: 65536 is out of range 1..65535"
+        )  # fmt: skip
+        bad = passt_pb2.ListConnectionsRequest(page_token="zzz")
+        code, details = await _code(stub.ListConnections(bad, timeout=TIMEOUT))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("page_token:")
+
+
+@in_loop
+async def test_watch_streams_events_and_counts_drops(tmp_path: Path) -> None:
+    api = FakeControlAPI(queue_size=4)
+    async with serving(tmp_path / "ctl.sock", api) as channel:
+        stub = passt_pb2_grpc.ControlStub(channel)
+        call = stub.WatchConnections(passt_pb2.WatchConnectionsRequest(include_existing=True))
+        await call.initial_metadata()  # subscribed
+        existing = [await call.read() for _ in range(3)]
+        assert [(e.kind, e.connection.id) for e in existing] == [
+            (passt_pb2.EVENT_KIND_EXISTING, 7), (passt_pb2.EVENT_KIND_EXISTING, 9),
+            (passt_pb2.EVENT_KIND_EXISTING, 12),
+        ]  # fmt: skip
+        # A burst the client does not read: 4 fit in the queue, the other 6 are dropped and counted; the
+        # emitter (the dataplane) never waits.
+        for _ in range(10):
+            api.emit("opened", CONN_TCP)
+        got = [await call.read() for _ in range(4)]
+        assert all(e.dropped_before == 0 for e in got)
+        api.emit("closed", CONN_TCP, "rst_from_guest")
+        last = await call.read()
+        assert (last.kind, last.reason, last.dropped_before) == (
+            passt_pb2.EVENT_KIND_CLOSED, passt_pb2.CLOSE_REASON_RST_FROM_GUEST, 6
+        )  # fmt: skip
+        call.cancel()
+        for _ in range(50):  # the servicer's finally closes the queue once the cancellation lands
+            if api.queues[0].closed:
+                break
+            await asyncio.sleep(0.01)
+        assert api.queues[0].closed
+
+
+@in_loop
+async def test_watch_limit_and_shutdown(tmp_path: Path) -> None:
+    api = FakeControlAPI(max_watchers=1)
+    path = tmp_path / "ctl.sock"
+    server = await start_control_server(api, str(path))
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
+            stub = passt_pb2_grpc.ControlStub(channel)
+            first = stub.WatchConnections(passt_pb2.WatchConnectionsRequest())
+            await first.initial_metadata()
+            second = stub.WatchConnections(passt_pb2.WatchConnectionsRequest())
+            code, details = await _code(second.read())
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert details == "too many connection watchers (limit 1)"
+            api.emit("opened", CONN_TCP)
+            assert (await first.read()).connection.id == 7
+            # Shutdown ends the stream cleanly at once rather than cancelling it after the grace period.
+            stopping = asyncio.create_task(stop_control_server(server, 5))
+            assert await first.read() == grpc.aio.EOF
+            assert await first.code() == grpc.StatusCode.OK
+            await stopping
+    finally:
+        await stop_control_server(server, 0)
+
+
+@in_loop
+async def test_reset(tmp_path: Path) -> None:
+    api = FakeControlAPI()
+    async with serving(tmp_path / "ctl.sock", api) as channel:
+        stub = passt_pb2_grpc.ControlStub(channel)
+        reply = await stub.ResetConnection(passt_pb2.ResetConnectionRequest(id=9), timeout=TIMEOUT)
+        assert [c.id for c in reply.connections] == [9]
+        assert await _code(stub.ResetConnection(passt_pb2.ResetConnectionRequest(id=9), timeout=TIMEOUT)) == (
+            grpc.StatusCode.NOT_FOUND, "no connection with id 9"
+        )  # fmt: skip
+        code, details = await _code(
+            stub.ResetConnections(passt_pb2.ResetConnectionsRequest(), timeout=TIMEOUT)
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert details == "filter: empty; set 'all' to reset every connection"
+        by_port = passt_pb2.ResetConnectionsRequest(filter=passt_pb2.ConnectionFilter(port=5001))
+        assert [c.id for c in (await stub.ResetConnections(by_port, timeout=TIMEOUT)).connections] == [7]
+        everything = passt_pb2.ResetConnectionsRequest(all=True)
+        assert [c.id for c in (await stub.ResetConnections(everything, timeout=TIMEOUT)).connections] == [12]
+        assert api.reset_log == [9, 7, 12]
+
+
+@in_loop
+async def test_port_policy(tmp_path: Path) -> None:
+    api = FakeControlAPI()
+    async with serving(tmp_path / "ctl.sock", api) as channel:
+        stub = passt_pb2_grpc.ControlStub(channel)
+        policy = await stub.GetPortPolicy(passt_pb2.GetPortPolicyRequest(), timeout=TIMEOUT)
+        assert [(t.direction, t.spec) for t in policy.tables] == [
+            (passt_pb2.FORWARD_DIRECTION_TCP_IN, "22,80:8080"), (passt_pb2.FORWARD_DIRECTION_UDP_IN, "none"),
+            (passt_pb2.FORWARD_DIRECTION_TCP_OUT, "none"), (passt_pb2.FORWARD_DIRECTION_UDP_OUT, "none"),
+        ]  # fmt: skip
+        assert [(r.first, r.target_first) for r in policy.tables[0].rules] == [(22, 22), (80, 8080)]
+        udp = passt_pb2.FORWARD_DIRECTION_UDP_IN
+        change = await stub.AddForward(passt_pb2.AddForwardRequest(direction=udp, spec="53"), timeout=TIMEOUT)
+        assert (change.previous.spec, change.current.spec) == ("none", "53")
+        assert [(b.ok, b.error) for b in change.binds] == [(True, ""), (False, "EADDRINUSE")]
+        await stub.RemoveForward(passt_pb2.RemoveForwardRequest(direction=udp, spec="53"), timeout=TIMEOUT)
+        await stub.SetPortPolicy(passt_pb2.SetPortPolicyRequest(direction=udp, spec="none"), timeout=TIMEOUT)
+        assert api.changes == [
+            ("add", "udp_in", "53"),
+            ("delete", "udp_in", "53"),
+            ("replace", "udp_in", "none"),
+        ]
+        no_dir = passt_pb2.SetPortPolicyRequest(spec="22")
+        code, details = await _code(stub.SetPortPolicy(no_dir, timeout=TIMEOUT))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("direction: 0 is not one of")
+        no_spec = passt_pb2.SetPortPolicyRequest(direction=udp)
+        code, details = await _code(stub.SetPortPolicy(no_spec, timeout=TIMEOUT))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("spec: empty")
+        api.error = FailedPrecondition("-T: namespace-to-host forwarding is not supported yet")
+        out = passt_pb2.SetPortPolicyRequest(direction=passt_pb2.FORWARD_DIRECTION_TCP_OUT, spec="80")
+        assert await _code(stub.SetPortPolicy(out, timeout=TIMEOUT)) == (
+            grpc.StatusCode.FAILED_PRECONDITION, "-T: namespace-to-host forwarding is not supported yet"
+        )  # fmt: skip
+
+
+@in_loop
+async def test_timeouts(tmp_path: Path) -> None:
+    api = FakeControlAPI()
+    async with serving(tmp_path / "ctl.sock", api) as channel:
+        stub = passt_pb2_grpc.ControlStub(channel)
+        got = await stub.GetTimeouts(passt_pb2.GetTimeoutsRequest(), timeout=TIMEOUT)
+        assert (got.udp_idle, got.tcp_max_retransmits) == (180.0, 12)
+        request = passt_pb2.SetTimeoutsRequest(timeouts=passt_pb2.Timeouts(udp_idle=2.0, tcp_syn=1.0))
+        request.update_mask.paths.append("udp_idle")  # tcp_syn is not in the mask: not changed
+        new = await stub.SetTimeouts(request, timeout=TIMEOUT)
+        assert (new.udp_idle, new.tcp_syn) == (2.0, 240.0)
+        request = passt_pb2.SetTimeoutsRequest(timeouts=passt_pb2.Timeouts(udp_idle=0.5))
+        code, _ = await _code(stub.SetTimeouts(request, timeout=TIMEOUT))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT  # empty mask
+        request.update_mask.paths.append("udp_idle")
+        assert await _code(stub.SetTimeouts(request, timeout=TIMEOUT)) == (
+            grpc.StatusCode.INVALID_ARGUMENT, "timeouts.udp_idle: 0.5 s is out of range 1..86400 s"
+        )  # fmt: skip
+        assert api.current_timeouts.udp_idle == 2.0

@@ -19,6 +19,7 @@ are pure additions:
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -54,6 +55,159 @@ MODE_PASST: Mode.ValueType  # 1
 MODE_PASTA: Mode.ValueType  # 2
 """pasta: a tap device inside a network namespace."""
 Global___Mode: _TypeAlias = Mode  # noqa: Y015
+
+class _Protocol:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ProtocolEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Protocol.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PROTOCOL_UNSPECIFIED: _Protocol.ValueType  # 0
+    """in a filter: any protocol"""
+    PROTOCOL_TCP: _Protocol.ValueType  # 1
+    PROTOCOL_UDP: _Protocol.ValueType  # 2
+    PROTOCOL_ICMP: _Protocol.ValueType  # 3
+    """ICMP or ICMPv6 echo"""
+
+class Protocol(_Protocol, metaclass=_ProtocolEnumTypeWrapper):
+    """---------------------------------------------------------------------------------------------------------
+    Connections (flows)
+
+    A flow's transport protocol.
+    """
+
+PROTOCOL_UNSPECIFIED: Protocol.ValueType  # 0
+"""in a filter: any protocol"""
+PROTOCOL_TCP: Protocol.ValueType  # 1
+PROTOCOL_UDP: Protocol.ValueType  # 2
+PROTOCOL_ICMP: Protocol.ValueType  # 3
+"""ICMP or ICMPv6 echo"""
+Global___Protocol: _TypeAlias = Protocol  # noqa: Y015
+
+class _Direction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DirectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Direction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DIRECTION_UNSPECIFIED: _Direction.ValueType  # 0
+    """in a filter: either"""
+    DIRECTION_GUEST_INITIATED: _Direction.ValueType  # 1
+    """The guest connected out (to the host through the gateway address, or to a remote host)."""
+    DIRECTION_HOST_INITIATED: _Direction.ValueType  # 2
+    """A host or remote peer connected to a forwarded port (-t/-u) and the flow goes to the guest."""
+
+class Direction(_Direction, metaclass=_DirectionEnumTypeWrapper):
+    """Which side opened a flow."""
+
+DIRECTION_UNSPECIFIED: Direction.ValueType  # 0
+"""in a filter: either"""
+DIRECTION_GUEST_INITIATED: Direction.ValueType  # 1
+"""The guest connected out (to the host through the gateway address, or to a remote host)."""
+DIRECTION_HOST_INITIATED: Direction.ValueType  # 2
+"""A host or remote peer connected to a forwarded port (-t/-u) and the flow goes to the guest."""
+Global___Direction: _TypeAlias = Direction  # noqa: Y015
+
+class _EventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_KIND_UNSPECIFIED: _EventKind.ValueType  # 0
+    EVENT_KIND_OPENED: _EventKind.ValueType  # 1
+    EVENT_KIND_STATE_CHANGED: _EventKind.ValueType  # 2
+    EVENT_KIND_CLOSED: _EventKind.ValueType  # 3
+    EVENT_KIND_EXISTING: _EventKind.ValueType  # 4
+    """A flow that was already open when the watch started (include_existing)."""
+
+class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper): ...
+
+EVENT_KIND_UNSPECIFIED: EventKind.ValueType  # 0
+EVENT_KIND_OPENED: EventKind.ValueType  # 1
+EVENT_KIND_STATE_CHANGED: EventKind.ValueType  # 2
+EVENT_KIND_CLOSED: EventKind.ValueType  # 3
+EVENT_KIND_EXISTING: EventKind.ValueType  # 4
+"""A flow that was already open when the watch started (include_existing)."""
+Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
+
+class _CloseReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CloseReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CloseReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CLOSE_REASON_UNSPECIFIED: _CloseReason.ValueType  # 0
+    """not a closed event"""
+    CLOSE_REASON_FIN: _CloseReason.ValueType  # 1
+    """both sides closed normally"""
+    CLOSE_REASON_RST_FROM_GUEST: _CloseReason.ValueType  # 2
+    CLOSE_REASON_RST_FROM_HOST: _CloseReason.ValueType  # 3
+    """reset or socket error on the host side"""
+    CLOSE_REASON_TIMEOUT: _CloseReason.ValueType  # 4
+    """a handshake, FIN, activity or idle timeout expired"""
+    CLOSE_REASON_RESET_BY_API: _CloseReason.ValueType  # 5
+    """ResetConnection(s)"""
+    CLOSE_REASON_LIMIT: _CloseReason.ValueType  # 6
+    """the flow table was full"""
+    CLOSE_REASON_SHUTDOWN: _CloseReason.ValueType  # 7
+    """passtd is stopping"""
+    CLOSE_REASON_OTHER: _CloseReason.ValueType  # 8
+    """see reason_detail"""
+
+class CloseReason(_CloseReason, metaclass=_CloseReasonEnumTypeWrapper):
+    """Why a flow closed."""
+
+CLOSE_REASON_UNSPECIFIED: CloseReason.ValueType  # 0
+"""not a closed event"""
+CLOSE_REASON_FIN: CloseReason.ValueType  # 1
+"""both sides closed normally"""
+CLOSE_REASON_RST_FROM_GUEST: CloseReason.ValueType  # 2
+CLOSE_REASON_RST_FROM_HOST: CloseReason.ValueType  # 3
+"""reset or socket error on the host side"""
+CLOSE_REASON_TIMEOUT: CloseReason.ValueType  # 4
+"""a handshake, FIN, activity or idle timeout expired"""
+CLOSE_REASON_RESET_BY_API: CloseReason.ValueType  # 5
+"""ResetConnection(s)"""
+CLOSE_REASON_LIMIT: CloseReason.ValueType  # 6
+"""the flow table was full"""
+CLOSE_REASON_SHUTDOWN: CloseReason.ValueType  # 7
+"""passtd is stopping"""
+CLOSE_REASON_OTHER: CloseReason.ValueType  # 8
+"""see reason_detail"""
+Global___CloseReason: _TypeAlias = CloseReason  # noqa: Y015
+
+class _ForwardDirection:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ForwardDirectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ForwardDirection.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FORWARD_DIRECTION_UNSPECIFIED: _ForwardDirection.ValueType  # 0
+    FORWARD_DIRECTION_TCP_IN: _ForwardDirection.ValueType  # 1
+    """-t: host TCP ports to the guest"""
+    FORWARD_DIRECTION_UDP_IN: _ForwardDirection.ValueType  # 2
+    """-u: host UDP ports to the guest"""
+    FORWARD_DIRECTION_TCP_OUT: _ForwardDirection.ValueType  # 3
+    """-T (pasta): namespace TCP ports to the host"""
+    FORWARD_DIRECTION_UDP_OUT: _ForwardDirection.ValueType  # 4
+    """-U (pasta): namespace UDP ports to the host"""
+
+class ForwardDirection(_ForwardDirection, metaclass=_ForwardDirectionEnumTypeWrapper):
+    """---------------------------------------------------------------------------------------------------------
+    Port forwarding policy (passt's -t/-u/-T/-U, changed at run time as upstream's pesto does)
+    """
+
+FORWARD_DIRECTION_UNSPECIFIED: ForwardDirection.ValueType  # 0
+FORWARD_DIRECTION_TCP_IN: ForwardDirection.ValueType  # 1
+"""-t: host TCP ports to the guest"""
+FORWARD_DIRECTION_UDP_IN: ForwardDirection.ValueType  # 2
+"""-u: host UDP ports to the guest"""
+FORWARD_DIRECTION_TCP_OUT: ForwardDirection.ValueType  # 3
+"""-T (pasta): namespace TCP ports to the host"""
+FORWARD_DIRECTION_UDP_OUT: ForwardDirection.ValueType  # 4
+"""-U (pasta): namespace UDP ports to the host"""
+Global___ForwardDirection: _TypeAlias = ForwardDirection  # noqa: Y015
 
 @_typing.final
 class GetStatusRequest(_message.Message):
@@ -98,6 +252,27 @@ class Status(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class FlowStatesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___FlowStates: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___FlowStates | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     VERSION_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
@@ -106,6 +281,7 @@ class Status(_message.Message):
     COUNTERS_FIELD_NUMBER: _builtins.int
     FLOWS_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    FLOW_STATES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """passtd's version string, e.g. "0.1.0"."""
     mode: Global___Mode.ValueType
@@ -135,6 +311,10 @@ class Status(_message.Message):
     def limits(self) -> Global___Limits:
         """Configured limits."""
 
+    @_builtins.property
+    def flow_states(self) -> _containers.MessageMap[_builtins.str, Global___FlowStates]:
+        """Open flows by protocol, then by state (TCP: ESTABLISHED, FIN_WAIT_1...; UDP and ICMP: ACTIVE)."""
+
     def __init__(
         self,
         *,
@@ -146,14 +326,57 @@ class Status(_message.Message):
         counters: Global___Counters | None = ...,
         flows: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         limits: Global___Limits | None = ...,
+        flow_states: _abc.Mapping[_builtins.str, Global___FlowStates] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "counters", b"counters", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "counters", b"counters", "flows", b"flows", "limits", b"limits", "mode", b"mode", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "counters", b"counters", "flow_states", b"flow_states", "flows", b"flows", "limits", b"limits", "mode", b"mode", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Status: _TypeAlias = Status  # noqa: Y015
+
+@_typing.final
+class FlowStates(_message.Message):
+    """Open flows of one protocol by state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class StatesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    STATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def states(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        states: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["states", b"states"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlowStates: _TypeAlias = FlowStates  # noqa: Y015
 
 @_typing.final
 class Backend(_message.Message):
@@ -374,3 +597,714 @@ class Limits(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Limits: _TypeAlias = Limits  # noqa: Y015
+
+@_typing.final
+class ConnectionFilter(_message.Message):
+    """Which flows a list, watch or reset applies to. Every field that is set must match (AND); an unset
+    (empty, zero, UNSPECIFIED) field matches everything.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    protocol: Global___Protocol.ValueType
+    state: _builtins.str
+    """A state name as in Connection.state, e.g. "ESTABLISHED" (case-insensitive)."""
+    address: _builtins.str
+    """An IPv4 or IPv6 address; matches the guest address or the remote address."""
+    port: _builtins.int
+    """1..65535; matches the guest port, the remote port or the host socket's local port."""
+    direction: Global___Direction.ValueType
+    def __init__(
+        self,
+        *,
+        protocol: Global___Protocol.ValueType = ...,
+        state: _builtins.str = ...,
+        address: _builtins.str = ...,
+        port: _builtins.int = ...,
+        direction: Global___Direction.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "direction", b"direction", "port", b"port", "protocol", b"protocol", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectionFilter: _TypeAlias = ConnectionFilter  # noqa: Y015
+
+@_typing.final
+class ListConnectionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Connections per page: 0 means 1000; values above 10000 are lowered to 10000."""
+    page_token: _builtins.str
+    """next_page_token of the previous reply; empty for the first page."""
+    @_builtins.property
+    def filter(self) -> Global___ConnectionFilter: ...
+    def __init__(
+        self,
+        *,
+        filter: Global___ConnectionFilter | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConnectionsRequest: _TypeAlias = ListConnectionsRequest  # noqa: Y015
+
+@_typing.final
+class ListConnectionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token to get the next page; empty on the last page."""
+    @_builtins.property
+    def connections(self) -> _containers.RepeatedCompositeFieldContainer[Global___Connection]: ...
+    def __init__(
+        self,
+        *,
+        connections: _abc.Iterable[Global___Connection] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConnectionsResponse: _TypeAlias = ListConnectionsResponse  # noqa: Y015
+
+@_typing.final
+class Connection(_message.Message):
+    """One flow as passtd sees it. Addresses are text; ports are 0 where the protocol has none."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    GUEST_ADDRESS_FIELD_NUMBER: _builtins.int
+    GUEST_PORT_FIELD_NUMBER: _builtins.int
+    REMOTE_ADDRESS_FIELD_NUMBER: _builtins.int
+    REMOTE_PORT_FIELD_NUMBER: _builtins.int
+    LOCAL_ADDRESS_FIELD_NUMBER: _builtins.int
+    LOCAL_PORT_FIELD_NUMBER: _builtins.int
+    BYTES_FROM_GUEST_FIELD_NUMBER: _builtins.int
+    BYTES_TO_GUEST_FIELD_NUMBER: _builtins.int
+    PACKETS_FROM_GUEST_FIELD_NUMBER: _builtins.int
+    PACKETS_TO_GUEST_FIELD_NUMBER: _builtins.int
+    CREATED_TIME_FIELD_NUMBER: _builtins.int
+    LAST_ACTIVITY_TIME_FIELD_NUMBER: _builtins.int
+    TCP_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Unique within the passtd process, never reused."""
+    protocol: Global___Protocol.ValueType
+    state: _builtins.str
+    """TCP: CLOSED, TAP_SYN_SENT, SOCK_SYN_SENT, TAP_SYN_RCVD, ESTABLISHED, ESTABLISHED_SOCK_FIN,
+    CLOSE_WAIT, FIN_WAIT_1, LAST_ACK (passt's names). UDP and ICMP: ACTIVE. CLOSED in a closed event.
+    """
+    direction: Global___Direction.ValueType
+    guest_address: _builtins.str
+    """The guest's side: its address and port (ICMP: the echo identifier)."""
+    guest_port: _builtins.int
+    remote_address: _builtins.str
+    """The other end as the guest sees it (the gateway address for the host's loopback)."""
+    remote_port: _builtins.int
+    local_address: _builtins.str
+    """The host socket's own address and port (getsockname); empty/0 when there is no socket any more."""
+    local_port: _builtins.int
+    bytes_from_guest: _builtins.int
+    """Payload bytes and packets (segments, datagrams, echo messages) each way."""
+    bytes_to_guest: _builtins.int
+    packets_from_guest: _builtins.int
+    packets_to_guest: _builtins.int
+    created_time: _builtins.float
+    """Wall-clock times, seconds since the Unix epoch."""
+    last_activity_time: _builtins.float
+    @_builtins.property
+    def tcp(self) -> Global___TcpDetails:
+        """TCP only; absent for other protocols."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        protocol: Global___Protocol.ValueType = ...,
+        state: _builtins.str = ...,
+        direction: Global___Direction.ValueType = ...,
+        guest_address: _builtins.str = ...,
+        guest_port: _builtins.int = ...,
+        remote_address: _builtins.str = ...,
+        remote_port: _builtins.int = ...,
+        local_address: _builtins.str = ...,
+        local_port: _builtins.int = ...,
+        bytes_from_guest: _builtins.int = ...,
+        bytes_to_guest: _builtins.int = ...,
+        packets_from_guest: _builtins.int = ...,
+        packets_to_guest: _builtins.int = ...,
+        created_time: _builtins.float = ...,
+        last_activity_time: _builtins.float = ...,
+        tcp: Global___TcpDetails | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tcp", b"tcp"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_from_guest", b"bytes_from_guest", "bytes_to_guest", b"bytes_to_guest", "created_time", b"created_time", "direction", b"direction", "guest_address", b"guest_address", "guest_port", b"guest_port", "id", b"id", "last_activity_time", b"last_activity_time", "local_address", b"local_address", "local_port", b"local_port", "packets_from_guest", b"packets_from_guest", "packets_to_guest", b"packets_to_guest", "protocol", b"protocol", "remote_address", b"remote_address", "remote_port", b"remote_port", "state", b"state", "tcp", b"tcp"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Connection: _TypeAlias = Connection  # noqa: Y015
+
+@_typing.final
+class TcpDetails(_message.Message):
+    """Transmission details of a TCP flow, from the flow and from the host socket's TCP_INFO."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GUEST_SRTT_SECONDS_FIELD_NUMBER: _builtins.int
+    GUEST_RTO_SECONDS_FIELD_NUMBER: _builtins.int
+    RETRANSMITS_TO_GUEST_FIELD_NUMBER: _builtins.int
+    WINDOW_FROM_GUEST_FIELD_NUMBER: _builtins.int
+    WINDOW_TO_GUEST_FIELD_NUMBER: _builtins.int
+    MSS_TO_GUEST_FIELD_NUMBER: _builtins.int
+    HOST_RTT_US_FIELD_NUMBER: _builtins.int
+    HOST_RETRANSMITS_FIELD_NUMBER: _builtins.int
+    guest_srtt_seconds: _builtins.float
+    """Smoothed round-trip time to the guest (RFC 6298), and the retransmission timeout in use."""
+    guest_rto_seconds: _builtins.float
+    retransmits_to_guest: _builtins.int
+    """Segments passtd retransmitted to the guest since the flow opened."""
+    window_from_guest: _builtins.int
+    """The guest's receive window (scaled) and the window we last advertised to it, bytes."""
+    window_to_guest: _builtins.int
+    mss_to_guest: _builtins.int
+    """Largest segment payload the guest accepts."""
+    host_rtt_us: _builtins.int
+    """From the host socket's TCP_INFO: round-trip time to the host peer, and retransmissions now pending.
+    Zero when the socket is gone.
+    """
+    host_retransmits: _builtins.int
+    def __init__(
+        self,
+        *,
+        guest_srtt_seconds: _builtins.float = ...,
+        guest_rto_seconds: _builtins.float = ...,
+        retransmits_to_guest: _builtins.int = ...,
+        window_from_guest: _builtins.int = ...,
+        window_to_guest: _builtins.int = ...,
+        mss_to_guest: _builtins.int = ...,
+        host_rtt_us: _builtins.int = ...,
+        host_retransmits: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["guest_rto_seconds", b"guest_rto_seconds", "guest_srtt_seconds", b"guest_srtt_seconds", "host_retransmits", b"host_retransmits", "host_rtt_us", b"host_rtt_us", "mss_to_guest", b"mss_to_guest", "retransmits_to_guest", b"retransmits_to_guest", "window_from_guest", b"window_from_guest", "window_to_guest", b"window_to_guest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TcpDetails: _TypeAlias = TcpDetails  # noqa: Y015
+
+@_typing.final
+class WatchConnectionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    INCLUDE_EXISTING_FIELD_NUMBER: _builtins.int
+    include_existing: _builtins.bool
+    """First send one EVENT_KIND_EXISTING event per flow open now, then the live events."""
+    @_builtins.property
+    def filter(self) -> Global___ConnectionFilter: ...
+    def __init__(
+        self,
+        *,
+        filter: Global___ConnectionFilter | None = ...,
+        include_existing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "include_existing", b"include_existing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchConnectionsRequest: _TypeAlias = WatchConnectionsRequest  # noqa: Y015
+
+@_typing.final
+class ConnectionEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REASON_DETAIL_FIELD_NUMBER: _builtins.int
+    DROPPED_BEFORE_FIELD_NUMBER: _builtins.int
+    kind: Global___EventKind.ValueType
+    time: _builtins.float
+    """Wall-clock time of the event, seconds since the Unix epoch."""
+    reason: Global___CloseReason.ValueType
+    reason_detail: _builtins.str
+    """The dataplane's own name for the reason, e.g. "rst_from_guest", "bad_handshake"."""
+    dropped_before: _builtins.int
+    """Events this client missed just before this one because its queue was full."""
+    @_builtins.property
+    def connection(self) -> Global___Connection:
+        """The flow at the time of the event (local address and TCP_INFO fields are left empty in live
+        events: reading them costs system calls on the dataplane's path).
+        """
+
+    def __init__(
+        self,
+        *,
+        kind: Global___EventKind.ValueType = ...,
+        time: _builtins.float = ...,
+        connection: Global___Connection | None = ...,
+        reason: Global___CloseReason.ValueType = ...,
+        reason_detail: _builtins.str = ...,
+        dropped_before: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "dropped_before", b"dropped_before", "kind", b"kind", "reason", b"reason", "reason_detail", b"reason_detail", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectionEvent: _TypeAlias = ConnectionEvent  # noqa: Y015
+
+@_typing.final
+class ResetConnectionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetConnectionRequest: _TypeAlias = ResetConnectionRequest  # noqa: Y015
+
+@_typing.final
+class ResetConnectionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    ALL_FIELD_NUMBER: _builtins.int
+    all: _builtins.bool
+    """Required to reset every flow with an empty filter."""
+    @_builtins.property
+    def filter(self) -> Global___ConnectionFilter: ...
+    def __init__(
+        self,
+        *,
+        filter: Global___ConnectionFilter | None = ...,
+        all: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "filter", b"filter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetConnectionsRequest: _TypeAlias = ResetConnectionsRequest  # noqa: Y015
+
+@_typing.final
+class ResetConnectionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def connections(self) -> _containers.RepeatedCompositeFieldContainer[Global___Connection]:
+        """The flows that were reset, as they were just before."""
+
+    def __init__(
+        self,
+        *,
+        connections: _abc.Iterable[Global___Connection] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetConnectionsResponse: _TypeAlias = ResetConnectionsResponse  # noqa: Y015
+
+@_typing.final
+class GetPortPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPortPolicyRequest: _TypeAlias = GetPortPolicyRequest  # noqa: Y015
+
+@_typing.final
+class PortPolicy(_message.Message):
+    """All four tables."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tables(self) -> _containers.RepeatedCompositeFieldContainer[Global___ForwardTable]: ...
+    def __init__(
+        self,
+        *,
+        tables: _abc.Iterable[Global___ForwardTable] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tables", b"tables"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PortPolicy: _TypeAlias = PortPolicy  # noqa: Y015
+
+@_typing.final
+class ForwardTable(_message.Message):
+    """One table."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    EXCLUDED_FIELD_NUMBER: _builtins.int
+    direction: Global___ForwardDirection.ValueType
+    spec: _builtins.str
+    """The canonical passt spec: "none", "auto", "all", "22,80:8080", "127.0.0.1/8000-8010", "~22"..."""
+    mode: _builtins.str
+    """"none", "auto", "all" or "spec"."""
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___ForwardRule]:
+        """mode "spec": the forwarded ranges."""
+
+    @_builtins.property
+    def excluded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """mode "all": ports left out."""
+
+    def __init__(
+        self,
+        *,
+        direction: Global___ForwardDirection.ValueType = ...,
+        spec: _builtins.str = ...,
+        mode: _builtins.str = ...,
+        rules: _abc.Iterable[Global___ForwardRule] | None = ...,
+        excluded: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "excluded", b"excluded", "mode", b"mode", "rules", b"rules", "spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForwardTable: _TypeAlias = ForwardTable  # noqa: Y015
+
+@_typing.final
+class ForwardRule(_message.Message):
+    """Ports first..last on bind_address (empty: every address) and interface (empty: any) go to
+    target_first.. on the other side.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BIND_ADDRESS_FIELD_NUMBER: _builtins.int
+    IFNAME_FIELD_NUMBER: _builtins.int
+    FIRST_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    TARGET_FIRST_FIELD_NUMBER: _builtins.int
+    bind_address: _builtins.str
+    ifname: _builtins.str
+    first: _builtins.int
+    last: _builtins.int
+    target_first: _builtins.int
+    def __init__(
+        self,
+        *,
+        bind_address: _builtins.str = ...,
+        ifname: _builtins.str = ...,
+        first: _builtins.int = ...,
+        last: _builtins.int = ...,
+        target_first: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bind_address", b"bind_address", "first", b"first", "ifname", b"ifname", "last", b"last", "target_first", b"target_first"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForwardRule: _TypeAlias = ForwardRule  # noqa: Y015
+
+@_typing.final
+class SetPortPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    direction: Global___ForwardDirection.ValueType
+    spec: _builtins.str
+    def __init__(
+        self,
+        *,
+        direction: Global___ForwardDirection.ValueType = ...,
+        spec: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPortPolicyRequest: _TypeAlias = SetPortPolicyRequest  # noqa: Y015
+
+@_typing.final
+class AddForwardRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    direction: Global___ForwardDirection.ValueType
+    spec: _builtins.str
+    def __init__(
+        self,
+        *,
+        direction: Global___ForwardDirection.ValueType = ...,
+        spec: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddForwardRequest: _TypeAlias = AddForwardRequest  # noqa: Y015
+
+@_typing.final
+class RemoveForwardRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    direction: Global___ForwardDirection.ValueType
+    spec: _builtins.str
+    def __init__(
+        self,
+        *,
+        direction: Global___ForwardDirection.ValueType = ...,
+        spec: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveForwardRequest: _TypeAlias = RemoveForwardRequest  # noqa: Y015
+
+@_typing.final
+class PortPolicyChange(_message.Message):
+    """The result of a change to one table."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREVIOUS_FIELD_NUMBER: _builtins.int
+    CURRENT_FIELD_NUMBER: _builtins.int
+    BINDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def previous(self) -> Global___ForwardTable: ...
+    @_builtins.property
+    def current(self) -> Global___ForwardTable: ...
+    @_builtins.property
+    def binds(self) -> _containers.RepeatedCompositeFieldContainer[Global___BindResult]:
+        """One entry per listening socket passtd tried to open (or kept) for this change. A port whose bind
+        failed is still in the policy, as at start-up; fix the cause and set the policy again.
+        """
+
+    def __init__(
+        self,
+        *,
+        previous: Global___ForwardTable | None = ...,
+        current: Global___ForwardTable | None = ...,
+        binds: _abc.Iterable[Global___BindResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "previous", b"previous"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binds", b"binds", "current", b"current", "previous", b"previous"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PortPolicyChange: _TypeAlias = PortPolicyChange  # noqa: Y015
+
+@_typing.final
+class BindResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    IFNAME_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    TARGET_PORT_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """The concrete address bound: "0.0.0.0", "::", "127.0.0.1"..."""
+    ifname: _builtins.str
+    port: _builtins.int
+    target_port: _builtins.int
+    ok: _builtins.bool
+    error: _builtins.str
+    """The errno name when the bind failed, e.g. "EADDRINUSE"."""
+    message: _builtins.str
+    """One line for people, e.g. "tcp 0.0.0.0:8080: Address already in use (another socket is bound to it)"."""
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        ifname: _builtins.str = ...,
+        port: _builtins.int = ...,
+        target_port: _builtins.int = ...,
+        ok: _builtins.bool = ...,
+        error: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "error", b"error", "ifname", b"ifname", "message", b"message", "ok", b"ok", "port", b"port", "target_port", b"target_port"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BindResult: _TypeAlias = BindResult  # noqa: Y015
+
+@_typing.final
+class GetTimeoutsRequest(_message.Message):
+    """---------------------------------------------------------------------------------------------------------
+    Timeouts
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTimeoutsRequest: _TypeAlias = GetTimeoutsRequest  # noqa: Y015
+
+@_typing.final
+class Timeouts(_message.Message):
+    """Every timeout, in seconds (tcp_max_retransmits is a count). Field names are the names passtctl accepts
+    (`passtctl timeouts set udp_idle=2s`). Allowed ranges are given per field.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TCP_SYN_FIELD_NUMBER: _builtins.int
+    TCP_FIN_FIELD_NUMBER: _builtins.int
+    TCP_ACTIVITY_FIELD_NUMBER: _builtins.int
+    TCP_ACK_INTERVAL_FIELD_NUMBER: _builtins.int
+    TCP_RTO_INITIAL_FIELD_NUMBER: _builtins.int
+    TCP_RTO_MIN_FIELD_NUMBER: _builtins.int
+    TCP_RTO_MAX_FIELD_NUMBER: _builtins.int
+    TCP_MAX_RETRANSMITS_FIELD_NUMBER: _builtins.int
+    UDP_IDLE_FIELD_NUMBER: _builtins.int
+    ICMP_IDLE_FIELD_NUMBER: _builtins.int
+    tcp_syn: _builtins.float
+    """handshake not completed; 1..3600"""
+    tcp_fin: _builtins.float
+    """half-closed or waiting for the last ACK; 1..3600"""
+    tcp_activity: _builtins.float
+    """no traffic either way; 1..604800"""
+    tcp_ack_interval: _builtins.float
+    """how often TCP_INFO is re-read while the guest waits for an ACK; 0.001..1"""
+    tcp_rto_initial: _builtins.float
+    """RFC 6298 initial RTO; 0.01..60"""
+    tcp_rto_min: _builtins.float
+    """0.001..60, at most tcp_rto_max"""
+    tcp_rto_max: _builtins.float
+    """0.1..600"""
+    tcp_max_retransmits: _builtins.int
+    """then both sides are reset; 1..100"""
+    udp_idle: _builtins.float
+    """a UDP flow with no datagram either way is closed; 1..86400"""
+    icmp_idle: _builtins.float
+    """an echo flow with no message is closed; 1..86400"""
+    def __init__(
+        self,
+        *,
+        tcp_syn: _builtins.float = ...,
+        tcp_fin: _builtins.float = ...,
+        tcp_activity: _builtins.float = ...,
+        tcp_ack_interval: _builtins.float = ...,
+        tcp_rto_initial: _builtins.float = ...,
+        tcp_rto_min: _builtins.float = ...,
+        tcp_rto_max: _builtins.float = ...,
+        tcp_max_retransmits: _builtins.int = ...,
+        udp_idle: _builtins.float = ...,
+        icmp_idle: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["icmp_idle", b"icmp_idle", "tcp_ack_interval", b"tcp_ack_interval", "tcp_activity", b"tcp_activity", "tcp_fin", b"tcp_fin", "tcp_max_retransmits", b"tcp_max_retransmits", "tcp_rto_initial", b"tcp_rto_initial", "tcp_rto_max", b"tcp_rto_max", "tcp_rto_min", b"tcp_rto_min", "tcp_syn", b"tcp_syn", "udp_idle", b"udp_idle"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Timeouts: _TypeAlias = Timeouts  # noqa: Y015
+
+@_typing.final
+class SetTimeoutsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIMEOUTS_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def timeouts(self) -> Global___Timeouts:
+        """The new values; only the fields named in update_mask are read."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Field names of Timeouts, e.g. ["udp_idle"]. Must not be empty."""
+
+    def __init__(
+        self,
+        *,
+        timeouts: Global___Timeouts | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeouts", b"timeouts", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["timeouts", b"timeouts", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetTimeoutsRequest: _TypeAlias = SetTimeoutsRequest  # noqa: Y015

@@ -27,6 +27,14 @@ if _version_not_supported:
 
 class ControlStub:
     """The control plane of one passtd process.
+
+    Errors: INVALID_ARGUMENT with a message that starts with the offending field ("filter.port: ...",
+    "timeouts.udp_idle: 0.5 s is out of range 1..86400 s", "spec: -t: ..."); NOT_FOUND for an unknown flow
+    id; FAILED_PRECONDITION for a request this mode cannot honour (-T/-U port specs, which are not supported
+    yet; namespace tables in passt mode); RESOURCE_EXHAUSTED when too many watchers are open.
+    No call needs a guest to be attached: ports and timeouts can be set before the VM starts, and flows left
+    behind by a guest that went away can still be listed and reset (only the host side gets the RST then).
+    A refused request changes nothing.
     """
 
     def __init__(self, channel):
@@ -40,15 +48,151 @@ class ControlStub:
                 request_serializer=passt__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=passt__pb2.Status.FromString,
                 _registered_method=True)
+        self.ListConnections = channel.unary_unary(
+                '/passt.v1.Control/ListConnections',
+                request_serializer=passt__pb2.ListConnectionsRequest.SerializeToString,
+                response_deserializer=passt__pb2.ListConnectionsResponse.FromString,
+                _registered_method=True)
+        self.WatchConnections = channel.unary_stream(
+                '/passt.v1.Control/WatchConnections',
+                request_serializer=passt__pb2.WatchConnectionsRequest.SerializeToString,
+                response_deserializer=passt__pb2.ConnectionEvent.FromString,
+                _registered_method=True)
+        self.ResetConnection = channel.unary_unary(
+                '/passt.v1.Control/ResetConnection',
+                request_serializer=passt__pb2.ResetConnectionRequest.SerializeToString,
+                response_deserializer=passt__pb2.ResetConnectionsResponse.FromString,
+                _registered_method=True)
+        self.ResetConnections = channel.unary_unary(
+                '/passt.v1.Control/ResetConnections',
+                request_serializer=passt__pb2.ResetConnectionsRequest.SerializeToString,
+                response_deserializer=passt__pb2.ResetConnectionsResponse.FromString,
+                _registered_method=True)
+        self.GetPortPolicy = channel.unary_unary(
+                '/passt.v1.Control/GetPortPolicy',
+                request_serializer=passt__pb2.GetPortPolicyRequest.SerializeToString,
+                response_deserializer=passt__pb2.PortPolicy.FromString,
+                _registered_method=True)
+        self.SetPortPolicy = channel.unary_unary(
+                '/passt.v1.Control/SetPortPolicy',
+                request_serializer=passt__pb2.SetPortPolicyRequest.SerializeToString,
+                response_deserializer=passt__pb2.PortPolicyChange.FromString,
+                _registered_method=True)
+        self.AddForward = channel.unary_unary(
+                '/passt.v1.Control/AddForward',
+                request_serializer=passt__pb2.AddForwardRequest.SerializeToString,
+                response_deserializer=passt__pb2.PortPolicyChange.FromString,
+                _registered_method=True)
+        self.RemoveForward = channel.unary_unary(
+                '/passt.v1.Control/RemoveForward',
+                request_serializer=passt__pb2.RemoveForwardRequest.SerializeToString,
+                response_deserializer=passt__pb2.PortPolicyChange.FromString,
+                _registered_method=True)
+        self.GetTimeouts = channel.unary_unary(
+                '/passt.v1.Control/GetTimeouts',
+                request_serializer=passt__pb2.GetTimeoutsRequest.SerializeToString,
+                response_deserializer=passt__pb2.Timeouts.FromString,
+                _registered_method=True)
+        self.SetTimeouts = channel.unary_unary(
+                '/passt.v1.Control/SetTimeouts',
+                request_serializer=passt__pb2.SetTimeoutsRequest.SerializeToString,
+                response_deserializer=passt__pb2.Timeouts.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
     """The control plane of one passtd process.
+
+    Errors: INVALID_ARGUMENT with a message that starts with the offending field ("filter.port: ...",
+    "timeouts.udp_idle: 0.5 s is out of range 1..86400 s", "spec: -t: ..."); NOT_FOUND for an unknown flow
+    id; FAILED_PRECONDITION for a request this mode cannot honour (-T/-U port specs, which are not supported
+    yet; namespace tables in passt mode); RESOURCE_EXHAUSTED when too many watchers are open.
+    No call needs a guest to be attached: ports and timeouts can be set before the VM starts, and flows left
+    behind by a guest that went away can still be listed and reset (only the host side gets the RST then).
+    A refused request changes nothing.
     """
 
     def GetStatus(self, request, context):
-        """A snapshot of identity, configuration, counters and flow counts. Cheap: it never walks the flow
-        table, so it can be polled.
+        """A snapshot of identity, configuration, counters and flow counts. Counting flows by state walks the
+        flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListConnections(self, request, context):
+        """Open flows matching a filter, in flow-id order (oldest first), a page at a time. Walks the flow table
+        in slices so that frames keep flowing while a large table is listed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchConnections(self, request, context):
+        """A stream of flow events (opened, state changed, closed) matching a filter, until the client cancels
+        or the server shuts down. Events are queued per client in a bounded queue; a client that reads too
+        slowly loses events (counted in ConnectionEvent.dropped_before), it never slows the dataplane.
+        RESOURCE_EXHAUSTED when too many watchers are open already.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetConnection(self, request, context):
+        """Reset one flow: RST to the guest and to the host peer (TCP); datagram flows are closed. The flow is
+        freed at once. NOT_FOUND for an unknown id (ids are never reused within one passtd process).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetConnections(self, request, context):
+        """Reset every flow matching a filter. An empty filter is refused (INVALID_ARGUMENT) unless `all` is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPortPolicy(self, request, context):
+        """The four forwarding tables (-t, -u, -T, -U) as canonical passt spec strings and as rules.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPortPolicy(self, request, context):
+        """Replace one table with a spec (pesto's default "replace"; the spec "none" clears the table).
+        Listening sockets are diffed: ports still forwarded keep their sockets, established flows are never
+        touched. Returns the new table and one bind result per socket opened.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddForward(self, request, context):
+        """Add the ports of a spec to one table (pesto "add"); a port already forwarded is INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveForward(self, request, context):
+        """Remove the ports of a spec from one table (pesto "delete"); they must be forwarded exactly as given.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTimeouts(self, request, context):
+        """Every timeout of the dataplane, in seconds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTimeouts(self, request, context):
+        """Change the timeouts named in update_mask. Every value is range-checked first; if any is out of range
+        nothing changes (INVALID_ARGUMENT naming the field and its range). Applies at the next timer tick.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -62,6 +206,56 @@ def add_ControlServicer_to_server(servicer, server):
                     request_deserializer=passt__pb2.GetStatusRequest.FromString,
                     response_serializer=passt__pb2.Status.SerializeToString,
             ),
+            'ListConnections': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConnections,
+                    request_deserializer=passt__pb2.ListConnectionsRequest.FromString,
+                    response_serializer=passt__pb2.ListConnectionsResponse.SerializeToString,
+            ),
+            'WatchConnections': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchConnections,
+                    request_deserializer=passt__pb2.WatchConnectionsRequest.FromString,
+                    response_serializer=passt__pb2.ConnectionEvent.SerializeToString,
+            ),
+            'ResetConnection': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetConnection,
+                    request_deserializer=passt__pb2.ResetConnectionRequest.FromString,
+                    response_serializer=passt__pb2.ResetConnectionsResponse.SerializeToString,
+            ),
+            'ResetConnections': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetConnections,
+                    request_deserializer=passt__pb2.ResetConnectionsRequest.FromString,
+                    response_serializer=passt__pb2.ResetConnectionsResponse.SerializeToString,
+            ),
+            'GetPortPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPortPolicy,
+                    request_deserializer=passt__pb2.GetPortPolicyRequest.FromString,
+                    response_serializer=passt__pb2.PortPolicy.SerializeToString,
+            ),
+            'SetPortPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPortPolicy,
+                    request_deserializer=passt__pb2.SetPortPolicyRequest.FromString,
+                    response_serializer=passt__pb2.PortPolicyChange.SerializeToString,
+            ),
+            'AddForward': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddForward,
+                    request_deserializer=passt__pb2.AddForwardRequest.FromString,
+                    response_serializer=passt__pb2.PortPolicyChange.SerializeToString,
+            ),
+            'RemoveForward': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveForward,
+                    request_deserializer=passt__pb2.RemoveForwardRequest.FromString,
+                    response_serializer=passt__pb2.PortPolicyChange.SerializeToString,
+            ),
+            'GetTimeouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTimeouts,
+                    request_deserializer=passt__pb2.GetTimeoutsRequest.FromString,
+                    response_serializer=passt__pb2.Timeouts.SerializeToString,
+            ),
+            'SetTimeouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTimeouts,
+                    request_deserializer=passt__pb2.SetTimeoutsRequest.FromString,
+                    response_serializer=passt__pb2.Timeouts.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'passt.v1.Control', rpc_method_handlers)
@@ -72,6 +266,14 @@ def add_ControlServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Control:
     """The control plane of one passtd process.
+
+    Errors: INVALID_ARGUMENT with a message that starts with the offending field ("filter.port: ...",
+    "timeouts.udp_idle: 0.5 s is out of range 1..86400 s", "spec: -t: ..."); NOT_FOUND for an unknown flow
+    id; FAILED_PRECONDITION for a request this mode cannot honour (-T/-U port specs, which are not supported
+    yet; namespace tables in passt mode); RESOURCE_EXHAUSTED when too many watchers are open.
+    No call needs a guest to be attached: ports and timeouts can be set before the VM starts, and flows left
+    behind by a guest that went away can still be listed and reset (only the host side gets the RST then).
+    A refused request changes nothing.
     """
 
     @staticmethod
@@ -91,6 +293,276 @@ class Control:
             '/passt.v1.Control/GetStatus',
             passt__pb2.GetStatusRequest.SerializeToString,
             passt__pb2.Status.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConnections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/passt.v1.Control/ListConnections',
+            passt__pb2.ListConnectionsRequest.SerializeToString,
+            passt__pb2.ListConnectionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchConnections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/passt.v1.Control/WatchConnections',
+            passt__pb2.WatchConnectionsRequest.SerializeToString,
+            passt__pb2.ConnectionEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetConnection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/passt.v1.Control/ResetConnection',
+            passt__pb2.ResetConnectionRequest.SerializeToString,
+            passt__pb2.ResetConnectionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetConnections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/passt.v1.Control/ResetConnections',
+            passt__pb2.ResetConnectionsRequest.SerializeToString,
+            passt__pb2.ResetConnectionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPortPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/passt.v1.Control/GetPortPolicy',
+            passt__pb2.GetPortPolicyRequest.SerializeToString,
+            passt__pb2.PortPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPortPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/passt.v1.Control/SetPortPolicy',
+            passt__pb2.SetPortPolicyRequest.SerializeToString,
+            passt__pb2.PortPolicyChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddForward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/passt.v1.Control/AddForward',
+            passt__pb2.AddForwardRequest.SerializeToString,
+            passt__pb2.PortPolicyChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveForward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/passt.v1.Control/RemoveForward',
+            passt__pb2.RemoveForwardRequest.SerializeToString,
+            passt__pb2.PortPolicyChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTimeouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/passt.v1.Control/GetTimeouts',
+            passt__pb2.GetTimeoutsRequest.SerializeToString,
+            passt__pb2.Timeouts.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTimeouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/passt.v1.Control/SetTimeouts',
+            passt__pb2.SetTimeoutsRequest.SerializeToString,
+            passt__pb2.Timeouts.FromString,
             options,
             channel_credentials,
             insecure,

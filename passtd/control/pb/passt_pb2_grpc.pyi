@@ -41,29 +41,122 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ControlStub:
-    """The control plane of one passtd process."""
+    """The control plane of one passtd process.
+
+    Errors: INVALID_ARGUMENT with a message that starts with the offending field ("filter.port: ...",
+    "timeouts.udp_idle: 0.5 s is out of range 1..86400 s", "spec: -t: ..."); NOT_FOUND for an unknown flow
+    id; FAILED_PRECONDITION for a request this mode cannot honour (-T/-U port specs, which are not supported
+    yet; namespace tables in passt mode); RESOURCE_EXHAUSTED when too many watchers are open.
+    No call needs a guest to be attached: ports and timeouts can be set before the VM starts, and flows left
+    behind by a guest that went away can still be listed and reset (only the host side gets the RST then).
+    A refused request changes nothing.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ControlAsyncStub: ...
     GetStatus: _grpc.UnaryUnaryMultiCallable[_passt_pb2.GetStatusRequest, _passt_pb2.Status]
-    """A snapshot of identity, configuration, counters and flow counts. Cheap: it never walks the flow
-    table, so it can be polled.
+    """A snapshot of identity, configuration, counters and flow counts. Counting flows by state walks the
+    flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
+    """
+    ListConnections: _grpc.UnaryUnaryMultiCallable[_passt_pb2.ListConnectionsRequest, _passt_pb2.ListConnectionsResponse]
+    """Open flows matching a filter, in flow-id order (oldest first), a page at a time. Walks the flow table
+    in slices so that frames keep flowing while a large table is listed.
+    """
+    WatchConnections: _grpc.UnaryStreamMultiCallable[_passt_pb2.WatchConnectionsRequest, _passt_pb2.ConnectionEvent]
+    """A stream of flow events (opened, state changed, closed) matching a filter, until the client cancels
+    or the server shuts down. Events are queued per client in a bounded queue; a client that reads too
+    slowly loses events (counted in ConnectionEvent.dropped_before), it never slows the dataplane.
+    RESOURCE_EXHAUSTED when too many watchers are open already.
+    """
+    ResetConnection: _grpc.UnaryUnaryMultiCallable[_passt_pb2.ResetConnectionRequest, _passt_pb2.ResetConnectionsResponse]
+    """Reset one flow: RST to the guest and to the host peer (TCP); datagram flows are closed. The flow is
+    freed at once. NOT_FOUND for an unknown id (ids are never reused within one passtd process).
+    """
+    ResetConnections: _grpc.UnaryUnaryMultiCallable[_passt_pb2.ResetConnectionsRequest, _passt_pb2.ResetConnectionsResponse]
+    """Reset every flow matching a filter. An empty filter is refused (INVALID_ARGUMENT) unless `all` is set."""
+    GetPortPolicy: _grpc.UnaryUnaryMultiCallable[_passt_pb2.GetPortPolicyRequest, _passt_pb2.PortPolicy]
+    """The four forwarding tables (-t, -u, -T, -U) as canonical passt spec strings and as rules."""
+    SetPortPolicy: _grpc.UnaryUnaryMultiCallable[_passt_pb2.SetPortPolicyRequest, _passt_pb2.PortPolicyChange]
+    """Replace one table with a spec (pesto's default "replace"; the spec "none" clears the table).
+    Listening sockets are diffed: ports still forwarded keep their sockets, established flows are never
+    touched. Returns the new table and one bind result per socket opened.
+    """
+    AddForward: _grpc.UnaryUnaryMultiCallable[_passt_pb2.AddForwardRequest, _passt_pb2.PortPolicyChange]
+    """Add the ports of a spec to one table (pesto "add"); a port already forwarded is INVALID_ARGUMENT."""
+    RemoveForward: _grpc.UnaryUnaryMultiCallable[_passt_pb2.RemoveForwardRequest, _passt_pb2.PortPolicyChange]
+    """Remove the ports of a spec from one table (pesto "delete"); they must be forwarded exactly as given."""
+    GetTimeouts: _grpc.UnaryUnaryMultiCallable[_passt_pb2.GetTimeoutsRequest, _passt_pb2.Timeouts]
+    """Every timeout of the dataplane, in seconds."""
+    SetTimeouts: _grpc.UnaryUnaryMultiCallable[_passt_pb2.SetTimeoutsRequest, _passt_pb2.Timeouts]
+    """Change the timeouts named in update_mask. Every value is range-checked first; if any is out of range
+    nothing changes (INVALID_ARGUMENT naming the field and its range). Applies at the next timer tick.
     """
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
-    """The control plane of one passtd process."""
+    """The control plane of one passtd process.
+
+    Errors: INVALID_ARGUMENT with a message that starts with the offending field ("filter.port: ...",
+    "timeouts.udp_idle: 0.5 s is out of range 1..86400 s", "spec: -t: ..."); NOT_FOUND for an unknown flow
+    id; FAILED_PRECONDITION for a request this mode cannot honour (-T/-U port specs, which are not supported
+    yet; namespace tables in passt mode); RESOURCE_EXHAUSTED when too many watchers are open.
+    No call needs a guest to be attached: ports and timeouts can be set before the VM starts, and flows left
+    behind by a guest that went away can still be listed and reset (only the host side gets the RST then).
+    A refused request changes nothing.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetStatus: _aio.UnaryUnaryMultiCallable[_passt_pb2.GetStatusRequest, _passt_pb2.Status]  # type: ignore[assignment]
-    """A snapshot of identity, configuration, counters and flow counts. Cheap: it never walks the flow
-    table, so it can be polled.
+    """A snapshot of identity, configuration, counters and flow counts. Counting flows by state walks the
+    flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
+    """
+    ListConnections: _aio.UnaryUnaryMultiCallable[_passt_pb2.ListConnectionsRequest, _passt_pb2.ListConnectionsResponse]  # type: ignore[assignment]
+    """Open flows matching a filter, in flow-id order (oldest first), a page at a time. Walks the flow table
+    in slices so that frames keep flowing while a large table is listed.
+    """
+    WatchConnections: _aio.UnaryStreamMultiCallable[_passt_pb2.WatchConnectionsRequest, _passt_pb2.ConnectionEvent]  # type: ignore[assignment]
+    """A stream of flow events (opened, state changed, closed) matching a filter, until the client cancels
+    or the server shuts down. Events are queued per client in a bounded queue; a client that reads too
+    slowly loses events (counted in ConnectionEvent.dropped_before), it never slows the dataplane.
+    RESOURCE_EXHAUSTED when too many watchers are open already.
+    """
+    ResetConnection: _aio.UnaryUnaryMultiCallable[_passt_pb2.ResetConnectionRequest, _passt_pb2.ResetConnectionsResponse]  # type: ignore[assignment]
+    """Reset one flow: RST to the guest and to the host peer (TCP); datagram flows are closed. The flow is
+    freed at once. NOT_FOUND for an unknown id (ids are never reused within one passtd process).
+    """
+    ResetConnections: _aio.UnaryUnaryMultiCallable[_passt_pb2.ResetConnectionsRequest, _passt_pb2.ResetConnectionsResponse]  # type: ignore[assignment]
+    """Reset every flow matching a filter. An empty filter is refused (INVALID_ARGUMENT) unless `all` is set."""
+    GetPortPolicy: _aio.UnaryUnaryMultiCallable[_passt_pb2.GetPortPolicyRequest, _passt_pb2.PortPolicy]  # type: ignore[assignment]
+    """The four forwarding tables (-t, -u, -T, -U) as canonical passt spec strings and as rules."""
+    SetPortPolicy: _aio.UnaryUnaryMultiCallable[_passt_pb2.SetPortPolicyRequest, _passt_pb2.PortPolicyChange]  # type: ignore[assignment]
+    """Replace one table with a spec (pesto's default "replace"; the spec "none" clears the table).
+    Listening sockets are diffed: ports still forwarded keep their sockets, established flows are never
+    touched. Returns the new table and one bind result per socket opened.
+    """
+    AddForward: _aio.UnaryUnaryMultiCallable[_passt_pb2.AddForwardRequest, _passt_pb2.PortPolicyChange]  # type: ignore[assignment]
+    """Add the ports of a spec to one table (pesto "add"); a port already forwarded is INVALID_ARGUMENT."""
+    RemoveForward: _aio.UnaryUnaryMultiCallable[_passt_pb2.RemoveForwardRequest, _passt_pb2.PortPolicyChange]  # type: ignore[assignment]
+    """Remove the ports of a spec from one table (pesto "delete"); they must be forwarded exactly as given."""
+    GetTimeouts: _aio.UnaryUnaryMultiCallable[_passt_pb2.GetTimeoutsRequest, _passt_pb2.Timeouts]  # type: ignore[assignment]
+    """Every timeout of the dataplane, in seconds."""
+    SetTimeouts: _aio.UnaryUnaryMultiCallable[_passt_pb2.SetTimeoutsRequest, _passt_pb2.Timeouts]  # type: ignore[assignment]
+    """Change the timeouts named in update_mask. Every value is range-checked first; if any is out of range
+    nothing changes (INVALID_ARGUMENT naming the field and its range). Applies at the next timer tick.
     """
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
-    """The control plane of one passtd process."""
+    """The control plane of one passtd process.
+
+    Errors: INVALID_ARGUMENT with a message that starts with the offending field ("filter.port: ...",
+    "timeouts.udp_idle: 0.5 s is out of range 1..86400 s", "spec: -t: ..."); NOT_FOUND for an unknown flow
+    id; FAILED_PRECONDITION for a request this mode cannot honour (-T/-U port specs, which are not supported
+    yet; namespace tables in passt mode); RESOURCE_EXHAUSTED when too many watchers are open.
+    No call needs a guest to be attached: ports and timeouts can be set before the VM starts, and flows left
+    behind by a guest that went away can still be listed and reset (only the host side gets the RST then).
+    A refused request changes nothing.
+    """
 
     @_abc_1.abstractmethod
     def GetStatus(
@@ -71,8 +164,101 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _passt_pb2.GetStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_passt_pb2.Status, _abc.Awaitable[_passt_pb2.Status]]:
-        """A snapshot of identity, configuration, counters and flow counts. Cheap: it never walks the flow
-        table, so it can be polled.
+        """A snapshot of identity, configuration, counters and flow counts. Counting flows by state walks the
+        flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
+        """
+
+    @_abc_1.abstractmethod
+    def ListConnections(
+        self,
+        request: _passt_pb2.ListConnectionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passt_pb2.ListConnectionsResponse, _abc.Awaitable[_passt_pb2.ListConnectionsResponse]]:
+        """Open flows matching a filter, in flow-id order (oldest first), a page at a time. Walks the flow table
+        in slices so that frames keep flowing while a large table is listed.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchConnections(
+        self,
+        request: _passt_pb2.WatchConnectionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_passt_pb2.ConnectionEvent], _abc.AsyncIterator[_passt_pb2.ConnectionEvent]]:
+        """A stream of flow events (opened, state changed, closed) matching a filter, until the client cancels
+        or the server shuts down. Events are queued per client in a bounded queue; a client that reads too
+        slowly loses events (counted in ConnectionEvent.dropped_before), it never slows the dataplane.
+        RESOURCE_EXHAUSTED when too many watchers are open already.
+        """
+
+    @_abc_1.abstractmethod
+    def ResetConnection(
+        self,
+        request: _passt_pb2.ResetConnectionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passt_pb2.ResetConnectionsResponse, _abc.Awaitable[_passt_pb2.ResetConnectionsResponse]]:
+        """Reset one flow: RST to the guest and to the host peer (TCP); datagram flows are closed. The flow is
+        freed at once. NOT_FOUND for an unknown id (ids are never reused within one passtd process).
+        """
+
+    @_abc_1.abstractmethod
+    def ResetConnections(
+        self,
+        request: _passt_pb2.ResetConnectionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passt_pb2.ResetConnectionsResponse, _abc.Awaitable[_passt_pb2.ResetConnectionsResponse]]:
+        """Reset every flow matching a filter. An empty filter is refused (INVALID_ARGUMENT) unless `all` is set."""
+
+    @_abc_1.abstractmethod
+    def GetPortPolicy(
+        self,
+        request: _passt_pb2.GetPortPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passt_pb2.PortPolicy, _abc.Awaitable[_passt_pb2.PortPolicy]]:
+        """The four forwarding tables (-t, -u, -T, -U) as canonical passt spec strings and as rules."""
+
+    @_abc_1.abstractmethod
+    def SetPortPolicy(
+        self,
+        request: _passt_pb2.SetPortPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passt_pb2.PortPolicyChange, _abc.Awaitable[_passt_pb2.PortPolicyChange]]:
+        """Replace one table with a spec (pesto's default "replace"; the spec "none" clears the table).
+        Listening sockets are diffed: ports still forwarded keep their sockets, established flows are never
+        touched. Returns the new table and one bind result per socket opened.
+        """
+
+    @_abc_1.abstractmethod
+    def AddForward(
+        self,
+        request: _passt_pb2.AddForwardRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passt_pb2.PortPolicyChange, _abc.Awaitable[_passt_pb2.PortPolicyChange]]:
+        """Add the ports of a spec to one table (pesto "add"); a port already forwarded is INVALID_ARGUMENT."""
+
+    @_abc_1.abstractmethod
+    def RemoveForward(
+        self,
+        request: _passt_pb2.RemoveForwardRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passt_pb2.PortPolicyChange, _abc.Awaitable[_passt_pb2.PortPolicyChange]]:
+        """Remove the ports of a spec from one table (pesto "delete"); they must be forwarded exactly as given."""
+
+    @_abc_1.abstractmethod
+    def GetTimeouts(
+        self,
+        request: _passt_pb2.GetTimeoutsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passt_pb2.Timeouts, _abc.Awaitable[_passt_pb2.Timeouts]]:
+        """Every timeout of the dataplane, in seconds."""
+
+    @_abc_1.abstractmethod
+    def SetTimeouts(
+        self,
+        request: _passt_pb2.SetTimeoutsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passt_pb2.Timeouts, _abc.Awaitable[_passt_pb2.Timeouts]]:
+        """Change the timeouts named in update_mask. Every value is range-checked first; if any is out of range
+        nothing changes (INVALID_ARGUMENT naming the field and its range). Applies at the next timer tick.
         """
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

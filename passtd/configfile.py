@@ -1,0 +1,199 @@
+"""The TOML config file (`--config FILE`): the long options as keys, plus a `[timeouts]` table.
+
+    mode = "passt"                 # or "pasta"; needed only when the command line names no mode
+    socket = "/run/passtd/vm1.socket"
+    address = "10.0.2.15"          # a list for one address per family: ["10.0.2.15", "fd00::15"]
+    netmask = 24
+    dns = ["10.0.2.3"]
+    tcp-ports = ["8080", "2222:22"]
+    mtu = 1500
+    foreground = true
+
+    [timeouts]                     # seconds; names and ranges of passtd/dataplane/core/timeouts.py
+    tcp_activity = 3600
+
+A key is a long option without its dashes and takes what the option takes: a flag is a boolean, a repeatable
+option a string or an array of strings, any other option a string (numbers may be written as integers).
+`config`, `help` and `version` are not keys. The command line wins over the file, option by option.
+
+Every problem is one line naming the file and the key (`FILE: key 'mtu': 99999 is out of range 68..65520`),
+so `systemctl status` shows what to fix. This module checks shapes and types; what a value means is checked by
+the same code as the command line (options.py), whose messages are rewritten to name the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Final, Literal
+
+from passtd.dataplane.core.timeouts import RANGES, Timeouts
+from passtd.errors import ConfigError
+
+Kind = Literal["flag", "value", "list"]
+MODES: Final = ("passt", "pasta")
+TIMEOUTS_TABLE: Final = "timeouts"
+_INT_TIMEOUTS: Final = frozenset({"tcp_max_retransmits"})
+
+
+@dataclass(frozen=True, slots=True)
+class OptionSpec:
+    """One config key: the argparse destination it fills, its shape and the modes that accept it."""
+
+    key: str
+    dest: str
+    kind: Kind
+    modes: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class FileConfig:
+    """A checked config file: values in the shape argparse would have produced, by destination."""
+
+    path: str
+    mode: str | None
+    values: dict[str, Any] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)  # dest → key, for error messages
+    modes: dict[str, frozenset[str]] = field(default_factory=dict)  # dest → modes accepting it
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    def check_mode(self, mode: str) -> None:
+        """Reject keys of the other mode (a passt `socket` in a pasta file is a mistake, not a no-op)."""
+        for dest, key in self.keys.items():
+            if mode not in self.modes[dest]:
+                other = " and ".join(sorted(self.modes[dest]))
+                raise key_error(self.path, key, f"only valid in {other} mode")
+
+    def key_of(self, dest: str) -> str:
+        return self.keys[dest]
+
+
+def key_error(path: str, key: str, reason: str) -> ConfigError:
+    return ConfigError(f"{path}: key '{key}': {reason}")
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date or time"
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """The parsed document; unreadable files and syntax errors become one-line ConfigErrors."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text") from None
+
+
+def _unknown(path: str, key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return key_error(path, key, f"unknown key{hint}")
+
+
+def _scalar(path: str, key: str, value: object) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise key_error(path, key, f"expected a string, got {_type_name(value)}")
+
+
+def _value(path: str, spec: OptionSpec, value: object) -> Any:
+    key = spec.key
+    if spec.kind == "flag":
+        if not isinstance(value, bool):
+            raise key_error(path, key, f"expected true or false, got {_type_name(value)}")
+        return value
+    if spec.kind == "value":
+        return _scalar(path, key, value)
+    if isinstance(value, list):
+        if not value:
+            raise key_error(path, key, "expected at least one value, got an empty array")
+        out: list[str] = []
+        for item in value:
+            if not isinstance(item, str) and (isinstance(item, bool) or not isinstance(item, int)):
+                raise key_error(path, key, f"expected an array of strings, got {_type_name(item)} in it")
+            out.append(str(item))
+        return out
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return [str(value)]
+    raise key_error(path, key, f"expected a string or an array of strings, got {_type_name(value)}")
+
+
+def _timeouts(path: str, table: object) -> Timeouts:
+    if not isinstance(table, dict):
+        raise key_error(path, TIMEOUTS_TABLE, f"expected a table, got {_type_name(table)}")
+    names = [f.name for f in fields(Timeouts)]
+    changes: dict[str, float | int] = {}
+    for name, value in table.items():
+        key = f"{TIMEOUTS_TABLE}.{name}"
+        if name not in names:
+            raise _unknown(path, key, [f"{TIMEOUTS_TABLE}.{n}" for n in names])
+        if name in _INT_TIMEOUTS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise key_error(path, key, f"expected an integer, got {_type_name(value)}")
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise key_error(path, key, f"expected a number of seconds, got {_type_name(value)}")
+        low, high = RANGES[name]
+        if not low <= value <= high:
+            raise key_error(path, key, f"{value} is out of range {low:g}..{high:g}")
+        changes[name] = value if name in _INT_TIMEOUTS else float(value)
+    timeouts = replace(Timeouts(), **changes)  # type: ignore[arg-type]  # names and types checked above
+    if timeouts.tcp_rto_min > timeouts.tcp_rto_max:
+        raise key_error(
+            path,
+            f"{TIMEOUTS_TABLE}.tcp_rto_min",
+            f"{timeouts.tcp_rto_min:g} is above tcp_rto_max ({timeouts.tcp_rto_max:g})",
+        )
+    return timeouts
+
+
+def load(path: str, specs: Mapping[str, OptionSpec]) -> FileConfig:
+    """Read and check `path` against the option table `specs` (key → spec)."""
+    doc = read_toml(path)
+    mode: str | None = None
+    values: dict[str, Any] = {}
+    keys: dict[str, str] = {}
+    modes: dict[str, frozenset[str]] = {}
+    timeouts = Timeouts()
+    known = sorted([*specs, "mode", TIMEOUTS_TABLE])
+    for key, value in doc.items():
+        if key == "mode":
+            if not isinstance(value, str):
+                raise key_error(path, key, f"expected a string, got {_type_name(value)}")
+            if value not in MODES:
+                raise key_error(path, key, f"{value!r} is not a mode: use passt or pasta")
+            mode = value
+            continue
+        if key == TIMEOUTS_TABLE:
+            timeouts = _timeouts(path, value)
+            continue
+        spec = specs.get(key)
+        if spec is None:
+            raise _unknown(path, key, known)
+        values[spec.dest] = _value(path, spec, value)
+        keys[spec.dest] = key
+        modes[spec.dest] = spec.modes
+    config = FileConfig(path, mode, values, keys, modes, timeouts)
+    if mode is not None:
+        config.check_mode(mode)
+    return config
