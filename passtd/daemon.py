@@ -131,7 +131,8 @@ def _setup_pasta(config: Config) -> PastaSetup:
     ctx = config.ctx if config.config_net else None
     if config.command is not None:
         argv = list(config.command) or [os.environ.get("SHELL") or "/bin/sh"]
-        spawned = netns.spawn_in_new_netns(argv, config.ns_ifname, config.ctx.mtu, ctx)
+        spawned = netns.spawn_in_new_netns(argv, config.ns_ifname, config.ctx.mtu, ctx, vnet_hdr=True)
+        netns.enable_offload(spawned.tap_fd)
         return PastaSetup(spawned.tap_fd, spawned.pid, None, spawned.netns_fd)
     target: str | int
     if config.netns_pid is not None:
@@ -140,7 +141,8 @@ def _setup_pasta(config: Config) -> PastaSetup:
         assert config.netns is not None
         target = config.netns
     netns_fd = netns.open_netns(target)
-    tap_fd = netns.create_tap(netns_fd, config.ns_ifname, config.ctx.mtu)
+    tap_fd = netns.create_tap(netns_fd, config.ns_ifname, config.ctx.mtu, vnet_hdr=True)
+    netns.enable_offload(tap_fd)
     if ctx is not None:
         netns.configure_netns(netns_fd, config.ns_ifname, ctx)
     return PastaSetup(tap_fd, None, netns.NetnsWatcher(target, netns_fd), netns_fd)
@@ -229,7 +231,7 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
     current = config
     pcap = PcapWriter(config.pcap) if config.pcap else None
     dp = Dataplane(config.ctx, loop, pcap, max_flows=config.max_flows, dns_forward=config.dns_forward,
-                   dns_upstream=config.dns_upstream)  # fmt: skip
+                   dns_upstream=config.dns_upstream, vnet=pasta is not None)  # fmt: skip
     if pasta is not None:
         dp.netns_fd = pasta.netns_fd
     if config.forward is not None:
@@ -279,7 +281,7 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
         from passtd.dataplane.io.netns import wait_exit_status
         from passtd.dataplane.io.tap.tuntap import TunTapBackend
 
-        dp.attach(TunTapBackend(pasta.tap_fd))
+        dp.attach(TunTapBackend(pasta.tap_fd, vnet=True))
 
         async def watch_namespace() -> None:
             nonlocal exit_code

@@ -18,8 +18,9 @@ from tests.helpers.tcpfake import FAR4, GUEST4, GW4, FakeSock, Rig
 G_ISN = 1000
 
 
-def established(rig: Rig, now: float = 0.0, window: int = 65535) -> tuple[int, FakeSock]:
+def established(rig: Rig, now: float = 0.0, window: int = 65535, dst: bytes = GW4) -> tuple[int, FakeSock]:
     """Guest SYN → connect → SYN-ACK → guest ACK; returns our ISN + 1 and the fake socket."""
+    rig.dst = dst
     rig.guest(SYN, G_ISN, window=window, now=now)
     assert rig.take() == []  # nothing until connect() completes
     sock = rig.factory.socks[-1]
@@ -44,7 +45,10 @@ def test_guest_syn_to_gateway_connects_to_loopback_and_answers_with_our_options(
     assert states.state_name(conn.events) == "TAP_SYN_RCVD"
     rig.guest(ACK, G_ISN + 1, seq_add(synack.tcp.seq, 1))
     assert states.state_name(conn.events) == "ESTABLISHED"
-    assert rig.factory.socks[0].mss == 1400  # the guest's MSS mirrored onto the socket
+    assert rig.factory.socks[0].mss == 0  # a loopback peer keeps its large MSS
+    remote = Rig()
+    established(remote, dst=FAR4)
+    assert remote.factory.socks[0].mss == 1460  # the guest's MSS mirrored onto a socket toward the network
 
 
 def test_remote_destination_keeps_its_address() -> None:
@@ -78,7 +82,7 @@ def test_segment_without_flow_gets_rst() -> None:
 
 def test_guest_data_is_written_and_acked_only_when_the_peer_acked() -> None:
     rig = Rig()
-    our, sock = established(rig)
+    our, sock = established(rig, dst=FAR4)
     rig.take()
     sock.acked = 0
     rig.guest(ACK | PSH, G_ISN + 1, our, b"hello")
@@ -91,6 +95,13 @@ def test_guest_data_is_written_and_acked_only_when_the_peer_acked() -> None:
     rig.handler.on_timer(0.03)
     (ack,) = rig.take()
     assert ack.tcp.ack == G_ISN + 6 and conn.ack_due == 0.0
+    # A peer on this host: what its kernel took is acknowledged at once.
+    local = Rig()
+    our, sock = established(local)
+    local.take()
+    sock.acked = 0
+    local.guest(ACK | PSH, G_ISN + 1, our, b"hello")
+    assert local.take()[-1].tcp.ack == G_ISN + 6
 
 
 def test_out_of_order_and_duplicate_guest_data() -> None:

@@ -124,13 +124,15 @@ class Rig:
         self.stats = Stats()
         self.factory = FakeFactory()
         self.sent: list[Seg] = []
+        self.dst = GW4  # default destination of guest segments
         self.closed: list[tuple[int, str]] = []
         self.handler = TcpHandler(
             ctx, Guest(), self.flows, self.stats, self.factory, self._to_tap, b"k" * 16, timeouts,
             on_close=lambda c, r: self.closed.append((c.flow_id, r)),
         )  # fmt: skip
 
-    def _to_tap(self, ethertype: int, packet: bytes) -> None:
+    def _to_tap(self, ethertype: int, packet: bytes, offload: int = -1) -> None:
+        assert offload == -1  # the rig runs without tap offloads: every checksum is complete
         mv = memoryview(packet)
         ip = parse_ipv6(mv) if ethertype == 0x86DD else parse_ipv4(mv)
         assert tcp_checksum_ok(ip.src, ip.dst, ip.payload), "bad TCP checksum"
@@ -143,9 +145,10 @@ class Rig:
 
     def guest(
         self, flags: int, seq: int, ack: int = 0, data: bytes = b"", window: int = 65535, *, mss: int = 1460,
-        ws: int = 7, sport: int = 40000, dport: int = 5000, src: bytes = GUEST4, dst: bytes = GW4,
+        ws: int = 7, sport: int = 40000, dport: int = 5000, src: bytes = GUEST4, dst: bytes | None = None,
         now: float = 0.0, flush: bool = True,
     ) -> None:  # fmt: skip
+        dst = self.dst if dst is None else dst
         options = syn_options(mss, ws) if flags & 0x02 else b""
         seg = SegmentBuilder(src, dst, sport, dport).build(seq, ack, flags, window, data, options)
         ip = parse_ipv6(memoryview(seg)) if len(src) == 16 else parse_ipv4(memoryview(seg))

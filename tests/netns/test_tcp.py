@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns.conftest import FAR4, FAR6, HOST4, REMOTE4, REMOTE6, Topology, sh
+from tests.netns.conftest import FAR4, FAR6, HOST4, REMOTE4, REMOTE6, Topology, ip_json, sh
 
 pytestmark = pytest.mark.netns
 TOOL = str(Path(__file__).with_name("tcptool.py"))
@@ -106,6 +106,18 @@ def test_host_to_guest_through_the_tap(pasta: Topology, host: str, guest: str, g
     got = server.result()
     assert got["rx_sha"] == digest(10, 4)
     assert got["peer"] == gw
+
+
+@pytest.mark.parametrize("mtu", ["1500", "9000"])
+def test_small_mtu_uses_tap_offloads_both_ways(topo: Topology, mtu: str) -> None:
+    """At MTU 1500 the tap carries 64 KiB super-segments both ways (TSO from the guest, GSO toward it)."""
+    topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, "--config-net", "-m", mtu, "-t", "20001",
+                wait_tap=IF)  # fmt: skip
+    assert ip_json(topo.guest, "link", "show", "dev", IF)[0]["mtu"] == int(mtu)
+    server = serve(topo, topo.guest, "0.0.0.0", 20001, first="read", size=16 * MiB, seed=40)
+    client = connect(topo, topo.host, HOST4, 20001, size=16 * MiB, seed=41)
+    assert client.result() == {"rx_len": 16 * MiB, "rx_sha": digest(16 * MiB, 40)}
+    assert server.result()["rx_sha"] == digest(16 * MiB, 41)
 
 
 def test_namespace_loopback_to_host_with_tcp_ns(topo: Topology) -> None:

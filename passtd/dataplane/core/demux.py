@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
+from typing import Protocol
 
 from passtd.dataplane.core.context import Context, Guest
 from passtd.dataplane.core.flowtable import FlowTable, FlowTableFull
@@ -33,6 +34,12 @@ _UNSPECIFIED4 = bytes(4)
 _UNSPECIFIED6 = bytes(16)
 
 
+class FrameSink(Protocol):
+    """Where reply frames go (the shell's batch list)."""
+
+    def append(self, frame: bytes, /) -> None: ...
+
+
 UdpSink = Callable[[bool, bytes, bytes, UdpHeader, float], None]
 
 
@@ -55,9 +62,7 @@ class Demux:
         self.flows = flows
         self.ndp = ndp
 
-    def handle_frame(
-        self, frame: memoryview, now: float, out: list[bytes], actions: list[EchoToHost]
-    ) -> None:
+    def handle_frame(self, frame: memoryview, now: float, out: FrameSink, actions: list[EchoToHost]) -> None:
         eth = parse_ethernet(frame)
         if eth.src[0] & 1:
             raise MalformedFrame("eth.multicast_source")
@@ -73,7 +78,7 @@ class Demux:
         else:
             self.stats.drop("eth.unknown_ethertype")
 
-    def _reply(self, service: str, reply: bytes | None, out: list[bytes]) -> None:
+    def _reply(self, service: str, reply: bytes | None, out: FrameSink) -> None:
         self.stats.handled[service] += 1
         if reply is not None:
             out.append(reply)
@@ -98,7 +103,7 @@ class Demux:
             actions.append(action)
 
     def _ipv4(
-        self, mac: bytes, payload: memoryview, now: float, out: list[bytes], actions: list[EchoToHost]
+        self, mac: bytes, payload: memoryview, now: float, out: FrameSink, actions: list[EchoToHost]
     ) -> None:
         ip = parse_ipv4(payload)
         if ip.is_fragment:
@@ -123,7 +128,7 @@ class Demux:
             self.stats.drop("ipv4.unknown_protocol")
 
     def _ipv6(
-        self, mac: bytes, payload: memoryview, now: float, out: list[bytes], actions: list[EchoToHost]
+        self, mac: bytes, payload: memoryview, now: float, out: FrameSink, actions: list[EchoToHost]
     ) -> None:
         ip = parse_ipv6(payload)
         if ip.fragment:

@@ -13,7 +13,7 @@ import os
 import resource
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Final
 
@@ -36,10 +36,11 @@ from passtd.dataplane.io.netns import run_in_netns
 from passtd.dataplane.io.pcap import PcapWriter
 from passtd.dataplane.io.sockets import open_ping_socket, ping_group_hint, sockaddr
 from passtd.dataplane.io.splice import SplicedPair
-from passtd.dataplane.io.tap.base import TapBackend
+from passtd.dataplane.io.tap.base import OutFrame, TapBackend
 from passtd.dataplane.io.tcp import TcpIo
 from passtd.dataplane.io.udp import UdpRelay
-from passtd.dataplane.packets.ethernet import build_ethernet
+from passtd.dataplane.packets.ethernet import ETH_P_IPV6, build_ethernet
+from passtd.dataplane.packets.vnet import tcp_offload_header
 from passtd.errors import MalformedFrame
 from passtd.logging import get_logger
 
@@ -56,7 +57,9 @@ class Dataplane:
         max_flows: int = 1 << 18,
         dns_forward: tuple[IPv4Address | IPv6Address, ...] = (),
         dns_upstream: tuple[IPv4Address | IPv6Address, ...] = (),
+        vnet: bool = False,
     ) -> None:
+        self.vnet = vnet  # pasta: the tap carries virtio-net headers, TCP offloads go to the kernel
         self.ctx = ctx
         self.loop = loop
         self.log = get_logger(component="dataplane")
@@ -66,11 +69,11 @@ class Dataplane:
         self.flows = FlowTable(max_flows)
         self.ndp = NdpResponder(ctx)
         self.timeouts = Timeouts()
-        self._out: list[bytes] = []
+        self._out: list[OutFrame] = []
         self.tcp_io = TcpIo()
         self.tcp = TcpHandler(
             ctx, self.guest, self.flows, self.stats, self.tcp_io, self._to_tap, os.urandom(16),
-            self.timeouts, on_close=self._on_tcp_close, on_state=self._on_tcp_state,
+            self.timeouts, on_close=self._on_tcp_close, on_state=self._on_tcp_state, offload=vnet,
         )  # fmt: skip
         self.watchers: list[Callable[[FlowEvent], None]] = []
         self.tcp_io.on_connected = lambda conn: self.tcp.sock_connected(conn, self.loop.time())
@@ -156,9 +159,16 @@ class Dataplane:
             self._echo_to_host(action)
         self._after_batch(now)
 
-    def _to_tap(self, ethertype: int, packet: bytes) -> None:
-        """Frames from the TCP core, collected until the end of the batch."""
-        self._out.append(build_ethernet(self.guest.dst_mac, self.ctx.our_mac, ethertype, packet))
+    def _to_tap(self, ethertype: int, packet: bytes, offload: int = -1) -> None:
+        """Frames from the flows, collected until the end of the batch. `offload` >= 0: a TCP packet whose
+        checksum (and, above 0, segmentation at that size) is left to the kernel via the virtio-net header."""
+        frame = build_ethernet(self.guest.dst_mac, self.ctx.our_mac, ethertype, packet)
+        if offload < 0:
+            self._out.append(frame)
+            return
+        v6 = ethertype == ETH_P_IPV6
+        tcp_hlen = (packet[(40 if v6 else 20) + 12] >> 4) * 4
+        self._out.append((tcp_offload_header(v6, tcp_hlen, offload), frame))
 
     def _after_batch(self, now: float) -> None:
         """Every callback ends here: ACKs the TCP core owes, one write of all frames, timer re-armed."""
@@ -350,15 +360,15 @@ class Dataplane:
                 self.log.debug("tcp.flow.accepted", flow_id=conn.flow_id, peer=peer[0], port=peer[1])
         self._after_batch(now)
 
-    def send_to_tap(self, frames: list[bytes]) -> None:
+    def send_to_tap(self, frames: Sequence[OutFrame]) -> None:
         tap = self.tap
         if not frames or tap is None:
             return
         self.stats.frames_to_tap += len(frames)
-        self.stats.bytes_to_tap += sum(len(f) for f in frames)
+        self.stats.bytes_to_tap += sum(len(f[1]) if isinstance(f, tuple) else len(f) for f in frames)
         if self.pcap is not None:
             for frame in frames:
-                self.pcap.write(frame)
+                self.pcap.write(frame[1] if isinstance(frame, tuple) else frame)
         tap.send_batch(frames)
 
     # -- ICMP echo ------------------------------------------------------------------------------------------

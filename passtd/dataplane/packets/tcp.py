@@ -94,9 +94,10 @@ def syn_options(mss: int, ws: int) -> bytes:
 class SegmentBuilder:
     """Builds guest-bound IP+TCP segments for one flow: addresses and pseudo-header sum computed once."""
 
-    __slots__ = ("dport", "dst", "hdr_len", "psum", "sport", "src", "v6")
+    __slots__ = ("dport", "dst", "hdr_len", "offload", "psum", "sport", "src", "v6")
 
-    def __init__(self, src: bytes, dst: bytes, sport: int, dport: int) -> None:
+    def __init__(self, src: bytes, dst: bytes, sport: int, dport: int, offload: bool = False) -> None:
+        self.offload = offload  # leave the TCP checksum to the kernel (see vnet.py): pseudo-header sum only
         self.src = src
         self.dst = dst
         self.sport = sport
@@ -120,7 +121,10 @@ class SegmentBuilder:
         seg_len = hlen + len(payload)
         tcp = bytearray(_TCP.pack(self.sport, self.dport, seq, ack, (hlen // 4) << 4, flags, window, 0, 0))
         tcp += options
-        csum = checksum(self.psum.to_bytes(2, "big"), seg_len.to_bytes(2, "big"), tcp, payload)
+        if self.offload:
+            csum = ones_sum(self.psum.to_bytes(2, "big"), seg_len.to_bytes(2, "big"))
+        else:
+            csum = checksum(self.psum.to_bytes(2, "big"), seg_len.to_bytes(2, "big"), tcp, payload)
         struct.pack_into("!H", tcp, 16, csum)
         if self.v6:
             ip = build_ipv6_header(self.src, self.dst, IPPROTO_TCP, seg_len, hop_limit=64)

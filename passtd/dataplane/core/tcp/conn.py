@@ -64,6 +64,7 @@ class TcpConn(Flow):
     remote_addr: bytes = b""  # as the guest sees it (the gateway for host loopback)
     remote_port: int = 0
     target_addr: bytes = b""  # where the host socket connects (loopback for the gateway)
+    local: bool = False  # the host-side peer is this host itself (loopback or one of its addresses)
     events: int = 0
     sock: SockPort | None = None
     seg: SegmentBuilder | None = None

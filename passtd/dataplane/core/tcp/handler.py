@@ -28,6 +28,7 @@ MAX_WINDOW: Final = (1 << 24) - 1
 PEEK_CHUNK: Final = 1 << 20  # bytes peeked per call; the loop continues while the window allows
 DEFAULT_MSS: Final = 536  # RFC 9293 §3.7.1, when the guest sends no MSS option
 DUP_ACK_THRESHOLD: Final = 2  # as passt: two duplicate ACKs rewind
+ACK_EVERY: Final = 1 << 20  # inside a batch, ACK the guest at least this often (bytes)
 
 
 class SocketFactory(Protocol):
@@ -43,7 +44,11 @@ class SocketFactory(Protocol):
         ...
 
 
-TapOut = Callable[[int, bytes], None]  # (ethertype, IP packet) → frame to the guest
+# (ethertype, IP packet, offload) → the guest. offload -1: a complete packet; 0: TCP checksum left to the
+# kernel; > 0: also a super-segment for the kernel to cut at that size (see packets/vnet.py).
+TapOut = Callable[[int, bytes, int], None]
+COMPLETE: Final = -1
+GSO_MAX_PAYLOAD: Final = 65536 - 14 - 60 - 64  # one super-segment stays under the kernel's 64 KiB GSO limit
 
 
 class TcpHandler:
@@ -59,7 +64,9 @@ class TcpHandler:
         timeouts: Timeouts | None = None,
         on_close: Callable[[TcpConn, str], None] | None = None,
         on_state: Callable[[TcpConn, str, str], None] | None = None,
+        offload: bool = False,
     ) -> None:
+        self.offload = offload  # the tap segments and checksums TCP for us (pasta with IFF_VNET_HDR)
         self.ctx = ctx
         self.guest = guest
         self.flows = flows
@@ -93,7 +100,10 @@ class TcpHandler:
                                 payload, options)  # fmt: skip
         conn.packets_to_guest += 1
         conn.bytes_to_guest += len(payload)
-        self.to_tap(ETH_P_IPV6 if conn.v6 else ETH_P_IP, packet)
+        gso = COMPLETE
+        if self.offload:
+            gso = conn.mss_to_tap if len(payload) > conn.mss_to_tap else 0
+        self.to_tap(ETH_P_IPV6 if conn.v6 else ETH_P_IP, packet, gso)
 
     def _rst_unknown(self, v6: bool, src: bytes, dst: bytes, tcp: TcpHeader) -> None:
         """RFC 9293 §3.10.7.1: a segment for no connection gets an RST (never an RST for an RST)."""
@@ -105,7 +115,7 @@ class TcpHandler:
         else:
             length = len(tcp.payload) + (1 if tcp.flags & SYN else 0) + (1 if tcp.flags & FIN else 0)
             packet = seg.build(0, seq_add(tcp.seq, length), RST | ACK, 0)
-        self.to_tap(ETH_P_IPV6 if v6 else ETH_P_IP, packet)
+        self.to_tap(ETH_P_IPV6 if v6 else ETH_P_IP, packet, COMPLETE)
 
     # ------------------------------------------------------------------------------------ guest segments
 
@@ -167,7 +177,9 @@ class TcpHandler:
             guest_addr=bytes(src), guest_port=tcp.sport, remote_addr=bytes(dst), remote_port=tcp.dport,
             target_addr=map_target(self.ctx, bytes(dst)),
         )  # fmt: skip
-        conn.seg = SegmentBuilder(conn.remote_addr, conn.guest_addr, conn.remote_port, conn.guest_port)
+        conn.local = is_loopback(conn.target_addr)
+        conn.seg = SegmentBuilder(conn.remote_addr, conn.guest_addr, conn.remote_port, conn.guest_port,
+                                  self.offload)  # fmt: skip
         conn.seq_init_from_tap = tcp.seq
         conn.seq_from_tap = seq_add(tcp.seq, 1)
         conn.seq_ack_to_tap = conn.seq_from_tap
@@ -253,9 +265,9 @@ class TcpHandler:
         conn = TcpConn(
             self.flows.new_id(), PROTO_TCP, key, now, now, guest_initiated=False, v6=v6,
             guest_addr=guest_addr, guest_port=guest_port, remote_addr=remote, remote_port=peer_port,
-            target_addr=peer, sock=sock,
+            target_addr=peer, sock=sock, local=remote != peer or is_loopback(peer),
         )  # fmt: skip
-        conn.seg = SegmentBuilder(remote, guest_addr, peer_port, guest_port)
+        conn.seg = SegmentBuilder(remote, guest_addr, peer_port, guest_port, self.offload)
         conn.seq_init_to_tap = isn(self.secret, remote, peer_port, guest_addr, guest_port, now)
         conn.seq_to_tap = conn.seq_ack_from_tap = conn.seq_init_to_tap
         conn.ws_to_tap = OUR_WS
@@ -305,10 +317,11 @@ class TcpHandler:
     def _on_established(self, conn: TcpConn, now: float) -> None:
         self.stats.handled["tcp.established"] += 1
         assert conn.sock is not None
-        try:
-            conn.sock.set_mss(conn.mss_to_tap)
-        except OSError:
-            pass
+        if not conn.local:  # on loopback a guest-sized MSS would only make the host's own stack slower
+            try:
+                conn.sock.set_mss(conn.mss_to_tap)
+            except OSError:
+                pass
         self._push(conn, now)  # data (or EOF) may have arrived while the handshake was going on
 
     # -------------------------------------------------------------------------------- ACKs from the guest
@@ -408,6 +421,8 @@ class TcpHandler:
                 return
             conn.seq_from_tap = seq_add(conn.seq_from_tap, n)
             conn.written += n
+            if seq_diff(conn.seq_from_tap, conn.seq_ack_to_tap) >= ACK_EVERY:
+                self._update_ack(conn, now, force=False)  # keep the guest sending while a long batch is read
             if n < length - offset:
                 self.stats.handled["tcp.sock_full"] += 1
                 self._queue_ack(conn)
@@ -449,19 +464,28 @@ class TcpHandler:
         except OSError as exc:
             self._sock_failed(conn, exc)
             return
-        acked = min(info.bytes_acked, conn.written)
+        peer_acked = min(info.bytes_acked, conn.written)
+        queued = conn.written - peer_acked  # in the socket, not yet acknowledged by the peer
+        # A peer on this host: what its kernel took is as good as acknowledged (no network can lose it), and
+        # waiting for a local reader's delayed ACK would stall the guest for tens of ms.
+        acked = conn.written if conn.local else peer_acked
         ack = seq_add(conn.seq_init_from_tap, 1 + acked)
         if conn.events & st.TAP_FIN_SENT and acked == conn.written:
             ack = conn.seq_from_tap  # covers the guest's FIN
-        wnd = min(info.snd_wnd, info.sndbuf, MAX_WINDOW if conn.ws_to_tap else 0xFFFF)
-        if not conn.events & st.TAP_FIN_RCVD:
-            wnd = max(wnd, conn.mss_to_tap)
+        # The window is what the socket can still take: the guest never sends beyond it, so nothing it sends
+        # is dropped for want of buffer (a drop costs the guest a retransmission round). SO_SNDBUF counts
+        # kernel overhead too, hence the margin.
+        free = max(0, info.sndbuf * 3 // 4 - queued)
+        wnd = min((conn.written - acked) + free, MAX_WINDOW if conn.ws_to_tap else 0xFFFF)
         changed = ack != conn.seq_ack_to_tap or wnd != conn.wnd_to_tap
         conn.wnd_to_tap = wnd
         if changed or force:
             conn.seq_ack_to_tap = ack
             self._send_ack(conn, ack)
-        conn.ack_due = now + self.timeouts.tcp_ack_interval if ack != conn.seq_from_tap else 0.0
+        # Re-check on the ACK interval while the socket holds data the peer has not acknowledged: its free
+        # space and the peer's ACK both change without telling us.
+        pending = ack != conn.seq_from_tap or queued > 0
+        conn.ack_due = now + self.timeouts.tcp_ack_interval if pending else 0.0
         self._set_clamp(conn)
         if is_done(conn):
             self._close(conn, "fin", reset_sock=False, rst_tap=False)
@@ -473,7 +497,7 @@ class TcpHandler:
         window = min(conn.wnd_to_tap >> conn.ws_to_tap, 0xFFFF)
         packet = conn.seg.build(conn.seq_to_tap, ack, ACK, window)
         conn.packets_to_guest += 1
-        self.to_tap(ETH_P_IPV6 if conn.v6 else ETH_P_IP, packet)
+        self.to_tap(ETH_P_IPV6 if conn.v6 else ETH_P_IP, packet, 0 if self.offload else COMPLETE)
 
     def _set_clamp(self, conn: TcpConn) -> None:
         """Mirror the guest's window onto the socket (TCP_WINDOW_CLAMP), with hysteresis to save syscalls."""
@@ -505,6 +529,8 @@ class TcpHandler:
         sock = conn.sock
         assert sock is not None
         mss = conn.mss_to_tap
+        if self.offload and mss < GSO_MAX_PAYLOAD:
+            mss = GSO_MAX_PAYLOAD // mss * mss  # super-segments the kernel cuts at the guest's MSS
         sent_any = False
         while True:
             in_flight = conn.in_flight
@@ -617,7 +643,7 @@ class TcpHandler:
                 # Zero-window probe: an old sequence number makes the guest answer with its window.
                 packet = conn.seg.build((conn.seq_to_tap - 1) & MASK, conn.seq_ack_to_tap, ACK,
                                         min(conn.wnd_to_tap >> conn.ws_to_tap, 0xFFFF))  # fmt: skip
-                self.to_tap(ETH_P_IPV6 if conn.v6 else ETH_P_IP, packet)
+                self.to_tap(ETH_P_IPV6 if conn.v6 else ETH_P_IP, packet, 0 if self.offload else COMPLETE)
                 conn.persist_due = now + min(conn.rto * 2, t.tcp_rto_max)
             else:
                 self._push(conn, now)
@@ -670,7 +696,7 @@ class TcpHandler:
             self._send(conn, RST | ACK)
         elif rst_tap and conn.seg is not None:
             packet = conn.seg.build(0, conn.seq_from_tap, RST | ACK, 0)
-            self.to_tap(ETH_P_IPV6 if conn.v6 else ETH_P_IP, packet)
+            self.to_tap(ETH_P_IPV6 if conn.v6 else ETH_P_IP, packet, 0 if self.offload else COMPLETE)
         sock = conn.sock
         if sock is not None:
             self.sockets.forget(conn)
@@ -688,6 +714,10 @@ class TcpHandler:
         self.stats.handled[f"tcp.closed.{reason.split(':')[0]}"] += 1
         if self.on_close is not None:
             self.on_close(conn, reason)
+
+
+def is_loopback(addr: bytes) -> bool:
+    return (len(addr) == 4 and addr[0] == 127) or addr == bytes(15) + b"\x01"
 
 
 def is_done(conn: TcpConn) -> bool:

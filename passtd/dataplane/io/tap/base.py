@@ -9,13 +9,17 @@ Semantics (all calls are non-blocking and made from the event loop thread):
   It raises `EOFError` when the guest went away.
 - `send_batch(frames)` writes whole frames; a frame that cannot be written without blocking is dropped and
   counted in `dropped_tx` (the guest's TCP or the flow logic retransmits), never buffered without bound.
+  On a tap with a virtio-net header, an entry may be a (header, frame) pair; a plain frame gets a header
+  that asks for nothing.
 - `close()` releases every descriptor; calling it twice is harmless.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, TypeAlias
+
+OutFrame: TypeAlias = bytes | bytearray | memoryview | tuple[bytes, bytes]
 
 
 class TapBackend(Protocol):
@@ -25,6 +29,6 @@ class TapBackend(Protocol):
 
     def recv_batch(self, limit: int) -> list[memoryview]: ...
 
-    def send_batch(self, frames: Sequence[bytes | bytearray | memoryview]) -> None: ...
+    def send_batch(self, frames: Sequence[OutFrame]) -> None: ...
 
     def close(self) -> None: ...

@@ -18,6 +18,7 @@ import struct
 from collections.abc import Sequence
 from typing import Final
 
+from passtd.dataplane.io.tap.base import OutFrame
 from passtd.errors import BackendError, MalformedFrame
 
 MAX_FRAME: Final = 65535 + 14  # an MTU 65535 payload plus the Ethernet header
@@ -103,12 +104,13 @@ class QemuStreamBackend:
         self.decoder.end += n
         return self.decoder.frames(limit)
 
-    def send_batch(self, frames: Sequence[bytes | bytearray | memoryview]) -> None:
+    def send_batch(self, frames: Sequence[OutFrame]) -> None:
         if not frames:
             return
         chunks: list[bytes | bytearray | memoryview] = []
         room = MAX_PENDING - len(self._pending)
         for frame in frames:
+            assert not isinstance(frame, tuple)  # no virtio-net header on qemu's stream
             size = len(frame) + 4
             if size > room:
                 self.dropped_tx += 1

@@ -12,6 +12,9 @@ import os
 from collections.abc import Sequence
 from typing import Final
 
+from passtd.dataplane.io.tap.base import OutFrame
+from passtd.dataplane.packets.vnet import VNET_HDR_LEN, ZERO_HDR
+
 # The largest frame a tap hands over: 65535-byte MTU plus the Ethernet header, and room for a virtio-net
 # header should one be used.
 FRAME_BUF_SIZE: Final = 65536 + 64
@@ -28,9 +31,11 @@ _EOF_ERRNOS: Final = frozenset({errno.EBADF, errno.EBADFD})
 class TunTapBackend:
     """`TapBackend` for a tap descriptor; owns the descriptor and closes it."""
 
-    def __init__(self, fd: int, *, buf_size: int = FRAME_BUF_SIZE) -> None:
+    def __init__(self, fd: int, *, buf_size: int = FRAME_BUF_SIZE, vnet: bool = False) -> None:
         os.set_blocking(fd, False)
         self._fd = fd
+        self._skip = VNET_HDR_LEN if vnet else 0  # every frame read starts with a virtio-net header
+        self.vnet = vnet
         self._buf_size = buf_size
         self._bufs: list[bytearray] = []
         self._views: list[memoryview] = []
@@ -72,19 +77,28 @@ class TunTapBackend:
                 if frames:
                     break
                 raise EOFError("tap device gone")
-            frames.append(self._views[i][:n])
+            if n <= self._skip:
+                continue
+            frames.append(self._views[i][self._skip : n])
         return frames
 
-    def send_batch(self, frames: Sequence[bytes | bytearray | memoryview]) -> None:
+    def send_batch(self, frames: Sequence[OutFrame]) -> None:
         """Write each frame; one that the tap will not take now is dropped and counted, never queued."""
         fd = self._fd
         if fd < 0:
             self.dropped_tx += len(frames)
             return
         write = os.write
+        writev = os.writev
+        vnet = self.vnet
         for frame in frames:
             try:
-                write(fd, frame)
+                if isinstance(frame, tuple):
+                    writev(fd, frame)
+                elif vnet:
+                    writev(fd, (ZERO_HDR, frame))
+                else:
+                    write(fd, frame)
             except OSError as exc:
                 if exc.errno in _DROP_ERRNOS or exc.errno in _EOF_ERRNOS:
                     # a vanished device is reported by the next recv_batch (the fd polls readable with an
