@@ -409,3 +409,43 @@ def test_sweep_every_state_against_every_input(steps: list[tuple[str, int]]) -> 
         else:
             assert sock.closed
             break
+
+
+def test_window_updates_are_not_duplicate_acks() -> None:
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    sock.rx += b"a" * 3000
+    rig.handler.sock_readable(rig.conn(), 0.1)
+    rig.take()
+    for window in (60000, 50000, 40000):  # the guest's buffer fills: same ACK, smaller window each time
+        rig.guest(ACK, G_ISN + 1, our, window=window)
+    assert rig.take() == [] and rig.conn().total_retransmits == 0
+
+
+def test_after_a_timeout_one_segment_then_slow_start() -> None:
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    sock.rx += b"s" * 14600
+    rig.handler.sock_readable(rig.conn(), 0.0)
+    assert len(rig.take()) == 10
+    rig.handler.on_timer(rig.handler.next_deadline())
+    (again,) = rig.take()  # one segment, not the whole window
+    assert again.tcp.seq == our and len(again.data) == 1460
+    rig.guest(ACK, G_ISN + 1, seq_add(our, 1460), now=2.0)
+    assert [len(s.data) for s in rig.take()] == [1460, 1460]  # the window doubles per ACK round
+
+
+def test_a_full_tap_holds_data_until_it_drains() -> None:
+    rig = Rig()
+    full = [True]
+    rig.handler.congested = lambda: full[0]
+    _, sock = established(rig)
+    rig.take()
+    sock.rx += b"h" * 5000
+    rig.handler.sock_readable(rig.conn(), 0.0)
+    assert rig.take() == [] and rig.handler.has_blocked()
+    full[0] = False
+    rig.handler.unblock(0.1)
+    assert sum(len(s.data) for s in rig.take()) == 5000 and not rig.handler.has_blocked()

@@ -45,6 +45,8 @@ from passtd.errors import MalformedFrame
 from passtd.logging import get_logger
 
 BATCH: Final = 64
+TAP_BACKLOG_LIMIT: Final = 2 * 1024 * 1024  # bytes queued toward the guest before TCP holds its data
+RESUME_ROUNDS: Final = 8  # per callback, rounds of "flush, then let held flows send again"
 TICK: Final = 1.0
 
 
@@ -74,7 +76,10 @@ class Dataplane:
         self.tcp = TcpHandler(
             ctx, self.guest, self.flows, self.stats, self.tcp_io, self._to_tap, os.urandom(16),
             self.timeouts, on_close=self._on_tcp_close, on_state=self._on_tcp_state, offload=vnet,
+            congested=self._tap_congested,
         )  # fmt: skip
+        self._out_bytes = 0
+        self._resume_scheduled = False
         self.watchers: list[Callable[[FlowEvent], None]] = []
         self.tcp_io.on_connected = lambda conn: self.tcp.sock_connected(conn, self.loop.time())
         self.tcp_io.on_error = lambda conn, reason: self.tcp.sock_error(conn, reason, self.loop.time())
@@ -105,6 +110,8 @@ class Dataplane:
     def attach(self, tap: TapBackend) -> None:
         """Start serving a guest; one at a time."""
         self.tap = tap
+        if hasattr(tap, "on_drained"):
+            tap.on_drained = self._on_tap_drained
         self.disconnected.clear()
         self.loop.add_reader(tap.fileno(), self._on_tap_readable)
         if self._tick is None:
@@ -163,6 +170,7 @@ class Dataplane:
         """Frames from the flows, collected until the end of the batch. `offload` >= 0: a TCP packet whose
         checksum (and, above 0, segmentation at that size) is left to the kernel via the virtio-net header."""
         frame = build_ethernet(self.guest.dst_mac, self.ctx.our_mac, ethertype, packet)
+        self._out_bytes += len(frame)
         if offload < 0:
             self._out.append(frame)
             return
@@ -172,16 +180,42 @@ class Dataplane:
 
     def _after_batch(self, now: float) -> None:
         """Every callback ends here: ACKs the TCP core owes, one write of all frames, timer re-armed."""
-        self.tcp.flush(now)
-        if self._out:
-            out, self._out = self._out, []
-            self.send_to_tap(out)
+        for _ in range(RESUME_ROUNDS):
+            self.tcp.flush(now)
+            if self._out:
+                out, self._out = self._out, []
+                self._out_bytes = 0
+                self.send_to_tap(out)
+            if not self.tcp.has_blocked() or self._tap_congested():
+                break  # a stream tap that is still behind resumes the flows from its drained callback
+            self.tcp.unblock(now)  # the batch limit, not the tap, stopped them: carry on
+        else:
+            if not self._resume_scheduled:
+                self._resume_scheduled = True
+                self.loop.call_soon(self._resume)  # let other descriptors have a turn first
         deadline = self.tcp.next_deadline()
         if deadline < self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer_at = deadline
             self._timer = self.loop.call_at(deadline, self._on_tcp_timer)
+
+    def _resume(self) -> None:
+        self._resume_scheduled = False
+        now = self.loop.time()
+        self.tcp.unblock(now)
+        self._after_batch(now)
+
+    def _tap_congested(self) -> bool:
+        """Whether the TCP core should hold its data: the tap still has this much unsent (passt mode's stream
+        socket can fall behind a slow guest; sending more would only be dropped and retransmitted)."""
+        tap = self.tap
+        return self._out_bytes + getattr(tap, "backlog", 0) > TAP_BACKLOG_LIMIT
+
+    def _on_tap_drained(self) -> None:
+        now = self.loop.time()
+        self.tcp.unblock(now)
+        self._after_batch(now)
 
     def _on_tcp_timer(self) -> None:
         self._timer = None

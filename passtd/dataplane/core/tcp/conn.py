@@ -79,6 +79,8 @@ class TcpConn(Flow):
     mss_to_tap: int = 536  # largest payload the guest accepts (RFC 9293 default)
     dup_acks: int = 0
     fin_seq: int = 0  # sequence number of our FIN, once SOCK_FIN_SENT
+    cwnd: int = 0  # after a loss: bytes we may have in flight (slow start); 0: only the guest's window limits
+    recover: int = 0  # highest sequence sent when we last rewound; duplicate ACKs below it are ignored
     # From the guest (guest → host data)
     seq_init_from_tap: int = 0
     seq_from_tap: int = 0  # next byte expected from the guest

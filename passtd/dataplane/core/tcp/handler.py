@@ -65,8 +65,11 @@ class TcpHandler:
         on_close: Callable[[TcpConn, str], None] | None = None,
         on_state: Callable[[TcpConn, str, str], None] | None = None,
         offload: bool = False,
+        congested: Callable[[], bool] | None = None,
     ) -> None:
         self.offload = offload  # the tap segments and checksums TCP for us (pasta with IFF_VNET_HDR)
+        self.congested: Callable[[], bool] = congested or (lambda: False)
+        self._blocked: dict[int, TcpConn] = {}
         self.ctx = ctx
         self.guest = guest
         self.flows = flows
@@ -186,7 +189,7 @@ class TcpHandler:
         self._take_syn_options(conn, tcp)
         conn.seq_init_to_tap = isn(self.secret, conn.remote_addr, conn.remote_port, conn.guest_addr,
                                    conn.guest_port, now)  # fmt: skip
-        conn.seq_to_tap = conn.seq_max_to_tap = conn.seq_ack_from_tap = conn.seq_init_to_tap
+        conn.seq_to_tap = conn.seq_max_to_tap = conn.seq_ack_from_tap = conn.recover = conn.seq_init_to_tap
         conn.rto = self.timeouts.tcp_rto_initial
         conn.last_tap = conn.last_sock = now
         try:
@@ -269,7 +272,7 @@ class TcpHandler:
         )  # fmt: skip
         conn.seg = SegmentBuilder(remote, guest_addr, peer_port, guest_port, self.offload)
         conn.seq_init_to_tap = isn(self.secret, remote, peer_port, guest_addr, guest_port, now)
-        conn.seq_to_tap = conn.seq_ack_from_tap = conn.seq_init_to_tap
+        conn.seq_to_tap = conn.seq_ack_from_tap = conn.recover = conn.seq_init_to_tap
         conn.ws_to_tap = OUR_WS
         conn.rto = self.timeouts.tcp_rto_initial
         conn.last_tap = conn.last_sock = now
@@ -344,6 +347,10 @@ class TcpHandler:
                     self._sock_failed(conn, exc)
                     return
             self._rtt_sample(conn, ack, now)
+            if conn.cwnd:  # slow start after a loss, until the window is the only limit again (RFC 5681 §3.1)
+                conn.cwnd += data
+                if conn.cwnd >= conn.wnd_from_tap:
+                    conn.cwnd = 0
             conn.seq_ack_from_tap = ack
             if seq_lt(conn.seq_to_tap, ack):
                 conn.seq_to_tap = ack
@@ -357,11 +364,16 @@ class TcpHandler:
             self._push(conn, now)
             return
         grew = wnd > conn.wnd_from_tap
+        same_window = wnd == conn.wnd_from_tap
         conn.wnd_from_tap = wnd
-        if acked == 0 and conn.in_flight and not len(tcp.payload) and not tcp.flags & FIN and not grew:
+        # RFC 5681 §2: a duplicate ACK carries no data, no FIN, the same window, while data is outstanding.
+        # One rewind per window: more duplicates for data sent before it are echoes of the same loss.
+        if acked == 0 and conn.in_flight and not len(tcp.payload) and not tcp.flags & FIN and same_window:
             conn.dup_acks += 1
-            if conn.dup_acks >= DUP_ACK_THRESHOLD:
+            if conn.dup_acks >= DUP_ACK_THRESHOLD and not seq_lt(conn.seq_ack_from_tap, conn.recover):
                 conn.dup_acks = 0
+                conn.recover = conn.seq_max_to_tap
+                conn.cwnd = max(conn.in_flight // 2, 2 * conn.mss_to_tap)
                 self._rewind(conn, now)
                 return
         if grew or (wnd and conn.persist_due):
@@ -533,8 +545,13 @@ class TcpHandler:
             mss = GSO_MAX_PAYLOAD // mss * mss  # super-segments the kernel cuts at the guest's MSS
         sent_any = False
         while True:
+            if self.congested():
+                self._blocked[conn.flow_id] = conn  # resumed by `unblock` once the tap has drained
+                break
             in_flight = conn.in_flight
             room = conn.wnd_from_tap - in_flight
+            if conn.cwnd:
+                room = min(room, conn.cwnd - in_flight)
             if room <= 0:
                 if conn.wnd_from_tap == 0 and not conn.persist_due:
                     conn.persist_due = now + conn.rto
@@ -569,6 +586,18 @@ class TcpHandler:
                 break
         if sent_any and not conn.rto_due:
             conn.rto_due = now + conn.rto
+
+    def has_blocked(self) -> bool:
+        return bool(self._blocked)
+
+    def unblock(self, now: float) -> None:
+        """The tap drained: resume the flows that stopped sending because it was full."""
+        blocked, self._blocked = self._blocked, {}
+        for conn in blocked.values():
+            if self.flows.by_id(conn.flow_id) is conn:
+                self._push(conn, now)
+                if self.flows.by_id(conn.flow_id) is conn:
+                    self._schedule(conn)
 
     def _mark_sent(self, conn: TcpConn, now: float) -> None:
         if seq_lt(conn.seq_max_to_tap, conn.seq_to_tap):
@@ -671,6 +700,8 @@ class TcpHandler:
             return
         conn.retransmits += 1
         conn.rto = min(conn.rto * 2, t.tcp_rto_max)
+        conn.cwnd = conn.mss_to_tap  # RFC 5681 §3.1: after a timeout, one segment, then slow start
+        conn.recover = conn.seq_max_to_tap
         self._rewind(conn, now)
         if self.flows.by_id(conn.flow_id) is conn:
             conn.rto_due = now + conn.rto
@@ -711,6 +742,7 @@ class TcpHandler:
         conn.close_reason = reason
         self.flows.remove(conn)
         self._ack_pending.pop(conn.flow_id, None)
+        self._blocked.pop(conn.flow_id, None)
         self.stats.handled[f"tcp.closed.{reason.split(':')[0]}"] += 1
         if self.on_close is not None:
             self.on_close(conn, reason)

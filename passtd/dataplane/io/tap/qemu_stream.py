@@ -15,7 +15,7 @@ import asyncio
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from passtd.dataplane.io.tap.base import OutFrame
@@ -80,10 +80,16 @@ class QemuStreamBackend:
         self.dropped_tx = 0
         self._pending = bytearray()
         self._writer = False
+        self.on_drained: Callable[[], None] = lambda: None
         self._eof = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    @property
+    def backlog(self) -> int:
+        """Bytes written by us that the socket has not taken yet."""
+        return len(self._pending)
 
     def recv_batch(self, limit: int) -> list[memoryview]:
         """One recv per call: the dataplane calls again on the next readiness event if more is there."""
@@ -148,6 +154,7 @@ class QemuStreamBackend:
         if not self._pending:
             self.loop.remove_writer(self.sock.fileno())
             self._writer = False
+            self.on_drained()
 
     def close(self) -> None:
         if self.sock.fileno() >= 0:
