@@ -70,6 +70,11 @@ class Config:
     log_format: Literal["console", "json"]
     control_path: str | None = None  # gRPC control socket; None disables the control service
     control_group: str | None = None  # group allowed to use the control socket (mode 0660)
+    control_listen: tuple[str, int] | None = None  # --control-listen: TCP with TLS and client certificates
+    control_cert: str | None = None
+    control_key: str | None = None
+    control_client_ca: str | None = None
+    control_insecure: bool = False  # plaintext TCP, refused off loopback
     forward: ForwardTables | None = None  # -t/-u/-T/-U; None: nothing forwarded
     max_flows: int = 256 * 1024
     dns_forward: tuple[IPv4Address | IPv6Address, ...] = ()  # guest-side DNS addresses we relay

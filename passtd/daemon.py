@@ -239,21 +239,26 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
     if config.timeouts != Timeouts():
         dp.set_timeouts(config.timeouts)
     control = None
-    if config.control_path is not None:
-        from passtd.control.server import start_control_server
+    if config.control_path is not None or config.control_listen is not None:
+        from passtd.control.server import TcpListen, start_control_server
         from passtd.daemon_api import DaemonControl
 
-        directory = os.path.dirname(config.control_path)
+        directory = os.path.dirname(config.control_path or "")
         if directory:
             os.makedirs(directory, mode=0o755, exist_ok=True)
+        tcp = None
+        if config.control_listen is not None:
+            host, port = config.control_listen
+            tcp = TcpListen(host, port, config.control_cert, config.control_key, config.control_client_ca,
+                            config.control_insecure)  # fmt: skip
         try:
             control = await start_control_server(
-                DaemonControl(config, dp), config.control_path, group=config.control_group
+                DaemonControl(config, dp), config.control_path, group=config.control_group, tcp=tcp
             )
-        except BackendError as exc:
+        except (BackendError, ConfigError) as exc:
             dp.close()
             raise ControlStartError(str(exc)) from None
-        log.info("control.listening", socket=config.control_path)
+        log.info("control.listening", socket=config.control_path, tcp=config.control_listen)
 
     def on_stop(signame: str) -> None:
         log.info("passtd.signal", signal=signame)

@@ -147,6 +147,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     a("--max-flows", metavar="N", help="bound on concurrent flows (default 262144)")
     a("--control", metavar="PATH", help="gRPC control socket (default: next to the socket), or 'none'")
     a("--control-group", metavar="GROUP", help="group allowed to use the control socket (mode 0660)")
+    a("--control-listen", metavar="HOST:PORT", help="also serve the control API over TCP (TLS, client certs)")
+    a("--control-cert", metavar="FILE", help="PEM certificate chain for --control-listen")
+    a("--control-key", metavar="FILE", help="PEM private key for --control-listen")
+    a("--control-client-ca", metavar="FILE", help="CA bundle that client certificates must chain to")
+    a("--control-insecure", action="store_true", help="plaintext --control-listen, loopback only")
     a("--config", metavar="FILE", help="TOML file with long options as keys; the command line wins")
     a("-l", "--log-file", metavar="PATH", help="log to PATH instead of stderr")
     a(
@@ -784,6 +789,20 @@ def _resolve(ns: argparse.Namespace, host: HostView | None, env: Mapping[str, st
             raise ConfigError(f"--max-flows: {max_flows} is out of range 1..{1 << 22}")
     environ = os.environ if env is None else env
     control_path: str | None
+    control_listen = None
+    if ns.control_listen is not None:
+        from passtd.control.server import parse_listen  # import-light: no grpc here
+
+        control_listen = parse_listen(ns.control_listen)
+        if not ns.control_insecure and not (ns.control_cert and ns.control_key and ns.control_client_ca):
+            raise ConfigError(
+                "--control-listen: needs --control-cert, --control-key and --control-client-ca "
+                "(or --control-insecure on a loopback address)"
+            )
+    elif ns.control_insecure or ns.control_cert or ns.control_key or ns.control_client_ca:
+        raise ConfigError(
+            "--control-cert/--control-key/--control-client-ca/--control-insecure: need --control-listen"
+        )
     if ns.control == "none":
         control_path = None
     elif ns.control is not None:
@@ -808,6 +827,11 @@ def _resolve(ns: argparse.Namespace, host: HostView | None, env: Mapping[str, st
         log_format="json" if log_format == "json" else "console",
         control_path=control_path,
         control_group=ns.control_group,
+        control_listen=control_listen,
+        control_cert=ns.control_cert,
+        control_key=ns.control_key,
+        control_client_ca=ns.control_client_ca,
+        control_insecure=ns.control_insecure,
         forward=forward,
         max_flows=max_flows,
         dns_forward=dns_forward,

@@ -341,3 +341,30 @@ def test_status_counts_flows_by_state_and_reflection(topo: Topology) -> None:
     all_reset = passtctl("-c", ctl, "conns", "reset", "--all")
     assert all_reset.returncode == 0 and all_reset.stdout.startswith("reset 1 connection"), all_reset.stdout
     assert line(client) == "ECONNRESET"
+
+
+def test_control_over_tcp_on_loopback(topo: Topology) -> None:
+    """--control-listen with --control-insecure (loopback only), driven by passtctl -c tcp:HOST:PORT."""
+    daemon = topo.passtd(
+        "passt", "-f", "-s", str(topo.tmp / "p.sock"), "--control", "none",
+        "--control-listen", "127.0.0.1:7777", "--control-insecure",
+    )  # fmt: skip
+    out = None
+    for _ in range(50):
+        out = subprocess.run(
+            ["ip", "netns", "exec", topo.host, sys.executable, "-m", "passtctl", "-c", "tcp:127.0.0.1:7777",
+             "--insecure", "health"],
+            capture_output=True, text=True, timeout=20, check=False,
+        )  # fmt: skip
+        if out.returncode == 0:
+            break
+        time.sleep(0.2)
+    assert out is not None and out.returncode == 0 and "SERVING" in out.stdout, out
+    assert daemon.stop() == 0
+    refused = subprocess.run(
+        ["ip", "netns", "exec", topo.host, sys.executable, "-m", "passtd", "passt", "-f", "-s",
+         str(topo.tmp / "q.sock"), "--control-listen", "0.0.0.0:7778"],
+        capture_output=True, text=True, timeout=20, check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert refused.stderr.strip().startswith("passtd: error: --control-listen: needs --control-cert")
