@@ -449,3 +449,22 @@ def test_a_full_tap_holds_data_until_it_drains() -> None:
     full[0] = False
     rig.handler.unblock(0.1)
     assert sum(len(s.data) for s in rig.take()) == 5000 and not rig.handler.has_blocked()
+
+
+def test_a_full_socket_buffer_closes_the_window_and_asks_to_hear_when_it_drains() -> None:
+    rig = Rig()
+    our, sock = established(rig, dst=FAR4)
+    rig.take()
+    sock.acked = 0
+    for i in range(50):  # 3 000 000 bytes the far peer has not acknowledged yet
+        rig.guest(ACK, G_ISN + 1 + i * 60000, our, b"x" * 60000, flush=False)
+    rig.handler.flush(0.0)
+    conn = rig.conn()
+    ack = rig.take()[-1]
+    assert ack.tcp.ack == G_ISN + 1
+    assert conn.wnd_to_tap == (1 << 22) * 3 // 4  # (written - acked) + free: never more than the buffer holds
+    assert rig.factory.writers[conn.flow_id] is True
+    sock.acked = 3_000_000  # the peer caught up; the socket reports writable
+    rig.handler.sock_writable(conn, 0.5)
+    ack = rig.take()[-1]
+    assert ack.tcp.ack == G_ISN + 1 + 3_000_000 and rig.factory.writers[conn.flow_id] is False

@@ -90,6 +90,7 @@ class FakeFactory:
         self.socks: list[FakeSock] = []
         self.refuse: OSError | None = None
         self.forgotten: list[int] = []
+        self.writers: dict[int, bool] = {}
 
     def connect(self, conn: TcpConn) -> FakeSock:
         if self.refuse is not None:
@@ -100,6 +101,9 @@ class FakeFactory:
 
     def forget(self, conn: TcpConn) -> None:
         self.forgotten.append(conn.flow_id)
+
+    def want_write(self, conn: TcpConn, on: bool) -> None:
+        self.writers[conn.flow_id] = on
 
 
 @dataclass(frozen=True)

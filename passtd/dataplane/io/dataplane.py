@@ -84,6 +84,7 @@ class Dataplane:
         self.tcp_io.on_connected = lambda conn: self.tcp.sock_connected(conn, self.loop.time())
         self.tcp_io.on_error = lambda conn, reason: self.tcp.sock_error(conn, reason, self.loop.time())
         self.tcp_io.on_readable = lambda conn: self.tcp.sock_readable(conn, self.loop.time())
+        self.tcp_io.on_writable = lambda conn: self.tcp.sock_writable(conn, self.loop.time())
         self.loop.add_reader(self.tcp_io.fileno(), self._on_tcp_events)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")

@@ -152,6 +152,8 @@ class TcpIo:
         self.on_connected: Callable[[TcpConn], None] = lambda conn: None
         self.on_error: Callable[[TcpConn, str], None] = lambda conn, reason: None
         self.on_readable: Callable[[TcpConn], None] = lambda conn: None
+        self.on_writable: Callable[[TcpConn], None] = lambda conn: None
+        self._writers: set[int] = set()
 
     def fileno(self) -> int:
         return self.epoll.fileno()
@@ -182,8 +184,22 @@ class TcpIo:
         self.conns[conn.sock.fd] = conn
         self.epoll.register(conn.sock.fd, EV_ESTABLISHED)
 
+    def want_write(self, conn: TcpConn, on: bool) -> None:
+        """Hear (edge-triggered) when the send buffer has room again: the guest's window waits on it."""
+        sock = conn.sock
+        if not isinstance(sock, TcpSockPort) or (sock.fd in self._writers) == on:
+            return
+        if on:
+            self._writers.add(sock.fd)
+            self.epoll.modify(sock.fd, EV_ESTABLISHED | select.EPOLLOUT)
+        else:
+            self._writers.discard(sock.fd)
+            self.epoll.modify(sock.fd, EV_ESTABLISHED)
+
     def forget(self, conn: TcpConn) -> None:
         sock = conn.sock
+        if isinstance(sock, TcpSockPort):
+            self._writers.discard(sock.fd)
         if isinstance(sock, TcpSockPort) and self.conns.pop(sock.fd, None) is not None:
             try:
                 self.epoll.unregister(sock.fd)
@@ -216,7 +232,12 @@ class TcpIo:
                     name = errno.errorcode.get(err, str(err))
                     self.on_error(conn, "rst_from_host" if err == errno.ECONNRESET else f"host_error:{name}")
                     continue
-            self.on_readable(conn)
+            if ev & select.EPOLLOUT:
+                self.on_writable(conn)
+                if conn.sock is None:
+                    continue
+            if ev & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
+                self.on_readable(conn)
         return len(events)
 
     def close(self) -> None:

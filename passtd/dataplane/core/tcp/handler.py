@@ -43,6 +43,10 @@ class SocketFactory(Protocol):
         """Stop watching the socket of a flow that is being freed."""
         ...
 
+    def want_write(self, conn: TcpConn, on: bool) -> None:
+        """Ask for `sock_writable` when the socket's send buffer has room again (or stop asking)."""
+        ...
+
 
 # (ethertype, IP packet, offload) → the guest. offload -1: a complete packet; 0: TCP checksum left to the
 # kernel; > 0: also a super-segment for the kernel to cut at that size (see packets/vnet.py).
@@ -495,8 +499,10 @@ class TcpHandler:
             conn.seq_ack_to_tap = ack
             self._send_ack(conn, ack)
         # Re-check on the ACK interval while the socket holds data the peer has not acknowledged: its free
-        # space and the peer's ACK both change without telling us.
+        # space and the peer's ACK both change without telling us. When the buffer, not the peer, limits
+        # the window, the socket's writability says at once when it reopens.
         pending = ack != conn.seq_from_tap or queued > 0
+        self.sockets.want_write(conn, free < info.sndbuf // 4 and not conn.events & st.TAP_FIN_RCVD)
         conn.ack_due = now + self.timeouts.tcp_ack_interval if pending else 0.0
         self._set_clamp(conn)
         if is_done(conn):
@@ -523,6 +529,11 @@ class TcpHandler:
                 pass
 
     # ------------------------------------------------------------------------------ data toward the guest
+
+    def sock_writable(self, conn: TcpConn, now: float) -> None:
+        """The socket's send buffer drained: tell the guest its window reopened."""
+        if conn.events & st.ESTABLISHED and self.flows.by_id(conn.flow_id) is conn:
+            self._update_ack(conn, now, force=False)
 
     def sock_readable(self, conn: TcpConn, now: float) -> None:
         conn.last_sock = now
