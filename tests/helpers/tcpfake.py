@@ -135,8 +135,11 @@ class Rig:
             on_close=lambda c, r: self.closed.append((c.flow_id, r)),
         )  # fmt: skip
 
-    def _to_tap(self, ethertype: int, packet: bytes, offload: int = -1) -> None:
+    def _to_tap(
+        self, ethertype: int, packet: bytes, offload: int = -1, payload: bytes | memoryview = b""
+    ) -> None:
         assert offload == -1  # the rig runs without tap offloads: every checksum is complete
+        packet = packet + bytes(payload)
         mv = memoryview(packet)
         ip = parse_ipv6(mv) if ethertype == 0x86DD else parse_ipv4(mv)
         assert tcp_checksum_ok(ip.src, ip.dst, ip.payload), "bad TCP checksum"

@@ -167,17 +167,21 @@ class Dataplane:
             self._echo_to_host(action)
         self._after_batch(now)
 
-    def _to_tap(self, ethertype: int, packet: bytes, offload: int = -1) -> None:
+    def _to_tap(
+        self, ethertype: int, packet: bytes, offload: int = -1, payload: bytes | memoryview = b""
+    ) -> None:
         """Frames from the flows, collected until the end of the batch. `offload` >= 0: a TCP packet whose
-        checksum (and, above 0, segmentation at that size) is left to the kernel via the virtio-net header."""
-        frame = build_ethernet(self.guest.dst_mac, self.ctx.our_mac, ethertype, packet)
-        self._out_bytes += len(frame)
+        checksum (and, above 0, segmentation at that size) is left to the kernel via the virtio-net header.
+        `payload` follows `packet` on the wire; it is copied once here, since its buffer is reused."""
+        head = build_ethernet(self.guest.dst_mac, self.ctx.our_mac, ethertype, packet)
+        self._out_bytes += len(head) + len(payload)
         if offload < 0:
-            self._out.append(frame)
+            self._out.append(head + payload if payload else head)
             return
         v6 = ethertype == ETH_P_IPV6
         tcp_hlen = (packet[(40 if v6 else 20) + 12] >> 4) * 4
-        self._out.append((tcp_offload_header(v6, tcp_hlen, offload), frame))
+        vnet = tcp_offload_header(v6, tcp_hlen, offload)
+        self._out.append((vnet, head, bytes(payload)) if payload else (vnet, head))
 
     def _after_batch(self, now: float) -> None:
         """Every callback ends here: ACKs the TCP core owes, one write of all frames, timer re-armed."""
@@ -400,10 +404,12 @@ class Dataplane:
         if not frames or tap is None:
             return
         self.stats.frames_to_tap += len(frames)
-        self.stats.bytes_to_tap += sum(len(f[1]) if isinstance(f, tuple) else len(f) for f in frames)
+        self.stats.bytes_to_tap += sum(
+            sum(map(len, f[1:])) if isinstance(f, tuple) else len(f) for f in frames
+        )
         if self.pcap is not None:
             for frame in frames:
-                self.pcap.write(frame[1] if isinstance(frame, tuple) else frame)
+                self.pcap.write(b"".join(frame[1:]) if isinstance(frame, tuple) else frame)
         tap.send_batch(frames)
 
     # -- ICMP echo ------------------------------------------------------------------------------------------

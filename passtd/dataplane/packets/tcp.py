@@ -117,6 +117,19 @@ class SegmentBuilder:
         options: bytes = b"",
     ) -> bytes:
         """IP header + TCP header + payload with both checksums (the L3 one only for IPv4)."""
+        headers = self.headers(seq, ack, flags, window, payload, options)
+        return headers + payload if payload else headers
+
+    def headers(
+        self,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        payload: bytes | memoryview = b"",
+        options: bytes = b"",
+    ) -> bytes:
+        """IP and TCP headers for `payload`, which the caller sends after them (saving a copy of it)."""
         hlen = TCP_HLEN + len(options)
         seg_len = hlen + len(payload)
         tcp = bytearray(_TCP.pack(self.sport, self.dport, seq, ack, (hlen // 4) << 4, flags, window, 0, 0))
@@ -130,7 +143,7 @@ class SegmentBuilder:
             ip = build_ipv6_header(self.src, self.dst, IPPROTO_TCP, seg_len, hop_limit=64)
         else:
             ip = build_ipv4_header(self.src, self.dst, IPPROTO_TCP, seg_len)
-        return b"".join((ip, tcp, payload))
+        return ip + tcp
 
 
 def tcp_checksum_ok(src: bytes, dst: bytes, segment: memoryview) -> bool:

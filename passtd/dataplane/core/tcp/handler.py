@@ -48,9 +48,10 @@ class SocketFactory(Protocol):
         ...
 
 
-# (ethertype, IP packet, offload) → the guest. offload -1: a complete packet; 0: TCP checksum left to the
-# kernel; > 0: also a super-segment for the kernel to cut at that size (see packets/vnet.py).
-TapOut = Callable[[int, bytes, int], None]
+# (ethertype, IP packet or headers, offload, payload after the headers) → the guest. offload -1: a complete
+# packet; 0: TCP checksum left to the kernel; > 0: also a super-segment for the kernel to cut at that size
+# (see packets/vnet.py). The payload may view a buffer reused later: copy it if it must outlive the call.
+TapOut = Callable[[int, bytes, int, bytes | memoryview], None]
 COMPLETE: Final = -1
 GSO_MAX_PAYLOAD: Final = 65536 - 14 - 60 - 64  # one super-segment stays under the kernel's 64 KiB GSO limit
 
@@ -103,14 +104,14 @@ class TcpHandler:
     ) -> None:
         assert conn.seg is not None
         window = min(conn.wnd_to_tap >> conn.ws_to_tap, 0xFFFF)
-        packet = conn.seg.build(conn.seq_to_tap, conn.seq_ack_to_tap if flags & ACK else 0, flags, window,
-                                payload, options)  # fmt: skip
+        headers = conn.seg.headers(conn.seq_to_tap, conn.seq_ack_to_tap if flags & ACK else 0, flags, window,
+                                   payload, options)  # fmt: skip
         conn.packets_to_guest += 1
         conn.bytes_to_guest += len(payload)
         gso = COMPLETE
         if self.offload:
             gso = conn.mss_to_tap if len(payload) > conn.mss_to_tap else 0
-        self.to_tap(ETH_P_IPV6 if conn.v6 else ETH_P_IP, packet, gso)
+        self.to_tap(ETH_P_IPV6 if conn.v6 else ETH_P_IP, headers, gso, payload)
 
     def _rst_unknown(self, v6: bool, src: bytes, dst: bytes, tcp: TcpHeader) -> None:
         """RFC 9293 §3.10.7.1: a segment for no connection gets an RST (never an RST for an RST)."""
@@ -122,7 +123,7 @@ class TcpHandler:
         else:
             length = len(tcp.payload) + (1 if tcp.flags & SYN else 0) + (1 if tcp.flags & FIN else 0)
             packet = seg.build(0, seq_add(tcp.seq, length), RST | ACK, 0)
-        self.to_tap(ETH_P_IPV6 if v6 else ETH_P_IP, packet, COMPLETE)
+        self.to_tap(ETH_P_IPV6 if v6 else ETH_P_IP, packet, COMPLETE, b"")
 
     # ------------------------------------------------------------------------------------ guest segments
 
@@ -515,7 +516,7 @@ class TcpHandler:
         window = min(conn.wnd_to_tap >> conn.ws_to_tap, 0xFFFF)
         packet = conn.seg.build(conn.seq_to_tap, ack, ACK, window)
         conn.packets_to_guest += 1
-        self.to_tap(ETH_P_IPV6 if conn.v6 else ETH_P_IP, packet, 0 if self.offload else COMPLETE)
+        self.to_tap(ETH_P_IPV6 if conn.v6 else ETH_P_IP, packet, 0 if self.offload else COMPLETE, b"")
 
     def _set_clamp(self, conn: TcpConn) -> None:
         """Mirror the guest's window onto the socket (TCP_WINDOW_CLAMP), with hysteresis to save syscalls."""
@@ -683,7 +684,7 @@ class TcpHandler:
                 # Zero-window probe: an old sequence number makes the guest answer with its window.
                 packet = conn.seg.build((conn.seq_to_tap - 1) & MASK, conn.seq_ack_to_tap, ACK,
                                         min(conn.wnd_to_tap >> conn.ws_to_tap, 0xFFFF))  # fmt: skip
-                self.to_tap(ETH_P_IPV6 if conn.v6 else ETH_P_IP, packet, 0 if self.offload else COMPLETE)
+                self.to_tap(ETH_P_IPV6 if conn.v6 else ETH_P_IP, packet, 0 if self.offload else COMPLETE, b"")
                 conn.persist_due = now + min(conn.rto * 2, t.tcp_rto_max)
             else:
                 self._push(conn, now)
@@ -738,7 +739,7 @@ class TcpHandler:
             self._send(conn, RST | ACK)
         elif rst_tap and conn.seg is not None:
             packet = conn.seg.build(0, conn.seq_from_tap, RST | ACK, 0)
-            self.to_tap(ETH_P_IPV6 if conn.v6 else ETH_P_IP, packet, 0 if self.offload else COMPLETE)
+            self.to_tap(ETH_P_IPV6 if conn.v6 else ETH_P_IP, packet, 0 if self.offload else COMPLETE, b"")
         sock = conn.sock
         if sock is not None:
             self.sockets.forget(conn)

@@ -9,8 +9,8 @@ Semantics (all calls are non-blocking and made from the event loop thread):
   It raises `EOFError` when the guest went away.
 - `send_batch(frames)` writes whole frames; a frame that cannot be written without blocking is dropped and
   counted in `dropped_tx` (the guest's TCP or the flow logic retransmits), never buffered without bound.
-  On a tap with a virtio-net header, an entry may be a (header, frame) pair; a plain frame gets a header
-  that asks for nothing.
+  On a tap with a virtio-net header, an entry may be a tuple (header, frame parts...); a plain frame gets
+  a header that asks for nothing.
 - `close()` releases every descriptor; calling it twice is harmless.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, TypeAlias
 
-OutFrame: TypeAlias = bytes | bytearray | memoryview | tuple[bytes, bytes]
+OutFrame: TypeAlias = bytes | bytearray | memoryview | tuple[bytes, ...]
 
 
 class TapBackend(Protocol):
