@@ -98,9 +98,10 @@ class Topology:
     def passtd(self, *args: str, wait_tap: str | None = None) -> Passtd:
         """Start passtd inside the host namespace; wait until the guest's tap exists when asked."""
         log = self.tmp / f"passtd-{len(self.daemons)}.log"
+        env = dict(os.environ, XDG_RUNTIME_DIR=str(self.tmp))  # default sockets go under the test's tmp dir
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.host, *PASSTD, *args], stdout=out, stderr=out
+                ["ip", "netns", "exec", self.host, *PASSTD, *args], stdout=out, stderr=out, env=env
             )
         daemon = Passtd(proc, log)
         self.daemons.append(daemon)
@@ -170,8 +171,12 @@ def topo(tmp_path: Path) -> Iterator[Topology]:
     finally:
         for daemon in t.daemons:
             if daemon.proc.poll() is None:
-                daemon.proc.kill()
-                daemon.proc.wait(5)
+                daemon.proc.terminate()  # graceful first: it removes its sockets
+                try:
+                    daemon.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    daemon.proc.kill()
+                    daemon.proc.wait(5)
         for pid in t.pids:
             try:
                 os.kill(pid, signal.SIGKILL)
