@@ -549,26 +549,6 @@ class Dataplane:
         if self.pcap is not None:
             self.pcap.close()
 
-    def status(self) -> dict[str, Any]:
-        """Counters and guest state, for logs and the control plane."""
-        return {
-            "guest_mac": self.guest.mac.hex(":") if self.guest.mac else None,
-            "frames_from_tap": self.stats.frames_from_tap,
-            "frames_to_tap": self.stats.frames_to_tap,
-            "dropped": dict(self.stats.dropped),
-            "flows": len(self.flows),
-        }
-
-
-def local_port_range() -> tuple[int, int]:
-    """The kernel's ephemeral port range: `-t all` leaves it alone, as passt does."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low, high = (int(x) for x in f.read().split())
-    except (OSError, ValueError):
-        return (32768, 60999)
-    return (low, high)
-
 
 def flow_state(flow: Flow) -> str:
     """The state shown for any flow: TCP's derived name, SPLICED for socket-to-socket, ACTIVE otherwise."""
