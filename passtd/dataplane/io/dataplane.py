@@ -550,6 +550,16 @@ class Dataplane:
             self.pcap.close()
 
 
+def local_port_range() -> tuple[int, int]:
+    """The kernel's ephemeral port range: `-t all` leaves it alone, as passt does."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        return (32768, 60999)
+    return (low, high)
+
+
 def flow_state(flow: Flow) -> str:
     """The state shown for any flow: TCP's derived name, SPLICED for socket-to-socket, ACTIVE otherwise."""
     if isinstance(flow, TcpConn):
