@@ -111,8 +111,7 @@ class Dataplane:
     def attach(self, tap: TapBackend) -> None:
         """Start serving a guest; one at a time."""
         self.tap = tap
-        if hasattr(tap, "on_drained"):
-            tap.on_drained = self._on_tap_drained
+        tap.on_drained = self._on_tap_drained
         self.disconnected.clear()
         self.loop.add_reader(tap.fileno(), self._on_tap_readable)
         if self._tick is None:
@@ -215,7 +214,7 @@ class Dataplane:
         """Whether the TCP core should hold its data: the tap still has this much unsent (passt mode's stream
         socket can fall behind a slow guest; sending more would only be dropped and retransmitted)."""
         tap = self.tap
-        return self._out_bytes + getattr(tap, "backlog", 0) > TAP_BACKLOG_LIMIT
+        return self._out_bytes + (tap.backlog if tap is not None else 0) > TAP_BACKLOG_LIMIT
 
     def _on_tap_drained(self) -> None:
         now = self.loop.time()

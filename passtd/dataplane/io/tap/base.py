@@ -16,7 +16,7 @@ Semantics (all calls are non-blocking and made from the event loop thread):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, TypeAlias
 
 OutFrame: TypeAlias = bytes | bytearray | memoryview | tuple[bytes, ...]
@@ -24,6 +24,12 @@ OutFrame: TypeAlias = bytes | bytearray | memoryview | tuple[bytes, ...]
 
 class TapBackend(Protocol):
     dropped_tx: int
+    on_drained: Callable[[], None]  # called once written-but-queued frames have all left (see `backlog`)
+
+    @property
+    def backlog(self) -> int:
+        """Bytes accepted by `send_batch` but not yet handed to the kernel (0 for a tap that never queues)."""
+        ...
 
     def fileno(self) -> int: ...
 

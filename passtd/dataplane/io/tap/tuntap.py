@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from passtd.dataplane.io.tap.base import OutFrame
@@ -40,6 +40,11 @@ class TunTapBackend:
         self._bufs: list[bytearray] = []
         self._views: list[memoryview] = []
         self.dropped_tx = 0
+        self.on_drained: Callable[[], None] = lambda: None  # never called: a tap write never queues
+
+    @property
+    def backlog(self) -> int:
+        return 0  # a frame the tap does not take at once is dropped, never queued
 
     def fileno(self) -> int:
         return self._fd
