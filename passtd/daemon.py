@@ -85,10 +85,9 @@ def run(config: Config) -> int:
         print(f"passtd: error: {exc}", file=sys.stderr)
         return 1
     if not config.foreground and not (pasta is not None and pasta.child_pid is not None):
-        _detach()
-    if config.pid_file:
-        with open(config.pid_file, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        _detach(config.pid_file)
+    elif config.pid_file:
+        _write_pid(config.pid_file, os.getpid())
     try:
         code = uvloop.run(_serve(config, pasta, listener))
     except ControlStartError as exc:
@@ -148,18 +147,35 @@ def _setup_pasta(config: Config) -> PastaSetup:
     return PastaSetup(tap_fd, None, netns.NetnsWatcher(target, netns_fd), netns_fd)
 
 
-def _detach() -> None:
-    """Classic double fork; the parent returns to the shell once the child runs.
+def _write_pid(path: str, pid: int) -> None:
+    with open(path, "w") as f:
+        f.write(f"{pid}\n")
+
+
+def _detach(pid_file: str | None) -> None:
+    """Classic double fork; the starter exits 0 only once the daemon's PID is on disk, so a caller that
+    reads the PID file right after (libvirt does) never finds it empty.
 
     stderr goes to /dev/null too, as passt does: libvirt reads the starter's stderr until EOF, so a daemon
     holding it would hang libvirt. Detached without --log-file, logs are therefore discarded (passt would
     use syslog): run with --foreground under a supervisor, or give --log-file.
     """
-    if os.fork() > 0:
-        os._exit(0)
+    first = os.fork()
+    if first > 0:
+        _, status = os.waitpid(first, 0)  # the intermediate exits after recording the daemon's PID
+        os._exit(os.waitstatus_to_exitcode(status))
     os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
+    daemon = os.fork()
+    if daemon > 0:
+        code = 0
+        if pid_file:
+            try:
+                _write_pid(pid_file, daemon)
+            except OSError as exc:
+                print(f"passtd: error: cannot write {pid_file}: {exc.strerror}", file=sys.stderr)
+                os.kill(daemon, signal.SIGTERM)
+                code = 1
+        os._exit(code)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
