@@ -106,7 +106,7 @@ def tcp_rr(host: str, port: int, size: int, count: int, warmup: int, deadline: f
         if i >= warmup:
             samples.append(clock() - t0)
     sock.close()
-    return percentiles(samples)
+    return {**percentiles(samples), "warmup": min(warmup, len(samples) + warmup)}
 
 
 def cps(host: str, port: int, size: int, count: int, duration: float, deadline: float) -> Result:

@@ -56,6 +56,10 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "tcp_rr_mean_us": ("TCP request/response, mean", "µs", False),
     "tcp_rr_p99_us": ("TCP request/response, p99", "µs", False),
     "cps": ("TCP connect+request+close", "conn/s", True),
+    "tcp_rr_usr_us": ("tool user CPU per TCP round trip", "µs", False),
+    "tcp_rr_sys_us": ("tool system CPU per TCP round trip", "µs", False),
+    "cps_usr_us": ("tool user CPU per connection", "µs", False),
+    "cps_sys_us": ("tool system CPU per connection", "µs", False),
     "udp_rr_mean_us": ("UDP request/response, mean", "µs", False),
     "udp_rr_p99_us": ("UDP request/response, p99", "µs", False),
     "udp_gbps": ("UDP ns→host received at fixed rate", "Gbit/s", True),
@@ -197,6 +201,25 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     return sum(int(x) for x in fields[11:15]) / CLK_TCK
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) seconds of a process: user is the tool's own code (Python for passtd), system also
+    holds the peers' kernel work done inside its syscalls (loopback and tap delivery)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def per_op_cpu(key: str, pid: int, before: tuple[float, float], ops: float) -> dict[str, float]:
+    """Tool CPU µs per operation (round trip, connection), user and system apart."""
+    if not pid or ops <= 0:
+        return {}
+    after = cpu_split(pid)
+    return {
+        f"{key}_usr_us": (after[0] - before[0]) / ops * 1e6,
+        f"{key}_sys_us": (after[1] - before[1]) / ops * 1e6,
+    }
 
 
 def rss_mib(pid: int) -> float:
@@ -468,23 +491,27 @@ def peer_client(c: Ctx, mode: str, port: int, *args: str, timeout: float = 30) -
 def line_tcp_rr(c: Ctx) -> dict[str, float]:
     srv = peer_server(c, "tcp-server", P_RR)
     try:
+        cpu0 = cpu_split(c.run.pid) if c.run.pid else (0.0, 0.0)
         r = peer_client(c, "tcp-rr", P_RR, "--count", str(c.rr_count))
+        cpu = per_op_cpu("tcp_rr", c.run.pid, cpu0, r.get("count", 0) + r.get("warmup", 0))
     finally:
         c.procs.end(srv)
     if r.get("count", 0) < c.rr_count // 2:
         raise BenchError(f"tcp-rr completed only {r.get('count')} round trips")
-    return {"tcp_rr_mean_us": r["mean_us"], "tcp_rr_p99_us": r["p99_us"]}
+    return {"tcp_rr_mean_us": r["mean_us"], "tcp_rr_p99_us": r["p99_us"], **cpu}
 
 
 def line_cps(c: Ctx) -> dict[str, float]:
     srv = peer_server(c, "tcp-server", P_RR)
     try:
+        cpu0 = cpu_split(c.run.pid) if c.run.pid else (0.0, 0.0)
         r = peer_client(c, "cps", P_RR, "--count", "20000", "--duration", str(c.cps_seconds))
+        cpu = per_op_cpu("cps", c.run.pid, cpu0, r["connections"])
     finally:
         c.procs.end(srv)
     if r["connections"] == 0:
         raise BenchError(f"cps: no connection completed ({r['failed']} failed)")
-    return {"cps": r["per_s"]}
+    return {"cps": r["per_s"], **cpu}
 
 
 def line_udp_rr(c: Ctx) -> dict[str, float]:
@@ -590,6 +617,30 @@ def session_lines(a: argparse.Namespace, tool: Tool, rep: int, mtu: int) -> list
     return lines
 
 
+def profiler(a: argparse.Namespace, procs: Procs, pid: int, tool: str, mtu: int, line: str
+             ) -> subprocess.Popen[str] | None:  # fmt: skip
+    """py-spy on passtd for the length of one line (`--profile DIR`): collapsed stacks, to read as text."""
+    if not a.profile or not pid or not tool.startswith("passtd"):
+        return None
+    out = Path(a.profile) / f"{tool}-{mtu}-{line}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = procs.spawn(None, a.py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "500",
+                      "--nonblocking", "-o", str(out))  # fmt: skip
+    time.sleep(0.5)  # py-spy attaches before the load starts
+    return spy
+
+
+def stop_profiler(spy: subprocess.Popen[str]) -> None:
+    """SIGINT makes py-spy write what it sampled; then wait for it like any other process."""
+    if spy.poll() is None:
+        os.kill(spy.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            spy.wait(10)
+    if spy.poll() is None:
+        os.kill(spy.pid, signal.SIGKILL)
+        spy.wait(5)
+
+
 def session(tool: Tool, mtu: int, lines: list[str], a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """One tool at one MTU in fresh namespaces: every requested line once. Failures become notes."""
     values: dict[str, float] = {}
@@ -603,10 +654,14 @@ def session(tool: Tool, mtu: int, lines: list[str], a: argparse.Namespace, tmp: 
                 return {"values": {}, "errors": {"start": str(exc)}}
             ctx = Ctx(topo, procs, running, mtu, a.duration, a.rr_count, a.cps_seconds)
             for name in lines:
+                spy = profiler(a, procs, running.pid, tool.name, mtu, name)
                 try:
                     values.update(LINES[name](ctx))
                 except (BenchError, OSError, subprocess.SubprocessError, KeyError, ValueError) as exc:
                     errors[name] = f"{type(exc).__name__}: {exc}"
+                finally:
+                    if spy is not None:
+                        stop_profiler(spy)
                 if running.pid and not Path(f"/proc/{running.pid}").exists():
                     errors["exit"] = f"{tool.name} exited during {name}"
                     break
@@ -701,6 +756,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=900, help="stop starting sessions after this many seconds")
     p.add_argument("--out", help="JSON path (default bench/results/<UTC date>-<git rev>.json)")
     p.add_argument("--no-save", action="store_true", help="do not write JSON unless --out is given")
+    p.add_argument("--profile", help="record py-spy collapsed stacks of passtd per line into this directory")
+    p.add_argument("--py-spy", default="py-spy", help="py-spy binary for --profile")
     a = p.parse_args(argv)
     a.passt_mtus = [int(m) for m in a.passt_mtu.split(",") if m]
     a.reps = a.reps or (1 if a.quick else 3)
