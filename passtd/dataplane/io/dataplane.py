@@ -222,9 +222,12 @@ class Dataplane:
         self._after_batch(now)
 
     def _on_tcp_timer(self) -> None:
+        # uvloop keeps time in whole milliseconds and fires up to half of one early: taking loop.time() as
+        # is, nothing would be due yet, the same deadline would be armed again, and the loop would spin.
+        due = self._timer_at
         self._timer = None
         self._timer_at = float("inf")
-        now = self.loop.time()
+        now = max(self.loop.time(), due)
         self.tcp.on_timer(now)
         self._after_batch(now)
 
