@@ -468,3 +468,51 @@ def test_a_full_socket_buffer_closes_the_window_and_asks_to_hear_when_it_drains(
     rig.handler.sock_writable(conn, 0.5)
     ack = rig.take()[-1]
     assert ack.tcp.ack == G_ISN + 1 + 3_000_000 and rig.factory.writers[conn.flow_id] is False
+
+
+def test_an_answer_already_waiting_carries_the_ack_of_the_request() -> None:
+    """prepare_acks holds the pure ACK; a data segment sent before emit_acks takes it along."""
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    rig.guest(ACK | PSH, G_ISN + 1, our, b"ping", flush=False)
+    assert rig.handler.prepare_acks(0.0)
+    assert rig.take() == []
+    sock.rx += b"pong"
+    rig.handler.sock_readable(rig.conn(), 0.0)
+    rig.handler.emit_acks()
+    (answer,) = rig.take()
+    assert answer.data == b"pong" and answer.tcp.ack == G_ISN + 5
+    # Nothing waiting: the held ACK goes out on its own.
+    rig.guest(ACK | PSH, G_ISN + 5, seq_add(our, 4), b"ping", flush=False)
+    assert rig.handler.prepare_acks(0.0)
+    rig.handler.emit_acks()
+    (ack,) = rig.take()
+    assert ack.data == b"" and ack.tcp.ack == G_ISN + 9
+
+
+def test_a_local_peers_window_is_estimated_until_half_the_room_is_used() -> None:
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    reads = 0
+    info = sock.info
+
+    def counted() -> object:
+        nonlocal reads
+        reads += 1
+        return info()
+
+    sock.info = counted  # type: ignore[method-assign]
+    sock.acked = 0  # the peer acknowledges nothing: the room shrinks with every write
+    room = (1 << 22) * 3 // 4  # FakeSock's SO_SNDBUF, with the core's margin
+    seq = G_ISN + 1
+    chunk = b"x" * 60000
+    windows = []
+    for _ in range(40):
+        rig.guest(ACK, seq, our, chunk)
+        seq += len(chunk)
+        windows.append(rig.take()[-1].tcp.window << handler_mod.OUR_WS)
+    assert windows == sorted(windows, reverse=True)  # never more room than there is
+    assert reads < 40 // 2  # most ACKs were computed without TCP_INFO
+    assert windows[-1] <= room - 40 * len(chunk) + (1 << handler_mod.OUR_WS)

@@ -185,7 +185,11 @@ class Dataplane:
     def _after_batch(self, now: float) -> None:
         """Every callback ends here: ACKs the TCP core owes, one write of all frames, timer re-armed."""
         for _ in range(RESUME_ROUNDS):
-            self.tcp.flush(now)
+            if self.tcp.prepare_acks(now):
+                # Answers the host side already wrote go out now and carry the ACKs along: a request's ACK
+                # and its response then cost one frame, not two.
+                self.tcp_io.poll()
+                self.tcp.emit_acks()
             if self._out:
                 out, self._out = self._out, []
                 self._out_bytes = 0
