@@ -18,7 +18,7 @@ from passtd.dataplane.core.context import Context
 from passtd.dataplane.core.flowtable import PROTO_UDP, Flow, FlowKey, key_addr
 from passtd.dataplane.core.icmp import LOOPBACK4, LOOPBACK6, map_target, remote_as_seen
 from passtd.dataplane.packets.ethernet import ETH_P_IP, ETH_P_IPV6
-from passtd.dataplane.packets.udp import build_udp4, build_udp6
+from passtd.dataplane.packets.udp import UdpTemplate, udp_headers, udp_template
 
 DNS_PORT: Final = 53
 
@@ -34,6 +34,9 @@ class UdpFlow(Flow):
     target_port: int = 0
     sock: Any = None  # the shell's socket object; shared with the listener for host-initiated flows
     own_sock: bool = True  # False: the socket is a forwarded port's listener, not ours to close
+    sock_addr: Any = None  # the shell's sendto() address for a host-initiated flow (as recvfrom gave it)
+    to_guest: UdpTemplate | None = None  # headers toward the guest, built on first use
+    no_gso: bool = False  # the shell found the route refuses UDP segmentation offload: send one by one
 
 
 def udp_key(remote: bytes, remote_port: int, guest_port: int) -> FlowKey:
@@ -76,16 +79,23 @@ def new_host_flow(
     )  # fmt: skip
 
 
+def guest_template(flow: UdpFlow) -> UdpTemplate:
+    """The headers of every datagram toward the guest on this flow: from the address and port it expects."""
+    tpl = flow.to_guest
+    if tpl is None:
+        tpl = flow.to_guest = udp_template(
+            flow.remote_addr, flow.guest_addr, flow.remote_port, flow.guest_port
+        )
+    return tpl
+
+
 def datagram_to_guest(flow: UdpFlow, payload: bytes | memoryview, now: float) -> tuple[int, bytes]:
     """(ethertype, IP packet) carrying a host-side datagram to the guest, from the address it expects."""
     flow.last_active = now
     flow.packets_to_guest += 1
     flow.bytes_to_guest += len(payload)
-    if flow.v6:
-        return ETH_P_IPV6, build_udp6(
-            flow.remote_addr, flow.guest_addr, flow.remote_port, flow.guest_port, payload
-        )
-    return ETH_P_IP, build_udp4(flow.remote_addr, flow.guest_addr, flow.remote_port, flow.guest_port, payload)
+    tpl = guest_template(flow)
+    return (ETH_P_IPV6 if tpl.v6 else ETH_P_IP), udp_headers(tpl, payload) + payload
 
 
 __all__ = ["LOOPBACK4", "LOOPBACK6", "UdpFlow", "remote_as_seen"]
