@@ -39,7 +39,7 @@ from passtd.dataplane.io.splice import SplicedPair
 from passtd.dataplane.io.tap.base import OutFrame, TapBackend
 from passtd.dataplane.io.tcp import TcpIo
 from passtd.dataplane.io.udp import UdpRelay
-from passtd.dataplane.packets.ethernet import ETH_P_IPV6, build_ethernet
+from passtd.dataplane.packets.ethernet import ETH_P_IP, ETH_P_IPV6, build_ethernet
 from passtd.dataplane.packets.vnet import tcp_offload_header
 from passtd.errors import MalformedFrame
 from passtd.logging import get_logger
@@ -73,17 +73,20 @@ class Dataplane:
         self.timeouts = Timeouts()
         self._out: list[OutFrame] = []
         self.tcp_io = TcpIo()
+        self.watchers: list[Callable[[FlowEvent], None]] = []
         self.tcp = TcpHandler(
             ctx, self.guest, self.flows, self.stats, self.tcp_io, self._to_tap, os.urandom(16),
             self.timeouts, on_close=self._on_tcp_close, on_state=self._on_tcp_state, offload=vnet,
-            congested=self._tap_congested,
+            congested=self._tap_congested, watching=self.watchers,
         )  # fmt: skip
         self._out_bytes = 0
+        self._eth_mac: bytes | None = b""  # guest MAC the cached Ethernet headers were made for
+        self._eth: dict[int, bytes] = {}
+        self._vnet: dict[tuple[bool, int, int], bytes] = {}
         self._resume_scheduled = False
-        self.watchers: list[Callable[[FlowEvent], None]] = []
         self.tcp_io.on_connected = lambda conn: self.tcp.sock_connected(conn, self.loop.time())
         self.tcp_io.on_error = lambda conn, reason: self.tcp.sock_error(conn, reason, self.loop.time())
-        self.tcp_io.on_readable = lambda conn: self.tcp.sock_readable(conn, self.loop.time())
+        self.tcp_io.on_readable = lambda conn, eof: self.tcp.sock_readable(conn, self.loop.time(), eof)
         self.tcp_io.on_writable = lambda conn: self.tcp.sock_writable(conn, self.loop.time())
         self.loop.add_reader(self.tcp_io.fileno(), self._on_tcp_events)
         self._timer: asyncio.TimerHandle | None = None
@@ -149,19 +152,24 @@ class Dataplane:
         if not frames:
             return
         now = self.loop.time()
-        out = self._out
+        replies: list[bytes] = []  # ARP, DHCP, NDP answers (the flows' frames go through _to_tap)
         actions: list[EchoToHost] = []
         stats = self.stats
+        stats.frames_from_tap += len(frames)
+        stats.bytes_from_tap += sum(map(len, frames))
+        pcap = self.pcap
+        handle = self.demux.handle_frame
         for frame in frames:
-            stats.frames_from_tap += 1
-            stats.bytes_from_tap += len(frame)
-            if self.pcap is not None:
-                self.pcap.write(frame)
+            if pcap is not None:
+                pcap.write(frame)
             try:
-                self.demux.handle_frame(frame, now, out, actions)
+                handle(frame, now, replies, actions)
             except MalformedFrame as exc:
                 stats.drop(exc.reason)
                 self.log.debug("tap.frame.dropped", reason=exc.reason, length=len(frame))
+        for reply in replies:
+            self._out.append(reply)
+            self._out_bytes += len(reply)
         for action in actions:
             self._echo_to_host(action)
         self._after_batch(now)
@@ -172,28 +180,43 @@ class Dataplane:
         """Frames from the flows, collected until the end of the batch. `offload` >= 0: a TCP packet whose
         checksum (and, above 0, segmentation at that size) is left to the kernel via the virtio-net header.
         `payload` follows `packet` on the wire; it is copied once here, since its buffer is reused."""
-        head = build_ethernet(self.guest.dst_mac, self.ctx.our_mac, ethertype, packet)
+        mac = self.guest.mac
+        if mac is not self._eth_mac:  # Ethernet headers are made once per guest MAC, not per frame
+            self._eth_mac = mac
+            dst = self.guest.dst_mac
+            self._eth = {t: build_ethernet(dst, self.ctx.our_mac, t, b"") for t in (ETH_P_IP, ETH_P_IPV6)}
+        head = (
+            self._eth[ethertype] + packet
+            if ethertype in self._eth
+            else build_ethernet(self.guest.dst_mac, self.ctx.our_mac, ethertype, packet)
+        )
         self._out_bytes += len(head) + len(payload)
         if offload < 0:
             self._out.append(head + payload if payload else head)
             return
         v6 = ethertype == ETH_P_IPV6
         tcp_hlen = (packet[(40 if v6 else 20) + 12] >> 4) * 4
-        vnet = tcp_offload_header(v6, tcp_hlen, offload)
+        key = (v6, tcp_hlen, offload)
+        vnet = self._vnet.get(key)
+        if vnet is None:
+            vnet = self._vnet[key] = tcp_offload_header(v6, tcp_hlen, offload)
+            if len(self._vnet) > 256:  # MSS values are few; bound it anyway
+                self._vnet.clear()
         self._out.append((vnet, head, bytes(payload)) if payload else (vnet, head))
 
     def _after_batch(self, now: float) -> None:
         """Every callback ends here: ACKs the TCP core owes, one write of all frames, timer re-armed."""
         for _ in range(RESUME_ROUNDS):
-            if self.tcp.prepare_acks(now):
+            if self.tcp.prepare_acks(now) or self.tcp_io.connecting:
                 # Answers the host side already wrote go out now and carry the ACKs along: a request's ACK
-                # and its response then cost one frame, not two.
+                # and its response then cost one frame, not two. A connect to loopback has usually
+                # completed already too, so its SYN-ACK leaves in this round rather than the next.
                 self.tcp_io.poll()
                 self.tcp.emit_acks()
             if self._out:
                 out, self._out = self._out, []
-                self._out_bytes = 0
-                self.send_to_tap(out)
+                nbytes, self._out_bytes = self._out_bytes, 0
+                self.send_to_tap(out, nbytes)
             if not self.tcp.has_blocked() or self._tap_congested():
                 break  # a stream tap that is still behind resumes the flows from its drained callback
             self.tcp.unblock(now)  # the batch limit, not the tap, stopped them: carry on
@@ -405,14 +428,15 @@ class Dataplane:
                 self.log.debug("tcp.flow.accepted", flow_id=conn.flow_id, peer=peer[0], port=peer[1])
         self._after_batch(now)
 
-    def send_to_tap(self, frames: Sequence[OutFrame]) -> None:
+    def send_to_tap(self, frames: Sequence[OutFrame], nbytes: int = -1) -> None:
+        """`nbytes`: the frames' length without virtio-net headers, when the caller counted it already."""
         tap = self.tap
         if not frames or tap is None:
             return
         self.stats.frames_to_tap += len(frames)
-        self.stats.bytes_to_tap += sum(
-            sum(map(len, f[1:])) if isinstance(f, tuple) else len(f) for f in frames
-        )
+        if nbytes < 0:
+            nbytes = sum(sum(map(len, f[1:])) if isinstance(f, tuple) else len(f) for f in frames)
+        self.stats.bytes_to_tap += nbytes
         if self.pcap is not None:
             for frame in frames:
                 self.pcap.write(b"".join(frame[1:]) if isinstance(frame, tuple) else frame)

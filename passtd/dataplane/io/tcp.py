@@ -151,9 +151,10 @@ class TcpIo:
         self.conns: dict[int, TcpConn] = {}
         self.on_connected: Callable[[TcpConn], None] = lambda conn: None
         self.on_error: Callable[[TcpConn, str], None] = lambda conn, reason: None
-        self.on_readable: Callable[[TcpConn], None] = lambda conn: None
+        self.on_readable: Callable[[TcpConn, bool], None] = lambda conn, eof: None
         self.on_writable: Callable[[TcpConn], None] = lambda conn: None
         self._writers: set[int] = set()
+        self.connecting = False  # a connect() was started since the last poll
 
     def fileno(self) -> int:
         return self.epoll.fileno()
@@ -172,6 +173,7 @@ class TcpIo:
         port = TcpSockPort(sock, connected=True)
         self.conns[port.fd] = conn
         self.epoll.register(port.fd, EV_CONNECTING)
+        self.connecting = True
         return port
 
     def adopt(self, sock: socket.socket) -> TcpSockPort:
@@ -208,6 +210,7 @@ class TcpIo:
 
     def poll(self) -> int:
         """Dispatch every ready event; returns how many there were."""
+        self.connecting = False
         events = self.epoll.poll(0, MAX_EVENTS)
         conns = self.conns
         for fd, ev in events:
@@ -237,7 +240,7 @@ class TcpIo:
                 if conn.sock is None:
                     continue
             if ev & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
-                self.on_readable(conn)
+                self.on_readable(conn, bool(ev & (select.EPOLLRDHUP | select.EPOLLHUP)))
         return len(events)
 
     def close(self) -> None:

@@ -80,6 +80,8 @@ class TcpConn(Flow):
     dup_acks: int = 0
     fin_seq: int = 0  # sequence number of our FIN, once SOCK_FIN_SENT
     cwnd: int = 0  # after a loss: bytes we may have in flight (slow start); 0: only the guest's window limits
+    drained: bool = False  # the last peek found nothing beyond seq_max_to_tap (cleared on readiness)
+    sock_eof: bool = False  # the socket signalled the peer's FIN (it may still hold data before it)
     recover: int = 0  # highest sequence sent when we last rewound; duplicate ACKs below it are ignored
     # From the guest (guest → host data)
     seq_init_from_tap: int = 0

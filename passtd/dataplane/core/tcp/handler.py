@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from typing import Final, Protocol
 
 from passtd.dataplane.core.context import Context, Guest
@@ -71,6 +71,7 @@ class TcpHandler:
         on_state: Callable[[TcpConn, str, str], None] | None = None,
         offload: bool = False,
         congested: Callable[[], bool] | None = None,
+        watching: Sized = (1,),
     ) -> None:
         self.offload = offload  # the tap segments and checksums TCP for us (pasta with IFF_VNET_HDR)
         self.congested: Callable[[], bool] = congested or (lambda: False)
@@ -85,18 +86,20 @@ class TcpHandler:
         self.timeouts = timeouts or Timeouts()
         self.on_close = on_close
         self.on_state = on_state
+        self.watching = watching  # on_state is called only while this is non-empty
         self._heap: list[tuple[float, int]] = []
         self._ack_pending: dict[int, TcpConn] = {}
         self._acks_owed: dict[int, TcpConn] = {}  # pure ACKs held by prepare_acks, see there
 
     def _set(self, conn: TcpConn, bit: int) -> None:
-        """Every event goes through states.set_event; observers hear about user-visible state changes."""
-        before = st.state_name(conn.events)
-        conn.events = st.set_event(conn.events, bit)
-        if self.on_state is not None:
-            after = st.state_name(conn.events)
-            if after != before:
-                self.on_state(conn, before, after)
+        """Every event goes through states.set_event; observers hear about user-visible state changes (the
+        names are only worked out while someone listens: `watching` is the shell's list of listeners)."""
+        before = conn.events
+        conn.events = st.set_event(before, bit)
+        if self.on_state is not None and self.watching:
+            name_before, after = st.state_name(before), st.state_name(conn.events)
+            if after != name_before:
+                self.on_state(conn, name_before, after)
 
     # ------------------------------------------------------------------------------------------ frames out
 
@@ -578,9 +581,13 @@ class TcpHandler:
         if conn.events & st.ESTABLISHED and self.flows.by_id(conn.flow_id) is conn:
             self._update_ack(conn, now, force=False)
 
-    def sock_readable(self, conn: TcpConn, now: float) -> None:
+    def sock_readable(self, conn: TcpConn, now: float, eof: bool = False) -> None:
+        """New data, or with `eof` the peer's FIN (EPOLLRDHUP), is in the socket."""
         conn.last_sock = now
         conn.last_active = now
+        conn.drained = False
+        if eof:
+            conn.sock_eof = True
         if conn.events & st.ESTABLISHED:
             self._push(conn, now)
             self._schedule(conn)
@@ -592,6 +599,8 @@ class TcpHandler:
             return
         if ev & st.SOCK_FIN_SENT and conn.seq_to_tap == seq_add(conn.fin_seq, 1):
             return  # everything, FIN included, is in flight
+        if conn.drained and conn.seq_to_tap == conn.seq_max_to_tap:
+            return  # the socket held nothing beyond what was sent, and no new data was signalled since
         sock = conn.sock
         assert sock is not None
         mss = conn.mss_to_tap
@@ -610,12 +619,14 @@ class TcpHandler:
                 if conn.wnd_from_tap == 0 and not conn.persist_due:
                     conn.persist_due = now + conn.rto
                 break
+            want = room if room < PEEK_CHUNK else PEEK_CHUNK
             try:
-                view = sock.peek(in_flight, min(room, PEEK_CHUNK))
+                view = sock.peek(in_flight, want)
             except OSError as exc:
                 self._sock_failed(conn, exc)
                 return
             if view is None:
+                conn.drained = conn.seq_to_tap == conn.seq_max_to_tap
                 break
             n = len(view)
             if n == 0:
@@ -636,7 +647,10 @@ class TcpHandler:
                 conn.seq_to_tap = seq_add(conn.seq_to_tap, len(chunk))
             self._mark_sent(conn, now)
             sent_any = True
-            if n < min(room, PEEK_CHUNK):
+            if n < want:
+                # All it had. Readiness is edge-triggered, so new data is signalled again, but a FIN that
+                # came with this data was signalled already: then the next peek must still happen.
+                conn.drained = not conn.sock_eof and conn.seq_to_tap == conn.seq_max_to_tap
                 break
         if sent_any and not conn.rto_due:
             conn.rto_due = now + conn.rto
@@ -665,13 +679,15 @@ class TcpHandler:
     def _deadline(self, conn: TcpConn) -> float:
         t = self.timeouts
         ev = conn.events
-        due = [d for d in (conn.rto_due, conn.ack_due, conn.persist_due) if d]
-        if st.in_handshake(ev):
-            due.append(conn.created + t.tcp_syn)
-        if ev & st.CLOSING:
-            due.append(conn.fin_since + t.tcp_fin)
-        due.append(max(conn.last_tap, conn.last_sock) + t.tcp_activity)
-        return min(due)
+        due = (conn.last_tap if conn.last_tap > conn.last_sock else conn.last_sock) + t.tcp_activity
+        for d in (conn.rto_due, conn.ack_due, conn.persist_due):
+            if d and d < due:
+                due = d
+        if ev & st.HANDSHAKE and conn.created + t.tcp_syn < due:
+            due = conn.created + t.tcp_syn
+        if ev & st.CLOSING and conn.fin_since + t.tcp_fin < due:
+            due = conn.fin_since + t.tcp_fin
+        return due
 
     def _schedule(self, conn: TcpConn) -> None:
         deadline = self._deadline(conn)
