@@ -14,6 +14,7 @@ from passtd.dataplane.core.services.ndp import NdpResponder
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.packets.ethernet import ETH_P_IP, ETH_P_IPV6, build_ethernet
 from passtd.dataplane.packets.tcp import SegmentBuilder, TcpHeader, syn_options
+from passtd.dataplane.packets.udp import UdpHeader, build_udp4, build_udp6
 from passtd.errors import MalformedFrame
 from tests.helpers.tcpfake import CTX, GUEST4, GW4
 
@@ -29,12 +30,15 @@ class Recorder:
     def tap_segment(self, v6: bool, src: bytes, dst: bytes, tcp: TcpHeader, now: float) -> None:
         self.calls.append((v6, bytes(src), bytes(dst), *tcp[:-1], bytes(tcp.payload), now))
 
+    def udp(self, v6: bool, src: bytes, dst: bytes, udp: UdpHeader, now: float) -> None:
+        self.calls.append(("udp", v6, bytes(src), bytes(dst), *udp[:-1], bytes(udp.payload), now))
+
 
 def run(frame: bytes, general: bool) -> tuple[Any, ...]:
     rec = Recorder()
     guest = Guest()
     stats = Stats()
-    demux = Demux(CTX, guest, stats, FlowTable(), NdpResponder(CTX), rec, None)  # type: ignore[arg-type]
+    demux = Demux(CTX, guest, stats, FlowTable(), NdpResponder(CTX), rec, rec.udp)  # type: ignore[arg-type]
     handle = demux.handle_general if general else demux.handle_frame
     try:
         handle(memoryview(frame), 1.5, [], [])
@@ -80,10 +84,12 @@ def test_plain_segments_take_the_fast_path() -> None:
         packet = SegmentBuilder(src, dst, 40000, 80).build(1, 2, 0x18, 3, b"data")
         frame = memoryview(build_ethernet(bytes(6), MAC, ethertype, packet))
         rec = Recorder()
-        demux = Demux(CTX, Guest(), Stats(), FlowTable(), NdpResponder(CTX), rec, None)  # type: ignore[arg-type]
+        demux = Demux(CTX, Guest(), Stats(), FlowTable(), NdpResponder(CTX), rec, rec.udp)  # type: ignore[arg-type]
         demux.handle_general = None  # type: ignore[assignment, method-assign]
         demux.handle_frame(frame, 0.0, [], [])
-        assert rec.calls[0][-2] == b"data"
+        udp = (build_udp6 if ethertype == ETH_P_IPV6 else build_udp4)(src, dst, 40000, 53, b"dg")
+        demux.handle_frame(memoryview(build_ethernet(bytes(6), MAC, ethertype, udp)), 0.0, [], [])
+        assert rec.calls[0][-2] == b"data" and rec.calls[1][-2] == b"dg"
 
 
 def test_every_single_byte_change_of_the_headers_is_decided_alike() -> None:
@@ -111,3 +117,21 @@ def test_every_single_byte_change_of_the_headers_is_decided_alike() -> None:
                 assert run(frame, general=False) == run(frame, general=True), frame.hex()
                 checked += 1
     assert checked > 5000
+
+
+def test_every_single_byte_change_of_a_udp_frame_is_decided_alike() -> None:
+    for v6 in (False, True):
+        src, dst = (GUEST6, GW6) if v6 else (GUEST4, GW4)
+        for dport in (53, 67, 547, 5000):
+            build = build_udp6 if v6 else build_udp4
+            base = build_ethernet(
+                bytes(6), MAC, ETH_P_IPV6 if v6 else ETH_P_IP, build(src, dst, 40000, dport, b"dg")
+            )
+            variants = [base[:n] for n in range(len(base))] + [base + b"pad"]
+            for pos in range(12, len(base)):
+                for value in (0x00, 0x01, 0x06, 0x11, 0x20, 0x40, 0x45, 0xE0, 0xFF):
+                    frame = bytearray(base)
+                    frame[pos] = value
+                    variants.append(bytes(frame))
+            for frame in variants:
+                assert run(frame, general=False) == run(frame, general=True), frame.hex()

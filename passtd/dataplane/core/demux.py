@@ -34,6 +34,8 @@ _NDP_TYPES = frozenset((133, 134, 135, 136, 137))
 # Ethernet, IPv4 (total length, fragment word, addresses) and TCP up to the window, for the fast path
 _FAST4 = struct.Struct("!6s6s4xH2xH4x4s4sHHIIBBH")
 _FAST6 = struct.Struct("!6s6s2xIH2x16s16sHHIIBBH")
+_FAST_UDP4 = struct.Struct("!6s6s4xH2xH4x4s4sHHH")
+_FAST_UDP6 = struct.Struct("!6s6s2xIH2x16s16sHHH")
 _UNSPECIFIED4 = bytes(4)
 _UNSPECIFIED6 = bytes(16)
 
@@ -70,11 +72,17 @@ class Demux:
 
     def handle_frame(self, frame: memoryview, now: float, out: FrameSink, actions: list[EchoToHost]) -> None:
         n = len(frame)
-        if n >= 54 and frame[12] == 8 and frame[13] == 0 and frame[14] == 0x45 and frame[23] == 6:
-            if self._tcp4(frame, now):
+        if n >= 42 and frame[12] == 8 and frame[13] == 0 and frame[14] == 0x45:
+            proto = frame[23]
+            if (proto == 6 and n >= 54 and self._tcp4(frame, now)) or (
+                proto == 17 and self._udp4(frame, now)
+            ):
                 return
-        elif n >= 74 and frame[12] == 0x86 and frame[13] == 0xDD and frame[20] == 6:  # noqa: SIM102
-            if self._tcp6(frame, now):
+        elif n >= 62 and frame[12] == 0x86 and frame[13] == 0xDD:
+            proto = frame[20]
+            if (proto == 6 and n >= 74 and self._tcp6(frame, now)) or (
+                proto == 17 and self._udp6(frame, now)
+            ):
                 return
         self.handle_general(frame, now, out, actions)
 
@@ -145,6 +153,50 @@ class Demux:
             self.guest.addrs6.add(IPv6Address(src))
         header = TcpHeader(sport, dport, seq, ack, flags, window, 0, -1, frame[54 + doff : 54 + plen])
         self.tcp.tap_segment(True, src, dst, header, now)
+        return True
+
+    def _udp4(self, frame: memoryview, now: float) -> bool:
+        """As `_tcp4`, for a unicast UDP datagram that is not for our DHCP server."""
+        _dmac, smac, total, frag, src, dst, sport, dport, length = _FAST_UDP4.unpack_from(frame)
+        if (
+            self.udp is None
+            or smac[0] & 1
+            or frag & 0x3FFF
+            or total > len(frame) - 14
+            or length < 8
+            or 20 + length > total
+            or dport == 67
+            or dst[0] >= 224
+        ):
+            return False
+        if self.guest.mac != smac:
+            self.guest.mac = smac
+        if src != self._last4 and src != _UNSPECIFIED4 and src[0] != 0xFF:
+            self._last4 = src
+            self.guest.addrs4.add(IPv4Address(src))
+        self.udp(False, src, dst, UdpHeader(sport, dport, length, frame[42 : 34 + length]), now)
+        return True
+
+    def _udp6(self, frame: memoryview, now: float) -> bool:
+        """As `_udp4`, for UDP directly after the IPv6 header; DHCPv6 and multicast go the general way."""
+        _dmac, smac, vtcfl, plen, src, dst, sport, dport, length = _FAST_UDP6.unpack_from(frame)
+        if (
+            self.udp is None
+            or smac[0] & 1
+            or vtcfl >> 28 != 6
+            or plen > len(frame) - 54
+            or length < 8
+            or length > plen
+            or dport == 547
+            or dst[0] == 0xFF
+        ):
+            return False
+        if self.guest.mac != smac:
+            self.guest.mac = smac
+        if src != self._last6 and src != _UNSPECIFIED6 and src[0] != 0xFF:
+            self._last6 = src
+            self.guest.addrs6.add(IPv6Address(src))
+        self.udp(True, src, dst, UdpHeader(sport, dport, length, frame[62 : 54 + length]), now)
         return True
 
     def _reply(self, service: str, reply: bytes | None, out: FrameSink) -> None:

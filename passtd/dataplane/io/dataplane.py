@@ -93,7 +93,7 @@ class Dataplane:
         self._timer_at = float("inf")
         self.udp = UdpRelay(
             ctx, loop, self.flows, self.stats, self.guest, self._to_tap, self._after_batch, self._emit,
-            self.log, dns_forward, dns_upstream,
+            self.log, dns_forward, dns_upstream, to_tap_vnet=self._to_tap_vnet if vnet else None,
         )  # fmt: skip
         self.demux = Demux(ctx, self.guest, self.stats, self.flows, self.ndp, self.tcp, self.udp.from_guest)
         self.forward = ForwardTables("passt")
@@ -167,6 +167,7 @@ class Dataplane:
             except MalformedFrame as exc:
                 stats.drop(exc.reason)
                 self.log.debug("tap.frame.dropped", reason=exc.reason, length=len(frame))
+        self.udp.flush_to_host()  # datagrams gathered from this batch, in one send per flow
         for reply in replies:
             self._out.append(reply)
             self._out_bytes += len(reply)
@@ -180,16 +181,7 @@ class Dataplane:
         """Frames from the flows, collected until the end of the batch. `offload` >= 0: a TCP packet whose
         checksum (and, above 0, segmentation at that size) is left to the kernel via the virtio-net header.
         `payload` follows `packet` on the wire; it is copied once here, since its buffer is reused."""
-        mac = self.guest.mac
-        if mac is not self._eth_mac:  # Ethernet headers are made once per guest MAC, not per frame
-            self._eth_mac = mac
-            dst = self.guest.dst_mac
-            self._eth = {t: build_ethernet(dst, self.ctx.our_mac, t, b"") for t in (ETH_P_IP, ETH_P_IPV6)}
-        head = (
-            self._eth[ethertype] + packet
-            if ethertype in self._eth
-            else build_ethernet(self.guest.dst_mac, self.ctx.our_mac, ethertype, packet)
-        )
+        head = self._eth_head(ethertype, packet)
         self._out_bytes += len(head) + len(payload)
         if offload < 0:
             self._out.append(head + payload if payload else head)
@@ -202,6 +194,23 @@ class Dataplane:
             vnet = self._vnet[key] = tcp_offload_header(v6, tcp_hlen, offload)
             if len(self._vnet) > 256:  # MSS values are few; bound it anyway
                 self._vnet.clear()
+        self._out.append((vnet, head, bytes(payload)) if payload else (vnet, head))
+
+    def _eth_head(self, ethertype: int, packet: bytes) -> bytes:
+        mac = self.guest.mac
+        if mac is not self._eth_mac:  # Ethernet headers are made once per guest MAC, not per frame
+            self._eth_mac = mac
+            dst = self.guest.dst_mac
+            self._eth = {t: build_ethernet(dst, self.ctx.our_mac, t, b"") for t in (ETH_P_IP, ETH_P_IPV6)}
+        prefix = self._eth.get(ethertype)
+        if prefix is None:
+            return build_ethernet(self.guest.dst_mac, self.ctx.our_mac, ethertype, packet)
+        return prefix + packet
+
+    def _to_tap_vnet(self, vnet: bytes, ethertype: int, packet: bytes, payload: memoryview) -> None:
+        """A frame with its own virtio-net header (UDP whose checksum the kernel completes)."""
+        head = self._eth_head(ethertype, packet)
+        self._out_bytes += len(head) + len(payload)
         self._out.append((vnet, head, bytes(payload)) if payload else (vnet, head))
 
     def _after_batch(self, now: float) -> None:
