@@ -162,10 +162,11 @@ class TcpIo:
     def connect(self, conn: TcpConn) -> TcpSockPort:
         family = socket.AF_INET6 if conn.v6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, max(conn.mss_to_tap, 88))
-        except OSError:
-            pass
+        if not conn.local:  # toward the network the guest's MSS is mirrored; on loopback it only costs
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, max(conn.mss_to_tap, 88))
+            except OSError:
+                pass
         err = sock.connect_ex(sockaddr(conn.target_addr, conn.remote_port))
         if err not in (0, errno.EINPROGRESS):
             sock.close()

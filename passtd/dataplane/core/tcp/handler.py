@@ -696,7 +696,13 @@ class TcpHandler:
             heapq.heappush(self._heap, (deadline, conn.flow_id))
 
     def next_deadline(self) -> float:
-        return self._heap[0][0] if self._heap else float("inf")
+        """The earliest deadline of a live flow: entries of closed flows are dropped here rather than woken
+        for (every short connection leaves one behind)."""
+        heap = self._heap
+        by_id = self.flows.by_id
+        while heap and by_id(heap[0][1]) is None:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else float("inf")
 
     def reschedule_all(self) -> None:
         """After the timeouts changed: rebuild the heap from every flow's real deadline."""
