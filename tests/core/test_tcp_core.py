@@ -489,6 +489,12 @@ def test_an_answer_already_waiting_carries_the_ack_of_the_request() -> None:
     rig.handler.emit_acks()
     (ack,) = rig.take()
     assert ack.data == b"" and ack.tcp.ack == G_ISN + 9
+    # Bulk data is not a request: no point looking for an answer (the ACK is still held and sent).
+    bulk = b"x" * (handler_mod.ANSWER_HINT + 1)
+    rig.guest(ACK, G_ISN + 9, seq_add(our, 8), bulk, flush=False)
+    assert not rig.handler.prepare_acks(0.0)
+    rig.handler.emit_acks()
+    assert rig.take()[-1].tcp.ack == G_ISN + 9 + len(bulk)
 
 
 def test_a_local_peers_window_is_estimated_until_half_the_room_is_used() -> None:

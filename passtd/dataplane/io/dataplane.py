@@ -221,7 +221,7 @@ class Dataplane:
                 # and its response then cost one frame, not two. A connect to loopback has usually
                 # completed already too, so its SYN-ACK leaves in this round rather than the next.
                 self.tcp_io.poll()
-                self.tcp.emit_acks()
+            self.tcp.emit_acks()
             if self._out:
                 out, self._out = self._out, []
                 nbytes, self._out_bytes = self._out_bytes, 0

@@ -90,6 +90,7 @@ class TcpConn(Flow):
     wnd_to_tap: int = 0  # last window we advertised, bytes
     ws_to_tap: int = 0  # shift we apply to the window field we send
     written: int = 0  # bytes of guest data written into the socket
+    batch_data: int = 0  # of which in the current batch (a small amount is a request: see prepare_acks)
     clamp: int = -1  # last TCP_WINDOW_CLAMP set on the socket
     # Room in the socket's send buffer at the last TCP_INFO read, and `written` then (a local peer's window
     # is estimated from these while plenty is left, saving two syscalls per ACK)

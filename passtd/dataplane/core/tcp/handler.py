@@ -29,6 +29,7 @@ PEEK_CHUNK: Final = 1 << 20  # bytes peeked per call; the loop continues while t
 DEFAULT_MSS: Final = 536  # RFC 9293 §3.7.1, when the guest sends no MSS option
 DUP_ACK_THRESHOLD: Final = 2  # as passt: two duplicate ACKs rewind
 ACK_EVERY: Final = 1 << 20  # inside a batch, ACK the guest at least this often (bytes)
+ANSWER_HINT: Final = 4096  # guest data per batch up to which an answer may already be waiting (a request)
 
 
 class SocketFactory(Protocol):
@@ -444,6 +445,7 @@ class TcpHandler:
                 return
             conn.seq_from_tap = seq_add(conn.seq_from_tap, n)
             conn.written += n
+            conn.batch_data += n
             if seq_diff(conn.seq_from_tap, conn.seq_ack_to_tap) >= ACK_EVERY:
                 self._update_ack(conn, now, force=False)  # keep the guest sending while a long batch is read
             if n < length - offset:
@@ -459,6 +461,7 @@ class TcpHandler:
                 self._sock_failed(conn, exc)
                 return
             self._set(conn, st.TAP_FIN_SENT)
+            conn.batch_data += 1  # the peer's own FIN may follow at once
             conn.seq_from_tap = seq_add(conn.seq_from_tap, 1)
             if not conn.fin_since:
                 conn.fin_since = now
@@ -473,21 +476,28 @@ class TcpHandler:
 
     def flush(self, now: float) -> None:
         """End of a batch: ACK the guest's data as far as the host peer has acknowledged it."""
-        if self.prepare_acks(now):
-            self.emit_acks()
+        self.prepare_acks(now)
+        self.emit_acks()
 
     def prepare_acks(self, now: float) -> bool:
         """First half of `flush`: ACK numbers and windows are brought up to date, but the pure ACKs are held
         until `emit_acks`, so a data segment sent in between (an answer already waiting in the socket)
-        carries the ACK instead. Returns whether any ACK is held."""
+        carries the ACK instead. Returns whether an answer is worth looking for: some flow got a small
+        request (or a FIN) in this batch. Bulk data is not answered, and polling for it costs throughput."""
         pending, self._ack_pending = self._ack_pending, {}
+        answer = False
         for conn in pending.values():
             if self.flows.by_id(conn.flow_id) is conn:
+                if 0 < conn.batch_data <= ANSWER_HINT:
+                    answer = True
+                conn.batch_data = 0
                 self._update_ack(conn, now, force=True, hold=True)
-        return bool(self._acks_owed)
+        return answer
 
     def emit_acks(self) -> None:
         """Pure ACKs still owed after `prepare_acks` (no data segment took them along)."""
+        if not self._acks_owed:
+            return
         owed, self._acks_owed = self._acks_owed, {}
         for conn in owed.values():
             if self.flows.by_id(conn.flow_id) is conn:
