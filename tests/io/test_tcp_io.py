@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from passtd.dataplane.io.tcp import PEEK_OFF, TcpIo, TcpSockPort
+from passtd.dataplane.io.tcp import PEEK_OFF, PeekArena, TcpIo, TcpSockPort
 
 
 @pytest.fixture
@@ -38,7 +38,9 @@ def test_bytes_acked_counts_payload_only_on_connected_and_accepted_sockets(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
     client, server = pair
-    connected, accepted = TcpSockPort(client, connected=True), TcpSockPort(server, connected=False)
+    arena = PeekArena()
+    connected = TcpSockPort(client, arena, connected=True)
+    accepted = TcpSockPort(server, arena, connected=False)
     assert connected.info().bytes_acked == 0 and accepted.info().bytes_acked == 0
     client.sendall(b"x" * 1000)
     server.sendall(b"y" * 777)
@@ -48,10 +50,28 @@ def test_bytes_acked_counts_payload_only_on_connected_and_accepted_sockets(
     assert info.snd_wnd > 0 and info.sndbuf > 0
 
 
+def test_peeks_of_one_batch_do_not_overwrite_each_other(pair: tuple[socket.socket, socket.socket]) -> None:
+    """Frames point into the arena until the batch is written: every peek gets its own region, a batch
+    larger than the arena gets buffers of its own, and `reset` starts over."""
+    client, server = pair
+    server.setblocking(False)
+    arena = PeekArena(64)
+    port = TcpSockPort(server, arena, connected=False)
+    client.sendall(bytes(range(200)))
+    time.sleep(0.05)
+    views = [port.peek(off, 40) for off in range(0, 200, 40)]
+    assert [bytes(v) for v in views if v is not None] == [bytes(range(o, o + 40)) for o in range(0, 200, 40)]
+    assert arena.used == 40  # the first fit; the rest had buffers of their own
+    arena.reset()
+    assert arena.used == 0
+    again = port.peek(0, 10)
+    assert again is not None and bytes(again) == bytes(range(10)) and arena.used == 10
+
+
 def test_peek_at_offsets_discard_and_eof(pair: tuple[socket.socket, socket.socket]) -> None:
     client, server = pair
     server.setblocking(False)
-    port = TcpSockPort(server, connected=False)
+    port = TcpSockPort(server, PeekArena(), connected=False)
     assert port.peek(0, 10) is None  # nothing yet
     client.sendall(bytes(range(100)))
     time.sleep(0.05)

@@ -180,7 +180,8 @@ class Dataplane:
     ) -> None:
         """Frames from the flows, collected until the end of the batch. `offload` >= 0: a TCP packet whose
         checksum (and, above 0, segmentation at that size) is left to the kernel via the virtio-net header.
-        `payload` follows `packet` on the wire; it is copied once here, since its buffer is reused."""
+        `payload` follows `packet` on the wire. Without offload it is copied into the frame; with it, it is
+        a view into the TCP peek arena that the frame points to until the batch is written."""
         head = self._eth_head(ethertype, packet)
         self._out_bytes += len(head) + len(payload)
         if offload < 0:
@@ -194,7 +195,8 @@ class Dataplane:
             vnet = self._vnet[key] = tcp_offload_header(v6, tcp_hlen, offload)
             if len(self._vnet) > 256:  # MSS values are few; bound it anyway
                 self._vnet.clear()
-        self._out.append((vnet, head, bytes(payload)) if payload else (vnet, head))
+        # The payload views the TCP peek arena, valid until the batch is written: no copy here.
+        self._out.append((vnet, head, payload) if payload else (vnet, head))
 
     def _eth_head(self, ethertype: int, packet: bytes) -> bytes:
         mac = self.guest.mac
@@ -226,6 +228,7 @@ class Dataplane:
                 out, self._out = self._out, []
                 nbytes, self._out_bytes = self._out_bytes, 0
                 self.send_to_tap(out, nbytes)
+            self.tcp_io.arena.reset()  # the frames that pointed into it are written
             if not self.tcp.has_blocked() or self._tap_congested():
                 break  # a stream tap that is still behind resumes the flows from its drained callback
             self.tcp.unblock(now)  # the batch limit, not the tap, stopped them: carry on

@@ -30,8 +30,36 @@ EV_CONNECTING: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | se
 EV_ESTABLISHED: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 MAX_EVENTS: Final = 256
 
-_peek_buf = bytearray(BUF_SIZE)
-_peek_view = memoryview(_peek_buf)
+ARENA_SIZE: Final = 8 << 20  # a batch toward the guest stops at 2 MiB queued (dataplane), plus one chunk
+_scratch = memoryview(bytearray(BUF_SIZE))  # target of MSG_TRUNC discards: nothing is copied into it
+
+
+class PeekArena:
+    """Where peeked data lands. Every peek of a batch gets its own region, so the frames built from it can
+    point into it instead of copying the payload; the dataplane calls `reset` once the batch is written (a
+    tap write is synchronous, and frames that would be queued are copies: see Dataplane._to_tap)."""
+
+    __slots__ = ("size", "used", "view")
+
+    def __init__(self, size: int = ARENA_SIZE) -> None:
+        self.view = memoryview(bytearray(size))
+        self.size = size
+        self.used = 0
+
+    def region(self, size: int) -> memoryview:
+        """Room for `size` bytes: from the arena while it lasts, else a buffer of its own (still valid)."""
+        start = self.used
+        if start + size <= self.size:
+            return self.view[start : start + size]
+        return memoryview(bytearray(size))
+
+    def keep(self, region: memoryview, n: int) -> None:
+        """The first `n` bytes of `region` stay in use until `reset`."""
+        if region.obj is self.view.obj:
+            self.used += n
+
+    def reset(self) -> None:
+        self.used = 0
 
 
 def probe_peek_off() -> bool:
@@ -52,10 +80,11 @@ PEEK_OFF: Final = probe_peek_off()
 class TcpSockPort:
     """`SockPort` over a real non-blocking TCP socket."""
 
-    __slots__ = ("acked_base", "fd", "peek_off", "sock")
+    __slots__ = ("acked_base", "arena", "fd", "peek_off", "sock")
 
-    def __init__(self, sock: socket.socket, *, connected: bool) -> None:
+    def __init__(self, sock: socket.socket, arena: PeekArena, *, connected: bool) -> None:
         self.sock = sock
+        self.arena = arena
         # tcpi_bytes_acked counts our SYN on a socket we connected, not on one we accepted.
         self.acked_base = 1 if connected else 0
         self.fd = sock.fileno()
@@ -65,39 +94,41 @@ class TcpSockPort:
             self.peek_off = 0
 
     def peek(self, offset: int, size: int) -> memoryview | None:
+        """The view stays valid until the arena is reset (the end of the dataplane's batch)."""
         sock = self.sock
         if PEEK_OFF:
             if self.peek_off != offset:
                 sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, offset)
+            region = self.arena.region(size if size < BUF_SIZE else BUF_SIZE)
             try:
-                n = sock.recv_into(_peek_view, min(size, BUF_SIZE), socket.MSG_PEEK)
+                n = sock.recv_into(region, 0, socket.MSG_PEEK)
             except (BlockingIOError, InterruptedError):
                 self.peek_off = offset
                 return None
             self.peek_off = offset + n
-            return _peek_view[:n]
+            self.arena.keep(region, n)
+            return region[:n]
         return self._peek_from_start(offset, size)
 
     def _peek_from_start(self, offset: int, size: int) -> memoryview | None:
-        """Without SO_PEEK_OFF: peek everything up to offset+size and skip what the guest already has."""
-        global _peek_buf, _peek_view
+        """Without SO_PEEK_OFF (Linux before 6.10): peek everything up to offset+size and skip what the guest
+        already has."""
         want = offset + size
-        if want > len(_peek_buf):
-            _peek_buf = bytearray(want)
-            _peek_view = memoryview(_peek_buf)
+        region = self.arena.region(want)
         try:
-            n = self.sock.recv_into(_peek_view, want, socket.MSG_PEEK)
+            n = self.sock.recv_into(region, want, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return None
         if n == 0:
-            return _peek_view[:0]
+            return region[:0]
         if n <= offset:
             return None  # end of stream is only seen once everything was acknowledged
-        return _peek_view[offset:n]
+        self.arena.keep(region, n)
+        return region[offset:n]
 
     def discard(self, n: int) -> None:
         while n > 0:
-            got = self.sock.recv_into(_peek_view, min(n, BUF_SIZE), socket.MSG_TRUNC)
+            got = self.sock.recv_into(_scratch, min(n, BUF_SIZE), socket.MSG_TRUNC)
             if got <= 0:
                 break
             n -= got
@@ -148,6 +179,7 @@ class TcpIo:
 
     def __init__(self) -> None:
         self.epoll = select.epoll()
+        self.arena = PeekArena()
         self.conns: dict[int, TcpConn] = {}
         self.on_connected: Callable[[TcpConn], None] = lambda conn: None
         self.on_error: Callable[[TcpConn, str], None] = lambda conn, reason: None
@@ -171,7 +203,7 @@ class TcpIo:
         if err not in (0, errno.EINPROGRESS):
             sock.close()
             raise OSError(err, errno.errorcode.get(err, str(err)))
-        port = TcpSockPort(sock, connected=True)
+        port = TcpSockPort(sock, self.arena, connected=True)
         self.conns[port.fd] = conn
         self.epoll.register(port.fd, EV_CONNECTING)
         self.connecting = True
@@ -180,7 +212,7 @@ class TcpIo:
     def adopt(self, sock: socket.socket) -> TcpSockPort:
         """An accepted socket, before the core knows its flow (see `bind`)."""
         sock.setblocking(False)
-        return TcpSockPort(sock, connected=False)
+        return TcpSockPort(sock, self.arena, connected=False)
 
     def bind(self, conn: TcpConn) -> None:
         assert isinstance(conn.sock, TcpSockPort)

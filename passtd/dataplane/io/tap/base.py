@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeAlias
 
-OutFrame: TypeAlias = bytes | bytearray | memoryview | tuple[bytes, ...]
+OutFrame: TypeAlias = bytes | bytearray | memoryview | tuple[bytes | memoryview, ...]
 
 
 class TapBackend(Protocol):
