@@ -538,3 +538,81 @@ def test_data_and_fin_signalled_once_still_end_in_a_fin() -> None:
     if not any(s.flags & FIN for s in segs):
         rig.guest(ACK, G_ISN + 1, seq_add(our, 6), now=0.2)
         assert any(s.flags & FIN for s in rig.take())
+
+
+def test_a_lost_window_update_is_repeated_when_the_guest_probes() -> None:
+    """The socket buffer closed the window, drained, and the ACK reopening it was lost: the guest then only
+    sends zero-window probes (an old sequence number, no data; RFC 9293 §3.8.6.1). Each must be answered with
+    our ACK and window (§3.10.7.4: an unacceptable segment gets an ACK), or both sides wait forever.
+    This was the rare stall of test_transfers_survive_two_percent_loss."""
+    rig = Rig()
+    our, sock = established(rig)  # a peer on this host: the window is exactly the room in the socket buffer
+    rig.take()
+    sock.acked = 0  # the local reader is slow: what was written stays queued
+    room = (1 << 22) * 3 // 4  # FakeSock's SO_SNDBUF, less the margin
+    for off in range(0, room, 60000):
+        rig.guest(ACK, G_ISN + 1 + off, our, b"x" * min(60000, room - off), flush=False)
+    rig.handler.flush(0.0)
+    conn = rig.conn()
+    nxt = conn.seq_from_tap
+    assert len(sock.tx) == room and rig.take()[-1].tcp.window == 0
+    sock.acked = room  # the reader caught up: the socket is writable, the window reopens...
+    rig.handler.sock_writable(conn, 0.1)
+    (update,) = rig.take()
+    assert update.tcp.ack == nxt and update.tcp.window > 0  # ...and this update is lost on the way
+    rig.guest(ACK, seq_add(nxt, -1 & MASK), our, now=0.3)  # the guest's persist timer: a zero-window probe
+    (answer,) = rig.take()
+    assert answer.flags == ACK and answer.tcp.ack == nxt and answer.tcp.window == update.tcp.window
+    rig.guest(ACK, seq_add(nxt, -1 & MASK), our, now=60.0)  # a keepalive has the same shape (RFC 9293 §3.8.4)
+    assert [s.tcp.ack for s in rig.take()] == [nxt]
+    rig.guest(ACK, nxt, our, now=60.1)  # an ordinary pure ACK is not answered
+    assert rig.take() == []
+
+
+def test_fin_is_sent_again_after_a_timeout_while_slow_start_limits_the_push() -> None:
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    sock.rx += b"f" * (6 * 1460)
+    rig.handler.sock_readable(rig.conn(), 0.0)
+    sock.eof = True
+    rig.handler.sock_readable(rig.conn(), 0.0)
+    fin_seq = seq_add(our, 6 * 1460)
+    assert [s.tcp.seq for s in rig.take() if s.flags & FIN] == [fin_seq]
+    now = rig.handler.next_deadline()
+    rig.handler.on_timer(now)  # everything was lost: one segment, then slow start
+    acked, fin_again = our, False
+    for _ in range(10):  # the guest ACKs whatever arrives, in order
+        segs = rig.take()
+        assert segs, "nothing in flight and nothing sent: stalled"
+        for s in segs:
+            assert s.tcp.seq == acked
+            acked = seq_add(acked, len(s.data) + (1 if s.flags & FIN else 0))
+            fin_again = fin_again or bool(s.flags & FIN and s.tcp.seq == fin_seq)
+        now += 0.01
+        rig.guest(ACK, G_ISN + 1, acked, now=now)
+        if fin_again:
+            break
+    assert fin_again and acked == seq_add(fin_seq, 1)
+    assert rig.conn().events & states.TAP_FIN_ACKED
+
+
+def test_a_lost_fast_retransmission_is_repaired_by_the_timer() -> None:
+    """One rewind per window: later duplicate ACKs are ignored, so the RTO must still be armed."""
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    sock.rx += b"d" * (10 * 1460)
+    rig.handler.sock_readable(rig.conn(), 0.0)
+    assert len(rig.take()) == 10
+    for i in range(2):
+        rig.guest(ACK, G_ISN + 1, our, now=0.01 * (i + 1))
+    assert rig.take()[0].tcp.seq == our  # fast retransmission (lost again, say)
+    for i in range(6):
+        rig.guest(ACK, G_ISN + 1, our, now=0.1 + 0.01 * i)
+    assert rig.take() == []  # echoes of the same loss
+    conn = rig.conn()
+    assert conn.rto_due and rig.handler.next_deadline() <= conn.rto_due
+    rig.handler.on_timer(rig.handler.next_deadline())
+    (seg,) = rig.take()
+    assert seg.tcp.seq == our and len(seg.data) == 1460

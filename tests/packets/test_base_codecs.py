@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import dpkt
 import pytest
 from hypothesis import example, given
@@ -214,3 +216,11 @@ def test_arbitrary_bytes_parse_or_raise_malformed(parser: object, data: bytes) -
         parser(memoryview(data))  # type: ignore[operator]
     except MalformedFrame:
         pass
+
+
+@pytest.mark.parametrize("size", [65000, 65535, 65536, 262144 + 3])
+def test_checksum_of_large_buffers_equals_fold(size: int) -> None:
+    """The big-number path folds halves together several times for these sizes."""
+    ramp = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    for data in (ramp, b"\xff" * size, random.randbytes(size)):
+        assert checksum(data) == fold_checksum(data)

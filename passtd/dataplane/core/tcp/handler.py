@@ -422,6 +422,11 @@ class TcpHandler:
         payload = tcp.payload
         flags = tcp.flags
         if not payload and not flags & FIN:
+            if seq_lt(tcp.seq, conn.seq_from_tap):
+                # A zero-window probe or a keepalive (an old sequence number, no data): answer with our ACK
+                # and window (RFC 9293 §3.10.7.4). If the ACK that reopened our window was lost, the guest's
+                # persist timer is its only way to learn of it: left unanswered, both sides wait forever.
+                self._queue_ack(conn)
             return
         if conn.events & st.TAP_FIN_RCVD:
             self._queue_ack(conn)  # retransmitted FIN or data after it: re-ACK
