@@ -616,3 +616,43 @@ def test_a_lost_fast_retransmission_is_repaired_by_the_timer() -> None:
     rig.handler.on_timer(rig.handler.next_deadline())
     (seg,) = rig.take()
     assert seg.tcp.seq == our and len(seg.data) == 1460
+
+
+def test_probes_while_data_is_in_flight_are_not_duplicate_acks() -> None:
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    sock.rx += b"d" * (4 * 1460)
+    rig.handler.sock_readable(rig.conn(), 0.0)
+    assert len(rig.take()) == 4
+    for i in range(3):  # keepalives: an old sequence number, nothing acknowledged, same window
+        rig.guest(ACK, G_ISN, our, now=0.01 * (i + 1))
+    sent = rig.take()
+    assert sent and all(not s.data for s in sent)  # answered with ACKs, never a retransmission
+    assert rig.conn().total_retransmits == 0
+
+
+def test_recover_follows_the_acks_across_the_sequence_wrap() -> None:
+    """`recover` is compared modulo 2**32: left behind, fast retransmission would stop after 2 GiB."""
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    conn = rig.conn()
+    acked = our
+    for _ in range(3):  # 3 × 1 GiB acknowledged, as a long transfer would
+        sock.rx += b"z" * 1460
+        rig.handler.sock_readable(conn, 0.0)
+        rig.take()
+        acked = seq_add(acked, 1460)
+        rig.guest(ACK, G_ISN + 1, acked)
+        assert conn.recover == acked
+        # jump a GiB ahead as if that much had been sent and acknowledged
+        for attr in ("seq_to_tap", "seq_max_to_tap", "seq_ack_from_tap"):
+            setattr(conn, attr, seq_add(getattr(conn, attr), 1 << 30))
+        acked = seq_add(acked, 1 << 30)
+    sock.rx += b"y" * (4 * 1460)
+    rig.handler.sock_readable(conn, 0.0)
+    rig.take()
+    for i in range(2):
+        rig.guest(ACK, G_ISN + 1, acked, now=0.01 * (i + 1))
+    assert rig.take()[0].tcp.seq == acked  # two duplicate ACKs still rewind

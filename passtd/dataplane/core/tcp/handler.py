@@ -366,6 +366,8 @@ class TcpHandler:
             conn.seq_ack_from_tap = ack
             if seq_lt(conn.seq_to_tap, ack):
                 conn.seq_to_tap = ack
+            if seq_lt(conn.recover, ack):
+                conn.recover = ack  # kept near: compared modulo 2**32, a stale value would flip after 2 GiB
             conn.dup_acks = 0
             conn.retransmits = 0
             conn.rto_due = now + conn.rto if conn.in_flight else 0.0
@@ -380,7 +382,14 @@ class TcpHandler:
         conn.wnd_from_tap = wnd
         # RFC 5681 §2: a duplicate ACK carries no data, no FIN, the same window, while data is outstanding.
         # One rewind per window: more duplicates for data sent before it are echoes of the same loss.
-        if acked == 0 and conn.in_flight and not len(tcp.payload) and not tcp.flags & FIN and same_window:
+        if (
+            acked == 0
+            and conn.in_flight
+            and not len(tcp.payload)
+            and not tcp.flags & FIN
+            and same_window
+            and tcp.seq == conn.seq_from_tap  # not a probe or keepalive (an old sequence number)
+        ):
             conn.dup_acks += 1
             if conn.dup_acks >= DUP_ACK_THRESHOLD and not seq_lt(conn.seq_ack_from_tap, conn.recover):
                 conn.dup_acks = 0
@@ -663,9 +672,10 @@ class TcpHandler:
             self._mark_sent(conn, now)
             sent_any = True
             if n < want:
-                # All it had. Readiness is edge-triggered, so new data is signalled again, but a FIN that
-                # came with this data was signalled already: then the next peek must still happen.
-                conn.drained = not conn.sock_eof and conn.seq_to_tap == conn.seq_max_to_tap
+                if conn.sock_eof:
+                    continue  # the peer's FIN came with this data and is not signalled again: peek for it
+                # All it had; readiness is edge-triggered, so new data is signalled again.
+                conn.drained = conn.seq_to_tap == conn.seq_max_to_tap
                 break
         if sent_any and not conn.rto_due:
             conn.rto_due = now + conn.rto
