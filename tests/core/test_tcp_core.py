@@ -639,7 +639,7 @@ def test_recover_follows_the_acks_across_the_sequence_wrap() -> None:
     rig.take()
     conn = rig.conn()
     acked = our
-    for _ in range(3):  # 3 × 1 GiB acknowledged, as a long transfer would
+    for _ in range(3):  # 3 times 1 GiB acknowledged, as a long transfer would
         sock.rx += b"z" * 1460
         rig.handler.sock_readable(conn, 0.0)
         rig.take()
