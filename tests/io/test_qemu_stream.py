@@ -120,3 +120,39 @@ def test_listener_refuses_live_path_and_replaces_stale(tmp_path: object) -> None
     live.close()  # the file stays behind, nobody listens: stale
     again = bind_unix_listener(path)
     again.close()
+
+
+def test_backlog_keeps_order_across_batches_drains_and_drops_past_the_limit() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        backend = QemuStreamBackend(ours, loop)
+        drained: list[int] = []
+        backend.on_drained = lambda: drained.append(backend.backlog)
+        sent: list[bytes] = []
+        for batch in range(30):  # 30 batches of 3 frames, 2.3 MB in all: most of it waits in the backlog
+            frames = [bytes([batch]) * size for size in (60, 1500, 25000)]
+            backend.send_batch(frames)
+            sent.extend(frames)
+        assert backend.backlog > 0 and backend.dropped_tx == 0
+        over = [b"x" * 60000] * 100  # beyond MAX_PENDING: dropped and counted, never queued
+        backend.send_batch(over)
+        assert 0 < backend.dropped_tx <= 100
+        sent.extend(over[: 100 - backend.dropped_tx])
+        theirs.setblocking(False)
+        received = bytearray()
+        want = len(encode(sent))
+        for _ in range(5000):
+            try:
+                received += theirs.recv(1 << 20)
+            except BlockingIOError:
+                await asyncio.sleep(0.002)
+            if len(received) >= want and drained:
+                break
+        assert bytes(received) == encode(sent)
+        assert drained == [0] and backend.backlog == 0
+        backend.close()
+        theirs.close()
+
+    asyncio.run(scenario())

@@ -15,7 +15,9 @@ import asyncio
 import os
 import socket
 import struct
+from collections import deque
 from collections.abc import Callable, Sequence
+from itertools import islice
 from typing import Final
 
 from passtd.dataplane.io.tap.base import OutFrame
@@ -25,6 +27,7 @@ MAX_FRAME: Final = 65535 + 14  # an MTU 65535 payload plus the Ethernet header
 MIN_FRAME: Final = 14
 MAX_PENDING: Final = 4 * 1024 * 1024
 _LEN = struct.Struct("!I")
+_IOV_MAX: Final = 1024  # chunks per sendmsg (Linux UIO_MAXIOV)
 _RECV_SIZE: Final = 1 << 20
 
 
@@ -78,7 +81,10 @@ class QemuStreamBackend:
         self.loop = loop
         self.decoder = FrameDecoder()
         self.dropped_tx = 0
-        self._pending = bytearray()
+        # What the socket has not taken yet: length prefixes and frames as they are (no joined copy), sent
+        # with sendmsg's scatter list; a partly sent one is replaced by a view of its rest.
+        self._queue: deque[bytes | memoryview] = deque()
+        self._queued = 0
         self._writer = False
         self.on_drained: Callable[[], None] = lambda: None
         self._eof = False
@@ -89,7 +95,7 @@ class QemuStreamBackend:
     @property
     def backlog(self) -> int:
         """Bytes written by us that the socket has not taken yet."""
-        return len(self._pending)
+        return self._queued
 
     def recv_batch(self, limit: int) -> list[memoryview]:
         """One recv per call: the dataplane calls again on the next readiness event if more is there."""
@@ -111,10 +117,8 @@ class QemuStreamBackend:
         return self.decoder.frames(limit)
 
     def send_batch(self, frames: Sequence[OutFrame]) -> None:
-        if not frames:
-            return
-        chunks: list[bytes | bytearray | memoryview] = []
-        room = MAX_PENDING - len(self._pending)
+        room = MAX_PENDING - self._queued
+        chunks: list[bytes | memoryview] = []
         for frame in frames:
             assert not isinstance(frame, tuple)  # no virtio-net header on qemu's stream
             size = len(frame) + 4
@@ -123,35 +127,48 @@ class QemuStreamBackend:
                 continue
             room -= size
             chunks.append(_LEN.pack(len(frame)))
-            chunks.append(frame)
-        if self._pending:
-            self._pending += b"".join(chunks)
+            chunks.append(frame if type(frame) is bytes else bytes(frame))  # kept until sent: must not change
+        if not chunks:
             return
-        data = b"".join(chunks)
-        try:
-            sent = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            return  # the reader sees the disconnect and detaches us
-        if sent < len(data):
-            self._pending += memoryview(data)[sent:]
-            self._arm_writer()
-
-    def _arm_writer(self) -> None:
+        queue = self._queue
+        queue.extend(chunks)
+        self._queued += sum(map(len, chunks))
         if not self._writer:
-            self.loop.add_writer(self.sock.fileno(), self._flush)
-            self._writer = True
+            self._send_queued()
+            if queue:
+                self.loop.add_writer(self.sock.fileno(), self._flush)
+                self._writer = True
+
+    def _send_queued(self) -> None:
+        """As much of the queue as the socket takes now, IOV_MAX chunks per sendmsg."""
+        queue = self._queue
+        while queue:
+            batch = list(islice(queue, _IOV_MAX))
+            try:
+                sent = self.sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                sent = self._queued  # the reader sees the disconnect and detaches us
+            self._queued -= sent
+            while sent and queue:
+                head = queue[0]
+                if len(head) <= sent:
+                    sent -= len(head)
+                    queue.popleft()
+                else:
+                    queue[0] = memoryview(head)[sent:]
+                    sent = 0
+            if self._queued < 0 or not queue:
+                self._queued = 0
+                queue.clear()
+                return
+            if len(batch) < _IOV_MAX:
+                return  # the socket took less than offered: it is full
 
     def _flush(self) -> None:
-        try:
-            sent = self.sock.send(self._pending)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            sent = len(self._pending)
-        del self._pending[:sent]
-        if not self._pending:
+        self._send_queued()
+        if not self._queue:
             self.loop.remove_writer(self.sock.fileno())
             self._writer = False
             self.on_drained()
