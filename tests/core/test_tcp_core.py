@@ -656,3 +656,39 @@ def test_recover_follows_the_acks_across_the_sequence_wrap() -> None:
     for i in range(2):
         rig.guest(ACK, G_ISN + 1, acked, now=0.01 * (i + 1))
     assert rig.take()[0].tcp.seq == acked  # two duplicate ACKs still rewind
+
+
+def test_a_batch_of_guest_segments_is_one_write_and_a_short_write_falls_back() -> None:
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    for i in range(5):
+        rig.guest(ACK, G_ISN + 1 + i * 1000, our, bytes([i]) * 1000, flush=False)
+    assert sock.sends == 0 and bytes(sock.tx) == b""  # gathered until the end of the batch
+    rig.handler.flush(0.0)
+    assert sock.sends == 1 and bytes(sock.tx) == b"".join(bytes([i]) * 1000 for i in range(5))
+    assert rig.take()[-1].tcp.ack == G_ISN + 5001
+    # The socket takes only part of the next batch: the ACK covers what it took, the rest comes again.
+    sock.capacity = 1500
+    for i in range(3):
+        rig.guest(ACK, G_ISN + 5001 + i * 1000, our, b"n" * 1000, flush=False)
+    rig.handler.flush(0.0)
+    assert rig.take()[-1].tcp.ack == G_ISN + 6501 and rig.conn().seq_from_tap == G_ISN + 6501
+    sock.capacity = 1 << 20
+    rig.guest(ACK, G_ISN + 6501, our, b"n" * 1500)  # the guest's retransmission lines up
+    assert len(sock.tx) == 8000 and rig.take()[-1].tcp.ack == G_ISN + 8001
+
+
+def test_data_then_a_bare_fin_in_one_batch_writes_the_data_before_shutting_down() -> None:
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    order: list[str] = []
+    send, shutdown = sock.send, sock.shutdown_write
+    sock.send = lambda chunks, more: order.append("send") or send(chunks, more)  # type: ignore[method-assign]
+    sock.shutdown_write = lambda: order.append("shutdown") or shutdown()  # type: ignore[method-assign]
+    rig.guest(ACK | PSH, G_ISN + 1, our, b"last words", flush=False)
+    rig.guest(FIN | ACK, G_ISN + 11, our, flush=False)
+    rig.handler.flush(0.0)
+    assert order == ["send", "shutdown"] and bytes(sock.tx) == b"last words"
+    assert rig.take()[-1].tcp.ack == G_ISN + 12

@@ -42,6 +42,7 @@ class FakeSock:
     clamps: list[int] = field(default_factory=list)
     mss: int = 0
     fail: OSError | None = None
+    sends: int = 0  # send calls (one per batch and flow)
 
     def peek(self, offset: int, size: int) -> memoryview | None:
         if self.fail:
@@ -56,9 +57,11 @@ class FakeSock:
         del self.rx[:n]
         self.discarded += n
 
-    def send(self, data: memoryview, more: bool) -> int:
+    def send(self, chunks: list[memoryview], more: bool) -> int:
         if self.fail:
             raise self.fail
+        self.sends += 1
+        data = b"".join(chunks)
         n = min(len(data), self.capacity)
         self.capacity -= n
         self.tx += data[:n]

@@ -159,14 +159,17 @@ class Dataplane:
         stats.bytes_from_tap += sum(map(len, frames))
         pcap = self.pcap
         handle = self.demux.handle_frame
-        for frame in frames:
-            if pcap is not None:
-                pcap.write(frame)
-            try:
-                handle(frame, now, replies, actions)
-            except MalformedFrame as exc:
-                stats.drop(exc.reason)
-                self.log.debug("tap.frame.dropped", reason=exc.reason, length=len(frame))
+        try:
+            for frame in frames:
+                if pcap is not None:
+                    pcap.write(frame)
+                try:
+                    handle(frame, now, replies, actions)
+                except MalformedFrame as exc:
+                    stats.drop(exc.reason)
+                    self.log.debug("tap.frame.dropped", reason=exc.reason, length=len(frame))
+        finally:
+            self.tcp.flush_tx()  # guest data views the frames' buffers: written before the next read
         self.udp.flush_to_host()  # datagrams gathered from this batch, in one send per flow
         for reply in replies:
             self._out.append(reply)

@@ -26,11 +26,12 @@ _TCPI_U32: Final = struct.Struct("=I")
 _TCPI_U64: Final = struct.Struct("=Q")
 _LINGER0: Final = struct.pack("ii", 1, 0)
 BUF_SIZE: Final = 1 << 20
+IOV_MAX: Final = 1024  # chunks per sendmsg (Linux UIO_MAXIOV); the rest is then "not taken", and resent
 EV_CONNECTING: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 EV_ESTABLISHED: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 MAX_EVENTS: Final = 256
 
-ARENA_SIZE: Final = 8 << 20  # a batch toward the guest stops at 2 MiB queued (dataplane), plus one chunk
+ARENA_SIZE: Final = 4 << 20  # a batch toward the guest stops at 2 MiB queued (dataplane), plus one chunk
 _scratch = memoryview(bytearray(BUF_SIZE))  # target of MSG_TRUNC discards: nothing is copied into it
 
 
@@ -135,9 +136,11 @@ class TcpSockPort:
             if self.peek_off >= 0:
                 self.peek_off = max(0, self.peek_off - got)
 
-    def send(self, data: memoryview, more: bool) -> int:
+    def send(self, chunks: list[memoryview], more: bool) -> int:
         try:
-            return self.sock.send(data, socket.MSG_MORE if more else 0)
+            if len(chunks) == 1:
+                return self.sock.send(chunks[0], socket.MSG_MORE if more else 0)
+            return self.sock.sendmsg(chunks[:IOV_MAX], (), socket.MSG_MORE if more else 0)
         except (BlockingIOError, InterruptedError):
             return 0
 

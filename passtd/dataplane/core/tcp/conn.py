@@ -6,7 +6,7 @@ The host socket is reached through `SockPort`, a narrow interface the shell impl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from passtd.dataplane.core.flowtable import Flow
@@ -35,8 +35,8 @@ class SockPort(Protocol):
         """Drop `n` bytes from the front of the receive queue (the guest acknowledged them)."""
         ...
 
-    def send(self, data: memoryview, more: bool) -> int:
-        """Write what the socket takes now; 0 when its buffer is full."""
+    def send(self, chunks: list[memoryview], more: bool) -> int:
+        """Write what the socket takes now of the chunks, in order (one sendmsg); 0 when it is full."""
         ...
 
     def shutdown_write(self) -> None: ...
@@ -90,6 +90,9 @@ class TcpConn(Flow):
     wnd_to_tap: int = 0  # last window we advertised, bytes
     ws_to_tap: int = 0  # shift we apply to the window field we send
     written: int = 0  # bytes of guest data written into the socket
+    tx: list[memoryview] = field(default_factory=list)  # guest data of this batch, not written yet
+    tx_len: int = 0
+    tx_more: bool = False  # the last of it had no PSH (more follows)
     batch_data: int = 0  # of which in the current batch (a small amount is a request: see prepare_acks)
     clamp: int = -1  # last TCP_WINDOW_CLAMP set on the socket
     # Room in the socket's send buffer at the last TCP_INFO read, and `written` then (a local peer's window

@@ -29,6 +29,7 @@ PEEK_CHUNK: Final = 1 << 20  # bytes peeked per call; the loop continues while t
 DEFAULT_MSS: Final = 536  # RFC 9293 §3.7.1, when the guest sends no MSS option
 DUP_ACK_THRESHOLD: Final = 2  # as passt: two duplicate ACKs rewind
 ACK_EVERY: Final = 1 << 20  # inside a batch, ACK the guest at least this often (bytes)
+TX_FLUSH: Final = 1 << 20  # guest data gathered for one flow that is written at once, without waiting
 ANSWER_HINT: Final = 4096  # guest data per batch up to which an answer may already be waiting (a request)
 
 
@@ -72,7 +73,7 @@ class TcpHandler:
         on_state: Callable[[TcpConn, str, str], None] | None = None,
         offload: bool = False,
         congested: Callable[[], bool] | None = None,
-        watching: Sized = (1,),
+        watching: Sized | None = None,
     ) -> None:
         self.offload = offload  # the tap segments and checksums TCP for us (pasta with IFF_VNET_HDR)
         self.congested: Callable[[], bool] = congested or (lambda: False)
@@ -87,17 +88,18 @@ class TcpHandler:
         self.timeouts = timeouts or Timeouts()
         self.on_close = on_close
         self.on_state = on_state
-        self.watching = watching  # on_state is called only while this is non-empty
+        self.watching = watching  # when given, on_state is called only while this is non-empty
         self._heap: list[tuple[float, int]] = []
         self._ack_pending: dict[int, TcpConn] = {}
         self._acks_owed: dict[int, TcpConn] = {}  # pure ACKs held by prepare_acks, see there
+        self._tx: dict[int, TcpConn] = {}  # flows with guest data gathered in this batch (flush_tx)
 
     def _set(self, conn: TcpConn, bit: int) -> None:
         """Every event goes through states.set_event; observers hear about user-visible state changes (the
         names are only worked out while someone listens: `watching` is the shell's list of listeners)."""
         before = conn.events
         conn.events = st.set_event(before, bit)
-        if self.on_state is not None and self.watching:
+        if self.on_state is not None and (self.watching is None or self.watching):
             name_before, after = st.state_name(before), st.state_name(conn.events)
             if after != name_before:
                 self.on_state(conn, name_before, after)
@@ -451,22 +453,22 @@ class TcpHandler:
             return
         conn.bytes_from_guest += length - offset
         if offset < length:
-            assert conn.sock is not None
-            try:
-                n = conn.sock.send(payload[offset:], more=not flags & PSH)
-            except OSError as exc:
-                self._sock_failed(conn, exc)
-                return
-            conn.seq_from_tap = seq_add(conn.seq_from_tap, n)
-            conn.written += n
-            conn.batch_data += n
-            if seq_diff(conn.seq_from_tap, conn.seq_ack_to_tap) >= ACK_EVERY:
-                self._update_ack(conn, now, force=False)  # keep the guest sending while a long batch is read
-            if n < length - offset:
-                self.stats.handled["tcp.sock_full"] += 1
-                self._queue_ack(conn)
-                return  # the rest is not acknowledged; the guest sends it again
+            # Gathered, and written once per batch (see `_write`); seq_from_tap runs ahead meanwhile, so the
+            # next segment of the batch lines up, and falls back if the socket takes less.
+            chunk = payload[offset:]
+            conn.tx.append(chunk)
+            conn.tx_len += len(chunk)
+            conn.tx_more = not flags & PSH
+            conn.seq_from_tap = seq_add(conn.seq_from_tap, len(chunk))
+            self._tx[conn.flow_id] = conn
+            if conn.tx_len >= TX_FLUSH or flags & FIN:
+                if not self._write(conn):
+                    return  # the rest is not acknowledged; the guest sends it again
+                if seq_diff(conn.seq_from_tap, conn.seq_ack_to_tap) >= ACK_EVERY:
+                    self._update_ack(conn, now, force=False)  # keep a long batch going
         if flags & FIN:
+            if conn.tx_len and not self._write(conn):  # earlier data of the batch goes before the FIN
+                return
             self._set(conn, st.TAP_FIN_RCVD)
             assert conn.sock is not None
             try:
@@ -488,6 +490,39 @@ class TcpHandler:
     def _queue_ack(self, conn: TcpConn) -> None:
         self._ack_pending[conn.flow_id] = conn
 
+    def _write(self, conn: TcpConn) -> bool:
+        """Write the guest data gathered for `conn` in one call: one wake-up of the reader per batch, not
+        one per frame. False if the flow failed or the socket took less (seq_from_tap then falls back to
+        what was written; the guest retransmits the rest)."""
+        chunks, total = conn.tx, conn.tx_len
+        conn.tx, conn.tx_len = [], 0
+        self._tx.pop(conn.flow_id, None)
+        if not total or conn.sock is None:
+            return conn.sock is not None
+        try:
+            n = conn.sock.send(chunks, more=conn.tx_more)
+        except OSError as exc:
+            self._sock_failed(conn, exc)
+            return False
+        conn.written += n
+        conn.batch_data += n
+        if n < total:
+            conn.seq_from_tap = seq_add(conn.seq_from_tap, n - total)
+            self.stats.handled["tcp.sock_full"] += 1
+            self._queue_ack(conn)
+            return False
+        return True
+
+    def flush_tx(self) -> None:
+        """Write every flow's gathered guest data. The chunks view the tap's read buffers: this must run
+        before the next read from the tap (the dataplane calls it at the end of every tap batch)."""
+        tx, self._tx = self._tx, {}
+        for conn in tx.values():
+            if self.flows.by_id(conn.flow_id) is conn:
+                self._write(conn)
+            else:
+                conn.tx, conn.tx_len = [], 0
+
     def flush(self, now: float) -> None:
         """End of a batch: ACK the guest's data as far as the host peer has acknowledged it."""
         self.prepare_acks(now)
@@ -498,6 +533,8 @@ class TcpHandler:
         until `emit_acks`, so a data segment sent in between (an answer already waiting in the socket)
         carries the ACK instead. Returns whether an answer is worth looking for: some flow got a small
         request (or a FIN) in this batch. Bulk data is not answered, and polling for it costs throughput."""
+        if self._tx:
+            self.flush_tx()
         pending, self._ack_pending = self._ack_pending, {}
         answer = False
         for conn in pending.values():
@@ -845,6 +882,8 @@ class TcpHandler:
         self._ack_pending.pop(conn.flow_id, None)
         self._acks_owed.pop(conn.flow_id, None)
         self._blocked.pop(conn.flow_id, None)
+        self._tx.pop(conn.flow_id, None)
+        conn.tx, conn.tx_len = [], 0
         self.stats.handled[f"tcp.closed.{reason.split(':')[0]}"] += 1
         if self.on_close is not None:
             self.on_close(conn, reason)
