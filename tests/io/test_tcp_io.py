@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from passtd.dataplane.io import tcp as tcp_io
 from passtd.dataplane.io.tcp import PEEK_OFF, PeekArena, TcpIo, TcpSockPort
 
 
@@ -121,3 +122,29 @@ def test_connect_refused_at_once_or_reported() -> None:
         conn.sock.close()
     assert errors == ["connect_failed:ECONNREFUSED"]
     io.close()
+
+
+def test_peeks_without_so_peek_off(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kernels before 6.10 (Debian bookworm's 6.1) have no SO_PEEK_OFF for TCP: peeks start at the head of
+    the queue, and the part past `offset` is copied into the arena, so views of one batch stay intact."""
+    monkeypatch.setattr(tcp_io, "PEEK_OFF", False)
+    client, server = pair
+    server.setblocking(False)
+    port = TcpSockPort(server, PeekArena(), connected=False)
+    assert port.peek(0, 10) is None
+    client.sendall(bytes(range(100)))
+    time.sleep(0.05)
+    first, second = port.peek(0, 10), port.peek(10, 20)
+    assert first is not None and second is not None
+    assert (bytes(first), bytes(second)) == (bytes(range(10)), bytes(range(10, 30)))
+    assert port.peek(100, 10) is None  # nothing beyond what the guest has
+    port.discard(30)
+    rest = port.peek(0, 1000)
+    assert rest is not None and bytes(rest) == bytes(range(30, 100))
+    client.shutdown(socket.SHUT_WR)
+    time.sleep(0.05)
+    port.discard(70)
+    end = port.peek(0, 10)
+    assert end is not None and len(end) == 0  # end of stream once everything was acknowledged

@@ -33,6 +33,7 @@ MAX_EVENTS: Final = 256
 
 ARENA_SIZE: Final = 4 << 20  # a batch toward the guest stops at 2 MiB queued (dataplane), plus one chunk
 _scratch = memoryview(bytearray(BUF_SIZE))  # target of MSG_TRUNC discards: nothing is copied into it
+_fallback = memoryview(bytearray(0))  # peeks from the start of the queue, without SO_PEEK_OFF (grows)
 
 
 class PeekArena:
@@ -112,20 +113,24 @@ class TcpSockPort:
         return self._peek_from_start(offset, size)
 
     def _peek_from_start(self, offset: int, size: int) -> memoryview | None:
-        """Without SO_PEEK_OFF (Linux before 6.10): peek everything up to offset+size and skip what the guest
-        already has."""
+        """Without SO_PEEK_OFF (Linux before 6.10, Debian bookworm's 6.1 among them): peek everything up to
+        offset+size into a scratch buffer and copy the part the guest does not have yet into the arena."""
+        global _fallback
         want = offset + size
-        region = self.arena.region(want)
+        if len(_fallback) < want:
+            _fallback = memoryview(bytearray(want))
         try:
-            n = self.sock.recv_into(region, want, socket.MSG_PEEK)
+            n = self.sock.recv_into(_fallback, want, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return None
         if n == 0:
-            return region[:0]
+            return _fallback[:0]
         if n <= offset:
             return None  # end of stream is only seen once everything was acknowledged
-        self.arena.keep(region, n)
-        return region[offset:n]
+        region = self.arena.region(n - offset)
+        region[:] = _fallback[offset:n]
+        self.arena.keep(region, n - offset)
+        return region
 
     def discard(self, n: int) -> None:
         while n > 0:
