@@ -85,7 +85,7 @@ class Config:
     log_file: str | None = None  # --log-file: log there instead of stderr
     log_size: int = LOG_SIZE_DEFAULT  # --log-size: cap of the log file, oldest lines dropped first
     interface: str | None = None  # --interface: host interface the defaults were copied from
-    outbound: tuple[IPv4Address | IPv6Address, ...] = ()  # --outbound: accepted, not applied (see README)
+    outbound: tuple[IPv4Address | IPv6Address, ...] = ()  # --outbound: source toward the network
     # What the host looked like at start; SIGHUP re-parses against it (netlink cannot run inside the loop,
     # and what it decides, addresses, needs a restart anyway).
     host_view: HostView | None = field(default=None, compare=False, repr=False)

@@ -71,9 +71,6 @@ def run(config: Config) -> int:
         print(f"passtd: error: --log-file: cannot open {config.log_file}: {exc.strerror}", file=sys.stderr)
         return 1
     log = get_logger()
-    if config.outbound:
-        log.warning("outbound.not_applied", addresses=[str(a) for a in config.outbound],
-                    reason="outbound sockets are not bound to a source address yet")  # fmt: skip
     try:
         if config.mode == "pasta":
             pasta = _setup_pasta(config)
@@ -247,7 +244,8 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
     current = config
     pcap = PcapWriter(config.pcap) if config.pcap else None
     dp = Dataplane(config.ctx, loop, pcap, max_flows=config.max_flows, dns_forward=config.dns_forward,
-                   dns_upstream=config.dns_upstream, vnet=pasta is not None)  # fmt: skip
+                   dns_upstream=config.dns_upstream, vnet=pasta is not None,
+                   outbound=config.outbound)  # fmt: skip
     if pasta is not None:
         dp.netns_fd = pasta.netns_fd
     if config.forward is not None:

@@ -161,7 +161,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     a("-i", "--interface", metavar="NAME", help="copy addresses and routes from host interface NAME")
     a("-o", "--outbound", action="append", metavar="ADDR",
-      help="source address for outbound sockets (accepted; not applied yet, see README)")  # fmt: skip
+      help="source address for TCP and UDP sockets toward the network (one per family)")  # fmt: skip
 
 
 def _build_parser() -> argparse.ArgumentParser:

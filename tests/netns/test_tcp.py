@@ -311,3 +311,21 @@ def test_pasta_auto_forwards_ports_bound_on_the_other_side(topo: Topology) -> No
     client = connect(topo, topo.guest, "127.0.0.1", 5030, first="read")
     assert client.result() == {"rx_len": 1 * MiB, "rx_sha": digest(1 * MiB, 31)}
     server.result()
+
+
+def test_outbound_sets_the_source_of_flows_to_the_network(topo: Topology) -> None:
+    """--outbound binds the host sockets of guest flows to the given address, per family (TCP and UDP)."""
+    sh("ip", "addr", "add", "10.77.0.5/24", "dev", topo.veth, ns=topo.host)
+    sh("ip", "addr", "add", "fd77::5/64", "dev", topo.veth, "nodad", ns=topo.host)
+    topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, "--config-net", "--outbound", "10.77.0.5",
+                "--outbound", "fd77::5", wait_tap=IF)  # fmt: skip
+    topo.wait_link_local(IF)
+    for port, far, source in ((5011, FAR4, "10.77.0.5"), (5012, FAR6, "fd77::5")):
+        server = serve(topo, topo.remote, far, port, first="read", size=1000, seed=21, peer=True)
+        client = connect(topo, topo.guest, far, port, size=1000, seed=22)
+        assert client.result() == {"rx_len": 1000, "rx_sha": digest(1000, 21)}
+        assert server.result()["peer"] == source
+    echo = Peer(topo, topo.remote, "udp-echo", FAR4, "6011", "--count", "3", timeout=30).wait_ready()
+    got = Peer(topo, topo.guest, "udp-client", FAR4, "6011", "--count", "3", timeout=30).result()
+    assert got["ok"] == 3
+    assert echo.result()["peers"] == [f"10.77.0.5:{got['sport']}"]

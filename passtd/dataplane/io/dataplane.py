@@ -34,7 +34,7 @@ from passtd.dataplane.io.autoscan import read_bound_ports
 from passtd.dataplane.io.listeners import BindResult, ListenerSet
 from passtd.dataplane.io.netns import run_in_netns
 from passtd.dataplane.io.pcap import PcapWriter
-from passtd.dataplane.io.sockets import open_ping_socket, ping_group_hint, sockaddr
+from passtd.dataplane.io.sockets import Outbound, open_ping_socket, ping_group_hint, sockaddr
 from passtd.dataplane.io.splice import SplicedPair
 from passtd.dataplane.io.tap.base import OutFrame, TapBackend
 from passtd.dataplane.io.tcp import TcpIo
@@ -60,6 +60,7 @@ class Dataplane:
         dns_forward: tuple[IPv4Address | IPv6Address, ...] = (),
         dns_upstream: tuple[IPv4Address | IPv6Address, ...] = (),
         vnet: bool = False,
+        outbound: tuple[IPv4Address | IPv6Address, ...] = (),
     ) -> None:
         self.vnet = vnet  # pasta: the tap carries virtio-net headers, TCP offloads go to the kernel
         self.ctx = ctx
@@ -95,6 +96,7 @@ class Dataplane:
             ctx, loop, self.flows, self.stats, self.guest, self._to_tap, self._after_batch, self._emit,
             self.log, dns_forward, dns_upstream, to_tap_vnet=self._to_tap_vnet if vnet else None,
         )  # fmt: skip
+        self.tcp_io.outbound = self.udp.outbound = Outbound(outbound)
         self.demux = Demux(ctx, self.guest, self.stats, self.flows, self.ndp, self.tcp, self.udp.from_guest)
         self.forward = ForwardTables("passt")
         self.tcp_listeners = ListenerSet("tcp", loop, self._on_tcp_listener)

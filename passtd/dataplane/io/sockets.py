@@ -23,6 +23,26 @@ def sockaddr(addr: bytes, port: int) -> tuple[str, int] | tuple[str, int, int, i
     return (str(IPv6Address(addr)), port, 0, 0)
 
 
+class Outbound:
+    """--outbound: the source address for sockets toward the network, per family. Loopback targets keep
+    the kernel's choice: traffic to the host itself is not outbound."""
+
+    __slots__ = ("by_family",)
+
+    def __init__(self, addresses: tuple[IPv4Address | IPv6Address, ...] = ()) -> None:
+        self.by_family = {(socket.AF_INET6 if a.version == 6 else socket.AF_INET): str(a) for a in addresses}
+
+    def source(self, target: bytes) -> str | None:
+        """Address to bind before connecting to `target` (packed), or None for the kernel's choice."""
+        if not self.by_family or _is_loopback(target):
+            return None
+        return self.by_family.get(socket.AF_INET6 if len(target) == 16 else socket.AF_INET)
+
+
+def _is_loopback(addr: bytes) -> bool:
+    return (len(addr) == 4 and addr[0] == 127) or addr == bytes(15) + b"\x01"
+
+
 def ping_group_hint() -> str:
     """What to tell the user when ping sockets are refused."""
     try:

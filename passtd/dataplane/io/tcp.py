@@ -17,7 +17,7 @@ from typing import Final
 
 from passtd.dataplane.core.tcp import states as st
 from passtd.dataplane.core.tcp.conn import TcpConn, TcpInfo
-from passtd.dataplane.io.sockets import sockaddr
+from passtd.dataplane.io.sockets import Outbound, sockaddr
 
 SO_PEEK_OFF: Final = 42
 TCP_INFO_LEN: Final = 232
@@ -188,6 +188,7 @@ class TcpIo:
     def __init__(self) -> None:
         self.epoll = select.epoll()
         self.arena = PeekArena()
+        self.outbound = Outbound()  # --outbound source addresses
         self.conns: dict[int, TcpConn] = {}
         self.on_connected: Callable[[TcpConn], None] = lambda conn: None
         self.on_error: Callable[[TcpConn, str], None] = lambda conn, reason: None
@@ -202,6 +203,13 @@ class TcpIo:
     def connect(self, conn: TcpConn) -> TcpSockPort:
         family = socket.AF_INET6 if conn.v6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        source = self.outbound.source(conn.target_addr)
+        if source is not None:
+            try:
+                sock.bind((source, 0))
+            except OSError:
+                sock.close()
+                raise
         if not conn.local:  # toward the network the guest's MSS is mirrored; on loopback it only costs
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, max(conn.mss_to_tap, 88))

@@ -36,7 +36,7 @@ from passtd.dataplane.core.udp import (
     target_for,
     udp_key,
 )
-from passtd.dataplane.io.sockets import sockaddr
+from passtd.dataplane.io.sockets import Outbound, sockaddr
 from passtd.dataplane.packets.ethernet import ETH_P_IP, ETH_P_IPV6
 from passtd.dataplane.packets.udp import (
     UdpHeader,
@@ -133,6 +133,7 @@ class UdpRelay:
         self._gso_size = 0
         self._gso_count = 0
         self._gso_scheduled = False
+        self.outbound = Outbound()  # --outbound source addresses
         self._peer_flows: dict[tuple[int, Any], UdpFlow] = {}  # (guest port, recvfrom address) → flow
         self._peer_keys: dict[int, list[tuple[int, Any]]] = {}  # flow id → its keys above
 
@@ -252,11 +253,11 @@ class UdpRelay:
         sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            any_addr = "::" if family == socket.AF_INET6 else "0.0.0.0"
+            source = self.outbound.source(target) or ("::" if family == socket.AF_INET6 else "0.0.0.0")
             try:
-                sock.bind((any_addr, sport))  # the remote sees the guest's own port when the host has it free
+                sock.bind((source, sport))  # the remote sees the guest's own port when the host has it free
             except OSError:
-                sock.bind((any_addr, 0))
+                sock.bind((source, 0))
             sock.connect(sockaddr(target, dport))
         except OSError as exc:
             sock.close()
