@@ -777,8 +777,6 @@ def _resolve(ns: argparse.Namespace, host: HostView | None, env: Mapping[str, st
         _joined(ns.tcp_ports), _joined(ns.udp_ports),
         _joined(getattr(ns, "tcp_ns", None)), _joined(getattr(ns, "udp_ns", None)), mode,
     )  # fmt: skip
-    if getattr(ns, "udp_ns", None) and forward.udp_out.mode not in ("none", "auto"):
-        raise ConfigError("-U: namespace-to-host UDP forwarding is not supported yet")
     max_flows = 256 * 1024
     if ns.max_flows is not None:
         try:

@@ -130,3 +130,22 @@ def test_dns_forwarding_reaches_the_hosts_resolver(topo: Topology) -> None:
     assert "10.77.0.99" in out.stdout  # the answer came from the forwarding address
     server.kill()
     server.communicate(timeout=5)
+
+
+def test_namespace_loopback_to_host_with_udp_ns(topo: Topology) -> None:
+    """-U: datagrams to a port on the namespace's own loopback reach the same port on the host's loopback,
+    replies come back to the sender, and each sender is a flow of its own."""
+    topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, "-U", "6020", "-u", "none", wait_tap=IF)
+    for loopback in ("127.0.0.1", "::1"):
+        server = echo(topo, topo.host, loopback, 6020, 40)
+        assert client(topo, topo.guest, loopback, 6020, 20).result()["ok"] == 20
+        assert client(topo, topo.guest, loopback, 6020, 20).result()["ok"] == 20  # a second sender
+        assert len(server.result()["peers"]) == 2  # two host sockets, one per namespace sender
+
+
+def test_udp_follows_tcp_ns_ports_when_not_given(topo: Topology) -> None:
+    """As pasta: -T without -U forwards the same UDP ports too."""
+    topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, "-T", "5021", "-u", "none", wait_tap=IF)
+    server = echo(topo, topo.host, "127.0.0.1", 5021, 10)
+    assert client(topo, topo.guest, "127.0.0.1", 5021, 10).result()["ok"] == 10
+    server.result()

@@ -37,6 +37,10 @@ class UdpFlow(Flow):
     sock_addr: Any = None  # the shell's sendto() address for a host-initiated flow (as recvfrom gave it)
     to_guest: UdpTemplate | None = None  # headers toward the guest, built on first use
     no_gso: bool = False  # the shell found the route refuses UDP segmentation offload: send one by one
+    # -U: a flow from the namespace's loopback to the host's has no guest frames: the host's replies go back
+    # through `back` (the namespace-side listening socket) to `back_addr` (the peer as recvfrom gave it).
+    back: Any = None
+    back_addr: Any = None
 
 
 def udp_key(remote: bytes, remote_port: int, guest_port: int) -> FlowKey:

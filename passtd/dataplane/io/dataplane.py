@@ -15,7 +15,7 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from passtd.dataplane.core.context import Context, Guest
 from passtd.dataplane.core.demux import Demux
@@ -103,6 +103,7 @@ class Dataplane:
         self.udp_listeners = ListenerSet("udp", loop, self.udp.on_listener)
         self.netns_fd: int | None = None  # pasta: the namespace, for -T and spliced loopback paths
         self.tcp_ns_listeners: ListenerSet | None = None
+        self.udp_ns_listeners: ListenerSet | None = None
         self._auto_last: dict[str, frozenset[int]] = {}
         raise_nofile_limit()
         self.tap: TapBackend | None = None
@@ -329,13 +330,9 @@ class Dataplane:
         results = self.tcp_listeners.apply(tables.tcp_in.listeners(ephemeral))
         results += self.udp_listeners.apply(tables.udp_in.listeners(ephemeral))
         if self.netns_fd is not None and (self.tcp_ns_listeners is not None or tables.tcp_out.rules):
-            if self.tcp_ns_listeners is None:
-                netns_fd = self.netns_fd
-                self.tcp_ns_listeners = ListenerSet(
-                    "tcp", self.loop, self._on_tcp_ns_listener,
-                    socket_factory=lambda family, kind: run_in_netns(netns_fd, socket.socket, family, kind),
-                )  # fmt: skip
-            results += self.tcp_ns_listeners.apply(on_loopback(tables.tcp_out.listeners(ephemeral)))
+            results += self._ns_listeners("tcp").apply(on_loopback(tables.tcp_out.listeners(ephemeral)))
+        if self.netns_fd is not None and (self.udp_ns_listeners is not None or tables.udp_out.rules):
+            results += self._ns_listeners("udp").apply(on_loopback(tables.udp_out.listeners(ephemeral)))
         for result in results:
             if not result.ok:
                 self.log.warning("forward.bind.failed", port=result.listener.port, address=result.address,
@@ -345,6 +342,23 @@ class Dataplane:
         if old.udp_in != tables.udp_in:
             self.log.info("forward.udp.changed", spec=tables.udp_in.to_spec())
         return results
+
+    def _ns_listeners(self, proto: Literal["tcp", "udp"]) -> ListenerSet:
+        """-T/-U: listening sockets on the namespace's loopback, made on first use."""
+        current = self.tcp_ns_listeners if proto == "tcp" else self.udp_ns_listeners
+        if current is not None:
+            return current
+        netns_fd = self.netns_fd
+        assert netns_fd is not None
+        created = ListenerSet(
+            proto, self.loop, self._on_tcp_ns_listener if proto == "tcp" else self.udp.on_ns_listener,
+            socket_factory=lambda family, kind: run_in_netns(netns_fd, socket.socket, family, kind),
+        )  # fmt: skip
+        if proto == "tcp":
+            self.tcp_ns_listeners = created
+        else:
+            self.udp_ns_listeners = created
+        return created
 
     def _on_tcp_listener(self, listener: Listener, sock: socket.socket) -> None:
         self.accept_tcp(sock, listener.target_port)
@@ -541,18 +555,18 @@ class Dataplane:
             ("tcp_in", tables.tcp_in),
             ("udp_in", tables.udp_in),
             ("tcp_out", tables.tcp_out),
+            ("udp_out", tables.udp_out),
         ):
             if policy.mode != "auto":
                 continue
             proto = direction[:3]
             if direction.endswith("_in"):  # ports bound in the namespace, forwarded from the host
                 ports = run_in_netns(netns_fd, read_bound_ports, proto)
-                ours_there = (
-                    self.tcp_ns_listeners.listeners if self.tcp_ns_listeners and proto == "tcp" else ()
-                )
+                theirs = self.tcp_ns_listeners if proto == "tcp" else self.udp_ns_listeners
+                ours_there = theirs.listeners if theirs is not None else ()
             else:  # ports bound on the host, forwarded from the namespace's loopback
                 ports = read_bound_ports(proto, "/proc/self/net")
-                ours_there = self.tcp_listeners.listeners
+                ours_there = (self.tcp_listeners if proto == "tcp" else self.udp_listeners).listeners
             ports -= {lst.port for lst in ours_there}
             key = frozenset(ports)
             if self._auto_last.get(direction) == key:
@@ -564,12 +578,9 @@ class Dataplane:
         if "udp_in" in wanted:
             self.udp_listeners.apply(wanted["udp_in"])
         if "tcp_out" in wanted:
-            if self.tcp_ns_listeners is None:
-                self.tcp_ns_listeners = ListenerSet(
-                    "tcp", self.loop, self._on_tcp_ns_listener,
-                    socket_factory=lambda family, kind: run_in_netns(netns_fd, socket.socket, family, kind),
-                )  # fmt: skip
-            self.tcp_ns_listeners.apply(on_loopback(wanted["tcp_out"]))
+            self._ns_listeners("tcp").apply(on_loopback(wanted["tcp_out"]))
+        if "udp_out" in wanted:
+            self._ns_listeners("udp").apply(on_loopback(wanted["udp_out"]))
 
     def close(self) -> None:
         for conn in [f for f in self.flows if isinstance(f, TcpConn)]:
@@ -582,6 +593,8 @@ class Dataplane:
         self.tcp_listeners.close()
         if self.tcp_ns_listeners is not None:
             self.tcp_ns_listeners.close()
+        if self.udp_ns_listeners is not None:
+            self.udp_ns_listeners.close()
         for spliced in [f for f in self.flows if isinstance(f, SpliceFlow)]:
             if spliced.pair is not None:
                 spliced.pair.reset()

@@ -24,7 +24,7 @@ from time import perf_counter
 from typing import Any, Final, Protocol
 
 from passtd.dataplane.core.context import Context, Guest
-from passtd.dataplane.core.flowtable import Flow, FlowTable, FlowTableFull
+from passtd.dataplane.core.flowtable import PROTO_UDP, Flow, FlowTable, FlowTableFull, key_addr
 from passtd.dataplane.core.fwd import Listener
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.core.udp import (
@@ -134,6 +134,7 @@ class UdpRelay:
         self._gso_count = 0
         self._gso_scheduled = False
         self.outbound = Outbound()  # --outbound source addresses
+        self._ns_flows: dict[tuple[int, Any], UdpFlow] = {}  # -U: (port, namespace peer) → flow
         self._peer_flows: dict[tuple[int, Any], UdpFlow] = {}  # (guest port, recvfrom address) → flow
         self._peer_keys: dict[int, list[tuple[int, Any]]] = {}  # flow id → its keys above
 
@@ -280,8 +281,96 @@ class UdpRelay:
 
     # -- host → guest -------------------------------------------------------------------------------------
 
+    # -- namespace loopback → host loopback (-U) ------------------------------------------------------------
+
+    def on_ns_listener(self, listener: Listener, sock: socket.socket) -> None:
+        """-U: a datagram to a port on the namespace's loopback goes to the same port on the host's; each
+        namespace peer is a flow with a host socket of its own, whose replies go back through `sock`."""
+        now = self.loop.time()
+        view = self._rview
+        for _ in range(BATCH):
+            try:
+                n, peer = sock.recvfrom_into(view)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue
+            flow = self._ns_flows.get((listener.target_port, peer))
+            if flow is None or flow.sock is None:
+                flow = self._ns_flow(listener.target_port, sock, peer, now)
+                if flow is None:
+                    continue
+            flow.last_active = now
+            flow.packets_from_guest += 1
+            flow.bytes_from_guest += n
+            try:
+                flow.sock.send(view[:n])
+            except OSError as exc:
+                self._send_failed(flow, exc, 1)
+
+    def _ns_flow(self, port: int, back: socket.socket, peer: Any, now: float) -> UdpFlow | None:
+        family = back.family
+        loopback = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+        addr = socket.inet_pton(family, loopback)
+        peer_addr = socket.inet_pton(family, peer[0])
+        flow = UdpFlow(
+            self.flows.new_id(), PROTO_UDP, (PROTO_UDP, key_addr(peer_addr), peer[1], -port), now, now,
+            guest_initiated=True, v6=family == socket.AF_INET6, guest_addr=peer_addr, guest_port=peer[1],
+            remote_addr=addr, remote_port=port, target_addr=addr, target_port=port, back=back, back_addr=peer,
+        )  # fmt: skip
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        try:
+            sock.connect((loopback, port))
+        except OSError as exc:
+            sock.close()
+            self.stats.drop("udp.socket_error")
+            self.log.debug("udp.ns_flow.open_failed", error=exc.strerror)
+            return None
+        _tune(sock)
+        flow.sock = sock
+        try:
+            self.flows.add(flow)
+        except FlowTableFull:
+            sock.close()
+            flow.sock = None
+            self.stats.drop("flow.table_full")
+            return None
+        self.active[flow.flow_id] = flow
+        self._ns_flows[(port, peer)] = flow
+        self.loop.add_reader(sock.fileno(), self._on_flow_readable, flow)
+        self.emit("opened", flow, "ACTIVE", "")
+        return flow
+
+    def _relay_back(self, flow: UdpFlow, now: float) -> None:
+        """-U: the host's replies, back to the namespace peer through the listening socket it used."""
+        sock, back, peer = flow.sock, flow.back, flow.back_addr
+        view = self._rview
+        count = nbytes = 0
+        for _ in range(BATCH):
+            try:
+                n = sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue
+            try:
+                back.sendto(view[:n], peer)
+            except OSError as exc:
+                self._send_failed(flow, exc, 1)
+                continue
+            count += 1
+            nbytes += n
+        if count:
+            flow.last_active = now
+            flow.packets_to_guest += count
+            flow.bytes_to_guest += nbytes
+
     def _on_flow_readable(self, flow: UdpFlow) -> None:
         now = self.loop.time()
+        if flow.back is not None:
+            if flow.sock is not None:
+                self._relay_back(flow, now)
+            return
         sock = flow.sock
         if sock is None:
             return
@@ -391,6 +480,8 @@ class UdpRelay:
         if self._last is flow:
             self._last = None
         self.active.pop(flow.flow_id, None)
+        if flow.back is not None and self._ns_flows.get((flow.target_port, flow.back_addr)) is flow:
+            del self._ns_flows[(flow.target_port, flow.back_addr)]
         for key in self._peer_keys.pop(flow.flow_id, ()):
             if self._peer_flows.get(key) is flow:
                 del self._peer_flows[key]
