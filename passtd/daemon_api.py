@@ -404,8 +404,6 @@ class DaemonControl:
         except ConfigError as exc:
             raise InvalidArgument(f"spec: {exc}") from None
         policy = new.policy(direction)
-        if direction.endswith("_out") and policy.mode not in ("none", "auto"):
-            raise FailedPrecondition(f"{option}: namespace-to-host forwarding is not supported yet")
         previous = table_view(direction, tables.policy(direction))
         results = self.dp.set_forwarding(new)
         return PortPolicyChangeView(

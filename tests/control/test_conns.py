@@ -18,7 +18,6 @@ from passtd.control.api import (
     ConnectionFilter,
     ConnectionView,
     EventQueue,
-    FailedPrecondition,
     ForwardTableView,
     InvalidArgument,
     NotFound,
@@ -436,12 +435,9 @@ def test_port_policy_changes() -> None:
             api.change_forward("delete", "tcp_in", "20001")
         with pytest.raises(InvalidArgument, match=r"^spec: -u: bad port range"):
             api.change_forward("replace", "udp_in", "70000")
-        with pytest.raises(
-            FailedPrecondition, match=r"^-T: namespace-to-host forwarding is not supported yet$"
-        ):
-            api.change_forward("replace", "tcp_out", "8080")
+        assert api.change_forward("replace", "tcp_out", "8080").current.spec == "8080"  # -T, pasta mode
         assert api.change_forward("replace", "tcp_out", "none").current.spec == "none"
-        assert len(dp.forwarding) == 3  # refused changes never reached the dataplane
+        assert len(dp.forwarding) == 4  # refused changes never reached the dataplane
 
     run(main())
 

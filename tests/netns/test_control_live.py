@@ -314,14 +314,18 @@ def test_ports_add_and_remove(topo: Topology) -> None:
     out_text, err = host_client.communicate(timeout=60)
     assert host_client.returncode == 0, err
     assert json.loads(out_text.strip().splitlines()[-1])["rx_len"] == 16 * MiB
-    # Refused changes: an overlap, and -T with ports (not supported yet).
+    # A refused change (an overlap), then -T at run time: the namespace's loopback port reaches the host's.
     overlap = passtctl("-c", ctl, "ports", "add", "20003")
     assert overlap.returncode == 0
     again = passtctl("-c", ctl, "ports", "add", "20003")
     assert again.returncode == 1 and "20003" in again.stderr, again.stderr
     out_dir = passtctl("-c", ctl, "ports", "set", "-T", "8080")
-    assert out_dir.returncode == 1
-    assert out_dir.stderr == "passtctl: error: -T: namespace-to-host forwarding is not supported yet\n"
+    assert out_dir.returncode == 0, out_dir.stderr
+    lines = out_dir.stdout.splitlines()
+    assert lines[0] == "tcp_out (-T): auto -> 8080", lines
+    assert "ok    tcp 127.0.0.1:8080: listening" in [line.strip() for line in lines[1:]], lines
+    ns_listening = sh("ss", "-Htln", "sport", "= :8080", ns=topo.guest).stdout
+    assert "127.0.0.1:8080" in ns_listening, ns_listening
 
 
 def test_status_counts_flows_by_state_and_reflection(topo: Topology) -> None:
