@@ -45,8 +45,8 @@ class ControlStub:
 
     Errors: INVALID_ARGUMENT with a message that starts with the offending field ("filter.port: ...",
     "timeouts.udp_idle: 0.5 s is out of range 1..86400 s", "spec: -t: ..."); NOT_FOUND for an unknown flow
-    id; FAILED_PRECONDITION for a request this mode cannot honour (-T/-U port specs, which are not supported
-    yet; namespace tables in passt mode); RESOURCE_EXHAUSTED when too many watchers are open.
+    id; FAILED_PRECONDITION for a request this mode cannot honour (the namespace tables -T/-U in passt
+    mode); RESOURCE_EXHAUSTED when too many watchers are open.
     No call needs a guest to be attached: ports and timeouts can be set before the VM starts, and flows left
     behind by a guest that went away can still be listed and reset (only the host side gets the RST then).
     A refused request changes nothing.
@@ -100,8 +100,8 @@ class ControlAsyncStub(ControlStub):
 
     Errors: INVALID_ARGUMENT with a message that starts with the offending field ("filter.port: ...",
     "timeouts.udp_idle: 0.5 s is out of range 1..86400 s", "spec: -t: ..."); NOT_FOUND for an unknown flow
-    id; FAILED_PRECONDITION for a request this mode cannot honour (-T/-U port specs, which are not supported
-    yet; namespace tables in passt mode); RESOURCE_EXHAUSTED when too many watchers are open.
+    id; FAILED_PRECONDITION for a request this mode cannot honour (the namespace tables -T/-U in passt
+    mode); RESOURCE_EXHAUSTED when too many watchers are open.
     No call needs a guest to be attached: ports and timeouts can be set before the VM starts, and flows left
     behind by a guest that went away can still be listed and reset (only the host side gets the RST then).
     A refused request changes nothing.
@@ -151,8 +151,8 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
 
     Errors: INVALID_ARGUMENT with a message that starts with the offending field ("filter.port: ...",
     "timeouts.udp_idle: 0.5 s is out of range 1..86400 s", "spec: -t: ..."); NOT_FOUND for an unknown flow
-    id; FAILED_PRECONDITION for a request this mode cannot honour (-T/-U port specs, which are not supported
-    yet; namespace tables in passt mode); RESOURCE_EXHAUSTED when too many watchers are open.
+    id; FAILED_PRECONDITION for a request this mode cannot honour (the namespace tables -T/-U in passt
+    mode); RESOURCE_EXHAUSTED when too many watchers are open.
     No call needs a guest to be attached: ports and timeouts can be set before the VM starts, and flows left
     behind by a guest that went away can still be listed and reset (only the host side gets the RST then).
     A refused request changes nothing.
