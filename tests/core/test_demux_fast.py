@@ -92,6 +92,24 @@ def test_plain_segments_take_the_fast_path() -> None:
         assert rec.calls[0][-2] == b"data" and rec.calls[1][-2] == b"dg"
 
 
+def single_byte_changes(base: bytes, end: int, values: tuple[int, ...]) -> list[bytes]:
+    """Every truncation of `base`, and `base` with one byte from offset 12 up to `end` set to each value."""
+    variants = [base[:n] for n in range(len(base))]
+    for pos in range(12, min(len(base), end)):
+        for value in values:
+            frame = bytearray(base)
+            frame[pos] = value
+            variants.append(bytes(frame))
+    return variants
+
+
+def decided_alike(variants: list[bytes]) -> int:
+    """Both paths agree on every variant; returns how many were checked."""
+    for frame in variants:
+        assert run(frame, general=False) == run(frame, general=True), frame.hex()
+    return len(variants)
+
+
 def test_every_single_byte_change_of_the_headers_is_decided_alike() -> None:
     """Exhaustive over one changed header byte (and every truncation), for both families and the flag sets
     that matter; hypothesis above covers combinations."""
@@ -107,15 +125,8 @@ def test_every_single_byte_change_of_the_headers_is_decided_alike() -> None:
         ):
             packet = SegmentBuilder(src, dst, 40000, 80).build(123, 456, flags, 999, b"payload", options)
             base = build_ethernet(bytes(6), MAC, ETH_P_IPV6 if v6 else ETH_P_IP, packet)
-            variants = [base[:n] for n in range(len(base))]
-            for pos in range(12, min(len(base), 90)):
-                for value in (0x00, 0x01, 0x06, 0x20, 0x40, 0x45, 0x50, 0x86, 0xFF):
-                    frame = bytearray(base)
-                    frame[pos] = value
-                    variants.append(bytes(frame))
-            for frame in variants:
-                assert run(frame, general=False) == run(frame, general=True), frame.hex()
-                checked += 1
+            values = (0x00, 0x01, 0x06, 0x20, 0x40, 0x45, 0x50, 0x86, 0xFF)
+            checked += decided_alike(single_byte_changes(base, 90, values))
     assert checked > 5000
 
 
@@ -127,11 +138,5 @@ def test_every_single_byte_change_of_a_udp_frame_is_decided_alike() -> None:
             base = build_ethernet(
                 bytes(6), MAC, ETH_P_IPV6 if v6 else ETH_P_IP, build(src, dst, 40000, dport, b"dg")
             )
-            variants = [base[:n] for n in range(len(base))] + [base + b"pad"]
-            for pos in range(12, len(base)):
-                for value in (0x00, 0x01, 0x06, 0x11, 0x20, 0x40, 0x45, 0xE0, 0xFF):
-                    frame = bytearray(base)
-                    frame[pos] = value
-                    variants.append(bytes(frame))
-            for frame in variants:
-                assert run(frame, general=False) == run(frame, general=True), frame.hex()
+            values = (0x00, 0x01, 0x06, 0x11, 0x20, 0x40, 0x45, 0xE0, 0xFF)
+            decided_alike([base + b"pad", *single_byte_changes(base, len(base), values)])

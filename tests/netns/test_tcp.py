@@ -247,21 +247,32 @@ def test_many_short_connections_leave_nothing_behind(topo: Topology) -> None:
     assert fds < 40, f"{fds} descriptors still open"
 
 
-@pytest.mark.slow
-def test_transfers_survive_two_percent_loss(pasta: Topology) -> None:
-    rules = pasta.tmp / "loss.nft"
+def drop_tcp(topo: Topology, percent: int) -> None:
+    """Drop `percent` % of TCP packets both ways in the guest namespace (tc netem is not available here)."""
+    rule = f"meta l4proto tcp numgen random mod 100 < {percent} drop;"
+    rules = topo.tmp / "loss.nft"
     rules.write_text(
         "table inet loss {\n"
-        " chain in { type filter hook input priority 0; meta l4proto tcp numgen random mod 100 < 2 drop; }\n"
-        " chain out { type filter hook output priority 0; meta l4proto tcp numgen random mod 100 < 2 drop; }"
-        "\n}\n"
+        f" chain in {{ type filter hook input priority 0; {rule} }}\n"
+        f" chain out {{ type filter hook output priority 0; {rule} }}\n"
+        "}\n"
     )
-    sh("nft", "-f", str(rules), ns=pasta.guest)
-    server = serve(pasta, pasta.host, "127.0.0.1", 5007, first="read", size=32 * MiB, seed=13, timeout=60)
-    client = connect(pasta, pasta.guest, REMOTE4, 5007, size=32 * MiB, seed=14, timeout=60)
-    got = result_or_flow_table(pasta, client)
-    assert got == {"rx_len": 32 * MiB, "rx_sha": digest(32 * MiB, 13)}
-    assert server.result()["rx_sha"] == digest(32 * MiB, 14)
+    sh("nft", "-f", str(rules), ns=topo.guest)
+
+
+def transfer_both_ways(topo: Topology, port: int, size: int, seed: int) -> None:
+    """`size` bytes each way between the guest and a host-loopback server, checked byte for byte."""
+    server = serve(topo, topo.host, "127.0.0.1", port, first="read", size=size, seed=seed, timeout=60)
+    client = connect(topo, topo.guest, REMOTE4, port, size=size, seed=seed + 1, timeout=60)
+    got = result_or_flow_table(topo, client)
+    assert got == {"rx_len": size, "rx_sha": digest(size, seed)}
+    assert server.result()["rx_sha"] == digest(size, seed + 1)
+
+
+@pytest.mark.slow
+def test_transfers_survive_two_percent_loss(pasta: Topology) -> None:
+    drop_tcp(pasta, 2)
+    transfer_both_ways(pasta, 5007, 32 * MiB, seed=13)
 
 
 def test_a_lost_window_update_under_loss_does_not_stall_the_flow(pasta: Topology) -> None:
@@ -270,19 +281,8 @@ def test_a_lost_window_update_under_loss_does_not_stall_the_flow(pasta: Topology
     stalled in 3 runs out of 3."""
     for key in ("net.ipv4.tcp_wmem", "net.ipv4.tcp_rmem"):
         sh("sysctl", "-qw", f"{key}=4096 16384 65536", ns=pasta.host)
-    rules = pasta.tmp / "loss.nft"
-    rules.write_text(
-        "table inet loss {\n"
-        " chain in { type filter hook input priority 0; meta l4proto tcp numgen random mod 100 < 5 drop; }\n"
-        " chain out { type filter hook output priority 0; meta l4proto tcp numgen random mod 100 < 5 drop; }"
-        "\n}\n"
-    )
-    sh("nft", "-f", str(rules), ns=pasta.guest)
-    server = serve(pasta, pasta.host, "127.0.0.1", 5009, first="read", size=8 * MiB, seed=15, timeout=60)
-    client = connect(pasta, pasta.guest, REMOTE4, 5009, size=8 * MiB, seed=16, timeout=60)
-    got = result_or_flow_table(pasta, client)
-    assert got == {"rx_len": 8 * MiB, "rx_sha": digest(8 * MiB, 15)}
-    assert server.result()["rx_sha"] == digest(8 * MiB, 16)
+    drop_tcp(pasta, 5)
+    transfer_both_ways(pasta, 5009, 8 * MiB, seed=15)
 
 
 def result_or_flow_table(topo: Topology, peer: Peer) -> dict[str, Any]:

@@ -105,6 +105,22 @@ class Demux:
         else:
             self.stats.drop("eth.unknown_ethertype")
 
+    def _seen(self, mac: bytes, src: bytes) -> None:
+        if self.guest.mac != mac:
+            self.guest.mac = mac
+        self._seen_address(src)
+
+    def _seen_address(self, src: bytes) -> None:
+        """Record the guest's source address for the control plane; an address object is made only when the
+        source changes, not per frame."""
+        if len(src) == 4:
+            if src != self._last4 and src != _UNSPECIFIED4 and src[0] != 0xFF:
+                self._last4 = src
+                self.guest.addrs4.add(IPv4Address(src))
+        elif src != self._last6 and src != _UNSPECIFIED6 and src[0] != 0xFF:
+            self._last6 = src
+            self.guest.addrs6.add(IPv6Address(src))
+
     def _tcp4(self, frame: memoryview, now: float) -> bool:
         """The common frame, TCP in IPv4 without IP options, in one unpack and without a NamedTuple per
         layer. Anything unusual (a SYN's options, a fragment, a length that does not add up, a multicast
@@ -122,11 +138,7 @@ class Demux:
             or (flags & SYN and doff > 20)
         ):
             return False
-        if self.guest.mac != smac:
-            self.guest.mac = smac
-        if src != self._last4 and src != _UNSPECIFIED4 and src[0] != 0xFF:
-            self._last4 = src
-            self.guest.addrs4.add(IPv4Address(src))
+        self._seen(smac, src)
         header = TcpHeader(sport, dport, seq, ack, flags, window, 0, -1, frame[34 + doff : 14 + total])
         self.tcp.tap_segment(False, src, dst, header, now)
         return True
@@ -146,11 +158,7 @@ class Demux:
             or (flags & SYN and doff > 20)
         ):
             return False
-        if self.guest.mac != smac:
-            self.guest.mac = smac
-        if src != self._last6 and src != _UNSPECIFIED6 and src[0] != 0xFF:
-            self._last6 = src
-            self.guest.addrs6.add(IPv6Address(src))
+        self._seen(smac, src)
         header = TcpHeader(sport, dport, seq, ack, flags, window, 0, -1, frame[54 + doff : 54 + plen])
         self.tcp.tap_segment(True, src, dst, header, now)
         return True
@@ -169,11 +177,7 @@ class Demux:
             or dst[0] >= 224
         ):
             return False
-        if self.guest.mac != smac:
-            self.guest.mac = smac
-        if src != self._last4 and src != _UNSPECIFIED4 and src[0] != 0xFF:
-            self._last4 = src
-            self.guest.addrs4.add(IPv4Address(src))
+        self._seen(smac, src)
         self.udp(False, src, dst, UdpHeader(sport, dport, length, frame[42 : 34 + length]), now)
         return True
 
@@ -191,11 +195,7 @@ class Demux:
             or dst[0] == 0xFF
         ):
             return False
-        if self.guest.mac != smac:
-            self.guest.mac = smac
-        if src != self._last6 and src != _UNSPECIFIED6 and src[0] != 0xFF:
-            self._last6 = src
-            self.guest.addrs6.add(IPv6Address(src))
+        self._seen(smac, src)
         self.udp(True, src, dst, UdpHeader(sport, dport, length, frame[62 : 54 + length]), now)
         return True
 
@@ -230,9 +230,7 @@ class Demux:
         if ip.is_fragment:
             self.stats.drop("ipv4.fragment")
             return
-        if ip.src != self._last4 and ip.src != _UNSPECIFIED4 and ip.src[0] != 0xFF:
-            self._last4 = ip.src  # an address object only when the source changes, not per frame
-            self.guest.addrs4.add(IPv4Address(ip.src))
+        self._seen_address(ip.src)
         if ip.proto == IPPROTO_UDP:
             udp = parse_udp(ip.payload)
             if udp.dport == 67:  # our DHCP server, whatever the destination address (passt does the same)
@@ -256,9 +254,7 @@ class Demux:
         if ip.fragment:
             self.stats.drop("ipv6.fragment")
             return
-        if ip.src != self._last6 and ip.src != _UNSPECIFIED6 and ip.src[0] != 0xFF:
-            self._last6 = ip.src
-            self.guest.addrs6.add(IPv6Address(ip.src))
+        self._seen_address(ip.src)
         if ip.proto == IPPROTO_ICMPV6:
             if len(ip.payload) < 1:
                 raise MalformedFrame("icmpv6.truncated")

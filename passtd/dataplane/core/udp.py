@@ -17,8 +17,7 @@ from typing import Any, Final
 from passtd.dataplane.core.context import Context
 from passtd.dataplane.core.flowtable import PROTO_UDP, Flow, FlowKey, key_addr
 from passtd.dataplane.core.icmp import LOOPBACK4, LOOPBACK6, map_target, remote_as_seen
-from passtd.dataplane.packets.ethernet import ETH_P_IP, ETH_P_IPV6
-from passtd.dataplane.packets.udp import UdpTemplate, udp_headers, udp_template
+from passtd.dataplane.packets.udp import UdpTemplate, udp_template
 
 DNS_PORT: Final = 53
 
@@ -91,15 +90,6 @@ def guest_template(flow: UdpFlow) -> UdpTemplate:
             flow.remote_addr, flow.guest_addr, flow.remote_port, flow.guest_port
         )
     return tpl
-
-
-def datagram_to_guest(flow: UdpFlow, payload: bytes | memoryview, now: float) -> tuple[int, bytes]:
-    """(ethertype, IP packet) carrying a host-side datagram to the guest, from the address it expects."""
-    flow.last_active = now
-    flow.packets_to_guest += 1
-    flow.bytes_to_guest += len(payload)
-    tpl = guest_template(flow)
-    return (ETH_P_IPV6 if tpl.v6 else ETH_P_IP), udp_headers(tpl, payload) + payload
 
 
 __all__ = ["LOOPBACK4", "LOOPBACK6", "UdpFlow", "remote_as_seen"]

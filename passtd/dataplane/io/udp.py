@@ -265,6 +265,11 @@ class UdpRelay:
             self.stats.drop("udp.socket_error")
             self.log.debug("udp.flow.open_failed", error=exc.strerror)
             return None
+        return flow if self._register(flow, sock) else None
+
+    def _register(self, flow: UdpFlow, sock: socket.socket) -> bool:
+        """A new flow with a host socket of its own: into the table, its replies watched. False (socket
+        closed) when the table is full."""
         _tune(sock)
         flow.sock = sock
         try:
@@ -273,13 +278,11 @@ class UdpRelay:
             sock.close()
             flow.sock = None
             self.stats.drop("flow.table_full")
-            return None
+            return False
         self.active[flow.flow_id] = flow
         self.loop.add_reader(sock.fileno(), self._on_flow_readable, flow)
         self.emit("opened", flow, "ACTIVE", "")
-        return flow
-
-    # -- host → guest -------------------------------------------------------------------------------------
+        return True
 
     # -- namespace loopback → host loopback (-U) ------------------------------------------------------------
 
@@ -326,19 +329,9 @@ class UdpRelay:
             self.stats.drop("udp.socket_error")
             self.log.debug("udp.ns_flow.open_failed", error=exc.strerror)
             return None
-        _tune(sock)
-        flow.sock = sock
-        try:
-            self.flows.add(flow)
-        except FlowTableFull:
-            sock.close()
-            flow.sock = None
-            self.stats.drop("flow.table_full")
+        if not self._register(flow, sock):
             return None
-        self.active[flow.flow_id] = flow
         self._ns_flows[(port, peer)] = flow
-        self.loop.add_reader(sock.fileno(), self._on_flow_readable, flow)
-        self.emit("opened", flow, "ACTIVE", "")
         return flow
 
     def _relay_back(self, flow: UdpFlow, now: float) -> None:
@@ -365,6 +358,8 @@ class UdpRelay:
             flow.packets_to_guest += count
             flow.bytes_to_guest += nbytes
 
+    # -- host → guest -------------------------------------------------------------------------------------
+
     def _on_flow_readable(self, flow: UdpFlow) -> None:
         now = self.loop.time()
         if flow.back is not None:
@@ -376,11 +371,7 @@ class UdpRelay:
             return
         recv_into = sock.recv_into
         view = self._rview
-        tpl = guest_template(flow)
-        ethertype = ETH_P_IPV6 if tpl.v6 else ETH_P_IP
-        vnet_out = self.to_tap_vnet
-        vnet = self._vnet6 if tpl.v6 else self._vnet4
-        to_tap = self.to_tap
+        to_guest = self._to_guest
         count = nbytes = 0
         for _ in range(BATCH):
             try:
@@ -391,11 +382,7 @@ class UdpRelay:
                 if exc.errno != errno.ECONNREFUSED:
                     self.log.debug("udp.recv.failed", flow_id=flow.flow_id, error=exc.strerror)
                 continue
-            payload = view[:n]
-            if vnet_out is not None:
-                vnet_out(vnet, ethertype, udp_headers_partial(tpl, n), payload)
-            else:
-                to_tap(ethertype, udp_headers(tpl, payload), -1, payload)
+            to_guest(flow, view[:n])
             count += 1
             nbytes += n
         if count:
@@ -410,8 +397,6 @@ class UdpRelay:
         guest_port = listener.target_port
         peer_flows = self._peer_flows
         view = self._rview
-        vnet_out = self.to_tap_vnet
-        to_tap = self.to_tap
         for _ in range(BATCH):
             try:
                 n, peer = sock.recvfrom_into(view)
@@ -424,18 +409,22 @@ class UdpRelay:
                 flow = self._host_flow(peer, guest_port, sock, now)
                 if flow is None:
                     continue
-            payload = view[:n]
             flow.last_active = now
             flow.packets_to_guest += 1
             flow.bytes_to_guest += n
-            tpl = guest_template(flow)
-            ethertype = ETH_P_IPV6 if tpl.v6 else ETH_P_IP
-            if vnet_out is not None:
-                vnet = self._vnet6 if tpl.v6 else self._vnet4
-                vnet_out(vnet, ethertype, udp_headers_partial(tpl, n), payload)
-            else:
-                to_tap(ethertype, udp_headers(tpl, payload), -1, payload)
+            self._to_guest(flow, view[:n])
         self.after_batch(now)
+
+    def _to_guest(self, flow: UdpFlow, payload: memoryview) -> None:
+        """One datagram toward the guest, from the address and port it expects; with a virtio-net tap the
+        kernel completes the UDP checksum. `payload` views the shared receive buffer: the sinks copy it."""
+        tpl = guest_template(flow)
+        ethertype = ETH_P_IPV6 if tpl.v6 else ETH_P_IP
+        if self.to_tap_vnet is not None:
+            vnet = self._vnet6 if tpl.v6 else self._vnet4
+            self.to_tap_vnet(vnet, ethertype, udp_headers_partial(tpl, len(payload)), payload)
+        else:
+            self.to_tap(ethertype, udp_headers(tpl, payload), -1, payload)
 
     def _host_flow(self, peer: Any, guest_port: int, sock: socket.socket, now: float) -> UdpFlow | None:
         v6 = sock.family == socket.AF_INET6

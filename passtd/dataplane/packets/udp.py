@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
-from passtd.dataplane.packets.checksum import IPPROTO_UDP, l4_checksum4, l4_checksum6
+from passtd.dataplane.packets.checksum import IPPROTO_UDP, l4_checksum4, l4_checksum6, ones_sum
 from passtd.dataplane.packets.ipv4 import build_ipv4_header
 from passtd.dataplane.packets.ipv6 import build_ipv6_header
 from passtd.dataplane.packets.vnet import ETH_HLEN, F_NEEDS_CSUM, GSO_NONE
@@ -89,34 +89,26 @@ def udp_template(src: bytes, dst: bytes, sport: int, dport: int) -> UdpTemplate:
 def udp_headers(tpl: UdpTemplate, payload: bytes | bytearray | memoryview) -> bytes:
     """IPv4 (20 bytes) or IPv6 (40 bytes) header plus UDP header for `payload`, both checksums complete
     (RFC 768: a computed checksum of zero is sent as 0xFFFF). Byte for byte what build_udp4/6 produce."""
-    n = len(payload)
-    ulen = UDP_HLEN + n
-    data = int.from_bytes(payload, "big")
-    if n & 1:
-        data <<= 8
+    ulen = UDP_HLEN + len(payload)
     # The length counts twice: in the pseudo-header and in the UDP header. The total is never 0, so a
     # remainder of 0 means a sum of 0xFFFF (negative zero) and a checksum of 0, which goes out as 0xFFFF.
-    csum = 0xFFFF - (tpl.l4_sum + 2 * ulen + data) % 0xFFFF
-    if tpl.v6:
-        return _HDR6.pack(0x60000000, ulen, IPPROTO_UDP << 8 | 255, tpl.fixed, ulen, csum)
-    total = 20 + ulen
-    ip = (tpl.ip_sum + total) % 0xFFFF
-    return _HDR4.pack(
-        0x4500, total, 0x4000, 64 << 8 | IPPROTO_UDP, 0xFFFF - ip if ip else 0, tpl.fixed, ulen, csum
-    )
+    return _headers(tpl, ulen, 0xFFFF - (tpl.l4_sum + 2 * ulen + ones_sum(payload)) % 0xFFFF)
 
 
 def udp_headers_partial(tpl: UdpTemplate, payload_len: int) -> bytes:
     """Like `udp_headers`, but the UDP checksum field holds only the folded pseudo-header sum, for a frame
     whose checksum the kernel completes (virtio NEEDS_CSUM, see `udp_offload_vnet_header`)."""
     ulen = UDP_HLEN + payload_len
-    pseudo = (tpl.pseudo_sum + ulen) % 0xFFFF or 0xFFFF
+    return _headers(tpl, ulen, (tpl.pseudo_sum + ulen) % 0xFFFF or 0xFFFF)
+
+
+def _headers(tpl: UdpTemplate, ulen: int, csum: int) -> bytes:
     if tpl.v6:
-        return _HDR6.pack(0x60000000, ulen, IPPROTO_UDP << 8 | 255, tpl.fixed, ulen, pseudo)
+        return _HDR6.pack(0x60000000, ulen, IPPROTO_UDP << 8 | 255, tpl.fixed, ulen, csum)
     total = 20 + ulen
     ip = (tpl.ip_sum + total) % 0xFFFF
     return _HDR4.pack(
-        0x4500, total, 0x4000, 64 << 8 | IPPROTO_UDP, 0xFFFF - ip if ip else 0, tpl.fixed, ulen, pseudo
+        0x4500, total, 0x4000, 64 << 8 | IPPROTO_UDP, 0xFFFF - ip if ip else 0, tpl.fixed, ulen, csum
     )
 
 
