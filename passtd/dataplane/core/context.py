@@ -14,6 +14,11 @@ from passtd.dataplane.packets.ethernet import BROADCAST
 DEFAULT_MAC = bytes.fromhex("9a559a559a55")
 
 
+def is_loopback(addr: bytes) -> bool:
+    """A packed IPv4 (127.0.0.0/8) or IPv6 (::1) loopback address."""
+    return (len(addr) == 4 and addr[0] == 127) or addr == bytes(15) + b"\x01"
+
+
 def link_local_from_mac(mac: bytes) -> IPv6Address:
     """Modified EUI-64 link-local address (RFC 4291 appendix A)."""
     eui = bytes((mac[0] ^ 0x02,)) + mac[1:3] + b"\xff\xfe" + mac[3:6]

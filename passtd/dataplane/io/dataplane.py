@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Final, Literal
 
-from passtd.dataplane.core.context import Context, Guest
+from passtd.dataplane.core.context import Context, Guest, is_loopback
 from passtd.dataplane.core.demux import Demux
 from passtd.dataplane.core.flowtable import PROTO_TCP, Flow, FlowEvent, FlowTable, FlowTableFull, key_addr
 from passtd.dataplane.core.fwd import ForwardTables, Listener
@@ -449,7 +449,7 @@ class Dataplane:
                 break
             family_v6 = sock.family == socket.AF_INET6
             addr = socket.inet_pton(socket.AF_INET6 if family_v6 else socket.AF_INET, peer[0])
-            if self.netns_fd is not None and _is_loopback(addr):
+            if self.netns_fd is not None and is_loopback(addr):
                 self._splice(sock, peer, guest_port, in_netns=True, now=now)  # pasta's splice bypass
                 continue
             port = self.tcp_io.adopt(sock)
@@ -646,10 +646,6 @@ def raise_nofile_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def _is_loopback(addr: bytes) -> bool:
-    return (len(addr) == 4 and addr[0] == 127) or addr == bytes(15) + b"\x01"
 
 
 def _reset(sock: socket.socket) -> None:

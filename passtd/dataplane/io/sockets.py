@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 from ipaddress import IPv4Address, IPv6Address
 
+from passtd.dataplane.core.context import is_loopback
+
 
 def open_ping_socket(v6: bool) -> socket.socket:
     """An unprivileged ICMP echo socket; raises PermissionError when net.ipv4.ping_group_range forbids it."""
@@ -34,13 +36,9 @@ class Outbound:
 
     def source(self, target: bytes) -> str | None:
         """Address to bind before connecting to `target` (packed), or None for the kernel's choice."""
-        if not self.by_family or _is_loopback(target):
+        if not self.by_family or is_loopback(target):
             return None
         return self.by_family.get(socket.AF_INET6 if len(target) == 16 else socket.AF_INET)
-
-
-def _is_loopback(addr: bytes) -> bool:
-    return (len(addr) == 4 and addr[0] == 127) or addr == bytes(15) + b"\x01"
 
 
 def ping_group_hint() -> str:

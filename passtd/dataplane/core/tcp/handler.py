@@ -12,7 +12,7 @@ import heapq
 from collections.abc import Callable, Sized
 from typing import Final, Protocol
 
-from passtd.dataplane.core.context import Context, Guest
+from passtd.dataplane.core.context import Context, Guest, is_loopback
 from passtd.dataplane.core.flowtable import PROTO_TCP, FlowTable, FlowTableFull, key_addr
 from passtd.dataplane.core.icmp import map_target, remote_as_seen
 from passtd.dataplane.core.stats import Stats
@@ -887,10 +887,6 @@ class TcpHandler:
         self.stats.handled[f"tcp.closed.{reason.split(':')[0]}"] += 1
         if self.on_close is not None:
             self.on_close(conn, reason)
-
-
-def is_loopback(addr: bytes) -> bool:
-    return (len(addr) == 4 and addr[0] == 127) or addr == bytes(15) + b"\x01"
 
 
 def is_done(conn: TcpConn) -> bool:
