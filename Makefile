@@ -4,12 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the tests drive as real components (guest clients, namespaces, captures).
 DEB_PKGS := iproute2 nftables socat iperf3 isc-dhcp-client busybox-static tcpdump ndisc6 procps iputils-ping \
-	qemu-system-x86 systemd
+	qemu-system-x86 systemd gcc libc6-dev python3-dev
+# NATIVE=0 runs the data path interpreted: no C compiler needed, about half the connection rate.
+NATIVE ?= 1
 ARGS ?= passt --foreground
 
-.PHONY: setup deb venv run test lint typecheck unit clean bench install
+.PHONY: setup deb venv native run test lint typecheck unit clean bench install
 
-setup: deb venv
+setup: deb venv native
 
 deb:
 	@missing=""; for p in $(DEB_PKGS); do \
@@ -30,6 +32,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import passtd, grpc, uvloop, pyroute2, dpkt, structlog, pytest, hypothesis"
 	touch $@
 
+# The data path's modules compiled with mypyc, next to their sources (scripts/build_native.py; it does nothing
+# when the build matches the sources, and passtd falls back to the sources when it does not).
+native: venv
+ifeq ($(NATIVE),1)
+	$(PY) scripts/build_native.py
+else
+	$(PY) scripts/build_native.py --clean
+endif
+
 run: setup
 	$(VENV)/bin/passtd $(ARGS)
 
@@ -43,8 +54,11 @@ typecheck: setup
 test: setup lint typecheck
 	$(PY) scripts/gen_proto.py --check
 	GRPC_VERBOSITY=ERROR $(PY) -bb -m pytest -q
+	@echo "the in-process tests again, interpreted (the fallback when nothing is compiled):"
+	PASSTD_NATIVE=0 $(PY) -bb -m pytest -q -p no:cacheprovider tests/core tests/packets tests/io
 
 clean:
+	test ! -x $(PY) || $(PY) scripts/build_native.py --clean
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
 
 # `make install [PREFIX=/usr/local] [DESTDIR=] [SYSCONFDIR=/etc] [COMPAT=0] [INSTALL_PYTHON=1]`

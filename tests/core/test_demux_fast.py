@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,7 +39,7 @@ def run(frame: bytes, general: bool) -> tuple[Any, ...]:
     rec = Recorder()
     guest = Guest()
     stats = Stats()
-    demux = Demux(CTX, guest, stats, FlowTable(), NdpResponder(CTX), rec, rec.udp)  # type: ignore[arg-type]
+    demux = Demux(CTX, guest, stats, FlowTable(), NdpResponder(CTX), rec.tap_segment, rec.udp)
     handle = demux.handle_general if general else demux.handle_frame
     try:
         handle(memoryview(frame), 1.5, [], [])
@@ -84,12 +85,15 @@ def test_plain_segments_take_the_fast_path() -> None:
         packet = SegmentBuilder(src, dst, 40000, 80).build(1, 2, 0x18, 3, b"data")
         frame = memoryview(build_ethernet(bytes(6), MAC, ethertype, packet))
         rec = Recorder()
-        demux = Demux(CTX, Guest(), Stats(), FlowTable(), NdpResponder(CTX), rec, rec.udp)  # type: ignore[arg-type]
-        demux.handle_general = None  # type: ignore[assignment, method-assign]
+        demux = Demux(CTX, Guest(), Stats(), FlowTable(), NdpResponder(CTX), rec.tap_segment, rec.udp)
         demux.handle_frame(frame, 0.0, [], [])
         udp = (build_udp6 if ethertype == ETH_P_IPV6 else build_udp4)(src, dst, 40000, 53, b"dg")
         demux.handle_frame(memoryview(build_ethernet(bytes(6), MAC, ethertype, udp)), 0.0, [], [])
         assert rec.calls[0][-2] == b"data" and rec.calls[1][-2] == b"dg"
+        assert demux.general_frames == 0
+        with pytest.raises(MalformedFrame):  # a length that does not add up goes the general way
+            demux.handle_frame(frame[:-1], 0.0, [], [])
+        assert demux.general_frames == 1
 
 
 def single_byte_changes(base: bytes, end: int, values: tuple[int, ...]) -> list[bytes]:

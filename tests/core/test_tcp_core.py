@@ -309,9 +309,9 @@ def test_syn_timeout_and_activity_timeout() -> None:
     assert len(rig2.flows) == 0
 
 
-def test_sequence_numbers_wrap(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(handler_mod, "isn", lambda *a: 0xFFFFFF00)
+def test_sequence_numbers_wrap() -> None:
     rig = Rig()
+    rig.handler.isn = lambda *a: 0xFFFFFF00
     g_isn = 0xFFFFFFF0
     rig.guest(SYN, g_isn)
     sock = rig.factory.socks[0]

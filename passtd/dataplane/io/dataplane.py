@@ -97,7 +97,9 @@ class Dataplane:
             self.log, dns_forward, dns_upstream, to_tap_vnet=self._to_tap_vnet if vnet else None,
         )  # fmt: skip
         self.tcp_io.outbound = self.udp.outbound = Outbound(outbound)
-        self.demux = Demux(ctx, self.guest, self.stats, self.flows, self.ndp, self.tcp, self.udp.from_guest)
+        self.demux = Demux(
+            ctx, self.guest, self.stats, self.flows, self.ndp, self.tcp.tap_segment, self.udp.from_guest
+        )
         self.forward = ForwardTables("passt")
         self.tcp_listeners = ListenerSet("tcp", loop, self._on_tcp_listener)
         self.udp_listeners = ListenerSet("udp", loop, self.udp.on_listener)

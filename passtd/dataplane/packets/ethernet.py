@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import struct
 from typing import Final, NamedTuple
 
@@ -20,7 +21,7 @@ class EthHeader(NamedTuple):
     dst: bytes
     src: bytes
     ethertype: int
-    payload: memoryview
+    payload: builtins.memoryview  # builtins.: see passtd/native.py
 
 
 def parse_ethernet(frame: memoryview) -> EthHeader:

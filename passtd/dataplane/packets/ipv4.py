@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import struct
 from typing import Final, NamedTuple
 
@@ -22,7 +23,7 @@ class Ip4Header(NamedTuple):
     proto: int
     src: bytes
     dst: bytes
-    payload: memoryview
+    payload: builtins.memoryview  # builtins.: see passtd/native.py
 
     @property
     def is_fragment(self) -> bool:

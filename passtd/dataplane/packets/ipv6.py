@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import struct
 from typing import Final, NamedTuple
 
@@ -25,7 +26,7 @@ class Ip6Header(NamedTuple):
     proto: int  # upper-layer protocol after extension headers
     src: bytes
     dst: bytes
-    payload: memoryview  # upper-layer payload
+    payload: builtins.memoryview  # upper-layer payload
     fragment: bool
 
 

@@ -6,6 +6,7 @@ below 2 or runs past the header: the reference C loops forever on a zero length,
 
 from __future__ import annotations
 
+import builtins
 import struct
 from typing import Final, NamedTuple
 
@@ -41,7 +42,7 @@ class TcpHeader(NamedTuple):
     window: int  # unscaled, as on the wire
     mss: int  # 0 when absent (only meaningful on SYN)
     ws: int  # -1 when absent; clamped to 14
-    payload: memoryview
+    payload: builtins.memoryview  # builtins.: see passtd/native.py
 
 
 def parse_tcp(segment: memoryview) -> TcpHeader:

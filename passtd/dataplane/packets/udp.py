@@ -7,6 +7,7 @@ costs one `int.from_bytes` over its payload and one `struct.pack` for its header
 
 from __future__ import annotations
 
+import builtins
 import struct
 from dataclasses import dataclass
 from typing import Final, NamedTuple
@@ -34,7 +35,7 @@ class UdpHeader(NamedTuple):
     sport: int
     dport: int
     length: int
-    payload: memoryview
+    payload: builtins.memoryview  # builtins.: see passtd/native.py
 
 
 def parse_udp(segment: memoryview) -> UdpHeader:

@@ -6,6 +6,7 @@ The host socket is reached through `SockPort`, a narrow interface the shell impl
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -90,7 +91,7 @@ class TcpConn(Flow):
     wnd_to_tap: int = 0  # last window we advertised, bytes
     ws_to_tap: int = 0  # shift we apply to the window field we send
     written: int = 0  # bytes of guest data written into the socket
-    tx: list[memoryview] = field(default_factory=list)  # guest data of this batch, not written yet
+    tx: list[builtins.memoryview] = field(default_factory=list)  # guest data of this batch, not written yet
     tx_len: int = 0
     tx_more: bool = False  # the last of it had no PSH (more follows)
     batch_data: int = 0  # of which in the current batch (a small amount is a request: see prepare_acks)

@@ -85,6 +85,8 @@ class TcpHandler:
         self.sockets = sockets
         self.to_tap = to_tap
         self.secret = secret
+        # RFC 6528 initial sequence numbers; an attribute so that a test can start a flow just below the wrap.
+        self.isn: Callable[[bytes, bytes, int, bytes, int, float], int] = isn
         self.timeouts = timeouts or Timeouts()
         self.on_close = on_close
         self.on_state = on_state
@@ -201,7 +203,7 @@ class TcpHandler:
         conn.seq_from_tap = seq_add(tcp.seq, 1)
         conn.seq_ack_to_tap = conn.seq_from_tap
         self._take_syn_options(conn, tcp)
-        conn.seq_init_to_tap = isn(self.secret, conn.remote_addr, conn.remote_port, conn.guest_addr,
+        conn.seq_init_to_tap = self.isn(self.secret, conn.remote_addr, conn.remote_port, conn.guest_addr,
                                    conn.guest_port, now)  # fmt: skip
         conn.seq_to_tap = conn.seq_max_to_tap = conn.seq_ack_from_tap = conn.recover = conn.seq_init_to_tap
         conn.rto = self.timeouts.tcp_rto_initial
@@ -285,7 +287,7 @@ class TcpHandler:
             target_addr=peer, sock=sock, local=remote != peer or is_loopback(peer),
         )  # fmt: skip
         conn.seg = SegmentBuilder(remote, guest_addr, peer_port, guest_port, self.offload)
-        conn.seq_init_to_tap = isn(self.secret, remote, peer_port, guest_addr, guest_port, now)
+        conn.seq_init_to_tap = self.isn(self.secret, remote, peer_port, guest_addr, guest_port, now)
         conn.seq_to_tap = conn.seq_ack_from_tap = conn.recover = conn.seq_init_to_tap
         conn.ws_to_tap = OUR_WS
         conn.rto = self.timeouts.tcp_rto_initial
