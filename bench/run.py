@@ -624,8 +624,11 @@ def profiler(a: argparse.Namespace, procs: Procs, pid: int, tool: str, mtu: int,
         return None
     out = Path(a.profile) / f"{tool}-{mtu}-{line}.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
+    # --native shows the compiled modules' C functions (otherwise their time lands in the nearest Python
+    # frame), but stops passtd for every sample: figures of that run are not comparable.
+    mode = "--native" if a.profile_native else "--nonblocking"
     spy = procs.spawn(None, a.py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "500",
-                      "--nonblocking", "-o", str(out))  # fmt: skip
+                      mode, "-o", str(out))  # fmt: skip
     time.sleep(0.5)  # py-spy attaches before the load starts
     return spy
 
@@ -758,6 +761,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-save", action="store_true", help="do not write JSON unless --out is given")
     p.add_argument("--profile", help="record py-spy collapsed stacks of passtd per line into this directory")
     p.add_argument("--py-spy", default="py-spy", help="py-spy binary for --profile")
+    p.add_argument("--profile-native", action="store_true",
+                   help="--profile with C frames (compiled code); slows passtd while sampling")  # fmt: skip
     a = p.parse_args(argv)
     a.passt_mtus = [int(m) for m in a.passt_mtu.split(",") if m]
     a.reps = a.reps or (1 if a.quick else 3)

@@ -38,6 +38,7 @@ from passtd.dataplane.io.sockets import Outbound, open_ping_socket, ping_group_h
 from passtd.dataplane.io.splice import SplicedPair
 from passtd.dataplane.io.tap.base import OutFrame, TapBackend
 from passtd.dataplane.io.tcp import TcpIo
+from passtd.dataplane.io.timer import DeadlineTimer
 from passtd.dataplane.io.udp import UdpRelay
 from passtd.dataplane.packets.ethernet import ETH_P_IP, ETH_P_IPV6, build_ethernet
 from passtd.dataplane.packets.vnet import tcp_offload_header
@@ -90,8 +91,7 @@ class Dataplane:
         self.tcp_io.on_readable = lambda conn, eof: self.tcp.sock_readable(conn, self.loop.time(), eof)
         self.tcp_io.on_writable = lambda conn: self.tcp.sock_writable(conn, self.loop.time())
         self.loop.add_reader(self.tcp_io.fileno(), self._on_tcp_events)
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = float("inf")
+        self._timer = DeadlineTimer(loop, self._on_tcp_timer)
         self.udp = UdpRelay(
             ctx, loop, self.flows, self.stats, self.guest, self._to_tap, self._after_batch, self._emit,
             self.log, dns_forward, dns_upstream, to_tap_vnet=self._to_tap_vnet if vnet else None,
@@ -244,12 +244,7 @@ class Dataplane:
             if not self._resume_scheduled:
                 self._resume_scheduled = True
                 self.loop.call_soon(self._resume)  # let other descriptors have a turn first
-        deadline = self.tcp.next_deadline()
-        if deadline < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = deadline
-            self._timer = self.loop.call_at(deadline, self._on_tcp_timer)
+        self._timer.arm(self.tcp.next_deadline())
 
     def _resume(self) -> None:
         self._resume_scheduled = False
@@ -268,13 +263,7 @@ class Dataplane:
         self.tcp.unblock(now)
         self._after_batch(now)
 
-    def _on_tcp_timer(self) -> None:
-        # uvloop keeps time in whole milliseconds and fires up to half of one early: taking loop.time() as
-        # is, nothing would be due yet, the same deadline would be armed again, and the loop would spin.
-        due = self._timer_at
-        self._timer = None
-        self._timer_at = float("inf")
-        now = max(self.loop.time(), due)
+    def _on_tcp_timer(self, now: float) -> None:
         self.tcp.on_timer(now)
         self._after_batch(now)
 
@@ -588,8 +577,7 @@ class Dataplane:
         for conn in [f for f in self.flows if isinstance(f, TcpConn)]:
             self.tcp.reset(conn, "shutdown")
         self._after_batch(self.loop.time())
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
         self.loop.remove_reader(self.tcp_io.fileno())
         self.tcp_io.close()
         self.tcp_listeners.close()
