@@ -21,7 +21,7 @@ class EthHeader(NamedTuple):
     dst: bytes
     src: bytes
     ethertype: int
-    payload: builtins.memoryview  # builtins.: see passtd/native.py
+    payload: builtins.memoryview  # not a bare `memoryview`, for mypyc: see passtd/native.py
 
 
 def parse_ethernet(frame: memoryview) -> EthHeader:

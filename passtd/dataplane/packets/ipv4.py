@@ -23,7 +23,7 @@ class Ip4Header(NamedTuple):
     proto: int
     src: bytes
     dst: bytes
-    payload: builtins.memoryview  # builtins.: see passtd/native.py
+    payload: builtins.memoryview  # not a bare `memoryview`, for mypyc: see passtd/native.py
 
     @property
     def is_fragment(self) -> bool:

@@ -42,7 +42,7 @@ class TcpHeader(NamedTuple):
     window: int  # unscaled, as on the wire
     mss: int  # 0 when absent (only meaningful on SYN)
     ws: int  # -1 when absent; clamped to 14
-    payload: builtins.memoryview  # builtins.: see passtd/native.py
+    payload: builtins.memoryview  # not a bare `memoryview`, for mypyc: see passtd/native.py
 
 
 def parse_tcp(segment: memoryview) -> TcpHeader:

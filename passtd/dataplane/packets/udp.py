@@ -35,7 +35,7 @@ class UdpHeader(NamedTuple):
     sport: int
     dport: int
     length: int
-    payload: builtins.memoryview  # builtins.: see passtd/native.py
+    payload: builtins.memoryview  # not a bare `memoryview`, for mypyc: see passtd/native.py
 
 
 def parse_udp(segment: memoryview) -> UdpHeader:
