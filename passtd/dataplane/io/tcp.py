@@ -271,8 +271,8 @@ class TcpIo:
                 continue
             if conn.events & st.TAP_SYN_RCVD:
                 if ev & (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
-                    err = sock.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if err or ev & select.EPOLLHUP:
+                    if ev & (select.EPOLLERR | select.EPOLLHUP):  # writable alone means connected
+                        err = sock.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                         self.on_error(conn, f"connect_failed:{errno.errorcode.get(err, 'EHUP')}")
                         continue
                     self.epoll.modify(fd, EV_ESTABLISHED)
