@@ -19,10 +19,11 @@ def open_ping_socket(v6: bool) -> socket.socket:
 
 
 def sockaddr(addr: bytes, port: int) -> tuple[str, int] | tuple[str, int, int, int]:
-    """Packed address → the tuple `sendto`/`connect` take for its family."""
+    """Packed address → the tuple `sendto`/`connect` take for its family (inet_ntop: once per flow, and
+    ipaddress's text form is interpreted code several times as slow)."""
     if len(addr) == 4:
-        return (str(IPv4Address(addr)), port)
-    return (str(IPv6Address(addr)), port, 0, 0)
+        return (socket.inet_ntop(socket.AF_INET, addr), port)
+    return (socket.inet_ntop(socket.AF_INET6, addr), port, 0, 0)
 
 
 class Outbound:
