@@ -8,9 +8,9 @@ a bounded queue.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import ipaddress
-import socket
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -81,11 +81,12 @@ def _packed_forms(text: str) -> tuple[bytes, ...]:
     return (addr.packed,)
 
 
-def _raw_socket(flow: Flow) -> socket.socket | None:
-    """The flow's host socket: TcpConn keeps a SockPort wrapping it (`.sock`), UDP flows the socket itself."""
+def _raw_socket(flow: Flow) -> _socket.socket | None:
+    """The flow's host socket: TcpConn keeps a SockPort wrapping it (`.sock`, the C socket type for the
+    connections passtd opens), UDP flows the socket itself."""
     sock = getattr(flow, "sock", None)
     raw = getattr(sock, "sock", sock)
-    return raw if isinstance(raw, socket.socket) else None
+    return raw if isinstance(raw, _socket.socket) else None
 
 
 def _local(flow: Flow) -> tuple[str, int]:
