@@ -42,7 +42,7 @@ class SocketFactory(Protocol):
         ...
 
     def forget(self, conn: TcpConn) -> None:
-        """Stop watching the socket of a flow that is being freed."""
+        """The flow is being freed and its socket is closed right after: stop dispatching its events."""
         ...
 
     def want_write(self, conn: TcpConn, on: bool) -> None:
