@@ -8,6 +8,7 @@ allocation beyond the memoryview slices handed out.
 from __future__ import annotations
 
 import errno
+import io
 import os
 from collections.abc import Callable, Sequence
 from typing import Final
@@ -34,6 +35,9 @@ class TunTapBackend:
     def __init__(self, fd: int, *, buf_size: int = FRAME_BUF_SIZE, vnet: bool = False) -> None:
         os.set_blocking(fd, False)
         self._fd = fd
+        # Reads go through a FileIO on the same descriptor (not closing it): its readinto answers an empty
+        # queue with None where os.readv raises BlockingIOError, and every batch ends on an empty queue.
+        self._file = io.FileIO(fd, "rb", closefd=False)
         self._skip = VNET_HDR_LEN if vnet else 0  # every frame read starts with a virtio-net header
         self.vnet = vnet
         self._buf_size = buf_size
@@ -65,19 +69,18 @@ class TunTapBackend:
         if len(self._bufs) < limit:
             self._grow(limit)
         frames: list[memoryview] = []
-        fd = self._fd
-        readv = os.readv
+        readinto = self._file.readinto
         for i in range(limit):
             try:
-                n = readv(fd, (self._bufs[i],))
-            except BlockingIOError:
-                break
+                n = readinto(self._bufs[i])
             except OSError as exc:
                 if exc.errno not in _EOF_ERRNOS:
                     raise
                 if frames:  # hand over what came before; the condition persists for the next call
                     break
                 raise EOFError(f"tap device gone: {exc.strerror}") from None
+            if n is None:
+                break  # nothing more queued
             if n == 0:
                 if frames:
                     break
@@ -115,4 +118,5 @@ class TunTapBackend:
     def close(self) -> None:
         fd, self._fd = self._fd, -1
         if fd >= 0:
+            self._file.close()  # closefd=False: only marks it closed
             os.close(fd)
