@@ -658,6 +658,26 @@ def test_recover_follows_the_acks_across_the_sequence_wrap() -> None:
     assert rig.take()[0].tcp.seq == acked  # two duplicate ACKs still rewind
 
 
+def test_a_batch_beyond_tx_flush_is_written_and_acked_on_the_way() -> None:
+    """Past TX_FLUSH (and ACK_EVERY) of gathered data, a flow is written and ACKed before the batch ends."""
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    sock.capacity = 1 << 24
+    conn = rig.conn()
+    conn.wnd_to_tap = 1 << 24
+    chunk = 60000
+    count = handler_mod.TX_FLUSH // chunk + 1
+    for i in range(count):
+        rig.guest(ACK, G_ISN + 1 + i * chunk, our, b"d" * chunk, flush=False)
+    assert sock.sends == 1 and len(sock.tx) == count * chunk  # written once the gathered data passed TX_FLUSH
+    assert rig.take()[-1].tcp.ack == G_ISN + 1 + count * chunk  # and ACKed at once
+    rig.guest(ACK, G_ISN + 1 + count * chunk, our, b"e" * chunk, flush=False)
+    assert sock.sends == 1  # the rest waits for the end of the batch
+    rig.handler.flush(0.0)
+    assert sock.sends == 2 and len(sock.tx) == (count + 1) * chunk
+
+
 def test_a_batch_of_guest_segments_is_one_write_and_a_short_write_falls_back() -> None:
     rig = Rig()
     our, sock = established(rig)

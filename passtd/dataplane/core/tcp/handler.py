@@ -28,8 +28,12 @@ MAX_WINDOW: Final = (1 << 24) - 1
 PEEK_CHUNK: Final = 1 << 20  # bytes peeked per call; the loop continues while the window allows
 DEFAULT_MSS: Final = 536  # RFC 9293 §3.7.1, when the guest sends no MSS option
 DUP_ACK_THRESHOLD: Final = 2  # as passt: two duplicate ACKs rewind
-ACK_EVERY: Final = 1 << 20  # inside a batch, ACK the guest at least this often (bytes)
-TX_FLUSH: Final = 1 << 20  # guest data gathered for one flow that is written at once, without waiting
+# Guest data of one flow gathered in a tap batch is written at this size without waiting for the batch's end,
+# and then ACKed if this much is unacknowledged. 4 MiB is more than a batch (64 frames of 64 KiB) carries, so
+# in practice one write and one ACK per batch, as passt does: at 1 MiB a batch took 1.4 writes and 1.5 ACK
+# frames, and ns→host at MTU 65520 was 9 % slower (12.7 against 13.8 Gbit/s, pinned).
+ACK_EVERY: Final = 1 << 22
+TX_FLUSH: Final = 1 << 22
 ANSWER_HINT: Final = 4096  # guest data per batch up to which an answer may already be waiting (a request)
 
 
