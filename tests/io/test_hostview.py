@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any
@@ -225,16 +223,6 @@ def test_read_host_view_matches_ip_command() -> None:
 # --------------------------------------------------------------------------- a namespace of our own (root)
 
 
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"pd-hv-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=10)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10, check=False)
-
-
 def _ns(netns: str, *args: str) -> None:
     subprocess.run(["ip", "-n", netns, *args], check=True, capture_output=True, timeout=10)
 
@@ -261,7 +249,8 @@ def _view_in(netns: str) -> dict[str, Any]:
 @pytest.mark.netns
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")
 @pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 `ip` is not installed")
-def test_read_host_view_in_namespace(netns: str) -> None:
+def test_read_host_view_in_namespace(netns_name: str) -> None:
+    netns = netns_name
     assert _view_in(netns) == dict.fromkeys(
         ("ifname4", "addr4", "prefix4", "gw4", "ifname6", "addr6", "prefix6", "gw6")
     )

@@ -1,14 +1,13 @@
 """Namespaces, tap creation, --config-net and command spawning against the real kernel (root only).
 
-Every namespace is created here with a unique `pd-h4-*` name and deleted in a fixture; every spawned child is
-reaped by PID. Nothing leaves the test namespaces.
+Every namespace is created with a unique `pd-io-*` name and deleted by a fixture (conftest.py); every
+spawned child is reaped by PID. Nothing leaves the test namespaces.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -56,16 +55,6 @@ def ip_json(ns: str, *args: str) -> Any:
 def ns_ident(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
-
-
-@pytest.fixture
-def netns_name() -> Iterator[str]:
-    name = f"pd-h4-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=10)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=10)
 
 
 @pytest.fixture

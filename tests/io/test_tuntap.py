@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import select
 import shutil
 import socket
@@ -145,16 +144,6 @@ def test_closed_fd_under_us_is_eof() -> None:
 
 
 # --- root: a real tap in a test namespace -----------------------------------------------------------------
-
-
-@pytest.fixture
-def netns_name() -> Iterator[str]:
-    name = f"pd-h4-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=10)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=10)
 
 
 def read_until(backend: TunTapBackend, want: str, deadline: float) -> memoryview:

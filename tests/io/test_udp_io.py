@@ -8,7 +8,6 @@ import asyncio
 import errno
 import json
 import os
-import secrets
 import shutil
 import socket
 import subprocess
@@ -254,16 +253,6 @@ def test_forwarded_port_peers_become_flows_and_get_the_guests_replies(harness: H
 
 
 # --- root: a real tap with a virtio-net header --------------------------------------------------------------
-
-
-@pytest.fixture
-def netns_name() -> Iterator[str]:
-    name = f"pd-udp-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=10)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=10)
 
 
 @pytest.mark.netns
