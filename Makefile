@@ -9,7 +9,7 @@ DEB_PKGS := iproute2 nftables socat iperf3 isc-dhcp-client busybox-static tcpdum
 NATIVE ?= 1
 ARGS ?= passt --foreground
 
-.PHONY: setup deb venv native run test lint typecheck unit clean bench install
+.PHONY: setup deb venv native run test lint typecheck unit clean bench install lock
 
 setup: deb venv native
 
@@ -25,12 +25,24 @@ deb:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# requirements.lock pins every Python package with its hashes, so a fresh clone installs what the last `make lock`
+# chose whatever PyPI has released since (grpcio-tools generates passtd/control/pb and gen_proto.py --check
+# compares against its output); passtd itself goes in editable, without touching the pins.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -m pip install -q -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	set -o pipefail; $(PY) -m pip install -q --require-hashes -r requirements.lock 2>&1 | { grep -v "^WARNING: Location" || true; }
+	set -o pipefail; $(PY) -m pip install -qq --no-deps --no-build-isolation -e . 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(PY) -c "import passtd, grpc, uvloop, pyroute2, dpkt, structlog, pytest, hypothesis"
 	touch $@
+
+# Re-resolve requirements.lock from pyproject.toml (newest versions that fit it), with pip-tools in a throw-away
+# virtualenv; then run `make test` and commit both files together.
+lock:
+	rm -rf .lock-venv && python3 -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q pip-tools 2>&1 | grep -v "^WARNING: Location" || true
+	.lock-venv/bin/pip-compile -q --upgrade --generate-hashes --allow-unsafe --extra dev --strip-extras \
+	  --no-emit-index-url --no-emit-find-links -o requirements.lock pyproject.toml 2>&1 | grep -v "^WARNING: Location" || true
+	rm -rf .lock-venv
 
 # The data path's modules compiled with mypyc, next to their sources (scripts/build_native.py; it does nothing
 # when the build matches the sources, and passtd falls back to the sources when it does not).
@@ -65,6 +77,7 @@ clean:
 # passtd goes into its own virtualenv under $(PREFIX)/lib/passtd (Debian's python refuses system-wide pip,
 # PEP 668), its commands are linked into $(PREFIX)/bin, the units into $(UNITDIR) with ExecStart= pointing at
 # $(PREFIX)/bin, examples into $(PREFIX)/share/doc/passtd/examples and $(SYSCONFDIR)/passtd (kept if present).
+# Runtime packages are held to the versions in requirements.lock.
 # COMPAT=1 also links `passt` and `pasta` (they then shadow a packaged passt in /usr/bin).
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
@@ -80,8 +93,8 @@ install:
 	commands="passtd passtctl"; [ "$(COMPAT)" = 1 ] && commands="$$commands passt pasta"; \
 	if [ "$(INSTALL_PYTHON)" = 1 ]; then \
 	  $(PYTHON3) -m venv "$(DESTDIR)$(LIBDIR)"; \
-	  "$(DESTDIR)$(LIBDIR)/bin/python" -m pip install -q --upgrade pip; \
-	  "$(DESTDIR)$(LIBDIR)/bin/python" -m pip install -q .; \
+	  pins="$$(mktemp)"; sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\).*/\1/p' requirements.lock > "$$pins"; \
+	  "$(DESTDIR)$(LIBDIR)/bin/python" -m pip install -q -c "$$pins" .; rm -f "$$pins"; \
 	  if [ -n "$(DESTDIR)" ]; then \
 	    grep -rlI -- "$(DESTDIR)" "$(DESTDIR)$(LIBDIR)/bin" | xargs -r sed -i "s#$(DESTDIR)##g"; \
 	  fi; \
