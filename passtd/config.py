@@ -86,6 +86,20 @@ class Config:
     log_size: int = LOG_SIZE_DEFAULT  # --log-size: cap of the log file, oldest lines dropped first
     interface: str | None = None  # --interface: host interface the defaults were copied from
     outbound: tuple[IPv4Address | IPv6Address, ...] = ()  # --outbound: source toward the network
+    # Contract for the drop-in options (issue 13): options.py fills them, the shell honours them.
+    outbound_if4: str | None = None  # --outbound-if4: SO_BINDTODEVICE for IPv4 sockets toward the network
+    outbound_if6: str | None = None  # --outbound-if6
+    freebind: bool = False  # --freebind: IP_FREEBIND / IPV6_FREEBIND on forwarded-port listeners
+    splice: bool = True  # --no-splice clears it: loopback-to-loopback paths cross the tap instead
+    host_lo_to_ns_lo: bool = False  # --host-lo-to-ns-lo: host-loopback peers appear as the namespace's loopback
+    fd: int | None = None  # --fd: an already connected stream socket (qemu -netdev passt passes 3)
+    vhost_user: bool = False  # --vhost-user: the socket speaks the vhost-user protocol (issue 16)
+    runas: tuple[int, int] | None = None  # --runas USER[:GROUP], resolved to uid, gid
+    userns: str | None = None  # --userns PATH: the user namespace to join with the network namespace
+    netns_only: bool = False  # --netns-only: join only the network namespace
+    netns_quit: bool = True  # --no-netns-quit clears it: keep running when the namespace goes away
+    ns_mac: bytes | None = None  # --ns-mac-addr: MAC of the tap device in the namespace
+    pesto_path: str | None = None  # -c/--conf-path: the pesto (runtime forwarding) socket
     # What the host looked like at start; SIGHUP re-parses against it (netlink cannot run inside the loop,
     # and what it decides, addresses, needs a restart anyway).
     host_view: HostView | None = field(default=None, compare=False, repr=False)

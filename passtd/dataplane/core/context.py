@@ -64,6 +64,19 @@ class Context:
     ra: bool = True
     icmp: bool = True
     map_gw: bool = True
+    # Contract for the drop-in options (issue 13); options.py fills them, the core honours them.
+    tcp: bool = True  # --no-tcp clears it: guest TCP segments are dropped and counted
+    udp: bool = True  # --no-udp clears it
+    hostname: str = ""  # -H/--hostname: DHCP option 12
+    fqdn: str = ""  # --fqdn: DHCP option 81, DHCPv6 option 39
+    dhcp_dns: bool = True  # nameservers offered by DHCP, DHCPv6 and RA (--no-dhcp-dns / pasta's --dhcp-dns)
+    dhcp_search: bool = True  # search domains offered likewise (--no-dhcp-search / pasta's --dhcp-search)
+    # --map-host-loopback: the guest-side address that means the host's loopback (None: not mapped; by default
+    # the gateway when map_gw); --map-guest-addr: the guest-side address that means the host's own address.
+    map_host_loopback4: IPv4Address | None = None
+    map_host_loopback6: IPv6Address | None = None
+    map_guest_addr4: IPv4Address | None = None
+    map_guest_addr6: IPv6Address | None = None
 
 
 @dataclass(slots=True)
