@@ -44,6 +44,11 @@ PY = sys.executable
 IF = "eth0"
 HOST4, REMOTE4 = "10.77.0.1", "10.77.0.2"
 FWD_HOST_PORT, FWD_GUEST_PORT = 20101, 5201
+# Forwarded to a server in the guest for the host-initiated round-trip and connection lines (TCP and UDP), and
+# the port a guest reaches on the host's loopback through -T (pasta mode).
+FWD_RR_HOST_PORT, FWD_RR_GUEST_PORT = 20103, 5213
+FWD_UDP_HOST_PORT, FWD_UDP_GUEST_PORT = 20104, 5214
+P_NS_TO_HOST = 5215
 P_TCP_OUT, P_RR, P_UDP_RR, P_UDP, P_HOLD = 5202, 5203, 5204, 5205, 5206
 HOLD_CONNS = 10_000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -62,6 +67,19 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "cps_sys_us": ("tool system CPU per connection", "µs", False),
     "udp_rr_mean_us": ("UDP request/response, mean", "µs", False),
     "udp_rr_p99_us": ("UDP request/response, p99", "µs", False),
+    # Host-initiated, through a forwarded port: from the host's loopback (pasta splices it) and from another
+    # host (crosses the tap); -T: the namespace's loopback to the host's; UDP from the host into the guest.
+    "fwd_lo_rr_mean_us": ("TCP request/response host lo→fwd port", "µs", False),
+    "fwd_lo_cps": ("TCP connections host lo→fwd port", "conn/s", True),
+    "fwd_lo_cps_usr_us": ("tool user CPU per connection, host lo→fwd port", "µs", False),
+    "fwd_lo_cps_sys_us": ("tool system CPU per connection, host lo→fwd port", "µs", False),
+    "fwd_tap_rr_mean_us": ("TCP request/response remote→fwd port (tap)", "µs", False),
+    "fwd_tap_cps": ("TCP connections remote→fwd port (tap)", "conn/s", True),
+    "fwd_tap_cps_usr_us": ("tool user CPU per connection, remote→fwd port", "µs", False),
+    "fwd_tap_cps_sys_us": ("tool system CPU per connection, remote→fwd port", "µs", False),
+    "ns_lo_rr_mean_us": ("TCP request/response ns lo→host lo (-T)", "µs", False),
+    "ns_lo_cps": ("TCP connections ns lo→host lo (-T)", "conn/s", True),
+    "udp_rr_in_mean_us": ("UDP request/response host lo→fwd port", "µs", False),
     "udp_gbps": ("UDP ns→host received at fixed rate", "Gbit/s", True),
     "udp_loss_pct": ("UDP ns→host loss at fixed rate", "%", False),
     "tcp_out_cpu_s_per_gb": ("tool CPU per GB, TCP ns→host", "s/GB", False),
@@ -70,9 +88,11 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "rss_idle_mib": ("tool RSS, idle", "MiB", False),
     "rss_10k_mib": (f"tool RSS, {HOLD_CONNS} open TCP connections", "MiB", False),
 }
-ALL_LINES = ["tcp_out", "tcp_in", "tcp_fwd", "tcp_rr", "cps", "udp_rr", "udp", "rss"]
-QUICK_LINES = ["tcp_out", "tcp_in", "tcp_fwd", "tcp_rr", "cps", "udp_rr", "udp"]
-PASST_MODE_LINES = ["tcp_out", "tcp_in", "tcp_fwd", "tcp_rr", "cps", "udp_rr"]
+PATH_LINES = ["fwd_lo_rr", "fwd_lo_cps", "fwd_tap_rr", "fwd_tap_cps", "ns_lo_rr", "ns_lo_cps", "udp_rr_in"]
+ALL_LINES = ["tcp_out", "tcp_in", "tcp_fwd", "tcp_rr", "cps", "udp_rr", "udp", *PATH_LINES, "rss"]
+QUICK_LINES = ["tcp_out", "tcp_in", "tcp_fwd", "tcp_rr", "cps", "udp_rr", "udp", *PATH_LINES]
+PASST_MODE_LINES = ["tcp_out", "tcp_in", "tcp_fwd", "tcp_rr", "cps", "udp_rr",
+                    "fwd_lo_rr", "fwd_lo_cps", "fwd_tap_rr", "fwd_tap_cps", "udp_rr_in"]  # fmt: skip
 
 
 class BenchError(Exception):
@@ -310,10 +330,16 @@ class Tool:
     name: str
     group: str  # "pasta" (tap in a namespace) or "passt" (UNIX socket, through bench/relay.py)
     start: Callable[[Topo, Procs, int], Running]
+    unsupported: frozenset[str] = frozenset()  # lines the tool has no way to do (slirp4netns has no -T)
 
 
 def _fwd_spec() -> str:
-    return f"127.0.0.1/{FWD_HOST_PORT}:{FWD_GUEST_PORT}"
+    """Every host address (so another host reaches the guest across the tap, and the host's loopback too)."""
+    return f"{FWD_HOST_PORT}:{FWD_GUEST_PORT},{FWD_RR_HOST_PORT}:{FWD_RR_GUEST_PORT}"
+
+
+def _udp_fwd_spec() -> str:
+    return f"{FWD_UDP_HOST_PORT}:{FWD_UDP_GUEST_PORT}"
 
 
 def _finish_pasta_like(t: Topo, procs: Procs, proc: subprocess.Popen[str], mtu: int) -> Running:
@@ -325,8 +351,8 @@ def _finish_pasta_like(t: Topo, procs: Procs, proc: subprocess.Popen[str], mtu: 
 def start_passtd(t: Topo, procs: Procs, mtu: int) -> Running:
     proc = procs.spawn(
         t.host, PY, "-m", "passtd", "pasta", "-f", "-q", "-I", IF, "--netns", t.guest, "--config-net",
-        "-m", str(mtu), "-t", _fwd_spec(), "-u", "none", "-T", "none", "-U", "none", "--no-icmp",
-        "--control", "none", log_name="passtd.log", cwd=ROOT,
+        "-m", str(mtu), "-t", _fwd_spec(), "-u", _udp_fwd_spec(), "-T", str(P_NS_TO_HOST), "-U", "none",
+        "--no-icmp", "--control", "none", log_name="passtd.log", cwd=ROOT,
     )  # fmt: skip
     return _finish_pasta_like(t, procs, proc, mtu)
 
@@ -334,8 +360,8 @@ def start_passtd(t: Topo, procs: Procs, mtu: int) -> Running:
 def start_pasta(t: Topo, procs: Procs, mtu: int) -> Running:
     proc = procs.spawn(
         t.host, "pasta", "-f", "-q", "--runas", "0", "-I", IF, "--netns", t.guest, "--config-net",
-        "-m", str(mtu), "-t", _fwd_spec(), "-u", "none", "-T", "none", "-U", "none", "--no-icmp",
-        log_name="pasta.log",
+        "-m", str(mtu), "-t", _fwd_spec(), "-u", _udp_fwd_spec(), "-T", str(P_NS_TO_HOST), "-U", "none",
+        "--no-icmp", log_name="pasta.log",
     )  # fmt: skip
     return _finish_pasta_like(t, procs, proc, mtu)
 
@@ -358,19 +384,21 @@ def start_slirp(t: Topo, procs: Procs, mtu: int) -> Running:
         os.close(rfd)
         if wfd >= 0:
             os.close(wfd)
-    req = {
-        "execute": "add_hostfwd",
-        "arguments": {"proto": "tcp", "host_addr": "127.0.0.1", "host_port": FWD_HOST_PORT,
-                      "guest_port": FWD_GUEST_PORT},
-    }  # fmt: skip
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
-        s.connect(api)
-        s.sendall(json.dumps(req).encode())
-        s.shutdown(socket.SHUT_WR)
-        reply = s.recv(4096).decode()
-    if "error" in reply:
-        raise BenchError(f"slirp4netns add_hostfwd: {reply}")
+    for proto, host_port, guest_port in (
+        ("tcp", FWD_HOST_PORT, FWD_GUEST_PORT),
+        ("tcp", FWD_RR_HOST_PORT, FWD_RR_GUEST_PORT),
+        ("udp", FWD_UDP_HOST_PORT, FWD_UDP_GUEST_PORT),
+    ):
+        req = {"execute": "add_hostfwd", "arguments": {"proto": proto, "host_addr": "0.0.0.0",
+               "host_port": host_port, "guest_port": guest_port}}  # fmt: skip
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(api)
+            s.sendall(json.dumps(req).encode())
+            s.shutdown(socket.SHUT_WR)
+            reply = s.recv(4096).decode()
+        if "error" in reply:
+            raise BenchError(f"slirp4netns add_hostfwd: {reply}")
     return _finish_pasta_like(t, procs, proc, mtu)
 
 
@@ -391,22 +419,25 @@ def _start_passt_mode(t: Topo, procs: Procs, mtu: int, argv: list[str], name: st
 
 
 def start_passtd_passt(t: Topo, procs: Procs, mtu: int) -> Running:
-    argv = [PY, "-m", "passtd", "passt", "-f", "-q", "-m", str(mtu), "-t", _fwd_spec(), "-u", "none",
+    argv = [PY, "-m", "passtd", "passt", "-f", "-q", "-m", str(mtu), "-t", _fwd_spec(), "-u", _udp_fwd_spec(),
             "--no-icmp", "--control", "none"]  # fmt: skip
     return _start_passt_mode(t, procs, mtu, argv, "passtd-passt")
 
 
 def start_passt(t: Topo, procs: Procs, mtu: int) -> Running:
-    argv = ["passt", "-f", "-q", "--runas", "0", "-m", str(mtu), "-t", _fwd_spec(), "-u", "none", "--no-icmp"]
+    argv = ["passt", "-f", "-q", "--runas", "0", "-m", str(mtu), "-t", _fwd_spec(), "-u", _udp_fwd_spec(),
+            "--no-icmp"]  # fmt: skip
     return _start_passt_mode(t, procs, mtu, argv, "passt")
 
+
+NS_ONLY = frozenset({"ns_lo_rr", "ns_lo_cps"})  # -T: there is no namespace in passt mode
 
 TOOLS = {
     "passtd": Tool("passtd", "pasta", start_passtd),
     "pasta": Tool("pasta", "pasta", start_pasta),
-    "slirp4netns": Tool("slirp4netns", "pasta", start_slirp),
-    "passtd-passt": Tool("passtd-passt", "passt", start_passtd_passt),
-    "passt": Tool("passt", "passt", start_passt),
+    "slirp4netns": Tool("slirp4netns", "pasta", start_slirp, NS_ONLY),  # and it has no -T
+    "passtd-passt": Tool("passtd-passt", "passt", start_passtd_passt, NS_ONLY),
+    "passt": Tool("passt", "passt", start_passt, NS_ONLY),
 }
 REFERENCE = {"passtd": ["pasta", "slirp4netns"], "passtd-passt": ["passt"]}
 
@@ -474,55 +505,126 @@ def line_tcp_fwd(c: Ctx) -> dict[str, float]:
                  server_port=FWD_GUEST_PORT)  # fmt: skip
 
 
-def peer_server(c: Ctx, mode: str, port: int, *args: str) -> subprocess.Popen[str]:
-    srv = c.procs.spawn(c.topo.host, PY, PEER, mode, "127.0.0.1", str(port), *args, "--time", "60")
+def peer_server(c: Ctx, mode: str, port: int, *args: str, ns: str = "", bind: str = "127.0.0.1"
+                ) -> subprocess.Popen[str]:  # fmt: skip
+    """A bench/peer.py server, in the host namespace on its loopback unless told otherwise."""
+    srv = c.procs.spawn(ns or c.topo.host, PY, PEER, mode, bind, str(port), *args, "--time", "60")
     read_line(srv, "ready", 5)
     return srv
 
 
-def peer_client(c: Ctx, mode: str, port: int, *args: str, timeout: float = 30) -> dict[str, Any]:
-    cli = c.procs.spawn(c.topo.guest, PY, PEER, mode, c.run.gw, str(port), *args, "--time", str(timeout))
+def peer_client(c: Ctx, mode: str, port: int, *args: str, timeout: float = 30, ns: str = "",
+                target: str = "") -> dict[str, Any]:  # fmt: skip
+    """A bench/peer.py client, in the guest toward the gateway unless told otherwise; its JSON result."""
+    cli = c.procs.spawn(ns or c.topo.guest, PY, PEER, mode, target or c.run.gw, str(port), *args,
+                        "--time", str(timeout))  # fmt: skip
     try:
         return finish_json(cli, timeout + 10)
     finally:
         c.procs.end(cli)
 
 
-def line_tcp_rr(c: Ctx) -> dict[str, float]:
-    srv = peer_server(c, "tcp-server", P_RR)
+@dataclass(frozen=True)
+class Route:
+    """Where a request/response or connection line runs: the server's side and the client's way to it."""
+
+    server_ns: str
+    bind: str
+    server_port: int
+    client_ns: str
+    target: str
+    port: int
+
+
+def guest_to_host(c: Ctx, port: int) -> Route:
+    """The guest connects to the gateway, which means the host's loopback."""
+    return Route(c.topo.host, "127.0.0.1", port, c.topo.guest, c.run.gw, port)
+
+
+def rr(c: Ctx, key: str, path: Route, *, udp: bool = False, cpu: bool = True) -> dict[str, float]:
+    """Mean and p99 of a ping-pong of small requests, and the tool's CPU per round trip."""
+    srv = peer_server(c, "udp-server" if udp else "tcp-server", path.server_port, ns=path.server_ns,
+                      bind=path.bind)  # fmt: skip
     try:
         cpu0 = cpu_split(c.run.pid) if c.run.pid else (0.0, 0.0)
-        r = peer_client(c, "tcp-rr", P_RR, "--count", str(c.rr_count))
-        cpu = per_op_cpu("tcp_rr", c.run.pid, cpu0, r.get("count", 0) + r.get("warmup", 0))
+        r = peer_client(c, "udp-rr" if udp else "tcp-rr", path.port, "--count", str(c.rr_count),
+                        timeout=20 if udp else 30, ns=path.client_ns, target=path.target)  # fmt: skip
+        used = per_op_cpu(key, c.run.pid, cpu0, r.get("count", 0) + r.get("warmup", 0)) if cpu else {}
     finally:
         c.procs.end(srv)
     if r.get("count", 0) < c.rr_count // 2:
-        raise BenchError(f"tcp-rr completed only {r.get('count')} round trips")
-    return {"tcp_rr_mean_us": r["mean_us"], "tcp_rr_p99_us": r["p99_us"], **cpu}
+        raise BenchError(f"{key}: {r.get('count', 0)} round trips completed, {r.get('lost', 0)} lost")
+    return {f"{key}_mean_us": r["mean_us"], f"{key}_p99_us": r["p99_us"], **used}
 
 
-def line_cps(c: Ctx) -> dict[str, float]:
-    srv = peer_server(c, "tcp-server", P_RR)
+def cps(c: Ctx, key: str, path: Route) -> dict[str, float]:
+    """Connections per second (connect, one request and answer, close) and the tool's CPU per connection."""
+    srv = peer_server(c, "tcp-server", path.server_port, ns=path.server_ns, bind=path.bind)
     try:
         cpu0 = cpu_split(c.run.pid) if c.run.pid else (0.0, 0.0)
-        r = peer_client(c, "cps", P_RR, "--count", "20000", "--duration", str(c.cps_seconds))
-        cpu = per_op_cpu("cps", c.run.pid, cpu0, r["connections"])
+        r = peer_client(c, "cps", path.port, "--count", "20000", "--duration", str(c.cps_seconds),
+                        ns=path.client_ns, target=path.target)  # fmt: skip
+        used = per_op_cpu(key, c.run.pid, cpu0, r["connections"])
     finally:
         c.procs.end(srv)
     if r["connections"] == 0:
-        raise BenchError(f"cps: no connection completed ({r['failed']} failed)")
-    return {"cps": r["per_s"], **cpu}
+        raise BenchError(f"{key}: no connection completed ({r['failed']} failed)")
+    return {key: r["per_s"], **used}
+
+
+def line_tcp_rr(c: Ctx) -> dict[str, float]:
+    return rr(c, "tcp_rr", guest_to_host(c, P_RR))
+
+
+def line_cps(c: Ctx) -> dict[str, float]:
+    return cps(c, "cps", guest_to_host(c, P_RR))
 
 
 def line_udp_rr(c: Ctx) -> dict[str, float]:
-    srv = peer_server(c, "udp-server", P_UDP_RR)
-    try:
-        r = peer_client(c, "udp-rr", P_UDP_RR, "--count", str(c.rr_count), timeout=20)
-    finally:
-        c.procs.end(srv)
-    if r.get("count", 0) < c.rr_count // 2:
-        raise BenchError(f"udp-rr: {r.get('count', 0)} answered, {r.get('lost')} lost")
-    return {"udp_rr_mean_us": r["mean_us"], "udp_rr_p99_us": r["p99_us"]}
+    return rr(c, "udp_rr", guest_to_host(c, P_UDP_RR), udp=True, cpu=False)
+
+
+def fwd_from_lo(c: Ctx, host_port: int, guest_port: int) -> Route:
+    """A host process connects to a forwarded port on the host's loopback (pasta splices this path)."""
+    return Route(c.topo.guest, "0.0.0.0", guest_port, c.topo.host, "127.0.0.1", host_port)
+
+
+def fwd_from_remote(c: Ctx) -> Route:
+    """Another host connects to a forwarded port on the host's address: the flow crosses the tap."""
+    return Route(c.topo.guest, "0.0.0.0", FWD_RR_GUEST_PORT, c.topo.remote, HOST4, FWD_RR_HOST_PORT)
+
+
+def ns_lo_to_host_lo(c: Ctx) -> Route:
+    """-T: a process in the namespace connects to its own loopback and reaches the host's."""
+    return Route(c.topo.host, "127.0.0.1", P_NS_TO_HOST, c.topo.guest, "127.0.0.1", P_NS_TO_HOST)
+
+
+def line_fwd_lo_rr(c: Ctx) -> dict[str, float]:
+    return rr(c, "fwd_lo_rr", fwd_from_lo(c, FWD_RR_HOST_PORT, FWD_RR_GUEST_PORT))
+
+
+def line_fwd_lo_cps(c: Ctx) -> dict[str, float]:
+    return cps(c, "fwd_lo_cps", fwd_from_lo(c, FWD_RR_HOST_PORT, FWD_RR_GUEST_PORT))
+
+
+def line_fwd_tap_rr(c: Ctx) -> dict[str, float]:
+    return rr(c, "fwd_tap_rr", fwd_from_remote(c))
+
+
+def line_fwd_tap_cps(c: Ctx) -> dict[str, float]:
+    return cps(c, "fwd_tap_cps", fwd_from_remote(c))
+
+
+def line_ns_lo_rr(c: Ctx) -> dict[str, float]:
+    return rr(c, "ns_lo_rr", ns_lo_to_host_lo(c))
+
+
+def line_ns_lo_cps(c: Ctx) -> dict[str, float]:
+    return cps(c, "ns_lo_cps", ns_lo_to_host_lo(c))
+
+
+def line_udp_rr_in(c: Ctx) -> dict[str, float]:
+    return rr(c, "udp_rr_in", fwd_from_lo(c, FWD_UDP_HOST_PORT, FWD_UDP_GUEST_PORT), udp=True, cpu=False)
 
 
 def udp_params(mtu: int) -> tuple[str, str]:
@@ -568,6 +670,13 @@ LINES: dict[str, Callable[[Ctx], dict[str, float]]] = {
     "cps": line_cps,
     "udp_rr": line_udp_rr,
     "udp": line_udp,
+    "fwd_lo_rr": line_fwd_lo_rr,
+    "fwd_lo_cps": line_fwd_lo_cps,
+    "fwd_tap_rr": line_fwd_tap_rr,
+    "fwd_tap_cps": line_fwd_tap_cps,
+    "ns_lo_rr": line_ns_lo_rr,
+    "ns_lo_cps": line_ns_lo_cps,
+    "udp_rr_in": line_udp_rr_in,
     "rss": line_rss,
 }
 
@@ -612,6 +721,7 @@ def session_lines(a: argparse.Namespace, tool: Tool, rep: int, mtu: int) -> list
             return []
         if not a.lines:
             lines = [x for x in lines if x in PASST_MODE_LINES]
+    lines = [x for x in lines if x not in tool.unsupported]
     if rep > 0 and "rss" in lines and not a.lines:
         lines.remove("rss")
     return lines
@@ -659,7 +769,8 @@ def session(tool: Tool, mtu: int, lines: list[str], a: argparse.Namespace, tmp: 
             for name in lines:
                 spy = profiler(a, procs, running.pid, tool.name, mtu, name)
                 try:
-                    values.update(LINES[name](ctx))
+                    # Only the figures the table knows (a line may measure more, e.g. p99 of every path).
+                    values.update((k, v) for k, v in LINES[name](ctx).items() if k in METRICS)
                 except (BenchError, OSError, subprocess.SubprocessError, KeyError, ValueError) as exc:
                     errors[name] = f"{type(exc).__name__}: {exc}"
                 finally:
