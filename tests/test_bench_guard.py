@@ -59,8 +59,9 @@ def test_passtd_not_grossly_regressed(line: str, tmp_path: Path) -> None:
         pytest.skip(f"no recorded {TOOL} {metric} at MTU {MTU} under bench/results/")
     path, recorded = record
     out = tmp_path / "guard.json"
-    argv = [sys.executable, str(ROOT / "bench" / "run.py"), "--tools", TOOL, "--lines", line, "--mtu", str(MTU),
-            "--reps", "1", "--duration", "2", "--cps-seconds", "1", "--out", str(out)]  # fmt: skip
+    argv = [sys.executable, str(ROOT / "bench" / "run.py"), "--tools", TOOL, "--lines", line,
+            "--mtu", str(MTU), "--reps", "1", "--duration", "2", "--cps-seconds", "1",
+            "--out", str(out)]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
