@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import resource
-import secrets
 import select
 import shutil
 import signal
@@ -37,12 +36,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # for tests.helpers.topology, when run as a script
+from tests.helpers.topology import HOST4, REMOTE4, namespaces  # noqa: E402
+
 BENCH = Path(__file__).resolve().parent
 PEER = str(BENCH / "peer.py")
 RELAY = str(BENCH / "relay.py")
 PY = sys.executable
 IF = "eth0"
-HOST4, REMOTE4 = "10.77.0.1", "10.77.0.2"
 FWD_HOST_PORT, FWD_GUEST_PORT = 20101, 5201
 # Forwarded to a server in the guest for the host-initiated round-trip and connection lines (TCP and UDP), and
 # the port a guest reaches on the host's loopback through -T (pasta mode).
@@ -263,40 +264,12 @@ class Topo:
 
 @contextlib.contextmanager
 def topology(tmp: Path) -> Iterator[Topo]:
-    sfx = secrets.token_hex(3)
-    t = Topo(f"pdb-{sfx}-h", f"pdb-{sfx}-r", f"pdb-{sfx}-g", f"pdbv{sfx}", tmp)
-    made: list[str] = []
-    try:
-        for ns in (t.host, t.remote, t.guest):
-            sh("ip", "netns", "add", ns)
-            made.append(ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh(
-            "ip",
-            "link",
-            "add",
-            t.veth,
-            "netns",
-            t.host,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            t.remote,
-        )
-        sh("ip", "-n", t.host, "addr", "add", f"{HOST4}/24", "dev", t.veth)
-        sh("ip", "-n", t.remote, "addr", "add", f"{REMOTE4}/24", "dev", "eth0")
-        sh("ip", "-n", t.host, "link", "set", t.veth, "up")
-        sh("ip", "-n", t.remote, "link", "set", "eth0", "up")
-        sh("ip", "-n", t.host, "route", "add", "default", "via", REMOTE4)
+    """The tests' namespaces (tests/helpers/topology.py), with TIME-WAIT reuse for the connection lines."""
+    with namespaces("pdb") as n:
+        t = Topo(n.host, n.remote, n.guest, n.veth, tmp)
         for ns in (t.host, t.guest):
             sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1")
         yield t
-    finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10, check=False)
 
 
 def wait_guest_ready(t: Topo, proc: subprocess.Popen[str], timeout: float = 15) -> str:

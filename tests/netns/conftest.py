@@ -1,18 +1,13 @@
 """Real-namespace fixtures: a host namespace where passtd runs, a remote host behind a veth pair, a guest.
 
-Nothing here touches the machine's own network: passtd and every client run inside namespaces the fixture
-creates, and the host namespace's default route points at the remote namespace. Everything is torn down in
-`finally`, also when a test fails.
-
-    guest ns  ──tap──  passtd (in host ns: 10.77.0.1/24, fd77::1/64)  ──veth──  remote ns (10.77.0.2, fd77::2;
-                                                                                  10.88.0.1, fd88::1 on lo)
+The topology itself (tests/helpers/topology.py) is shared with bench/run.py. Nothing here touches the
+machine's own network, and everything is torn down in `finally`, also when a test fails.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -25,10 +20,19 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.topology import (  # noqa: F401 - the tests import the addresses from here
+    FAR4,
+    FAR6,
+    HOST4,
+    HOST6,
+    HOST_DNS,
+    HOST_SEARCH,
+    REMOTE4,
+    REMOTE6,
+    namespaces,
+)
+
 PASSTD = [sys.executable, "-m", "passtd"]
-HOST4, REMOTE4, FAR4 = "10.77.0.1", "10.77.0.2", "10.88.0.1"
-HOST6, REMOTE6, FAR6 = "fd77::1", "fd77::2", "fd88::1"
-HOST_DNS, HOST_SEARCH = "10.77.0.53", "passtd.test"
 OUR_LL = "fe80::9855:9aff:fe55:9a55"
 
 
@@ -132,56 +136,22 @@ class Topology:
 @pytest.fixture
 def topo(tmp_path: Path) -> Iterator[Topology]:
     needs_root()
-    sfx = secrets.token_hex(3)
-    t = Topology(tmp_path, f"pdh-{sfx}", f"pdr-{sfx}", f"pdg-{sfx}", f"vh{sfx}")
-    created: list[str] = []
-    try:
-        for ns in (t.host, t.remote, t.guest):
-            sh("ip", "netns", "add", ns)
-            created.append(ns)
-            Path(f"/etc/netns/{ns}").mkdir(parents=True, exist_ok=True)
-            Path(f"/etc/netns/{ns}/resolv.conf").write_text("")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        Path(f"/etc/netns/{t.host}/resolv.conf").write_text(f"nameserver {HOST_DNS}\nsearch {HOST_SEARCH}\n")
-        sh(
-            "ip",
-            "link",
-            "add",
-            t.veth,
-            "netns",
-            t.host,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            t.remote,
-        )
-        for ns, dev, a4, a6 in ((t.host, t.veth, HOST4, HOST6), (t.remote, "eth0", REMOTE4, REMOTE6)):
-            sh("ip", "-n", ns, "addr", "add", f"{a4}/24", "dev", dev)
-            sh("ip", "-n", ns, "addr", "add", f"{a6}/64", "dev", dev, "nodad")
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-        sh("ip", "-n", t.remote, "addr", "add", f"{FAR4}/32", "dev", "lo")
-        sh("ip", "-n", t.remote, "addr", "add", f"{FAR6}/128", "dev", "lo")
-        sh("ip", "-n", t.host, "route", "add", "default", "via", REMOTE4)
-        sh("ip", "-n", t.host, "-6", "route", "add", "default", "via", REMOTE6)
-        sh("sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647", ns=t.host)
-        yield t
-    finally:
-        for daemon in t.daemons:
-            if daemon.proc.poll() is None:
-                daemon.proc.terminate()  # graceful first: it removes its sockets
+    with namespaces("pd") as names:
+        t = Topology(tmp_path, names.host, names.remote, names.guest, names.veth)
+        try:
+            sh("sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647", ns=t.host)
+            yield t
+        finally:
+            for daemon in t.daemons:
+                if daemon.proc.poll() is None:
+                    daemon.proc.terminate()  # graceful first: it removes its sockets
+                    try:
+                        daemon.proc.wait(5)
+                    except subprocess.TimeoutExpired:
+                        daemon.proc.kill()
+                        daemon.proc.wait(5)
+            for pid in t.pids:
                 try:
-                    daemon.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    daemon.proc.kill()
-                    daemon.proc.wait(5)
-        for pid in t.pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for ns in created:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10, check=False)
-            shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
