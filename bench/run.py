@@ -80,6 +80,8 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "fwd_tap_cps_sys_us": ("tool system CPU per connection, remote→fwd port", "µs", False),
     "ns_lo_rr_mean_us": ("TCP request/response ns lo→host lo (-T)", "µs", False),
     "ns_lo_cps": ("TCP connections ns lo→host lo (-T)", "conn/s", True),
+    "ns_lo_cps_usr_us": ("tool user CPU per connection, ns lo→host lo", "µs", False),
+    "ns_lo_cps_sys_us": ("tool system CPU per connection, ns lo→host lo", "µs", False),
     "udp_rr_in_mean_us": ("UDP request/response host lo→fwd port", "µs", False),
     "udp_gbps": ("UDP ns→host received at fixed rate", "Gbit/s", True),
     "udp_loss_pct": ("UDP ns→host loss at fixed rate", "%", False),
