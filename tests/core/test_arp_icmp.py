@@ -5,15 +5,18 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv6Address
 
 import dpkt
+import pytest
 
 from passtd.dataplane.core.context import Context, Ip4Net, Ip6Net, link_local_from_mac
-from passtd.dataplane.core.flowtable import FlowTable, FlowTableFull, key_addr
+from passtd.dataplane.core.flowtable import PROTO_ICMP, PROTO_TCP, FlowTable, FlowTableFull, key_addr
 from passtd.dataplane.core.icmp import LOOPBACK4, LOOPBACK6, echo_from_guest, echo_to_guest, expired
+from passtd.dataplane.core.limits import FdPool, plan_fd_pool
 from passtd.dataplane.core.services.arp import handle_arp
 from passtd.dataplane.packets.arp import ARP_REPLY, ARP_REQUEST, build_arp
 from passtd.dataplane.packets.icmp import ICMP_ECHO_REPLY, ICMPV6_ECHO_REPLY, build_echo
 
 GUEST_MAC = bytes.fromhex("020000000001")
+GW = IPv4Address("10.77.0.2").packed
 CTX = Context(
     ip4=Ip4Net(IPv4Address("10.77.0.1"), 24, IPv4Address("10.77.0.2")),
     ip6=Ip6Net(
@@ -117,3 +120,66 @@ def test_flow_table_bound_and_ids() -> None:
         raise AssertionError("flow table bound not enforced")
     table.remove(action.flow)
     assert len(table) == 0 and table.new_id() > action.flow.flow_id
+
+
+def test_flow_table_caps_per_protocol_and_descriptors() -> None:
+    """Each cap refuses with its own name, counted; a removal gives the room back."""
+    pool = FdPool(open_files=1024, reserved=64, total=64, floor=16)
+    table = FlowTable(pool=pool)
+    assert (table.cap(PROTO_TCP), table.cap(17), table.cap(PROTO_ICMP)) == (64, 32, 4)  # shares of the room
+    pool.listeners = 32
+    assert (table.cap(PROTO_TCP), table.cap(17), table.cap(PROTO_ICMP)) == (32, 16, 2)  # listeners took half
+    guest = IPv4Address("10.77.0.1").packed
+    echo = [
+        echo_from_guest(CTX, table, False, guest, guest, memoryview(bytes(build_echo(8, i, 1, b""))), 0)
+        for i in range(2)
+    ]
+    with pytest.raises(FlowTableFull) as refused:
+        echo_from_guest(CTX, table, False, guest, guest, memoryview(bytes(build_echo(8, 9, 1, b""))), 0)
+    assert refused.value.reason == "limit.icmp_flows"
+    assert table.refused == {"limit.icmp_flows": 1} and table.count(PROTO_ICMP) == 2 and table.fds == 2
+    assert pool.flows == 2
+    assert echo[0] is not None
+    table.remove(echo[0].flow)
+    table.remove(echo[0].flow)  # twice: counted once
+    assert table.count(PROTO_ICMP) == 1 and table.fds == pool.flows == 1 and len(table) == 1
+    pool.listeners = pool.total - 2
+    assert table.check(PROTO_TCP, 2) == "limit.fds"
+    assert table.check(PROTO_TCP, 1) == ""
+    table.max_flows = 1
+    assert table.check(PROTO_TCP) == "limit.flows"
+    assert table.refused == {"limit.icmp_flows": 1, "limit.fds": 1, "limit.flows": 1}
+
+
+def test_fd_pool_keeps_room_for_tcp_and_the_control_socket() -> None:
+    pool = plan_fd_pool(20000, 40)
+    assert pool.reserved == 128 and pool.total == 20000 - 40 - 128
+    assert pool.listener_room() == pool.total - 256  # `-t all`: every port but the flows' floor
+    table = FlowTable(pool=pool)
+    assert table.cap(PROTO_TCP) >= 10000  # ten thousand connections at the sandbox's hard limit
+    assert table.cap(PROTO_TCP) - table.cap(17) - table.cap(PROTO_ICMP) >= pool.total * 3 // 8
+    small = plan_fd_pool(100, 90)
+    assert (
+        small.total == 0
+        and small.listener_room() == 0
+        and FlowTable(pool=small).check(17) == "limit.udp_flows"
+    )
+
+
+def test_an_echo_id_reused_from_another_source_hands_the_old_flow_back() -> None:
+    """Same id, same remote, another guest source: the new flow takes the key, the old one is returned for
+    the shell to close its socket (it used to be dropped from the table with its socket still open)."""
+    table = FlowTable()
+    a, b = IPv4Address("10.77.0.1").packed, IPv4Address("10.77.0.9").packed
+    msg = memoryview(bytes(build_echo(8, 7, 1, b"")))
+    first = echo_from_guest(CTX, table, False, a, GW, msg, 0)
+    assert first is not None and first.replaced is None and first.new
+    same = echo_from_guest(CTX, table, False, a, GW, msg, 1)
+    assert same is not None and same.flow is first.flow and same.replaced is None and not same.new
+    other = echo_from_guest(CTX, table, False, b, GW, msg, 2)
+    assert other is not None and other.replaced is first.flow and other.new
+    assert len(table) == 1 and table.by_id(first.flow.flow_id) is None
+    table.set_cap(PROTO_ICMP, 0)  # even with no room at all a takeover is one flow for another
+    back = echo_from_guest(CTX, table, False, a, GW, msg, 3)
+    assert back is not None and back.replaced is other.flow
+    assert len(table) == 1 == table.count(PROTO_ICMP) and table.get(other.flow.key) is back.flow

@@ -20,6 +20,7 @@ import pytest
 import uvloop
 
 from passtd.dataplane.core.fwd import Listener, diff, parse_spec
+from passtd.dataplane.core.limits import FdPool
 from passtd.dataplane.io.listeners import BindResult, ListenerSet
 
 T = TypeVar("T")
@@ -352,5 +353,62 @@ def test_wildcard_listener_binds_both_families_in_a_namespace(private_netns: int
         finally:
             ls.close()
             acc.close()
+
+    run(main)
+
+
+def test_the_listener_budget_stops_binding_and_reports_each_port_past_it() -> None:
+    """`-t all` on a small descriptor pool: the first ports bind, every later one is reported, nothing reaches
+    EMFILE; closing gives the room back, and what flows hold is not taken."""
+    ports = free_ports(6)
+
+    async def main() -> None:
+        pool = FdPool(open_files=100, reserved=10, total=6, floor=2)
+        tcp = ListenerSet("tcp", asyncio.get_running_loop(), Accepting(), pool=pool)
+        udp = ListenerSet("udp", asyncio.get_running_loop(), lambda lst, s: None, pool=pool)
+        try:
+            results = tcp.apply({Listener(L4, None, p, p) for p in ports[:3]})
+            assert [r.ok for r in results] == [True, True, True]
+            results = udp.apply({Listener(L4, None, p, p) for p in ports[3:]})
+            refused = (False, "EMFILE")
+            assert [(r.ok, r.errno_name) for r in results] == [(True, None), refused, refused]
+            assert "listener limit reached (4 open" in results[1].message
+            assert pool.listeners == 4 == len(tcp) + len(udp)
+            tcp.apply(set())
+            assert pool.listeners == 1
+            pool.flows = 4  # flows now hold more than the floor: listeners leave them that
+            results = udp.apply({Listener(L4, None, p, p) for p in ports[3:]})  # the two not bound yet
+            assert [r.ok for r in results] == [True, False] and pool.listeners == 2
+        finally:
+            tcp.close()
+            udp.close()
+        assert pool.listeners == 0
+
+    run(main)
+
+
+def test_apply_async_binds_in_slices_with_the_loop_running_between() -> None:
+    ports = free_ports(12)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ticks = 0
+        running = True
+
+        def tick() -> None:
+            nonlocal ticks
+            ticks += 1
+            if running:
+                loop.call_soon(tick)
+
+        lset = ListenerSet("udp", loop, lambda lst, s: None)
+        try:
+            loop.call_soon(tick)
+            results = await lset.apply_async({Listener(L4, None, p, p) for p in ports}, slice_size=2)
+            running = False
+            assert len(results) == 12 and all(r.ok for r in results)
+            assert ticks >= 5  # other callbacks ran between the six slices
+        finally:
+            lset.close()
 
     run(main)

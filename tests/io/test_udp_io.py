@@ -107,8 +107,7 @@ def free_port() -> int:
 
 
 def test_lone_datagrams_go_at_once_through_one_flow(harness: Harness) -> None:
-    h = harness
-    h.relay.burst_gap = 0.0  # request/response: never gathered
+    h = harness  # no tap batch around them (request/response): never gathered
     rx = receiver()
     sport, dport = free_port(), rx.getsockname()[1]
     for i in range(5):
@@ -124,13 +123,13 @@ def test_lone_datagrams_go_at_once_through_one_flow(harness: Harness) -> None:
 
 def test_a_burst_is_one_gso_send_with_every_datagram_in_order(harness: Harness) -> None:
     h = harness
-    h.relay.burst_gap = 10.0  # everything counts as one tap batch
     rx = receiver()
     sport, dport = free_port(), rx.getsockname()[1]
     sent = [bytes([i]) * 1400 for i in range(100)] + [b"short"] + [b"x" * 2000, b"y" * 2000, b"", b"z"]
+    h.relay.begin_batch(len(sent))  # everything is one tap batch
     for payload in sent:
         guest_datagram(h, sport, dport, payload)
-    h.run()  # the gathered tail leaves at the end of the callback
+    h.relay.end_batch()  # the gathered tail leaves at the end of the batch
     assert drain(rx, len(sent)) == sent
     assert h.relay.gso_sends >= 3  # 1400-byte runs (at most 46 per 64 KiB), then the 2000-byte pair
     assert h.relay.gso_datagrams >= 98
@@ -142,14 +141,14 @@ def test_a_burst_is_one_gso_send_with_every_datagram_in_order(harness: Harness) 
 
 def test_interleaved_flows_keep_their_own_order(harness: Harness) -> None:
     h = harness
-    h.relay.burst_gap = 10.0
     rx1, rx2 = receiver(), receiver()
     s1, s2 = free_port(), free_port()
+    h.relay.begin_batch(40)
     for i in range(30):
         guest_datagram(h, s1, rx1.getsockname()[1], b"a%03d" % i)
         if i % 3 == 0:
             guest_datagram(h, s2, rx2.getsockname()[1], b"b%03d" % i)
-    h.run()
+    h.relay.end_batch()
     assert drain(rx1, 30) == [b"a%03d" % i for i in range(30)]
     assert drain(rx2, 10) == [b"b%03d" % i for i in range(0, 30, 3)]
     rx1.close()
@@ -179,25 +178,26 @@ def test_a_route_without_gso_falls_back_to_single_sends(harness: Harness) -> Non
     h = harness
     rx = receiver()
     sport, dport = free_port(), rx.getsockname()[1]
-    h.relay.burst_gap = 0.0
     guest_datagram(h, sport, dport, b"first")
     assert rx.recv(100) == b"first"
     flow = h.relay.active[next(iter(h.relay.active))]
-    flow.sock = RefusesGso(flow.sock)
-    h.relay.burst_gap = 10.0
+    assert flow.sock is not None
+    flow.sock = RefusesGso(flow.sock)  # type: ignore[arg-type]
+    h.relay.begin_batch(6)
     for i in range(5):
         guest_datagram(h, sport, dport, b"%05d" % i)
-    h.run()
+    h.relay.end_batch()
     assert drain(rx, 5) == [b"%05d" % i for i in range(5)]
     assert flow.no_gso and h.relay.gso_sends == 0
-    guest_datagram(h, sport, dport, b"after")  # from now on sent one by one, at once
+    h.relay.begin_batch(2)
+    guest_datagram(h, sport, dport, b"after")  # from now on sent one by one, at once, even in a batch
     assert rx.recv(100) == b"after"
+    h.relay.end_batch()
     rx.close()
 
 
 def test_replies_reach_the_guest_from_the_address_it_asked(harness: Harness) -> None:
     h = harness
-    h.relay.burst_gap = 0.0
     peer = receiver()
     sport, dport = free_port(), peer.getsockname()[1]
     guest_datagram(h, sport, dport, b"hello")
@@ -220,7 +220,6 @@ def test_replies_reach_the_guest_from_the_address_it_asked(harness: Harness) -> 
 
 def test_forwarded_port_peers_become_flows_and_get_the_guests_replies(harness: Harness) -> None:
     h = harness
-    h.relay.burst_gap = 0.0
     lsock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
     lsock.bind((LOOP4, 0))
     lport = lsock.getsockname()[1]
@@ -245,7 +244,7 @@ def test_forwarded_port_peers_become_flows_and_get_the_guests_replies(harness: H
         assert (data, addr) == (b"answer %d" % i, (LOOP4, lport))
     for flow in list(h.relay.active.values()):
         h.relay.close_flow(flow, "timeout")
-    assert not h.relay._peer_flows and not h.relay._peer_keys
+    assert not h.relay.core.has_peers()
     assert lsock.fileno() >= 0  # the listener is not the flows' to close
     lsock.close()
     for peer in peers:
@@ -316,7 +315,6 @@ def test_with_a_vnet_sink_replies_leave_the_checksum_to_the_kernel() -> None:
 
     relay = UdpRelay(CTX, loop, FlowTable(), Stats(), Guest(), to_tap, lambda now: None,
                      lambda *a: None, NullLog(), to_tap_vnet=to_tap_vnet)  # fmt: skip
-    relay.burst_gap = 0.0
     peer = receiver()
     try:
         sport, dport = free_port(), peer.getsockname()[1]

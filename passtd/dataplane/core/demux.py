@@ -15,6 +15,7 @@ from typing import Protocol
 from passtd.dataplane.core.context import Context, Guest
 from passtd.dataplane.core.flowtable import FlowTable, FlowTableFull
 from passtd.dataplane.core.icmp import EchoToHost, echo_from_guest
+from passtd.dataplane.core.limits import GUEST_ADDRS_MAX
 from passtd.dataplane.core.services.arp import handle_arp
 from passtd.dataplane.core.services.dhcp import handle_dhcp
 from passtd.dataplane.core.services.dhcpv6 import handle_dhcpv6
@@ -115,14 +116,25 @@ class Demux:
 
     def _seen_address(self, src: bytes) -> None:
         """Record the guest's source address for the control plane; an address object is made only when the
-        source changes, not per frame."""
+        source changes, not per frame. At most GUEST_ADDRS_MAX per family: past it new addresses are ignored
+        and counted (core/limits.py says why not the oldest evicted)."""
         if len(src) == 4:
             if src != self._last4 and src != _UNSPECIFIED4 and src[0] != 0xFF:
                 self._last4 = src
-                self.guest.addrs4.add(IPv4Address(src))
+                addrs4 = self.guest.addrs4
+                addr4 = IPv4Address(src)
+                if len(addrs4) < GUEST_ADDRS_MAX:
+                    addrs4.add(addr4)
+                elif addr4 not in addrs4:
+                    self.stats.drop("limit.guest_addresses")
         elif src != self._last6 and src != _UNSPECIFIED6 and src[0] != 0xFF:
             self._last6 = src
-            self.guest.addrs6.add(IPv6Address(src))
+            addrs6 = self.guest.addrs6
+            addr6 = IPv6Address(src)
+            if len(addrs6) < GUEST_ADDRS_MAX:
+                addrs6.add(addr6)
+            elif addr6 not in addrs6:
+                self.stats.drop("limit.guest_addresses")
 
     def _tcp4(self, frame: memoryview, now: float) -> bool:
         """The common frame, TCP in IPv4 without IP options, in one unpack and without a NamedTuple per
@@ -218,8 +230,8 @@ class Demux:
     ) -> None:
         try:
             action = echo_from_guest(self.ctx, self.flows, v6, src, dst, message, now)
-        except FlowTableFull:
-            self.stats.drop("flow.table_full")
+        except FlowTableFull as exc:
+            self.stats.drop(exc.reason)
             return
         if action is None:
             self.stats.drop("icmp.not_echo")

@@ -3,6 +3,10 @@
 Keys are (protocol, remote address, remote port, guest port); addresses are 16-byte IPv6 form, with IPv4 as
 IPv4-mapped IPv6 (::ffff:a.b.c.d), so both families share one key space. For ICMP echo the "ports" are the
 guest's echo identifier and 0. The table only indexes flows; each protocol module owns its flows' logic.
+
+It also enforces the limits of core/limits.py: a cap on the flows of each protocol, on all flows, and on the
+host descriptors they hold together (`Flow.host_fds`). `add` raises `FlowTableFull` naming the cap reached;
+the caller refuses the flow (RST, ICMP unreachable, drop) and counts it under that name.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final, TypeAlias
+
+from passtd.dataplane.core.limits import ICMP_SHARE, UDP_SHARE, FdPool
 
 PROTO_TCP: Final = 6
 PROTO_UDP: Final = 17
@@ -38,6 +44,7 @@ class Flow:
     bytes_to_guest: int = 0
     packets_from_guest: int = 0
     packets_to_guest: int = 0
+    host_fds: int = 1  # descriptors the flow holds (a spliced pair 2, a flow on a forwarded port's socket 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,15 +59,72 @@ class FlowEvent:
 
 
 class FlowTableFull(Exception):
-    """Raised by `add` at the size bound; the caller refuses the new flow (RST, drop)."""
+    """Raised by `add` at a cap; the caller refuses the new flow (RST, ICMP unreachable, drop) and counts
+    `reason`: limit.flows, limit.fds, or limit.<proto>_flows."""
+
+    def __init__(self, reason: str = "limit.flows") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+_CAP_NAMES: Final = {
+    PROTO_TCP: "limit.tcp_flows",
+    PROTO_UDP: "limit.udp_flows",
+    PROTO_ICMP: "limit.icmp_flows",
+}
+_SHARES: Final = {PROTO_UDP: UDP_SHARE, PROTO_ICMP: ICMP_SHARE}
+UNLIMITED: Final = 1 << 62
 
 
 class FlowTable:
-    def __init__(self, max_flows: int = 256 * 1024) -> None:
+    def __init__(self, max_flows: int = 256 * 1024, pool: FdPool | None = None) -> None:
         self.max_flows = max_flows
         self._by_key: dict[FlowKey, Flow] = {}
         self._by_id: dict[int, Flow] = {}
         self._next_id = 1
+        self.pool = pool  # None: no descriptor limit (tests of pure logic)
+        self.caps: dict[int, int] = {}  # protocol -> most flows, overriding the pool's shares
+        self.counts: dict[int, int] = {PROTO_TCP: 0, PROTO_UDP: 0, PROTO_ICMP: 0}
+        self.fds = 0  # host descriptors held by the flows in the table
+        self.refused: dict[str, int] = {}  # cap name -> refusals
+
+    def set_cap(self, proto: int, cap: int) -> None:
+        self.caps[proto] = cap
+
+    @property
+    def max_fds(self) -> int:
+        """Descriptors the flows may hold together now: what the listeners leave of the pool."""
+        pool = self.pool
+        return UNLIMITED if pool is None else pool.flow_room()
+
+    def cap(self, proto: int) -> int:
+        """Most flows of `proto` now: the override, else its share of the flows' room (at most max_flows)."""
+        cap = self.caps.get(proto)
+        if cap is None:
+            cap = self.max_fds // _SHARES.get(proto, 1)
+        return min(cap, self.max_flows)
+
+    def count(self, proto: int) -> int:
+        return self.counts.get(proto, 0)
+
+    def check(self, proto: int, host_fds: int = 1) -> str:
+        """ "" when `add` would take one more flow of `proto` holding `host_fds` descriptors; else the name
+        of the cap it would pass, counted as a refusal. Asked before opening a socket for a new flow."""
+        if len(self._by_id) >= self.max_flows:
+            reason = "limit.flows"
+        elif self.counts.get(proto, 0) >= self.cap(proto):
+            reason = _CAP_NAMES.get(proto, "limit.flows")
+        elif self.fds + host_fds > self.max_fds:
+            reason = "limit.fds"
+        else:
+            return ""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        return reason
+
+    def _held(self, delta: int) -> None:
+        self.fds += delta
+        if self.pool is not None:
+            self.pool.flows = self.fds
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -75,10 +139,26 @@ class FlowTable:
         return flow_id
 
     def add(self, flow: Flow) -> None:
-        if len(self._by_id) >= self.max_flows:
-            raise FlowTableFull
+        if self._by_id.get(flow.flow_id) is flow:  # already in: only its key is indexed again
+            self._by_key[flow.key] = flow
+            return
+        proto = flow.proto
+        reason = self.check(proto, flow.host_fds)
+        if reason:
+            raise FlowTableFull(reason)
+        self.counts[proto] = self.counts.get(proto, 0) + 1
+        self._held(flow.host_fds)
         self._by_key[flow.key] = flow
         self._by_id[flow.flow_id] = flow
+
+    def replace(self, old: Flow, new: Flow) -> None:
+        """`new` takes `old`'s place (and key) whatever the caps: the count does not change. For a flow that
+        takes another's key over (an echo id reused from another guest source)."""
+        self.remove(old)
+        self.counts[new.proto] = self.counts.get(new.proto, 0) + 1
+        self._held(new.host_fds)
+        self._by_key[new.key] = new
+        self._by_id[new.flow_id] = new
 
     def get(self, key: FlowKey) -> Flow | None:
         return self._by_key.get(key)
@@ -87,6 +167,9 @@ class FlowTable:
         return self._by_id.get(flow_id)
 
     def remove(self, flow: Flow) -> None:
-        self._by_id.pop(flow.flow_id, None)
+        if self._by_id.get(flow.flow_id) is flow:
+            del self._by_id[flow.flow_id]
+            self.counts[flow.proto] = self.counts.get(flow.proto, 1) - 1
+            self._held(-flow.host_fds)
         if self._by_key.get(flow.key) is flow:
             del self._by_key[flow.key]

@@ -5,6 +5,10 @@ rewrites the identifier to the socket's own "port" and delivers only replies tha
 (guest echo id, remote address) pair gets its own socket, and replies are mapped back to the guest's id. A
 flow expires after `ECHO_TIMEOUT` seconds without requests, as in passt.
 
+The same id toward the same address from another guest source address takes the key over: the previous
+flow is handed back in the action (`replaced`) so the shell closes its socket at once. Echo flows count
+against the ICMP flow cap; one beyond it is refused (`FlowTableFull`, counted by the caller).
+
 Echo to the gateway address goes to the host's loopback (unless --no-map-gw): a ping of the gateway must
 never leave the host.
 """
@@ -49,6 +53,7 @@ class EchoToHost:
     flow: EchoFlow
     message: bytes
     new: bool
+    replaced: EchoFlow | None = None  # the flow this one took the key from: its socket is to be closed
 
 
 def map_target(ctx: Context, dst: bytes) -> bytes:
@@ -84,22 +89,27 @@ def echo_from_guest(
     if icmp.type != (ICMPV6_ECHO_REQUEST if v6 else ICMP_ECHO_REQUEST) or icmp.code != 0:
         return None
     key = (PROTO_ICMP, key_addr(dst), 0, icmp.ident)
-    flow = table.get(key)
+    found = table.get(key)
     new = False
-    if not isinstance(flow, EchoFlow) or flow.guest_addr != src:
-        if flow is not None:
-            table.remove(flow)
+    replaced: EchoFlow | None = None
+    if isinstance(found, EchoFlow) and found.guest_addr == src:
+        flow = found
+    else:
         flow = EchoFlow(
             table.new_id(), PROTO_ICMP, key, now, now,
             v6=v6, guest_addr=bytes(src), remote_addr=bytes(dst),
             target_addr=map_target(ctx, bytes(dst)), guest_ident=icmp.ident,
         )  # fmt: skip
-        table.add(flow)
+        if found is not None:  # a takeover: one flow for another, never refused
+            table.replace(found, flow)
+            replaced = found if isinstance(found, EchoFlow) else None
+        else:
+            table.add(flow)  # FlowTableFull at a cap: the caller counts it
         new = True
     flow.last_active = now
     flow.packets_from_guest += 1
     flow.bytes_from_guest += len(message)
-    return EchoToHost(flow, bytes(build_echo(icmp.type, icmp.ident, icmp.seq, icmp.body)), new)
+    return EchoToHost(flow, bytes(build_echo(icmp.type, icmp.ident, icmp.seq, icmp.body)), new, replaced)
 
 
 def echo_to_guest(ctx: Context, guest_mac: bytes, flow: EchoFlow, message: bytes, now: float) -> bytes | None:

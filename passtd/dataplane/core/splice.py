@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 from passtd.dataplane.core.flowtable import Flow
+
+
+class SplicePair(Protocol):
+    """The shell's joined pair of sockets (io/splice.py SplicedPair): bytes relayed each way, and a reset."""
+
+    bytes_ab: int  # accepted side → connected side
+    bytes_ba: int
+
+    def reset(self) -> None: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -17,4 +26,4 @@ class SpliceFlow(Flow):
     guest_port: int = 0
     remote_addr: bytes = b""
     remote_port: int = 0
-    pair: Any = None  # the shell's SplicedPair, once both sockets are connected
+    pair: SplicePair | None = None  # once both sockets are connected (host_fds is 2: both sockets)

@@ -1,27 +1,36 @@
 """The imperative shell: readiness → batch of frames → core → replies and socket work → flush.
 
-Dispatch is synchronous: a readiness callback drains up to `BATCH` frames, feeds them all to the core, then
-writes every reply in one `send_batch`. Only `MalformedFrame` is caught at the tap boundary (counted per
-reason, logged at debug); any other exception is a bug and reaches the loop's exception handler.
+`Dataplane` composes the cores and their io modules and runs the batch loop; each concern lives elsewhere:
+UDP in io/udp.py (decisions in core/udp.py), ICMP echo sockets in io/echo.py, the splice bypass in
+io/splice.py, listening sockets and pasta's auto scan in io/forwarding.py, the descriptor limit and its
+descriptor pool in io/limits.py (shares in core/limits.py).
+
+Dispatch is synchronous: a readiness callback takes up to `BATCH` frames, feeds them all to the core, then
+writes every reply in one `send_batch`. A full batch schedules another pass at once (`call_soon`), so frames
+the tap already read are never stranded waiting for new bytes, and one guest still cannot hold the loop for
+more than a batch at a time. Only `MalformedFrame` is caught at the tap boundary (counted per reason, logged
+at debug); any other exception is a bug and reaches the loop's exception handler.
+
+When the guest goes away (qemu's socket closed, or the stream out of step), every flow that went through
+the tap goes with it at once: TCP sockets are reset, UDP and echo sockets closed, and the count kept
+(`guest.departed.flows_closed`), instead of the host sockets lingering until their activity timeouts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
-import resource
 import socket
-import struct
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any, Final, Literal
+from typing import Final
 
 from passtd.dataplane.core.context import Context, Guest, is_loopback
 from passtd.dataplane.core.demux import Demux
-from passtd.dataplane.core.flowtable import PROTO_TCP, Flow, FlowEvent, FlowTable, FlowTableFull, key_addr
+from passtd.dataplane.core.flowtable import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Flow, FlowEvent, FlowTable
 from passtd.dataplane.core.fwd import ForwardTables, Listener
-from passtd.dataplane.core.icmp import EchoFlow, EchoToHost, echo_to_guest, expired
+from passtd.dataplane.core.icmp import EchoFlow, EchoToHost
+from passtd.dataplane.core.limits import GUEST_ADDRS_MAX, FdPool, Limits, Usage
 from passtd.dataplane.core.services.ndp import NdpResponder
 from passtd.dataplane.core.splice import SpliceFlow
 from passtd.dataplane.core.stats import Stats
@@ -30,12 +39,13 @@ from passtd.dataplane.core.tcp.handler import TcpHandler
 from passtd.dataplane.core.tcp.states import state_name
 from passtd.dataplane.core.timeouts import Timeouts
 from passtd.dataplane.core.udp import UdpFlow
-from passtd.dataplane.io.autoscan import read_bound_ports
-from passtd.dataplane.io.listeners import BindResult, ListenerSet
-from passtd.dataplane.io.netns import run_in_netns
+from passtd.dataplane.io.echo import EchoSockets
+from passtd.dataplane.io.forwarding import Forwarding
+from passtd.dataplane.io.limits import SpareFd, fd_pool, is_fd_exhausted
+from passtd.dataplane.io.listeners import BindResult
 from passtd.dataplane.io.pcap import PcapWriter
-from passtd.dataplane.io.sockets import Outbound, open_ping_socket, ping_group_hint, sockaddr
-from passtd.dataplane.io.splice import SplicedPair
+from passtd.dataplane.io.sockets import Outbound
+from passtd.dataplane.io.splice import Splicer
 from passtd.dataplane.io.tap.base import OutFrame, TapBackend
 from passtd.dataplane.io.tcp import TcpIo
 from passtd.dataplane.io.timer import DeadlineTimer
@@ -70,7 +80,8 @@ class Dataplane:
         self.pcap = pcap
         self.guest = Guest()
         self.stats = Stats()
-        self.flows = FlowTable(max_flows)
+        self.fd_pool: FdPool = fd_pool()  # raises RLIMIT_NOFILE to the hard limit first
+        self.flows = FlowTable(max_flows, self.fd_pool)
         self.ndp = NdpResponder(ctx)
         self.timeouts = Timeouts()
         self._out: list[OutFrame] = []
@@ -86,6 +97,7 @@ class Dataplane:
         self._eth: dict[int, bytes] = {}
         self._vnet: dict[tuple[bool, int, int], bytes] = {}
         self._resume_scheduled = False
+        self._tap_pass_scheduled = False
         self.tcp_io.on_connected = lambda conn: self.tcp.sock_connected(conn, self.loop.time())
         self.tcp_io.on_error = lambda conn, reason: self.tcp.sock_error(conn, reason, self.loop.time())
         self.tcp_io.on_readable = lambda conn, eof: self.tcp.sock_readable(conn, self.loop.time(), eof)
@@ -97,22 +109,54 @@ class Dataplane:
             self.log, dns_forward, dns_upstream, to_tap_vnet=self._to_tap_vnet if vnet else None,
         )  # fmt: skip
         self.tcp_io.outbound = self.udp.outbound = Outbound(outbound)
+        self.echo = EchoSockets(ctx, loop, self.flows, self.stats, self.guest, self.send_to_tap, self._emit)
+        self.splicer = Splicer(loop, self.flows, self.stats, self._emit)
         self.demux = Demux(
             ctx, self.guest, self.stats, self.flows, self.ndp, self.tcp.tap_segment, self.udp.from_guest
         )
-        self.forward = ForwardTables("passt")
-        self.tcp_listeners = ListenerSet("tcp", loop, self._on_tcp_listener)
-        self.udp_listeners = ListenerSet("udp", loop, self.udp.on_listener)
-        self.netns_fd: int | None = None  # pasta: the namespace, for -T and spliced loopback paths
-        self.tcp_ns_listeners: ListenerSet | None = None
-        self.udp_ns_listeners: ListenerSet | None = None
-        self._auto_last: dict[str, frozenset[int]] = {}
-        raise_nofile_limit()
+        self.forwarding = Forwarding(
+            loop, self.fd_pool, self._on_tcp_listener, self.udp.on_listener,
+            self.splicer.on_ns_listener, self.udp.on_ns_listener,
+        )  # fmt: skip
+        self._spare = SpareFd()  # lets accept() shed a connection at EMFILE instead of spinning
         self.tap: TapBackend | None = None
         self.disconnected: asyncio.Event = asyncio.Event()
-        self._ping_socks: dict[int, socket.socket] = {}
-        self._ping_refused = False
         self._tick: asyncio.TimerHandle | None = None
+
+    @property
+    def netns_fd(self) -> int | None:
+        """pasta: the namespace, for -T/-U, `auto` and spliced loopback paths."""
+        return self.forwarding.netns_fd
+
+    @netns_fd.setter
+    def netns_fd(self, fd: int | None) -> None:
+        self.forwarding.netns_fd = self.splicer.netns_fd = fd
+
+    @property
+    def forward(self) -> ForwardTables:
+        return self.forwarding.tables
+
+    @property
+    def limits(self) -> Limits:
+        """The caps and what is in use now (core/limits.py), for the control plane's status."""
+        flows, guest, pool = self.flows, self.guest, self.fd_pool
+        refused = dict(flows.refused)
+        for reason in ("limit.guest_addresses", "fd.exhausted"):
+            if self.stats.dropped[reason]:
+                refused[reason] = self.stats.dropped[reason]
+        return Limits(
+            open_files=pool.open_files,
+            fds_reserved=pool.reserved,
+            flow_fds=Usage(flows.max_fds, flows.fds),
+            flows=Usage(flows.max_flows, len(flows)),
+            tcp=Usage(flows.cap(PROTO_TCP), flows.count(PROTO_TCP)),
+            udp=Usage(flows.cap(PROTO_UDP), flows.count(PROTO_UDP)),
+            icmp=Usage(flows.cap(PROTO_ICMP), flows.count(PROTO_ICMP)),
+            listeners=Usage(pool.listeners + pool.listener_room(), pool.listeners),
+            guest_addresses4=Usage(GUEST_ADDRS_MAX, len(guest.addrs4)),
+            guest_addresses6=Usage(GUEST_ADDRS_MAX, len(guest.addrs6)),
+            refused=refused,
+        )
 
     # -- tap side -------------------------------------------------------------------------------------------
 
@@ -140,6 +184,23 @@ class Dataplane:
         self.disconnected.set()
         self.log.info("tap.detached")
 
+    def _guest_departed(self) -> None:
+        """The guest is gone (qemu's socket closed or out of step): so is its side of every flow through the
+        tap. Reset the host sockets now rather than leave them to the activity timeouts."""
+        self.detach()
+        closed = 0
+        for flow in self.flows:
+            if isinstance(flow, TcpConn):
+                self.tcp.reset(flow, "guest_departed")
+                closed += 1
+            elif isinstance(flow, UdpFlow) and flow.back is None:
+                self.udp.close_flow(flow, "guest_departed")
+                closed += 1
+        closed += self.echo.close_all("guest_departed")
+        self.stats.handled["guest.departed.flows_closed"] += closed
+        self.log.info("guest.departed", flows_closed=closed)
+        self._after_batch(self.loop.time())
+
     def _on_tap_readable(self) -> None:
         tap = self.tap
         if tap is None:
@@ -149,13 +210,18 @@ class Dataplane:
         except MalformedFrame as exc:
             self.stats.drop(exc.reason)
             self.log.warning("tap.stream.desync", reason=exc.reason)
-            self.detach()
+            self._guest_departed()
             return
         except EOFError:
-            self.detach()
+            self._guest_departed()
             return
         if not frames:
             return
+        if len(frames) >= BATCH and not self._tap_pass_scheduled:
+            # More may be waiting in the back-end's buffer, already read from the kernel: the descriptor
+            # would not poll readable for them. Another pass right after this one, other callbacks between.
+            self._tap_pass_scheduled = True
+            self.loop.call_soon(self._tap_pass)
         now = self.loop.time()
         replies: list[bytes] = []  # ARP, DHCP, NDP answers (the flows' frames go through _to_tap)
         actions: list[EchoToHost] = []
@@ -164,6 +230,8 @@ class Dataplane:
         stats.bytes_from_tap += sum(map(len, frames))
         pcap = self.pcap
         handle = self.demux.handle_frame
+        udp = self.udp
+        udp.begin_batch(len(frames))
         try:
             for frame in frames:
                 if pcap is not None:
@@ -175,13 +243,17 @@ class Dataplane:
                     self.log.debug("tap.frame.dropped", reason=exc.reason, length=len(frame))
         finally:
             self.tcp.flush_tx()  # guest data views the frames' buffers: written before the next read
-        self.udp.flush_to_host()  # datagrams gathered from this batch, in one send per flow
+            udp.end_batch()  # datagrams gathered from this batch, in one send per run
         for reply in replies:
             self._out.append(reply)
             self._out_bytes += len(reply)
         for action in actions:
-            self._echo_to_host(action)
+            self.echo.to_host(action)
         self._after_batch(now)
+
+    def _tap_pass(self) -> None:
+        self._tap_pass_scheduled = False
+        self._on_tap_readable()
 
     def _to_tap(
         self, ethertype: int, packet: bytes, offload: int = -1, payload: bytes | memoryview = b""
@@ -301,11 +373,11 @@ class Dataplane:
         if isinstance(flow, TcpConn):
             self.tcp.reset(flow, reason)
         elif isinstance(flow, EchoFlow):
-            self._close_echo(flow, reason)
+            self.echo.close_flow(flow, reason)
         elif isinstance(flow, UdpFlow):
             self.udp.close_flow(flow, reason)
         elif isinstance(flow, SpliceFlow) and flow.pair is not None:
-            flow.pair.reset()
+            self.splicer.reset(flow)
         elif flow is not None:
             self.flows.remove(flow)
             self._emit("closed", flow, "CLOSED", reason)
@@ -313,119 +385,16 @@ class Dataplane:
         return flow
 
     def set_forwarding(self, tables: ForwardTables) -> list[BindResult]:
-        """Replace the port policy: diff the listeners, report each bind; flows are never touched."""
-        ephemeral = local_port_range()
-        old = self.forward
-        self.forward = tables
-        self._auto_last.clear()  # `auto` tables are rebuilt at the next tick
-        results = self.tcp_listeners.apply(tables.tcp_in.listeners(ephemeral))
-        results += self.udp_listeners.apply(tables.udp_in.listeners(ephemeral))
-        if self.netns_fd is not None and (self.tcp_ns_listeners is not None or tables.tcp_out.rules):
-            results += self._ns_listeners("tcp").apply(on_loopback(tables.tcp_out.listeners(ephemeral)))
-        if self.netns_fd is not None and (self.udp_ns_listeners is not None or tables.udp_out.rules):
-            results += self._ns_listeners("udp").apply(on_loopback(tables.udp_out.listeners(ephemeral)))
-        for result in results:
-            if not result.ok:
-                self.log.warning("forward.bind.failed", port=result.listener.port, address=result.address,
-                                 error=result.errno_name)  # fmt: skip
-        if old.tcp_in != tables.tcp_in:
-            self.log.info("forward.tcp.changed", spec=tables.tcp_in.to_spec())
-        if old.udp_in != tables.udp_in:
-            self.log.info("forward.udp.changed", spec=tables.udp_in.to_spec())
-        return results
+        """Replace the port policy: diff the listeners, report each bind; flows are never touched. Binds all
+        at once (start-up, SIGHUP); the descriptor pool bounds how many that can be."""
+        return self.forwarding.apply(tables)
 
-    def _ns_listeners(self, proto: Literal["tcp", "udp"]) -> ListenerSet:
-        """-T/-U: listening sockets on the namespace's loopback, made on first use."""
-        current = self.tcp_ns_listeners if proto == "tcp" else self.udp_ns_listeners
-        if current is not None:
-            return current
-        netns_fd = self.netns_fd
-        assert netns_fd is not None
-        created = ListenerSet(
-            proto, self.loop, self._on_tcp_ns_listener if proto == "tcp" else self.udp.on_ns_listener,
-            socket_factory=lambda family, kind: run_in_netns(netns_fd, socket.socket, family, kind),
-        )  # fmt: skip
-        if proto == "tcp":
-            self.tcp_ns_listeners = created
-        else:
-            self.udp_ns_listeners = created
-        return created
+    async def set_forwarding_async(self, tables: ForwardTables) -> list[BindResult]:
+        """As `set_forwarding`, binding in slices with the data path running between them (control API)."""
+        return await self.forwarding.apply_async(tables)
 
     def _on_tcp_listener(self, listener: Listener, sock: socket.socket) -> None:
         self.accept_tcp(sock, listener.target_port)
-
-    def _on_tcp_ns_listener(self, listener: Listener, sock: socket.socket) -> None:
-        """-T: a connection inside the namespace to its loopback goes to the same port on the host's."""
-        now = self.loop.time()
-        for _ in range(64):
-            try:
-                conn, peer = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                self.log.warning("tcp.ns_accept.failed", error=exc.strerror)
-                break
-            self._splice(conn, peer, listener.target_port, in_netns=False, now=now)
-
-    def _splice(self, accepted: socket.socket, peer: Any, port: int, *, in_netns: bool, now: float) -> None:
-        """Join `accepted` to a new connection to loopback:port (inside the namespace when `in_netns`)."""
-        v6 = accepted.family == socket.AF_INET6
-        loopback = "::1" if v6 else "127.0.0.1"
-        family = socket.AF_INET6 if v6 else socket.AF_INET
-        try:
-            if in_netns:
-                assert self.netns_fd is not None
-                out = run_in_netns(self.netns_fd, socket.socket, family, socket.SOCK_STREAM)
-            else:
-                out = socket.socket(family, socket.SOCK_STREAM)
-            out.setblocking(False)
-            err = out.connect_ex((loopback, port))
-        except OSError as exc:
-            self.log.debug("tcp.splice.failed", error=exc.strerror)
-            _reset(accepted)
-            return
-        if err not in (0, errno.EINPROGRESS):
-            out.close()
-            _reset(accepted)
-            self.stats.handled["tcp.splice.refused"] += 1
-            return
-        addr = socket.inet_pton(family, loopback)
-        flow = SpliceFlow(
-            self.flows.new_id(), PROTO_TCP, (PROTO_TCP, key_addr(addr), peer[1], -port), now, now,
-            guest_initiated=not in_netns, v6=v6, guest_addr=addr, guest_port=port if in_netns else peer[1],
-            remote_addr=addr, remote_port=peer[1] if in_netns else port,
-        )  # fmt: skip
-        try:
-            self.flows.add(flow)
-        except FlowTableFull:
-            out.close()
-            _reset(accepted)
-            self.stats.drop("flow.table_full")
-            return
-
-        def connected() -> None:
-            self.loop.remove_writer(out.fileno())
-            if out.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                out.close()
-                _reset(accepted)
-                self.flows.remove(flow)
-                self._emit("closed", flow, "CLOSED", "connect_failed")
-                return
-            flow.pair = SplicedPair(
-                self.loop, accepted, out, lambda pair, reason: self._spliced_done(flow, reason)
-            )
-            self._emit("opened", flow, "SPLICED")
-
-        self.loop.add_writer(out.fileno(), connected)
-
-    def _spliced_done(self, flow: SpliceFlow, reason: str) -> None:
-        pair = flow.pair
-        if pair is not None:
-            flow.bytes_from_guest, flow.bytes_to_guest = (
-                (pair.bytes_ba, pair.bytes_ab) if flow.guest_initiated else (pair.bytes_ab, pair.bytes_ba)
-            )
-        self.flows.remove(flow)
-        self._emit("closed", flow, "CLOSED", reason)
 
     def accept_tcp(self, listener: socket.socket, guest_port: int) -> None:
         """A forwarded port is readable: accept every pending connection and offer each to the guest."""
@@ -436,12 +405,17 @@ class Dataplane:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                self.log.warning("tcp.accept.failed", error=exc.strerror)
+                if is_fd_exhausted(exc):
+                    # The connection stays queued and the listener readable: shed it, or the loop spins.
+                    self.stats.drop("fd.exhausted")
+                    self._spare.shed(listener)
+                else:
+                    self.log.warning("tcp.accept.failed", error=exc.strerror)
                 break
             family_v6 = sock.family == socket.AF_INET6
             addr = socket.inet_pton(socket.AF_INET6 if family_v6 else socket.AF_INET, peer[0])
             if self.netns_fd is not None and is_loopback(addr):
-                self._splice(sock, peer, guest_port, in_netns=True, now=now)  # pasta's splice bypass
+                self.splicer.splice(sock, peer, guest_port, in_netns=True, now=now)  # pasta's splice bypass
                 continue
             port = self.tcp_io.adopt(sock)
             conn = self.tcp.accepted(port, addr, peer[1], guest_port, now)
@@ -464,61 +438,6 @@ class Dataplane:
                 self.pcap.write(b"".join(frame[1:]) if isinstance(frame, tuple) else frame)
         tap.send_batch(frames)
 
-    # -- ICMP echo ------------------------------------------------------------------------------------------
-
-    def _echo_to_host(self, action: EchoToHost) -> None:
-        flow = action.flow
-        sock = self._ping_socks.get(flow.flow_id)
-        if sock is None:
-            try:
-                sock = open_ping_socket(flow.v6)
-            except PermissionError:
-                self.stats.drop("icmp.ping_socket_forbidden")
-                if not self._ping_refused:
-                    self._ping_refused = True
-                    self.log.warning("icmp.ping_socket.forbidden", hint=ping_group_hint())
-                self.flows.remove(flow)
-                return
-            except OSError as exc:
-                self.stats.drop("icmp.ping_socket_error")
-                self.log.warning("icmp.ping_socket.error", error=exc.strerror)
-                self.flows.remove(flow)
-                return
-            self._ping_socks[flow.flow_id] = sock
-            self._emit("opened", flow, "ACTIVE")
-            self.loop.add_reader(sock.fileno(), self._on_ping_readable, flow, sock)
-            self.log.debug("icmp.flow.opened", flow_id=flow.flow_id, target=sockaddr(flow.target_addr, 0)[0])
-        try:
-            sock.sendto(action.message, sockaddr(flow.target_addr, 0))
-        except OSError as exc:
-            self.stats.drop("icmp.send_error")
-            self.log.debug("icmp.send.failed", flow_id=flow.flow_id, error=exc.strerror)
-
-    def _on_ping_readable(self, flow: EchoFlow, sock: socket.socket) -> None:
-        out: list[bytes] = []
-        now = self.loop.time()
-        for _ in range(BATCH):
-            try:
-                message = sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:  # ICMP errors queued on the socket: the guest's ping times out as it would
-                self.log.debug("icmp.recv.failed", flow_id=flow.flow_id, error=exc.strerror)
-                continue
-            frame = echo_to_guest(self.ctx, self.guest.dst_mac, flow, message, now)
-            if frame is not None:
-                out.append(frame)
-        self.send_to_tap(out)
-
-    def _close_echo(self, flow: EchoFlow, reason: str = "timeout") -> None:
-        self.flows.remove(flow)
-        self._emit("closed", flow, "CLOSED", reason)
-        sock = self._ping_socks.pop(flow.flow_id, None)
-        if sock is not None:
-            self.loop.remove_reader(sock.fileno())
-            sock.close()
-        self.log.debug("icmp.flow.closed", flow_id=flow.flow_id)
-
     # -- timers ---------------------------------------------------------------------------------------------
 
     def _on_tick(self) -> None:
@@ -529,49 +448,11 @@ class Dataplane:
             if ra is not None:
                 self.send_to_tap([ra])
         self.udp.expire(now, self.timeouts.udp_idle)
-        for flow in expired(self.flows, now, self.timeouts.icmp_idle):
-            self._close_echo(flow)
+        self.echo.expire(now, self.timeouts.icmp_idle)
         if self.pcap is not None:
             self.pcap.flush()
         if self.netns_fd is not None:
-            self._auto_scan()
-
-    def _auto_scan(self) -> None:
-        """pasta `auto`: mirror the ports bound on each side into listeners on the other, every tick."""
-        tables = self.forward
-        netns_fd = self.netns_fd
-        assert netns_fd is not None
-        wanted: dict[str, set[Listener]] = {}
-        for direction, policy in (
-            ("tcp_in", tables.tcp_in),
-            ("udp_in", tables.udp_in),
-            ("tcp_out", tables.tcp_out),
-            ("udp_out", tables.udp_out),
-        ):
-            if policy.mode != "auto":
-                continue
-            proto = direction[:3]
-            if direction.endswith("_in"):  # ports bound in the namespace, forwarded from the host
-                ports = run_in_netns(netns_fd, read_bound_ports, proto)
-                theirs = self.tcp_ns_listeners if proto == "tcp" else self.udp_ns_listeners
-                ours_there = theirs.listeners if theirs is not None else ()
-            else:  # ports bound on the host, forwarded from the namespace's loopback
-                ports = read_bound_ports(proto, "/proc/self/net")
-                ours_there = (self.tcp_listeners if proto == "tcp" else self.udp_listeners).listeners
-            ports -= {lst.port for lst in ours_there}
-            key = frozenset(ports)
-            if self._auto_last.get(direction) == key:
-                continue
-            self._auto_last[direction] = key
-            wanted[direction] = {Listener(None, None, port, port) for port in ports}
-        if "tcp_in" in wanted:
-            self.tcp_listeners.apply(wanted["tcp_in"])
-        if "udp_in" in wanted:
-            self.udp_listeners.apply(wanted["udp_in"])
-        if "tcp_out" in wanted:
-            self._ns_listeners("tcp").apply(on_loopback(wanted["tcp_out"]))
-        if "udp_out" in wanted:
-            self._ns_listeners("udp").apply(on_loopback(wanted["udp_out"]))
+            self.forwarding.auto_scan()
 
     def close(self) -> None:
         for conn in [f for f in self.flows if isinstance(f, TcpConn)]:
@@ -580,34 +461,17 @@ class Dataplane:
         self._timer.cancel()
         self.loop.remove_reader(self.tcp_io.fileno())
         self.tcp_io.close()
-        self.tcp_listeners.close()
-        if self.tcp_ns_listeners is not None:
-            self.tcp_ns_listeners.close()
-        if self.udp_ns_listeners is not None:
-            self.udp_ns_listeners.close()
-        for spliced in [f for f in self.flows if isinstance(f, SpliceFlow)]:
-            if spliced.pair is not None:
-                spliced.pair.reset()
+        self.forwarding.close()
+        self.splicer.close_all()
         self.udp.close()
-        self.udp_listeners.close()
         self.detach()
         if self._tick is not None:
             self._tick.cancel()
             self._tick = None
-        for flow in [f for f in self.flows if isinstance(f, EchoFlow)]:
-            self._close_echo(flow, "shutdown")
+        self.echo.close_all("shutdown")
         if self.pcap is not None:
             self.pcap.close()
-
-
-def local_port_range() -> tuple[int, int]:
-    """The kernel's ephemeral port range: `-t all` leaves it alone, as passt does."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low, high = (int(x) for x in f.read().split())
-    except (OSError, ValueError):
-        return (32768, 60999)
-    return (low, high)
+        self._spare.close()
 
 
 def flow_state(flow: Flow) -> str:
@@ -617,30 +481,3 @@ def flow_state(flow: Flow) -> str:
     if isinstance(flow, SpliceFlow):
         return "SPLICED" if flow.pair is not None else "CONNECTING"
     return "ACTIVE"
-
-
-def on_loopback(listeners: set[Listener]) -> set[Listener]:
-    """-T/-U listen on the namespace's loopback: an unscoped rule becomes one per loopback address."""
-    out: set[Listener] = set()
-    for lst in listeners:
-        if lst.bind_addr is None:
-            out.add(Listener(IPv4Address("127.0.0.1"), lst.ifname, lst.port, lst.target_port))
-            out.add(Listener(IPv6Address("::1"), lst.ifname, lst.port, lst.target_port))
-        else:
-            out.add(lst)
-    return out
-
-
-def raise_nofile_limit() -> None:
-    """Forwarding many ports needs many descriptors: take the soft limit up to the hard one, as passt does."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def _reset(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()

@@ -11,6 +11,12 @@ can fail on its own (IPv6 disabled, or only one family's port taken) and is repo
 Sockets are grouped by `Listener.key` (address, interface, port). A diff that closes and reopens the same key
 with another target port is a *retarget*: the sockets stay open and only the Listener handed to
 `on_readable` changes, so there is no moment at which the port refuses connections.
+
+Every ListenerSet of a dataplane draws on one `FdPool` (core/limits.py): `-t all` binds until the pool's
+room for listeners is spent and reports each port past it as failed (EMFILE, "listener limit reached"),
+rather than binding until the process has no descriptor left for its flows and its control socket.
+`apply_async` binds in slices of `BIND_SLICE` sockets, yielding to the loop between slices, so a large range
+does not stall the data path.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from passtd.dataplane.core.fwd import Listener
+from passtd.dataplane.core.limits import FdPool
 
 BACKLOG: Final = 128
+BIND_SLICE: Final = 128  # sockets bound per loop iteration by apply_async
 WILDCARDS: Final = (("0.0.0.0", socket.AF_INET), ("::", socket.AF_INET6))
 
 SocketFactory = Callable[[int, int], socket.socket]
@@ -75,6 +83,7 @@ class ListenerSet:
         *,
         backlog: int = BACKLOG,
         socket_factory: SocketFactory | None = None,
+        pool: FdPool | None = None,
     ) -> None:
         if proto not in ("tcp", "udp"):
             raise ValueError(f"proto must be 'tcp' or 'udp', not {proto!r}")
@@ -84,6 +93,7 @@ class ListenerSet:
         self._backlog = backlog
         self._factory: SocketFactory = socket_factory or socket.socket
         self._type = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+        self.pool = pool if pool is not None else FdPool(0, 0, 1 << 30, 0)  # alone: no limit
         self._current: dict[tuple[object, ...], Listener] = {}
         self._socks: dict[tuple[object, ...], dict[str, socket.socket]] = {}
 
@@ -115,16 +125,37 @@ class ListenerSet:
         Closing first lets a port move between scopes (127.0.0.1 → any) in one diff. Retargeted keys report
         `ok` for each socket kept, and retry families that had failed before.
         """
+        results: list[BindResult] = []
+        for listener in self._close_then_order(to_close, to_open):
+            results.extend(self._open(listener))
+        return results
+
+    async def apply_async(
+        self, listeners: Iterable[Listener], slice_size: int = BIND_SLICE
+    ) -> list[BindResult]:
+        """As `apply`, yielding to the event loop after every `slice_size` sockets attempted."""
+        wanted = set(listeners)
+        have = set(self._current.values())
+        results: list[BindResult] = []
+        since_yield = 0
+        for listener in self._close_then_order(have - wanted, wanted - have):
+            done = self._open(listener)
+            results.extend(done)
+            since_yield += len(done)
+            if since_yield >= slice_size:
+                since_yield = 0
+                await asyncio.sleep(0)
+        return results
+
+    def _close_then_order(self, to_close: Iterable[Listener], to_open: Iterable[Listener]) -> list[Listener]:
+        """Close what goes (except keys retargeted), and the listeners to open, by port."""
         opening = {listener.key: listener for listener in to_open}
         for listener in to_close:
             key = listener.key
             if key in opening or self._current.get(key) != listener:
                 continue  # retargeted below, or not ours (never bound, or already replaced)
             self._close_key(key)
-        results: list[BindResult] = []
-        for listener in sorted(opening.values(), key=lambda lst: lst.port):
-            results.extend(self._open(listener))
-        return results
+        return sorted(opening.values(), key=lambda lst: lst.port)
 
     def close(self) -> None:
         """Close every listening socket (idempotent)."""
@@ -147,10 +178,17 @@ class ListenerSet:
             if host in held:
                 results.append(BindResult(listener, host, True, None, f"{self._where(listener, host)}: kept"))
                 continue
+            pool = self.pool
+            if pool.listener_room() <= 0:
+                where = self._where(listener, host)
+                msg = f"{where}: listener limit reached ({pool.listeners} open; raise the open-files limit)"
+                results.append(BindResult(listener, host, False, "EMFILE", msg))
+                continue
             sock, result = self._bind(listener, host, family)
             results.append(result)
             if sock is not None:
                 held[host] = sock
+                pool.listeners += 1
                 self._loop.add_reader(sock.fileno(), self._ready, key, sock)
         if held:
             self._socks[key] = held
@@ -199,6 +237,7 @@ class ListenerSet:
     def _close_key(self, key: tuple[object, ...]) -> None:
         self._current.pop(key, None)
         for sock in self._socks.pop(key, {}).values():
+            self.pool.listeners -= 1
             try:
                 self._loop.remove_reader(sock.fileno())
             except (ValueError, OSError):

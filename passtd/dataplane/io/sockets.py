@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import socket
+import struct
 from ipaddress import IPv4Address, IPv6Address
+from typing import Final
 
 from passtd.dataplane.core.context import is_loopback
+
+_LINGER0: Final = struct.pack("ii", 1, 0)
+
+
+def reset_socket(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the peer gets an RST, and no TIME_WAIT is left behind."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+    except OSError:
+        pass
+    sock.close()
 
 
 def open_ping_socket(v6: bool) -> socket.socket:

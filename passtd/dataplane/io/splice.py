@@ -8,13 +8,21 @@ and a reset relayed as a reset (SO_LINGER 0).
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
-import struct
 from collections.abc import Callable
 from typing import Final
 
+from passtd.dataplane.core.flowtable import PROTO_TCP, Flow, FlowTable, FlowTableFull, key_addr
+from passtd.dataplane.core.fwd import Listener
+from passtd.dataplane.core.splice import SpliceFlow
+from passtd.dataplane.core.stats import Stats
+from passtd.dataplane.io.limits import is_fd_exhausted
+from passtd.dataplane.io.netns import run_in_netns
+from passtd.dataplane.io.sockets import reset_socket
+from passtd.logging import get_logger
+
 BUF: Final = 1 << 20
-_LINGER0: Final = struct.pack("ii", 1, 0)
 
 
 class _Direction:
@@ -120,12 +128,114 @@ class SplicedPair:
             except (ValueError, OSError):
                 pass
             if reset:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
-                except OSError:
-                    pass
-            sock.close()
+                reset_socket(sock)
+            else:
+                sock.close()
         self.on_done(self, reason)
 
     def reset(self) -> None:
         self._finish("reset_by_api", reset=True)
+
+
+class Splicer:
+    """Loopback-to-loopback TCP through passtd without the tap: pasta's splice bypass (a host-loopback
+    connection to a forwarded port, joined to the namespace's loopback) and -T (the namespace's loopback
+    joined to the host's). Each joined pair is a SpliceFlow in the flow table, holding two descriptors."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        flows: FlowTable,
+        stats: Stats,
+        emit: Callable[[str, Flow, str, str], None],
+    ) -> None:
+        self.loop = loop
+        self.flows = flows
+        self.stats = stats
+        self.emit = emit
+        self.log = get_logger(component="splice")
+        self.netns_fd: int | None = None  # pasta: the namespace, where in_netns connections are made
+
+    def on_ns_listener(self, listener: Listener, sock: socket.socket) -> None:
+        """-T: a connection inside the namespace to its loopback goes to the same port on the host's."""
+        now = self.loop.time()
+        for _ in range(64):
+            try:
+                conn, peer = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self.stats.drop("fd.exhausted" if is_fd_exhausted(exc) else "tcp.accept_error")
+                self.log.debug("tcp.ns_accept.failed", error=exc.strerror)
+                break
+            self.splice(conn, peer, listener.target_port, in_netns=False, now=now)
+
+    def splice(
+        self, accepted: socket.socket, peer: tuple[str, int], port: int, *, in_netns: bool, now: float
+    ) -> None:
+        """Join `accepted` to a new connection to loopback:port (inside the namespace when `in_netns`)."""
+        v6 = accepted.family == socket.AF_INET6
+        loopback = "::1" if v6 else "127.0.0.1"
+        family = socket.AF_INET6 if v6 else socket.AF_INET
+        addr = socket.inet_pton(family, loopback)
+        flow = SpliceFlow(
+            self.flows.new_id(), PROTO_TCP, (PROTO_TCP, key_addr(addr), peer[1], -port), now, now,
+            guest_initiated=not in_netns, host_fds=2, v6=v6, guest_addr=addr,
+            guest_port=port if in_netns else peer[1], remote_addr=addr,
+            remote_port=peer[1] if in_netns else port,
+        )  # fmt: skip
+        try:
+            self.flows.add(flow)
+        except FlowTableFull as exc:
+            reset_socket(accepted)
+            self.stats.drop(exc.reason)
+            return
+        try:
+            if in_netns:
+                assert self.netns_fd is not None
+                out = run_in_netns(self.netns_fd, socket.socket, family, socket.SOCK_STREAM)
+            else:
+                out = socket.socket(family, socket.SOCK_STREAM)
+            out.setblocking(False)
+            err = out.connect_ex((loopback, port))
+        except OSError as exc:
+            self.flows.remove(flow)
+            self.stats.drop("fd.exhausted" if is_fd_exhausted(exc) else "tcp.splice.socket_error")
+            self.log.debug("tcp.splice.failed", error=exc.strerror)
+            reset_socket(accepted)
+            return
+        if err not in (0, errno.EINPROGRESS):
+            out.close()
+            reset_socket(accepted)
+            self.flows.remove(flow)
+            self.stats.handled["tcp.splice.refused"] += 1
+            return
+        self.loop.add_writer(out.fileno(), self._connected, flow, accepted, out)
+
+    def _connected(self, flow: SpliceFlow, accepted: socket.socket, out: socket.socket) -> None:
+        self.loop.remove_writer(out.fileno())
+        if out.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            out.close()
+            reset_socket(accepted)
+            self.flows.remove(flow)
+            self.emit("closed", flow, "CLOSED", "connect_failed")
+            return
+        flow.pair = SplicedPair(self.loop, accepted, out, lambda pair, reason: self._done(flow, reason))
+        self.emit("opened", flow, "SPLICED", "")
+
+    def _done(self, flow: SpliceFlow, reason: str) -> None:
+        pair = flow.pair
+        if pair is not None:
+            flow.bytes_from_guest, flow.bytes_to_guest = (
+                (pair.bytes_ba, pair.bytes_ab) if flow.guest_initiated else (pair.bytes_ab, pair.bytes_ba)
+            )
+        self.flows.remove(flow)
+        self.emit("closed", flow, "CLOSED", reason)
+
+    def reset(self, flow: SpliceFlow) -> None:
+        if flow.pair is not None:
+            flow.pair.reset()
+
+    def close_all(self) -> None:
+        for flow in [f for f in self.flows if isinstance(f, SpliceFlow)]:
+            self.reset(flow)

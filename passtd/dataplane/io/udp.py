@@ -1,15 +1,17 @@
-"""UDP sockets for the UDP flows of core/udp.py: open, bind, relay, expire.
+"""UDP sockets for the UDP flows of core/udp.py: open, bind, relay, close. The decisions are `UdpCore`'s.
 
 Per datagram, both directions stay lean, since everything shares one CPU with the guest and its peers:
 
-- Guest → host: the last flow is checked before the flow table (a stream hits it every time). A datagram
-  that arrives within `BURST_GAP` of the previous one is part of a tap batch: datagrams of one flow and one
-  size are then gathered and handed to the kernel in one `sendmsg` with UDP_SEGMENT (UDP GSO, Linux 4.18),
-  which cuts them into the same datagrams at a fraction of the per-send cost. What is gathered is sent at
-  the end of the callback (`call_soon`), before any other frame is read. A lone datagram (request/response)
-  is sent at once. A route that refuses segmentation (EIO/EINVAL) turns it off for that flow.
+- Guest → host: `UdpCore.find` checks the previous datagram's flow before the flow table. Within a tap batch
+  (the dataplane calls `begin_batch`/`end_batch` around it), datagrams of one flow and one size are gathered
+  by the core and sent here in one `sendmsg` with UDP_SEGMENT, which the kernel cuts into the same datagrams
+  at a fraction of the per-send cost; the last run leaves at `end_batch`, before any other frame is read. A
+  lone datagram (request/response) is sent at once. A route that refuses segmentation (EIO/EINVAL) turns it
+  off for that flow.
 - Host → guest: many datagrams per readiness event, read into one preallocated buffer; the IP and UDP
   headers come from the flow's template; `to_tap` copies the payload once into the frame.
+- Limits: a new flow beyond the caps, or one whose socket cannot be made because descriptors ran out, is
+  refused with ICMP port unreachable toward the guest and counted (`limit.*`, `fd.exhausted`).
 """
 
 from __future__ import annotations
@@ -20,42 +22,38 @@ import socket
 import struct
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
-from time import perf_counter
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 from passtd.dataplane.core.context import Context, Guest
-from passtd.dataplane.core.flowtable import PROTO_UDP, Flow, FlowTable, FlowTableFull, key_addr
+from passtd.dataplane.core.flowtable import Flow, FlowTable
 from passtd.dataplane.core.fwd import Listener
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.core.udp import (
+    FLUSH_FIRST,
+    RUN_COMPLETE,
+    SEND_ALONE,
+    DatagramSocket,
+    SockAddr,
+    UdpCore,
     UdpFlow,
     guest_template,
-    new_guest_flow,
-    new_host_flow,
-    remote_as_seen,
-    target_for,
-    udp_key,
+    port_unreachable,
+    segments,
 )
+from passtd.dataplane.io.limits import is_fd_exhausted
 from passtd.dataplane.io.sockets import Outbound, sockaddr
 from passtd.dataplane.packets.ethernet import ETH_P_IP, ETH_P_IPV6
-from passtd.dataplane.packets.udp import (
-    UdpHeader,
-    udp_headers,
-    udp_headers_partial,
-    udp_offload_vnet_header,
-)
+from passtd.dataplane.packets.udp import UdpHeader, udp_headers, udp_headers_partial, udp_offload_vnet_header
 
 RECV_SIZE: Final = 65536
 BATCH: Final = 64
 SOCK_BUF: Final = 4 << 20  # SO_RCVBUF/SO_SNDBUF asked for on flow sockets (the kernel caps it unless root)
-BURST_GAP: Final = 20e-6  # seconds: guest datagrams closer than this came in one tap batch
-GSO_MAX_SEGS: Final = 64  # UDP_MAX_SEGMENTS on older kernels (128 since 6.x)
-GSO_MAX_BYTES: Final = 65000  # one UDP payload (65507 over IPv4) may not exceed this
 UDP_SEGMENT: Final = 103  # linux/udp.h: setsockopt/cmsg level SOL_UDP
 SOL_UDP: Final = 17
 SO_SNDBUFFORCE: Final = 32  # asm-generic/socket.h; Python's socket module does not name them
 SO_RCVBUFFORCE: Final = 33
 _U16 = struct.Struct("=H")  # the cmsg carries the segment size in host byte order
+_GSO_REFUSED: Final = frozenset((errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.ENOPROTOOPT))
 
 
 class ToTap(Protocol):
@@ -66,10 +64,15 @@ class ToTap(Protocol):
     ) -> None: ...
 
 
+class DebugLog(Protocol):
+    def debug(self, event: str, /, **kw: object) -> object: ...
+
+
 # Optional: collect a frame that carries its own virtio-net header (tap with IFF_VNET_HDR). With it, frames
 # toward the guest leave the UDP checksum to the kernel (NEEDS_CSUM). Arguments: vnet header, ethertype,
 # IP+UDP headers, payload (copied, like `ToTap`).
 ToTapVnet = Callable[[bytes, int, bytes, memoryview], None]
+Emit = Callable[[str, Flow, str, str], None]
 
 
 def _tune(sock: socket.socket) -> None:
@@ -97,114 +100,83 @@ class UdpRelay:
         guest: Guest,
         to_tap: ToTap,
         after_batch: Callable[[float], None],
-        emit: Callable[[str, Flow, str, str], None],
-        log: Any,
+        emit: Emit,
+        log: DebugLog,
         dns_forward: tuple[IPv4Address | IPv6Address, ...] = (),
         dns_upstream: tuple[IPv4Address | IPv6Address, ...] = (),
         to_tap_vnet: ToTapVnet | None = None,
     ) -> None:
-        self.ctx = ctx
+        self.core = UdpCore(ctx, flows, stats, guest, dns_forward, dns_upstream)
         self.loop = loop
         self.flows = flows
         self.stats = stats
-        self.guest = guest
         self.to_tap = to_tap
         self.to_tap_vnet = to_tap_vnet
         self.after_batch = after_batch
         self.emit = emit
         self.log = log
-        self.dns_forward = dns_forward
-        self.dns_upstream = dns_upstream
-        self.active: dict[int, UdpFlow] = {}
         self._vnet4 = udp_offload_vnet_header(False)
         self._vnet6 = udp_offload_vnet_header(True)
         self._rbuf = bytearray(RECV_SIZE)
         self._rview = memoryview(self._rbuf)
-        self._last: UdpFlow | None = None  # the flow of the previous guest datagram
-        self._last_t = 0.0
-        self.burst_gap = BURST_GAP
         self.gso_sends = 0  # sendmsg calls that carried several datagrams (plain ints: read by tests, status)
         self.gso_datagrams = 0
-        # datagrams gathered for one UDP GSO send: one flow, equal sizes (the last may be shorter)
-        self._gso_flow: UdpFlow | None = None
-        self._gso_buf = bytearray(GSO_MAX_BYTES)
-        self._gso_view = memoryview(self._gso_buf)
-        self._gso_len = 0
-        self._gso_size = 0
-        self._gso_count = 0
-        self._gso_scheduled = False
         self.outbound = Outbound()  # --outbound source addresses
-        self._ns_flows: dict[tuple[int, Any], UdpFlow] = {}  # -U: (port, namespace peer) → flow
-        self._peer_flows: dict[tuple[int, Any], UdpFlow] = {}  # (guest port, recvfrom address) → flow
-        self._peer_keys: dict[int, list[tuple[int, Any]]] = {}  # flow id → its keys above
+
+    @property
+    def active(self) -> dict[int, UdpFlow]:
+        return self.core.active
 
     # -- guest → host -------------------------------------------------------------------------------------
 
+    def begin_batch(self, frames: int) -> None:
+        """The dataplane is about to hand over a tap batch of `frames` frames."""
+        self.core.begin_batch(frames)
+
+    def end_batch(self) -> None:
+        """The batch is over: the gathered run leaves now."""
+        self.flush_to_host()
+        self.core.end_batch()
+
     def from_guest(self, v6: bool, src: bytes, dst: bytes, udp: UdpHeader, now: float) -> None:
         sport, dport, _length, payload = udp
-        flow = self._last
-        if (
-            flow is None
-            or flow.remote_port != dport
-            or flow.guest_port != sport
-            or flow.remote_addr != dst
-            or flow.guest_addr != src
-            or flow.sock is None
-        ):
-            flow = self._lookup(v6, src, dst, sport, dport, now)
+        core = self.core
+        flow = core.find(src, dst, sport, dport)
+        if flow is None:
+            flow = self._open(v6, src, dst, sport, dport, payload, now)
             if flow is None:
                 return
-            self._last = flow
+            core.last = flow
+        sock = flow.sock
+        assert sock is not None  # find() and _open() return flows with a socket only
         n = len(payload)
         flow.last_active = now
         flow.packets_from_guest += 1
         flow.bytes_from_guest += n
         if not flow.own_sock:
             try:
-                flow.sock.sendto(payload, flow.sock_addr)
+                sock.sendto(payload, flow.sock_addr or ("", 0))
             except OSError as exc:
                 self._send_failed(flow, exc, 1)
             return
-        t = perf_counter()
-        burst = t - self._last_t < self.burst_gap
-        self._last_t = t
-        gathered = self._gso_flow
-        if gathered is not None:
-            if gathered is flow and 0 < n <= self._gso_size and self._gso_len + n <= GSO_MAX_BYTES:
-                end = self._gso_len + n
-                self._gso_buf[self._gso_len : end] = payload
-                self._gso_len = end
-                self._gso_count += 1
-                if n < self._gso_size or self._gso_count >= GSO_MAX_SEGS:
-                    self.flush_to_host()  # a shorter datagram can only be the last segment
-                return
-            self.flush_to_host()  # another flow or a bigger datagram: what was gathered goes first
-        if burst and n and not flow.no_gso:
-            self._gso_flow = flow
-            self._gso_buf[:n] = payload
-            self._gso_len = self._gso_size = n
-            self._gso_count = 1
-            if not self._gso_scheduled:
-                self._gso_scheduled = True
-                self.loop.call_soon(self._flush_scheduled)
-            return
-        try:
-            flow.sock.send(payload)
-        except OSError as exc:
-            self._send_failed(flow, exc, 1)
-
-    def _flush_scheduled(self) -> None:
-        self._gso_scheduled = False
-        self.flush_to_host()
+        verdict = core.gather(flow, payload)
+        if verdict == FLUSH_FIRST:
+            self.flush_to_host()
+            verdict = core.gather(flow, payload)
+        if verdict == SEND_ALONE:
+            try:
+                sock.send(payload)
+            except OSError as exc:
+                self._send_failed(flow, exc, 1)
+        elif verdict == RUN_COMPLETE:
+            self.flush_to_host()
 
     def flush_to_host(self) -> None:
-        """Send the gathered datagrams, as one UDP GSO send when there are several."""
-        flow = self._gso_flow
-        if flow is None:
+        """Send the gathered run, as one UDP GSO send when it holds several datagrams."""
+        taken = self.core.take_run()
+        if taken is None:
             return
-        self._gso_flow = None
-        count = self._gso_count
-        data = self._gso_view[: self._gso_len]
+        flow, data, size, count = taken
         sock = flow.sock
         if sock is None:  # closed meanwhile
             return
@@ -212,17 +184,16 @@ class UdpRelay:
             if count == 1:
                 sock.send(data)
             else:
-                sock.sendmsg((data,), ((SOL_UDP, UDP_SEGMENT, _U16.pack(self._gso_size)),))
+                sock.sendmsg((data,), ((SOL_UDP, UDP_SEGMENT, _U16.pack(size)),))
                 self.gso_sends += 1
                 self.gso_datagrams += count
         except OSError as exc:
-            if count > 1 and exc.errno in (errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.ENOPROTOOPT):
+            if count > 1 and exc.errno in _GSO_REFUSED:
                 flow.no_gso = True  # no checksum offload or segmentation on this route: one by one
                 self.log.debug("udp.gso.disabled", flow_id=flow.flow_id, error=exc.strerror)
-                size = self._gso_size
-                for off in range(0, len(data), size):
+                for segment in segments(data, size):
                     try:
-                        sock.send(data[off : off + size])
+                        sock.send(segment)
                     except OSError as exc2:
                         self._send_failed(flow, exc2, 1)
                 return
@@ -235,23 +206,36 @@ class UdpRelay:
         self.stats.dropped["udp.send_error"] += count
         self.log.debug("udp.send.failed", flow_id=flow.flow_id, error=exc.strerror)
 
-    def _lookup(self, v6: bool, src: bytes, dst: bytes, sport: int, dport: int, now: float) -> UdpFlow | None:
-        if (v6 and self.ctx.ip6 is None) or (not v6 and self.ctx.ip4 is None):
-            self.stats.drop("udp.family_disabled")
-            return None
-        flow = self.flows.get(udp_key(dst, dport, sport))
-        if isinstance(flow, UdpFlow) and flow.guest_addr == src and flow.sock is not None:
-            return flow
-        if dport == 0:
-            self.stats.drop("udp.port_zero")
-            return None
-        return self._open(v6, src, dst, sport, dport, now)
+    def _refused(self, v6: bool, src: bytes, dst: bytes, sport: int, dport: int, payload: memoryview) -> None:
+        """A new flow we cannot carry (a cap, or no descriptor left): port unreachable, as a host without
+        that service would answer, so the guest's application fails at once instead of timing out."""
+        self.to_tap(ETH_P_IPV6 if v6 else ETH_P_IP, port_unreachable(v6, src, dst, sport, dport, payload))
 
-    def _open(self, v6: bool, src: bytes, dst: bytes, sport: int, dport: int, now: float) -> UdpFlow | None:
-        target = target_for(self.ctx, bytes(dst), dport, self.dns_forward, self.dns_upstream)
-        flow = new_guest_flow(self.flows.new_id(), v6, src, dst, sport, dport, target, now)
+    def _socket_failed(self, exc: OSError, what: str) -> None:
+        if is_fd_exhausted(exc):
+            self.stats.drop("fd.exhausted")
+        else:
+            self.stats.drop("udp.socket_error")
+        self.log.debug(what, error=exc.strerror)
+
+    def _open(
+        self, v6: bool, src: bytes, dst: bytes, sport: int, dport: int, payload: memoryview, now: float
+    ) -> UdpFlow | None:
+        admitted = self.core.admit(v6, src, dst, sport, dport, now)
+        if isinstance(admitted, str):
+            if admitted.startswith("limit."):
+                self._refused(v6, src, dst, sport, dport, payload)
+            return None
+        flow = admitted
+        target = flow.target_addr
         family = socket.AF_INET6 if len(target) == 16 else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            self._socket_failed(exc, "udp.flow.open_failed")
+            if is_fd_exhausted(exc):
+                self._refused(v6, src, dst, sport, dport, payload)
+            return None
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             source = self.outbound.source(target) or ("::" if family == socket.AF_INET6 else "0.0.0.0")
@@ -262,24 +246,17 @@ class UdpRelay:
             sock.connect(sockaddr(target, dport))
         except OSError as exc:
             sock.close()
-            self.stats.drop("udp.socket_error")
-            self.log.debug("udp.flow.open_failed", error=exc.strerror)
+            self._socket_failed(exc, "udp.flow.open_failed")
             return None
         return flow if self._register(flow, sock) else None
 
     def _register(self, flow: UdpFlow, sock: socket.socket) -> bool:
         """A new flow with a host socket of its own: into the table, its replies watched. False (socket
-        closed) when the table is full."""
+        closed) when the table refuses it."""
         _tune(sock)
-        flow.sock = sock
-        try:
-            self.flows.add(flow)
-        except FlowTableFull:
+        if self.core.register(flow, sock):
             sock.close()
-            flow.sock = None
-            self.stats.drop("flow.table_full")
             return False
-        self.active[flow.flow_id] = flow
         self.loop.add_reader(sock.fileno(), self._on_flow_readable, flow)
         self.emit("opened", flow, "ACTIVE", "")
         return True
@@ -298,45 +275,49 @@ class UdpRelay:
                 break
             except OSError:
                 continue
-            flow = self._ns_flows.get((listener.target_port, peer))
-            if flow is None or flow.sock is None:
+            flow = self.core.ns_flow(listener.target_port, peer)
+            if flow is None:
                 flow = self._ns_flow(listener.target_port, sock, peer, now)
                 if flow is None:
                     continue
             flow.last_active = now
             flow.packets_from_guest += 1
             flow.bytes_from_guest += n
+            assert flow.sock is not None
             try:
                 flow.sock.send(view[:n])
             except OSError as exc:
                 self._send_failed(flow, exc, 1)
 
-    def _ns_flow(self, port: int, back: socket.socket, peer: Any, now: float) -> UdpFlow | None:
+    def _ns_flow(self, port: int, back: socket.socket, peer: SockAddr, now: float) -> UdpFlow | None:
         family = back.family
         loopback = "::1" if family == socket.AF_INET6 else "127.0.0.1"
-        addr = socket.inet_pton(family, loopback)
-        peer_addr = socket.inet_pton(family, peer[0])
-        flow = UdpFlow(
-            self.flows.new_id(), PROTO_UDP, (PROTO_UDP, key_addr(peer_addr), peer[1], -port), now, now,
-            guest_initiated=True, v6=family == socket.AF_INET6, guest_addr=peer_addr, guest_port=peer[1],
-            remote_addr=addr, remote_port=port, target_addr=addr, target_port=port, back=back, back_addr=peer,
+        made = self.core.new_ns_flow(
+            port, back, peer, family == socket.AF_INET6, socket.inet_pton(family, loopback),
+            socket.inet_pton(family, peer[0]), now,
         )  # fmt: skip
-        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        if isinstance(made, str):
+            return None
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            self._socket_failed(exc, "udp.ns_flow.open_failed")
+            return None
         try:
             sock.connect((loopback, port))
         except OSError as exc:
             sock.close()
-            self.stats.drop("udp.socket_error")
-            self.log.debug("udp.ns_flow.open_failed", error=exc.strerror)
+            self._socket_failed(exc, "udp.ns_flow.open_failed")
             return None
-        if not self._register(flow, sock):
+        if not self._register(made, sock):
             return None
-        self._ns_flows[(port, peer)] = flow
-        return flow
+        self.core.ns_registered(made)
+        return made
 
-    def _relay_back(self, flow: UdpFlow, now: float) -> None:
+    def _relay_back(self, flow: UdpFlow, sock: DatagramSocket, back: DatagramSocket, now: float) -> None:
         """-U: the host's replies, back to the namespace peer through the listening socket it used."""
-        sock, back, peer = flow.sock, flow.back, flow.back_addr
+        peer = flow.back_addr
+        assert peer is not None
         view = self._rview
         count = nbytes = 0
         for _ in range(BATCH):
@@ -362,12 +343,11 @@ class UdpRelay:
 
     def _on_flow_readable(self, flow: UdpFlow) -> None:
         now = self.loop.time()
-        if flow.back is not None:
-            if flow.sock is not None:
-                self._relay_back(flow, now)
-            return
         sock = flow.sock
         if sock is None:
+            return
+        if flow.back is not None:
+            self._relay_back(flow, sock, flow.back, now)
             return
         recv_into = sock.recv_into
         view = self._rview
@@ -395,7 +375,7 @@ class UdpRelay:
         """Datagrams on a forwarded port: each peer is a flow toward the guest, sharing this socket."""
         now = self.loop.time()
         guest_port = listener.target_port
-        peer_flows = self._peer_flows
+        core = self.core
         view = self._rview
         for _ in range(BATCH):
             try:
@@ -404,8 +384,8 @@ class UdpRelay:
                 break
             except OSError:
                 continue
-            flow = peer_flows.get((guest_port, peer))
-            if flow is None or flow.sock is None:
+            flow = core.peer_flow(guest_port, peer)
+            if flow is None:
                 flow = self._host_flow(peer, guest_port, sock, now)
                 if flow is None:
                     continue
@@ -426,65 +406,46 @@ class UdpRelay:
         else:
             self.to_tap(ethertype, udp_headers(tpl, payload), -1, payload)
 
-    def _host_flow(self, peer: Any, guest_port: int, sock: socket.socket, now: float) -> UdpFlow | None:
+    def _host_flow(self, peer: SockAddr, guest_port: int, sock: socket.socket, now: float) -> UdpFlow | None:
         v6 = sock.family == socket.AF_INET6
         packed = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, peer[0])
         if v6 and packed[:12] == bytes(10) + b"\xff\xff":
             packed, v6 = packed[12:], False
-        peer_port: int = peer[1]
-        net = self.ctx.ip6 if v6 else self.ctx.ip4
-        if net is None:
-            self.stats.drop("udp.family_disabled")
+        found = self.core.host_flow(v6, packed, peer, guest_port, sock, now)
+        if found is None:
             return None
-        remote = remote_as_seen(self.ctx, packed)
-        flow = self.flows.get(udp_key(remote, peer_port, guest_port))
-        if not isinstance(flow, UdpFlow) or flow.sock is None:
-            seen = [a for a in (self.guest.addrs6 if v6 else self.guest.addrs4) if not a.is_link_local]
-            guest_addr = (seen[-1] if seen else net.addr).packed
-            flow = new_host_flow(
-                self.flows.new_id(), guest_addr, guest_port, remote, packed, peer_port, sock, now
-            )
-            flow.sock_addr = peer
-            try:
-                self.flows.add(flow)
-            except FlowTableFull:
-                self.stats.drop("flow.table_full")
-                return None
-            self.active[flow.flow_id] = flow
+        flow, new = found
+        if new:
             self.emit("opened", flow, "ACTIVE", "")
-        key = (guest_port, peer)
-        self._peer_flows[key] = flow
-        self._peer_keys.setdefault(flow.flow_id, []).append(key)
         return flow
 
     # -- lifetime ------------------------------------------------------------------------------------------
 
     def expire(self, now: float, idle: float) -> None:
-        for flow in [f for f in self.active.values() if now - f.last_active > idle]:
+        for flow in self.core.expired(now, idle):
             self.close_flow(flow, "timeout")
 
     def close_flow(self, flow: UdpFlow, reason: str) -> None:
-        if self._gso_flow is flow:
+        if self.core.run_flow is flow:
             self.flush_to_host()
-        if self._last is flow:
-            self._last = None
-        self.active.pop(flow.flow_id, None)
-        if flow.back is not None and self._ns_flows.get((flow.target_port, flow.back_addr)) is flow:
-            del self._ns_flows[(flow.target_port, flow.back_addr)]
-        for key in self._peer_keys.pop(flow.flow_id, ()):
-            if self._peer_flows.get(key) is flow:
-                del self._peer_flows[key]
-        self.flows.remove(flow)
-        if flow.own_sock and flow.sock is not None:
+        self.core.forget(flow)
+        sock = flow.sock
+        if flow.own_sock and sock is not None:
             try:
-                self.loop.remove_reader(flow.sock.fileno())
+                self.loop.remove_reader(sock.fileno())
             except (ValueError, OSError):
                 pass
-            flow.sock.close()
+            sock.close()
         flow.sock = None
         self.emit("closed", flow, "CLOSED", reason)
 
-    def close(self) -> None:
+    def close_all(self, reason: str) -> int:
+        """Close every flow (the guest went away, or shutdown); returns how many."""
         self.flush_to_host()
-        for flow in list(self.active.values()):
-            self.close_flow(flow, "shutdown")
+        closing = list(self.core.active.values())
+        for flow in closing:
+            self.close_flow(flow, reason)
+        return len(closing)
+
+    def close(self) -> None:
+        self.close_all("shutdown")

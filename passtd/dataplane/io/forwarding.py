@@ -1,0 +1,188 @@
+"""The port policy made real: listening sockets per protocol and direction, and pasta's `auto` scan.
+
+`Forwarding` holds the policy (`ForwardTables`, from core/fwd.py) and the `ListenerSet`s that carry it out:
+host-side listeners for -t/-u (and passt mode), namespace-side ones on its loopback for -T/-U. Readiness of a
+listener goes to the callbacks the dataplane composed it with (TCP accept, UDP datagrams, splices). All sets
+draw on one `FdPool`, so forwarded ports cannot spend the descriptors the flows and the control socket
+need.
+
+pasta `auto`: every tick, the ports bound on each side (read from /proc, see io/autoscan.py) become
+listeners on the other; the bind work of a changed scan runs as a task that yields between slices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from ipaddress import IPv4Address, IPv6Address
+from typing import Literal
+
+from passtd.dataplane.core.fwd import ForwardTables, Listener
+from passtd.dataplane.core.limits import FdPool
+from passtd.dataplane.io.autoscan import read_bound_ports
+from passtd.dataplane.io.listeners import BindResult, ListenerSet, OnReadable
+from passtd.dataplane.io.netns import run_in_netns
+from passtd.logging import get_logger
+
+
+def local_port_range() -> tuple[int, int]:
+    """The kernel's ephemeral port range: `-t all` leaves it alone, as passt does."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        return (32768, 60999)
+    return (low, high)
+
+
+def on_loopback(listeners: set[Listener]) -> set[Listener]:
+    """-T/-U listen on the namespace's loopback: an unscoped rule becomes one per loopback address."""
+    out: set[Listener] = set()
+    for lst in listeners:
+        if lst.bind_addr is None:
+            out.add(Listener(IPv4Address("127.0.0.1"), lst.ifname, lst.port, lst.target_port))
+            out.add(Listener(IPv6Address("::1"), lst.ifname, lst.port, lst.target_port))
+        else:
+            out.add(lst)
+    return out
+
+
+class Forwarding:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pool: FdPool,
+        on_tcp: OnReadable,
+        on_udp: OnReadable,
+        on_tcp_ns: OnReadable,
+        on_udp_ns: OnReadable,
+    ) -> None:
+        self.loop = loop
+        self.pool = pool
+        self.log = get_logger(component="forward")
+        self.tables = ForwardTables("passt")
+        self.tcp = ListenerSet("tcp", loop, on_tcp, pool=pool)
+        self.udp = ListenerSet("udp", loop, on_udp, pool=pool)
+        self._on_ns = {"tcp": on_tcp_ns, "udp": on_udp_ns}
+        self.netns_fd: int | None = None  # pasta: the namespace, for -T/-U and `auto`
+        self.tcp_ns: ListenerSet | None = None
+        self.udp_ns: ListenerSet | None = None
+        self._auto_last: dict[str, frozenset[int]] = {}
+        self._auto_task: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        """Listening sockets open."""
+        return self.pool.listeners
+
+    # -- policy ---------------------------------------------------------------------------------------------
+
+    def _plan(self, tables: ForwardTables) -> list[tuple[ListenerSet, set[Listener]]]:
+        ephemeral = local_port_range()
+        old = self.tables
+        self.tables = tables
+        self._auto_last.clear()  # `auto` tables are rebuilt at the next tick
+        plan: list[tuple[ListenerSet, set[Listener]]] = [
+            (self.tcp, set(tables.tcp_in.listeners(ephemeral))),
+            (self.udp, set(tables.udp_in.listeners(ephemeral))),
+        ]
+        if self.netns_fd is not None and (self.tcp_ns is not None or tables.tcp_out.rules):
+            plan.append((self.ns_listeners("tcp"), on_loopback(set(tables.tcp_out.listeners(ephemeral)))))
+        if self.netns_fd is not None and (self.udp_ns is not None or tables.udp_out.rules):
+            plan.append((self.ns_listeners("udp"), on_loopback(set(tables.udp_out.listeners(ephemeral)))))
+        if old.tcp_in != tables.tcp_in:
+            self.log.info("forward.tcp.changed", spec=tables.tcp_in.to_spec())
+        if old.udp_in != tables.udp_in:
+            self.log.info("forward.udp.changed", spec=tables.udp_in.to_spec())
+        return plan
+
+    def _report(self, results: list[BindResult]) -> list[BindResult]:
+        failed = [r for r in results if not r.ok]
+        for result in failed[:16]:  # one line each for the first few; the caller gets them all
+            self.log.warning("forward.bind.failed", port=result.listener.port, address=result.address,
+                             error=result.errno_name)  # fmt: skip
+        if len(failed) > 16:
+            self.log.warning("forward.bind.failed_more", count=len(failed) - 16)
+        return results
+
+    def apply(self, tables: ForwardTables) -> list[BindResult]:
+        """Replace the port policy at once: diff the listeners, report each bind; flows are never touched."""
+        results: list[BindResult] = []
+        for listeners, wanted in self._plan(tables):
+            results += listeners.apply(wanted)
+        return self._report(results)
+
+    async def apply_async(self, tables: ForwardTables) -> list[BindResult]:
+        """As `apply`, binding in slices with the loop running between them (large ranges, `-t all`)."""
+        results: list[BindResult] = []
+        for listeners, wanted in self._plan(tables):
+            results += await listeners.apply_async(wanted)
+        return self._report(results)
+
+    def ns_listeners(self, proto: Literal["tcp", "udp"]) -> ListenerSet:
+        """-T/-U: listening sockets on the namespace's loopback, made on first use."""
+        current = self.tcp_ns if proto == "tcp" else self.udp_ns
+        if current is not None:
+            return current
+        netns_fd = self.netns_fd
+        assert netns_fd is not None
+        created = ListenerSet(
+            proto, self.loop, self._on_ns[proto], pool=self.pool,
+            socket_factory=lambda family, kind: run_in_netns(netns_fd, socket.socket, family, kind),
+        )  # fmt: skip
+        if proto == "tcp":
+            self.tcp_ns = created
+        else:
+            self.udp_ns = created
+        return created
+
+    # -- pasta `auto` ---------------------------------------------------------------------------------------
+
+    def auto_scan(self) -> None:
+        """Mirror the ports bound on each side into listeners on the other (called every tick)."""
+        netns_fd = self.netns_fd
+        if netns_fd is None or (self._auto_task is not None and not self._auto_task.done()):
+            return  # the previous scan's binds are still under way
+        tables = self.tables
+        work: list[tuple[ListenerSet, set[Listener]]] = []
+        for direction, policy in (
+            ("tcp_in", tables.tcp_in),
+            ("udp_in", tables.udp_in),
+            ("tcp_out", tables.tcp_out),
+            ("udp_out", tables.udp_out),
+        ):
+            if policy.mode != "auto":
+                continue
+            proto: Literal["tcp", "udp"] = "tcp" if direction.startswith("tcp") else "udp"
+            if direction.endswith("_in"):  # ports bound in the namespace, forwarded from the host
+                ports = run_in_netns(netns_fd, read_bound_ports, proto)
+                theirs = self.tcp_ns if proto == "tcp" else self.udp_ns
+                ours_there = theirs.listeners if theirs is not None else frozenset()
+            else:  # ports bound on the host, forwarded from the namespace's loopback
+                ports = read_bound_ports(proto, "/proc/self/net")
+                ours_there = (self.tcp if proto == "tcp" else self.udp).listeners
+            ports -= {lst.port for lst in ours_there}
+            key = frozenset(ports)
+            if self._auto_last.get(direction) == key:
+                continue
+            self._auto_last[direction] = key
+            wanted = {Listener(None, None, port, port) for port in ports}
+            if direction.endswith("_in"):
+                work.append((self.tcp if proto == "tcp" else self.udp, wanted))
+            else:
+                work.append((self.ns_listeners(proto), on_loopback(wanted)))
+        if work:
+            self._auto_task = self.loop.create_task(self._apply_work(work))
+
+    async def _apply_work(self, work: list[tuple[ListenerSet, set[Listener]]]) -> None:
+        results: list[BindResult] = []
+        for listeners, wanted in work:
+            results += await listeners.apply_async(wanted)
+        self._report(results)
+
+    def close(self) -> None:
+        task = self._auto_task
+        if task is not None and not task.done():
+            task.cancel()
+        for listeners in (self.tcp, self.udp, self.tcp_ns, self.udp_ns):
+            if listeners is not None:
+                listeners.close()
