@@ -352,7 +352,7 @@ class Dataplane:
         return created
 
     def _on_tcp_listener(self, listener: Listener, sock: socket.socket) -> None:
-        self.accept_tcp(sock, listener.target_port)
+        self.accept_tcp(sock, listener.target_port, listener.target_addr)
 
     def _on_tcp_ns_listener(self, listener: Listener, sock: socket.socket) -> None:
         """-T: a connection inside the namespace to its loopback goes to the same port on the host's."""
@@ -365,12 +365,18 @@ class Dataplane:
             except OSError as exc:
                 self.log.warning("tcp.ns_accept.failed", error=exc.strerror)
                 break
-            self._splice(conn, peer, listener.target_port, in_netns=False, now=now)
+            self._splice(
+                conn, peer, listener.target_port, in_netns=False, now=now, target=listener.target_addr
+            )
 
-    def _splice(self, accepted: socket.socket, peer: Any, port: int, *, in_netns: bool, now: float) -> None:
-        """Join `accepted` to a new connection to loopback:port (inside the namespace when `in_netns`)."""
+    def _splice(
+        self, accepted: socket.socket, peer: Any, port: int, *, in_netns: bool, now: float,
+        target: IPv4Address | IPv6Address | None = None,
+    ) -> None:  # fmt: skip
+        """Join `accepted` to a new connection to loopback:port (inside the namespace when `in_netns`), or to
+        target:port when the forwarding rule names a target address."""
         v6 = accepted.family == socket.AF_INET6
-        loopback = "::1" if v6 else "127.0.0.1"
+        loopback = str(target) if target is not None else "::1" if v6 else "127.0.0.1"
         family = socket.AF_INET6 if v6 else socket.AF_INET
         try:
             if in_netns:
@@ -427,8 +433,11 @@ class Dataplane:
         self.flows.remove(flow)
         self._emit("closed", flow, "CLOSED", reason)
 
-    def accept_tcp(self, listener: socket.socket, guest_port: int) -> None:
-        """A forwarded port is readable: accept every pending connection and offer each to the guest."""
+    def accept_tcp(
+        self, listener: socket.socket, guest_port: int, target: IPv4Address | IPv6Address | None = None
+    ) -> None:
+        """A forwarded port is readable: accept every pending connection and offer each to the guest (at
+        `target`, the rule's target address, when it has one)."""
         now = self.loop.time()
         for _ in range(64):
             try:
@@ -441,10 +450,12 @@ class Dataplane:
             family_v6 = sock.family == socket.AF_INET6
             addr = socket.inet_pton(socket.AF_INET6 if family_v6 else socket.AF_INET, peer[0])
             if self.netns_fd is not None and is_loopback(addr):
-                self._splice(sock, peer, guest_port, in_netns=True, now=now)  # pasta's splice bypass
+                self._splice(sock, peer, guest_port, in_netns=True, now=now, target=target)  # splice bypass
                 continue
             port = self.tcp_io.adopt(sock)
-            conn = self.tcp.accepted(port, addr, peer[1], guest_port, now)
+            conn = self.tcp.accepted(
+                port, addr, peer[1], guest_port, now, b"" if target is None else target.packed
+            )
             if conn is not None:
                 self.tcp_io.bind(conn)
                 self.log.debug("tcp.flow.accepted", flow_id=conn.flow_id, peer=peer[0], port=peer[1])

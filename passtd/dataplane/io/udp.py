@@ -406,7 +406,7 @@ class UdpRelay:
                 continue
             flow = peer_flows.get((guest_port, peer))
             if flow is None or flow.sock is None:
-                flow = self._host_flow(peer, guest_port, sock, now)
+                flow = self._host_flow(peer, guest_port, sock, now, listener.target_addr)
                 if flow is None:
                     continue
             flow.last_active = now
@@ -426,7 +426,11 @@ class UdpRelay:
         else:
             self.to_tap(ethertype, udp_headers(tpl, payload), -1, payload)
 
-    def _host_flow(self, peer: Any, guest_port: int, sock: socket.socket, now: float) -> UdpFlow | None:
+    def _host_flow(
+        self, peer: Any, guest_port: int, sock: socket.socket, now: float,
+        target: IPv4Address | IPv6Address | None = None,
+    ) -> UdpFlow | None:  # fmt: skip
+        """A flow toward the guest for `peer`; `target` (the rule's target address) replaces the guest's."""
         v6 = sock.family == socket.AF_INET6
         packed = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, peer[0])
         if v6 and packed[:12] == bytes(10) + b"\xff\xff":
@@ -441,6 +445,8 @@ class UdpRelay:
         if not isinstance(flow, UdpFlow) or flow.sock is None:
             seen = [a for a in (self.guest.addrs6 if v6 else self.guest.addrs4) if not a.is_link_local]
             guest_addr = (seen[-1] if seen else net.addr).packed
+            if target is not None and target.version == (6 if v6 else 4):
+                guest_addr = target.packed
             flow = new_host_flow(
                 self.flows.new_id(), guest_addr, guest_port, remote, packed, peer_port, sock, now
             )
