@@ -104,6 +104,8 @@ class PestoServer:
         self.stats: Counter[str] = Counter()
         self.log = get_logger(component="pesto")
         self.shown: wire.Presentation | None = None
+        self.timeout = CLIENT_TIMEOUT
+        self.max_clients = MAX_CLIENTS
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[None]] = set()
 
@@ -136,7 +138,7 @@ class PestoServer:
     # -- one client ------------------------------------------------------------------------------------------
 
     def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._clients) >= MAX_CLIENTS:
+        if len(self._clients) >= self.max_clients:
             self.stats["refused.busy"] += 1
             writer.close()
             return
@@ -147,11 +149,11 @@ class PestoServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.stats["clients"] += 1
         try:
-            async with asyncio.timeout(CLIENT_TIMEOUT):
+            async with asyncio.timeout(self.timeout):
                 await self._exchange(reader, writer)
         except TimeoutError:
             self.stats["refused.timeout"] += 1
-            self.log.warning("pesto.timeout", seconds=CLIENT_TIMEOUT)
+            self.log.warning("pesto.timeout", seconds=self.timeout)
         except asyncio.IncompleteReadError:
             self.stats["refused.truncated"] += 1
             self.log.warning("pesto.truncated")
