@@ -250,7 +250,7 @@ class PestoServer:
         not the socket of a family the daemon does not serve."""
         lst: Listener = result.listener
         ctx = self.control.config.ctx
-        if lst.bind_addr is None:
+        if lst.bind_addr is None or lst.bind_addr.is_loopback:  # -T/-U listen on both loopbacks
             family_off = ctx.ip6 is None if ":" in result.address else ctx.ip4 is None
             if family_off or getattr(errno, result.errno_name or "", None) in _FAMILY_GONE:
                 return False
