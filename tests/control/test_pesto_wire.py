@@ -202,3 +202,55 @@ def test_all_policy_as_weak_rules_skips_the_ephemeral_range() -> None:
     rules = wire.policy_rules("tcp_in", PortPolicy("all", excluded=frozenset({22})), EPH)
     assert [(r.first, r.last) for r in rules] == [(1, 21), (23, 32767), (61000, 65535)]
     assert all(r.flags == wire.WEAK and r.addr is None for r in rules)
+
+
+# -- the pesto command's editing (upstream's fwd_rule_parse, the NOTES of pesto(1)) ---------------------
+
+ALL_CAPS = wire.CAP_IPV4 | wire.CAP_IPV6 | wire.CAP_TCP | wire.CAP_UDP | wire.CAP_SCAN | wire.CAP_IFNAME
+
+
+def test_spec_rules_follow_the_servers_capabilities() -> None:
+    from passtd.pesto_cli import spec_rules
+
+    assert spec_rules("t", "22,25", ALL_CAPS, EPH) == [
+        wire.Rule(None, None, "", 22, 22, 22, 6),
+        wire.Rule(None, None, "", 25, 25, 25, 6),
+    ]  # one rule per included range, as upstream
+    v4_only = ALL_CAPS & ~wire.CAP_IPV6
+    assert spec_rules("u", "53", v4_only, EPH) == [
+        wire.Rule(IPv4Address("0.0.0.0"), None, "", 53, 53, 53, 17)
+    ]
+    assert spec_rules("T", "5432", ALL_CAPS, EPH) == [wire.Rule(None, None, "lo", 5432, 5432, 5432, 6)]
+    no_ifname = ALL_CAPS & ~wire.CAP_IFNAME
+    assert spec_rules("T", "5432", no_ifname, EPH) == [
+        wire.Rule(IPv4Address("127.0.0.1"), None, "", 5432, 5432, 5432, 6),
+        wire.Rule(IPv6Address("::1"), None, "", 5432, 5432, 5432, 6),
+    ]
+    assert spec_rules("t", "0.0.0.0/8080:10.89.0.5/80", ALL_CAPS, EPH) == [
+        wire.Rule(IPv4Address("0.0.0.0"), IPv4Address("10.89.0.5"), "", 8080, 8080, 80, 6)
+    ]
+    assert spec_rules("t", "::1/80,81", ALL_CAPS, EPH) == [
+        wire.Rule(IPv6Address("::1"), None, "", 80, 80, 80, 6),
+        wire.Rule(IPv6Address("::1"), None, "", 81, 81, 81, 6),
+    ]
+
+
+def test_edit_runs_the_options_in_order() -> None:
+    """pesto(1): `-A -t 2000 -C HOST -A -T 3000 -t 2001 -D -u 5000` adds 2000, clears HOST, adds -T 3000 and
+    2001, deletes UDP 5000."""
+    from passtd.pesto_cli import Die, edit
+
+    host = wire.PifTable(1, "HOST", ALL_CAPS, [wire.Rule(None, None, "", 5000, 5000, 5000, 17)])
+    splice = wire.PifTable(3, "SPLICE", ALL_CAPS)
+    opts = [("-A", ""), ("-t", "2000"), ("-C", "HOST"), ("-A", ""), ("-T", "3000"), ("-t", "2001")]
+    edit([host, splice], opts)
+    assert host.rules == [wire.Rule(None, None, "", 2001, 2001, 2001, 6)]
+    assert splice.rules == [wire.Rule(None, None, "lo", 3000, 3000, 3000, 6)]
+    with pytest.raises(Die, match="Unable to delete rule UDP"):
+        edit([host, splice], [("-D", ""), ("-u", "5000")])  # cleared with HOST above
+    with pytest.raises(Die, match="-t none conflicts with previous options"):
+        edit([host, splice], [("-A", ""), ("-t", "none")])
+    with pytest.raises(Die, match="Unsupported pif name TAP"):
+        edit([host, splice], [("-C", "TAP")])
+    with pytest.raises(Die, match="Can't use -T, no outbound interface"):
+        edit([host], [("-T", "1")])
