@@ -36,7 +36,9 @@ The order of `addr`, `taddr` and `ifname` is taken from upstream's designated in
 the v2 header itself was not in the mirrors we could read, so `RULE` is the one place to change if it differs.
 
 Mapping: the HOST pif holds `tcp_in` (-t) and `udp_in` (-u); SPLICE (pasta only) holds `tcp_out` (-T) and
-`udp_out` (-U), whose rules upstream scopes to interface "lo" (or to 127.0.0.1 and ::1). "all" is sent as
+`udp_out` (-U), whose rules upstream scopes to interface "lo" (0.0.0.0%lo or ::%lo when the server has one
+family), or to 127.0.0.1 and ::1 without SO_BINDTODEVICE; all of them are passtd's unscoped -T/-U rules
+(listening on both loopbacks of the namespace). "all" is sent as
 WEAK rules over every non-ephemeral port minus the exclusions, "auto" as WEAK|SCAN rules over every
 non-ephemeral port, so upstream's client shows and edits them as upstream's server would present them.
 """
@@ -335,7 +337,10 @@ def _rules_policy(direction: Direction, rules: Sequence[Rule], ephemeral: tuple[
     splice = direction.endswith("_out")
     if splice:  # upstream scopes -T/-U to "lo" (or to the loopback addresses): passtd listens there anyway
         for rule in rules:
-            if rule.ifname not in ("", "lo") or rule.addr not in (None, *_LOOPBACKS):
+            on_lo = rule.ifname == "lo" and (
+                rule.addr is None or rule.addr.is_unspecified
+            )  # one family: 0.0.0.0%lo
+            if not on_lo and (rule.ifname or rule.addr not in (None, *_LOOPBACKS)):
                 raise PestoError(f"{rule.fmt()}: -T/-U rules listen on loopback only")
         rules = list(
             dict.fromkeys(Rule(None, r.taddr, "", r.first, r.last, r.to, r.proto, r.flags) for r in rules)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import socket
+import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -27,6 +29,7 @@ from passtd.daemon_api import DaemonControl
 from passtd.dataplane.core.context import Context, Ip4Net
 from passtd.dataplane.core.fwd import ForwardTables, Listener, parse_spec
 from passtd.dataplane.io.dataplane import Dataplane
+from passtd.dataplane.io.netns import run_in_netns
 from passtd.errors import BackendError
 from tests.io.test_listeners import free_ports, tcp_accepts
 
@@ -63,8 +66,9 @@ async def served(tmp_path: Path, mode: Literal["passt", "pasta"] = "passt") -> A
     net = IPv4Network("10.0.2.0/24")
     ctx = Context(ip4=Ip4Net(IPv4Address("10.0.2.15"), net.prefixlen, IPv4Address("10.0.2.2")))
     config = Config(
-        mode=mode, ctx=ctx, socket_path=str(tmp_path / "guest.sock"), one_off=False, netns=None,
-        netns_pid=None, command=None, ns_ifname="", config_net=False, pcap=None, pid_file=None,
+        mode=mode, ctx=ctx, socket_path=str(tmp_path / "guest.sock") if mode == "passt" else None,
+        one_off=False, netns=None if mode == "passt" else "pesto-test", netns_pid=None, command=None,
+        ns_ifname="", config_net=False, pcap=None, pid_file=None,
         foreground=True, debug=False, quiet=True, log_format="console",
     )  # fmt: skip
     dp = Dataplane(ctx, loop)
@@ -118,7 +122,7 @@ def test_add_show_delete_round_trip(tmp_path: Path) -> None:
             assert await accepts(p1) and await accepts(p2)
             # The gRPC port policy reads the same table.
             views = {v.direction: v for v in s.control.port_policy()}
-            assert views["tcp_in"].spec == f"127.0.0.1/{p1},{p2}:10.0.2.99/80"
+            assert views["tcp_in"].spec == parse_spec(f"127.0.0.1/{p1},{p2}:10.0.2.99/80").to_spec()
             assert views["udp_in"].spec == f"127.0.0.1/{p3}"
 
             rc, out, _ = await pesto("-s", s.path)
@@ -332,5 +336,70 @@ def test_socket_path_in_use_is_refused(tmp_path: Path) -> None:
         async with served(tmp_path) as s:
             with pytest.raises(BackendError, match="already in use by another server"):
                 await PestoServer(s.path, s.control).start()
+
+    run(main)
+
+
+@pytest.fixture
+def netns_fd() -> Iterator[int]:
+    """A network namespace of the test's own with loopback up, as pasta's; deleted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a network namespace")
+    name = f"pd-pesto-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=10)
+    fd = -1
+    try:
+        subprocess.run(
+            ["ip", "-n", name, "link", "set", "lo", "up"], check=True, capture_output=True, timeout=10
+        )
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        yield fd
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=10)
+
+
+def _bound_in(netns: int, port: int) -> socket.socket:
+    def make() -> socket.socket:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        return sock
+
+    return run_in_netns(netns, make)
+
+
+def test_pasta_splice_table_through_pesto(tmp_path: Path, netns_fd: int) -> None:
+    """pasta: -T is the SPLICE pif, listening on the namespace's loopback; a refused bind there rolls back."""
+    p1, p2 = free_ports(2)
+
+    async def main() -> None:
+        async with served(tmp_path, mode="pasta") as s:
+            s.dp.netns_fd = netns_fd
+            rc, out, _ = await pesto(s.path)
+            assert rc == 0 and out.endswith("  HOST\n  SPLICE\n")
+            rc, _, err = await pesto("-T", str(p1), s.path)
+            assert (rc, err) == (0, "")
+            assert s.dp.tcp_ns_listeners is not None
+            assert s.dp.tcp_ns_listeners.listeners == {
+                Listener(L4, None, p1, p1),
+                Listener(IPv6Address("::1"), None, p1, p1),
+            }
+            rc, out, _ = await pesto(s.path)
+            assert f"  SPLICE\n    TCP [0.0.0.0]%lo:{p1}  =>  {p1} \n" in out  # IPv4-only: no dual stack
+            assert s.control.port_policy()[2].spec == str(p1)  # tcp_out, as gRPC shows it
+
+            squatter = _bound_in(netns_fd, p2)
+            try:
+                before = s.dp.tcp_ns_listeners.listeners
+                rc, _, err = await pesto("-A", "-T", str(p2), s.path)
+                assert rc == 1 and f"tcp 127.0.0.1:{p2}: Address already in use" in err
+                assert s.dp.tcp_ns_listeners.listeners == before
+                assert s.dp.forward.tcp_out.to_spec() == str(p1)
+            finally:
+                squatter.close()
+            rc, _, _ = await pesto("-A", "-T", str(p2), s.path)
+            assert rc == 0 and len(s.dp.tcp_ns_listeners.listeners) == 4
 
     run(main)

@@ -143,6 +143,8 @@ def test_splice_rules_from_loopback_addresses_become_one_unscoped_rule() -> None
     ]
     new, _ = wire.tables_from_pifs(base, {wire.PIF_SPLICE: rules}, EPH)
     assert new.tcp_out == parse_spec("5432", option="-T")
+    one_family = [wire.Rule(IPv4Address("0.0.0.0"), None, "lo", 5432, 5432, 5432, 6)]  # an IPv4-only server
+    assert wire.tables_from_pifs(base, {wire.PIF_SPLICE: one_family}, EPH)[0] == new
 
 
 @pytest.mark.parametrize(
