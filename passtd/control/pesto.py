@@ -168,7 +168,10 @@ class PestoServer:
         ephemeral = local_port_range()
         base = self.control.forward_tables()
         ctx = self.control.config.ctx
-        pifs = wire.server_tables(base, ctx.ip4 is not None, ctx.ip6 is not None, ephemeral, self.shown)
+        implicit: set[wire.Rule] = set()
+        pifs = wire.server_tables(
+            base, ctx.ip4 is not None, ctx.ip6 is not None, ephemeral, self.shown, implicit
+        )
         writer.write(wire.pack_hello() + wire.pack_server_tables(pifs))
         await writer.drain()
         try:
@@ -182,7 +185,7 @@ class PestoServer:
             self.stats["shown"] += 1  # a client that only looked: nothing to apply
             return
         try:
-            text = self._commit(base, received, ephemeral)
+            text = self._commit(base, received, ephemeral, implicit)
         except _Refused as exc:
             await self._answer(writer, exc.status, str(exc))
             return
@@ -211,13 +214,17 @@ class PestoServer:
         return tables
 
     def _commit(
-        self, base: ForwardTables, received: dict[int, list[wire.Rule]], ephemeral: tuple[int, int]
+        self,
+        base: ForwardTables,
+        received: dict[int, list[wire.Rule]],
+        ephemeral: tuple[int, int],
+        implicit: set[wire.Rule],
     ) -> str:
         """Check, merge, apply; roll back if a rule table's port cannot be bound. Runs without awaiting, so
         no other client's commit interleaves."""
         control = self.control
         try:
-            wanted, shown = wire.tables_from_pifs(base, received, ephemeral)
+            wanted, shown = wire.tables_from_pifs(base, received, ephemeral, implicit)
         except wire.PestoError as exc:
             self.stats["refused.rules"] += 1
             self.log.warning("pesto.refused", reason=str(exc))

@@ -41,12 +41,14 @@ family), or to 127.0.0.1 and ::1 without SO_BINDTODEVICE; all of them are passtd
 (listening on both loopbacks of the namespace). "all" is sent as
 WEAK rules over every non-ephemeral port minus the exclusions, "auto" as WEAK|SCAN rules over every
 non-ephemeral port, so upstream's client shows and edits them as upstream's server would present them.
+Unscoped rules are listed dual-stack ("*"), or, on a server with one family, with that family's wildcard,
+as upstream's parser writes them (see `server_tables`).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final, Literal
@@ -304,15 +306,20 @@ def _everything(ephemeral: tuple[int, int]) -> set[int]:
 
 
 def policy_rules(
-    direction: Direction, policy: PortPolicy, ephemeral: tuple[int, int], splice_ifname: bool = True
+    direction: Direction,
+    policy: PortPolicy,
+    ephemeral: tuple[int, int],
+    splice_ifname: bool = True,
+    any_addr: Addr | None = None,
 ) -> list[Rule]:
-    """One direction's policy as upstream's server would list it."""
+    """One direction's policy as upstream's server would list it. `any_addr` (0.0.0.0 or ::, for a server
+    with one family) stands for "any address", as upstream's parser writes it then."""
     proto = _PROTO_OF[direction]
     splice = direction.endswith("_out")
     if policy.mode == "spec":
         return [
             Rule(
-                r.bind_addr,
+                any_addr if r.bind_addr is None else r.bind_addr,
                 r.target_addr,
                 "lo" if splice and splice_ifname else (r.ifname or ""),
                 r.first,
@@ -326,14 +333,24 @@ def policy_rules(
         ports = _everything(ephemeral) - set(policy.excluded)
         flags = WEAK | (SCAN if policy.mode == "auto" else 0)
         ifname = "lo" if splice and splice_ifname else (policy.ifname or "")
-        return [Rule(policy.bind_addr, None, ifname, a, b, a, proto, flags) for a, b in _runs(ports)]
+        addr = any_addr if policy.bind_addr is None else policy.bind_addr
+        return [Rule(addr, None, ifname, a, b, a, proto, flags) for a, b in _runs(ports)]
     return []
 
 
-def _rules_policy(direction: Direction, rules: Sequence[Rule], ephemeral: tuple[int, int]) -> PortPolicy:
-    """The PortPolicy for one protocol's rules of one pif; PestoError for what passtd cannot represent."""
+def _unscoped(r: Rule) -> Rule:
+    return Rule(None, r.taddr, r.ifname, r.first, r.last, r.to, r.proto, r.flags)
+
+
+def _rules_policy(
+    direction: Direction, rules: Sequence[Rule], ephemeral: tuple[int, int], implicit: Collection[Rule] = ()
+) -> PortPolicy:
+    """The PortPolicy for one protocol's rules of one pif; PestoError for what passtd cannot represent.
+    `implicit`: rules the server listed with 0.0.0.0 (or ::) standing for passtd's "any address"."""
     if not rules:
         return NONE
+    if implicit:
+        rules = [_unscoped(r) if r in implicit else r for r in rules]
     splice = direction.endswith("_out")
     if splice:  # upstream scopes -T/-U to "lo" (or to the loopback addresses): passtd listens there anyway
         for rule in rules:
@@ -396,8 +413,16 @@ def server_tables(
     ipv6: bool,
     ephemeral: tuple[int, int],
     shown: Presentation | None = None,
+    implicit: set[Rule] | None = None,
 ) -> list[PifTable]:
-    """passtd's four tables as pesto pifs: HOST always, SPLICE in pasta mode."""
+    """passtd's four tables as pesto pifs: HOST always, SPLICE in pasta mode.
+
+    On a server with one family upstream writes "any address" as that family's wildcard, so passtd's
+    unscoped rules are listed that way too (and `-D -t 22` from upstream's client matches them); the rules
+    listed so are added to `implicit`, which `tables_from_pifs` needs to read them back as unscoped, while a
+    0.0.0.0 the client writes itself stays an explicit 0.0.0.0.
+    """
+    any_addr = family_any(ipv4, ipv6)
     caps = (CAP_IPV4 if ipv4 else 0) | (CAP_IPV6 if ipv6 else 0) | CAP_TCP | CAP_UDP | CAP_IFNAME
     if tables.mode == "pasta":
         caps |= CAP_SCAN
@@ -409,17 +434,42 @@ def server_tables(
         for direction in directions:
             policy = tables.policy(direction)
             if shown is not None and shown.policies.get(direction) == policy:
-                table.rules.extend(shown.rules[direction])
+                listed = list(shown.rules[direction])
+                if implicit is not None and any_addr is not None:
+                    implicit.update(r for r in listed if r.addr == any_addr and _unscoped_at(policy, r.first))
             else:
-                table.rules.extend(policy_rules(direction, policy, ephemeral))
+                listed = policy_rules(direction, policy, ephemeral, any_addr=any_addr)
+                if implicit is not None and any_addr is not None:
+                    implicit.update(r for r in listed if r.addr == any_addr and _unscoped_at(policy, r.first))
+            table.rules.extend(listed)
         out.append(table)
     return out
 
 
+def _unscoped_at(policy: PortPolicy, port: int) -> bool:
+    """Whether `policy` forwards `port` from any address (bind address None)."""
+    if policy.mode == "spec":
+        return any(r.bind_addr is None and r.first <= port <= r.last for r in policy.rules)
+    return policy.bind_addr is None
+
+
+def family_any(ipv4: bool, ipv6: bool) -> Addr | None:
+    """The wildcard address upstream writes for "any" on a server with one family; None with both."""
+    if ipv4 and not ipv6:
+        return IPv4Address("0.0.0.0")
+    if ipv6 and not ipv4:
+        return IPv6Address("::")
+    return None
+
+
 def tables_from_pifs(
-    current: ForwardTables, pifs: Mapping[int, Sequence[Rule]], ephemeral: tuple[int, int]
+    current: ForwardTables,
+    pifs: Mapping[int, Sequence[Rule]],
+    ephemeral: tuple[int, int],
+    implicit: Collection[Rule] = (),
 ) -> tuple[ForwardTables, Presentation]:
-    """The client's new tables (pifs it did not send keep their rules) and how to list them back."""
+    """The client's new tables (pifs it did not send keep their rules) and how to list them back.
+    `implicit`: what `server_tables` collected for the client."""
     policies: dict[Direction, PortPolicy] = {d: current.policy(d) for d in _PROTO_OF}
     shown: dict[Direction, tuple[Rule, ...]] = {}
     for pif, rules in pifs.items():
@@ -427,7 +477,7 @@ def tables_from_pifs(
             raise PestoError(f"received rules for non-existent table {pif}")
         for direction in _DIRECTIONS[pif]:
             mine = tuple(r for r in rules if r.proto == _PROTO_OF[direction])
-            policies[direction] = _rules_policy(direction, mine, ephemeral)
+            policies[direction] = _rules_policy(direction, mine, ephemeral, implicit)
             shown[direction] = mine
     try:
         new = ForwardTables(current.mode, **policies)

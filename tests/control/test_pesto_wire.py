@@ -256,3 +256,20 @@ def test_edit_runs_the_options_in_order() -> None:
         edit([host, splice], [("-C", "TAP")])
     with pytest.raises(Die, match="Can't use -T, no outbound interface"):
         edit([host], [("-T", "1")])
+
+
+def test_one_family_server_lists_any_address_as_upstream_and_reads_it_back() -> None:
+    """IPv4 only: upstream writes "any" as 0.0.0.0. passtd's unscoped rules are listed so (upstream's client
+    can then delete them by the spec it would use), and read back unscoped; a 0.0.0.0 the client wrote
+    itself stays explicit."""
+    tables = ForwardTables("passt", tcp_in=parse_spec("22 0.0.0.0/80"), udp_in=parse_spec("~53"))
+    implicit: set[wire.Rule] = set()
+    (host,) = wire.server_tables(tables, True, False, EPH, implicit=implicit)
+    any4 = IPv4Address("0.0.0.0")
+    assert wire.Rule(any4, None, "", 22, 22, 22, 6) in host.rules and all(r.addr == any4 for r in host.rules)
+    assert wire.Rule(any4, None, "", 80, 80, 80, 6) not in implicit
+    new, _ = wire.tables_from_pifs(tables, {1: host.rules}, EPH, implicit)
+    assert new == tables
+    added = [*host.rules, wire.Rule(any4, None, "", 443, 443, 443, 6)]
+    new, _ = wire.tables_from_pifs(tables, {1: added}, EPH, implicit)
+    assert new.tcp_in == parse_spec("22 0.0.0.0/80,443")
