@@ -78,7 +78,7 @@ clean:
 # PEP 668), its commands are linked into $(PREFIX)/bin, the units into $(UNITDIR) with ExecStart= pointing at
 # $(PREFIX)/bin, examples into $(PREFIX)/share/doc/passtd/examples and $(SYSCONFDIR)/passtd (kept if present).
 # Runtime packages are held to the versions in requirements.lock.
-# COMPAT=1 also links `passt` and `pasta` (they then shadow a packaged passt in /usr/bin).
+# COMPAT=1 also links `passt`, `pasta` and `pesto` (they then shadow a packaged passt in /usr/bin).
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
 UNITDIR ?= $(PREFIX)/lib/systemd/system
@@ -90,7 +90,7 @@ INSTALL_PYTHON ?= 1
 
 install:
 	@set -e; \
-	commands="passtd passtctl"; [ "$(COMPAT)" = 1 ] && commands="$$commands passt pasta"; \
+	commands="passtd passtctl"; [ "$(COMPAT)" = 1 ] && commands="$$commands passt pasta pesto"; \
 	if [ "$(INSTALL_PYTHON)" = 1 ]; then \
 	  $(PYTHON3) -m venv "$(DESTDIR)$(LIBDIR)"; \
 	  pins="$$(mktemp)"; sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\).*/\1/p' requirements.lock > "$$pins"; \

@@ -413,6 +413,14 @@ class DaemonControl:
             binds=tuple(_bind_view(r) for r in results),
         )
 
+    def forward_tables(self) -> ForwardTables:
+        """The four port tables as they are now (the pesto server reads and replaces them whole)."""
+        return self._tables()
+
+    def set_forward_tables(self, tables: ForwardTables) -> list[BindResult]:
+        """Replace all four tables at once (pesto's commit and its rollback); one result per socket tried."""
+        return self.dp.set_forwarding(tables)
+
     def timeouts(self) -> TimeoutsView:
         return TimeoutsView(**asdict(self.dp.timeouts))
 

@@ -4,8 +4,11 @@ Grammar, as passt(1) documents it and conf.c `conf_ports()` implements it::
 
     spec   := "none" | "all" | "auto" | [scope "/"] item ("," item)*
     scope  := [ADDR] ["%" IFNAME]       bind address and/or interface; -t/-u only (as passt)
-    item   := range [":" range]         forward range, optionally to a target range of equal length
+    item   := range [":" target]        forward range, optionally to a target (range of equal length)
             | "~" range                 exclude, from every range of this spec
+    target := range | TADDR | TADDR "/" range
+                                        TADDR: the address on the other side (pesto v2's target address,
+                                        `-t 0.0.0.0/8080:10.89.0.5/80`); IPv6 may be written in brackets
     range  := PORT ["-" PORT]           1 <= PORT <= 65535, start <= end
 
 ADDR is an IPv4 or IPv6 literal without brackets (passt uses inet_pton). A spec made of exclusions only
@@ -24,6 +27,9 @@ Rules taken from passt, with where we differ:
 * `all` expands to 1..65535 minus `excluded` minus the ephemeral range passed to `ports()`; explicit ranges
   are honoured even inside the ephemeral range. Old passt hard-coded "below 49152" here.
 * `auto` is only a flag: which ports it means is found by scanning the other side, not by the policy.
+* A target address (as upstream's fwd_rule_add): not multicast, the same family as the bind address, and
+  refused on a dual-stack (unscoped) rule, where upstream asks "Did you mean 0.0.0.0/... instead?". An
+  unspecified target (0.0.0.0, ::) means "no target address": the guest's own, as without one.
 
 Every `PortPolicy` is canonical (rules sorted, adjacent rules with the same scope and offset merged,
 exclusions folded into split rules), so two policies forwarding the same ports compare equal, and
@@ -32,6 +38,7 @@ exclusions folded into split rules), so two policies forwarding the same ports c
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -54,6 +61,7 @@ EPHEMERAL_DEFAULT: Final = (32768, 60999)  # Linux's default net.ipv4.ip_local_p
 OPTION_OF: Final[dict[Direction, str]] = {"tcp_in": "-t", "udp_in": "-u", "tcp_out": "-T", "udp_out": "-U"}
 _MODES: Final = frozenset(get_args(Mode))
 _KEYWORDS: Final = frozenset({"none", "all", "auto"})
+_PORTS_THEN_TARGET: Final = re.compile(r"[0-9]+(-[0-9]+)?:")
 
 
 def _ifname_problem(ifname: str) -> str | None:
@@ -74,6 +82,27 @@ def _canonical_addr(addr: Addr | None) -> Addr | None:
     if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
     return addr
+
+
+def _target_problem(bind_addr: Addr | None, target: Addr | None) -> Addr | None:
+    """The canonical target address (None for none or unspecified); ConfigError where upstream refuses it."""
+    target = _canonical_addr(target)
+    if target is None or target.is_unspecified:
+        return None
+    if target.is_multicast:
+        raise ConfigError(f"bad forwarding rule: multicast target address {target}")
+    if bind_addr is None:
+        any_addr = "0.0.0.0" if target.version == 4 else "[::]"
+        raise ConfigError(
+            f"bad forwarding rule: dual stack forward to IPv{target.version} address {target} unsupported "
+            f"(did you mean {any_addr}/... instead?)"
+        )
+    if bind_addr.version != target.version:
+        raise ConfigError(
+            f"bad forwarding rule: forward from IPv{bind_addr.version} ({bind_addr}) "
+            f"to IPv{target.version} ({target}) unsupported"
+        )
+    return target
 
 
 def _addr_key(addr: Addr | None) -> tuple[int, int]:
@@ -123,7 +152,8 @@ class ForwardRule:
     """Ports [first..last] on (bind_addr, ifname) go to [target_first..] on the other side.
 
     `bind_addr` None means every address of both families; an unspecified address (0.0.0.0, ::) means every
-    address of that family only.
+    address of that family only. `target_addr` None means the guest's own address (or loopback, for -T/-U);
+    otherwise connections go to that address on the other side.
     """
 
     bind_addr: Addr | None
@@ -131,6 +161,7 @@ class ForwardRule:
     first: int
     last: int
     target_first: int
+    target_addr: Addr | None = None
 
     def __post_init__(self) -> None:
         if not PORT_MIN <= self.first <= self.last <= PORT_MAX:
@@ -140,6 +171,7 @@ class ForwardRule:
         if self.ifname is not None and (why := _ifname_problem(self.ifname)):
             raise ConfigError(f"bad forwarding rule: interface name {self.ifname!r}: {why}")
         object.__setattr__(self, "bind_addr", _canonical_addr(self.bind_addr))
+        object.__setattr__(self, "target_addr", _target_problem(self.bind_addr, self.target_addr))
 
     @property
     def target_last(self) -> int:
@@ -152,8 +184,13 @@ class ForwardRule:
     def item(self) -> str:
         """This rule as one spec item, without its scope prefix: `22`, `80-90:8080-8090`."""
         text = _range_text(self.first, self.last)
+        taddr = self.target_addr
+        if taddr is not None:
+            text += f":{taddr}" if self.target_first == self.first else f":{taddr}/"
+        elif self.target_first != self.first:
+            text += ":"
         if self.target_first != self.first:
-            text += ":" + _range_text(self.target_first, self.target_last)
+            text += _range_text(self.target_first, self.target_last)
         return text
 
     def _sort_key(self) -> tuple[int, tuple[int, int], str]:
@@ -168,6 +205,7 @@ class Listener:
     ifname: str | None
     port: int
     target_port: int
+    target_addr: Addr | None = None  # None: the guest's own address (loopback for -T/-U)
 
     @property
     def key(self) -> tuple[Addr | None, str | None, int]:
@@ -185,8 +223,14 @@ def _normalize(rules: Iterable[ForwardRule]) -> tuple[ForwardRule, ...]:
         group.sort(key=ForwardRule._sort_key)
         cur = group[0]
         for nxt in group[1:]:
-            if nxt.first == cur.last + 1 and nxt.target_first == cur.target_last + 1:
-                cur = ForwardRule(cur.bind_addr, cur.ifname, cur.first, nxt.last, cur.target_first)
+            if (
+                nxt.first == cur.last + 1
+                and nxt.target_first == cur.target_last + 1
+                and nxt.target_addr == cur.target_addr
+            ):
+                cur = ForwardRule(
+                    cur.bind_addr, cur.ifname, cur.first, nxt.last, cur.target_first, cur.target_addr
+                )
             else:
                 merged.append(cur)
                 cur = nxt
@@ -291,7 +335,13 @@ class PortPolicy:
         return []
 
     def listeners(self, ephemeral: tuple[int, int] | None = EPHEMERAL_DEFAULT) -> set[Listener]:
-        """`ports()` as Listener values, ready for `diff` and `ListenerSet.apply`."""
+        """`ports()` as Listener values (with the rules' target addresses), for `diff` and ListenerSet."""
+        if self.mode == "spec":
+            return {
+                Listener(r.bind_addr, r.ifname, p, r.target_first + p - r.first, r.target_addr)
+                for r in self.rules
+                for p in range(r.first, r.last + 1)
+            }
         return {Listener(a, i, p, t) for a, i, p, t in self.ports(ephemeral)}
 
     def target(self, port: int, bind_addr: Addr | None = None) -> int | None:
@@ -417,8 +467,12 @@ class _Parser:
         scope: Scope = (None, None)
         body = word
         if "/" in word:
-            prefix, _, body = word.partition("/")
-            scope = self.scope_of(prefix, word)
+            prefix, _, rest = word.partition("/")
+            try:
+                scope, body = self.scope_of(prefix, word), rest
+            except ConfigError:
+                if not _PORTS_THEN_TARGET.match(word):  # "8080:10.89.0.5/80": the '/' is the target's
+                    raise
         items = body.split(",")
         for item in items:
             if not item:
@@ -450,22 +504,43 @@ class _Parser:
             src, colon, dst = item.partition(":")
             first, last = self.range(src, item)
             target_first = first
+            target_addr: Addr | None = None
             if colon:
-                if ":" in dst:
-                    raise self.fail(f"bad port mapping '{item}' (more than one ':')")
-                t_first, t_last = self.range(dst, item)
-                if t_last - t_first != last - first:
-                    raise self.fail(f"bad port mapping '{item}' (ranges differ in length)")
-                target_first = t_first
-            pieces = [
-                ForwardRule(scope[0], scope[1], a, b, target_first + a - first)
-                for a, b in _split(first, last, excluded)
-            ]
+                target_addr, t_range = self.target(dst, item)
+                if t_range is not None:
+                    t_first, t_last = t_range
+                    if t_last - t_first != last - first:
+                        raise self.fail(f"bad port mapping '{item}' (ranges differ in length)")
+                    target_first = t_first
+            try:
+                pieces = [
+                    ForwardRule(scope[0], scope[1], a, b, target_first + a - first, target_addr)
+                    for a, b in _split(first, last, excluded)
+                ]
+            except ConfigError as exc:
+                raise self.fail(f"{str(exc).removeprefix('bad forwarding rule: ')} in '{item}'") from None
             self.check_overlap(pieces, first, last, item)
             self.rules.extend(pieces)
             added += len(pieces)
         if not added:
             raise self.fail(f"'{word}' excludes every port it forwards")
+
+    def target(self, text: str, item: str) -> tuple[Addr | None, tuple[int, int] | None]:
+        """What follows ':' in an item: PORTS, TADDR, or TADDR/PORTS (upstream's parse_port_chunk order)."""
+        addr_text, slash, ports = text.rpartition("/")
+        if not slash:
+            if not text or all(c.isdigit() or c == "-" for c in text) or not any(c in text for c in ":."):
+                return None, self.range(text, item)
+            addr_text = text
+        if addr_text.startswith("[") and addr_text.endswith("]"):
+            addr_text = addr_text[1:-1]
+        try:
+            addr: Addr = ip_address(addr_text)
+        except ValueError:
+            if not slash and ":" in text and "." not in text and not text.startswith("["):
+                raise self.fail(f"bad port mapping '{item}' (more than one ':')") from None
+            raise self.fail(f"bad target address '{addr_text}' in '{item}'") from None
+        return _canonical_addr(addr), (self.range(ports, item) if slash else None)
 
     def check_overlap(self, pieces: list[ForwardRule], first: int, last: int, item: str) -> None:
         """passt's "Overlapping port specifier", on forwarded (not excluded) ports only.
@@ -564,7 +639,8 @@ def _follow(tcp: PortPolicy) -> PortPolicy:
     if tcp.mode != "spec":
         return tcp
     return PortPolicy(
-        "spec", tuple(ForwardRule(r.bind_addr, r.ifname, r.first, r.last, r.first) for r in tcp.rules)
+        "spec",
+        tuple(ForwardRule(r.bind_addr, r.ifname, r.first, r.last, r.first, r.target_addr) for r in tcp.rules),
     )
 
 
@@ -574,18 +650,31 @@ def _subtract_rules(rules: tuple[ForwardRule, ...], gone: ForwardRule) -> tuple[
     removed = 0
     delta = gone.target_first - gone.first
     for rule in rules:
-        same = rule.scope == gone.scope and rule.target_first - rule.first == delta
+        same = (
+            rule.scope == gone.scope
+            and rule.target_first - rule.first == delta
+            and rule.target_addr == gone.target_addr
+        )
         if not same or rule.last < gone.first or gone.last < rule.first:
             out.append(rule)
             continue
         lo, hi = max(rule.first, gone.first), min(rule.last, gone.last)
         removed += hi - lo + 1
         if rule.first < lo:
-            out.append(ForwardRule(rule.bind_addr, rule.ifname, rule.first, lo - 1, rule.target_first))
+            out.append(
+                ForwardRule(
+                    rule.bind_addr, rule.ifname, rule.first, lo - 1, rule.target_first, rule.target_addr
+                )
+            )
         if hi < rule.last:
             out.append(
                 ForwardRule(
-                    rule.bind_addr, rule.ifname, hi + 1, rule.last, rule.target_first + hi + 1 - rule.first
+                    rule.bind_addr,
+                    rule.ifname,
+                    hi + 1,
+                    rule.last,
+                    rule.target_first + hi + 1 - rule.first,
+                    rule.target_addr,
                 )
             )
     return out, removed
@@ -715,7 +804,7 @@ class ForwardTables:
         if cur.mode == "all":
             ports: set[int] = set()
             for rule in gone.rules:
-                if rule.scope != cur.scope or rule.target_first != rule.first:
+                if rule.scope != cur.scope or rule.target_first != rule.first or rule.target_addr is not None:
                     raise ConfigError(f"{opt}: cannot delete '{rule.item()}' (not forwarded as given)")
                 span = set(range(rule.first, rule.last + 1))
                 if span & cur.excluded:

@@ -247,10 +247,12 @@ class UdpCore:
         return flow if flow is not None and flow.sock is not None else None
 
     def host_flow(
-        self, v6: bool, packed: bytes, peer: SockAddr, guest_port: int, sock: DatagramSocket, now: float
-    ) -> tuple[UdpFlow, bool] | None:
+        self, v6: bool, packed: bytes, peer: SockAddr, guest_port: int, sock: DatagramSocket, now: float,
+        target: bytes = b"",
+    ) -> tuple[UdpFlow, bool] | None:  # fmt: skip
         """A datagram from a new peer on a forwarded port: its flow toward the guest (sharing `sock`) and
-        whether it is new, or None when refused (counted)."""
+        whether it is new, or None when refused (counted). `target`, the forwarding rule's target address
+        (packed), replaces the guest's address when it is of the peer's family."""
         net = self.ctx.ip6 if v6 else self.ctx.ip4
         if net is None:
             self._refuse("udp.family_disabled")
@@ -266,6 +268,8 @@ class UdpCore:
             new = True
             seen = [a for a in (self.guest.addrs6 if v6 else self.guest.addrs4) if not a.is_link_local]
             guest_addr = (seen[-1] if seen else net.addr).packed
+            if len(target) == (16 if v6 else 4):
+                guest_addr = target
             flow = new_host_flow(
                 self.flows.new_id(), guest_addr, guest_port, remote, packed, peer_port, None, now
             )

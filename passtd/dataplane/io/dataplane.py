@@ -394,10 +394,13 @@ class Dataplane:
         return await self.forwarding.apply_async(tables)
 
     def _on_tcp_listener(self, listener: Listener, sock: socket.socket) -> None:
-        self.accept_tcp(sock, listener.target_port)
+        self.accept_tcp(sock, listener.target_port, listener.target_addr)
 
-    def accept_tcp(self, listener: socket.socket, guest_port: int) -> None:
-        """A forwarded port is readable: accept every pending connection and offer each to the guest."""
+    def accept_tcp(
+        self, listener: socket.socket, guest_port: int, target: IPv4Address | IPv6Address | None = None
+    ) -> None:
+        """A forwarded port is readable: accept every pending connection and offer each to the guest (at
+        `target`, the rule's target address, when it has one)."""
         now = self.loop.time()
         for _ in range(64):
             try:
@@ -415,10 +418,12 @@ class Dataplane:
             family_v6 = sock.family == socket.AF_INET6
             addr = socket.inet_pton(socket.AF_INET6 if family_v6 else socket.AF_INET, peer[0])
             if self.netns_fd is not None and is_loopback(addr):
-                self.splicer.splice(sock, peer, guest_port, in_netns=True, now=now)  # pasta's splice bypass
+                self.splicer.splice(sock, peer, guest_port, in_netns=True, now=now, target=target)  # bypass
                 continue
             port = self.tcp_io.adopt(sock)
-            conn = self.tcp.accepted(port, addr, peer[1], guest_port, now)
+            conn = self.tcp.accepted(
+                port, addr, peer[1], guest_port, now, b"" if target is None else target.packed
+            )
             if conn is not None:
                 self.tcp_io.bind(conn)
                 self.log.debug("tcp.flow.accepted", flow_id=conn.flow_id, peer=peer[0], port=peer[1])

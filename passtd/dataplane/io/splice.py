@@ -11,6 +11,7 @@ import asyncio
 import errno
 import socket
 from collections.abc import Callable
+from ipaddress import IPv4Address, IPv6Address
 from typing import Final
 
 from passtd.dataplane.core.flowtable import PROTO_TCP, Flow, FlowTable, FlowTableFull, key_addr
@@ -168,14 +169,18 @@ class Splicer:
                 self.stats.drop("fd.exhausted" if is_fd_exhausted(exc) else "tcp.accept_error")
                 self.log.debug("tcp.ns_accept.failed", error=exc.strerror)
                 break
-            self.splice(conn, peer, listener.target_port, in_netns=False, now=now)
+            self.splice(
+                conn, peer, listener.target_port, in_netns=False, now=now, target=listener.target_addr
+            )
 
     def splice(
-        self, accepted: socket.socket, peer: tuple[str, int], port: int, *, in_netns: bool, now: float
-    ) -> None:
-        """Join `accepted` to a new connection to loopback:port (inside the namespace when `in_netns`)."""
+        self, accepted: socket.socket, peer: tuple[str, int], port: int, *, in_netns: bool, now: float,
+        target: IPv4Address | IPv6Address | None = None,
+    ) -> None:  # fmt: skip
+        """Join `accepted` to a new connection to loopback:port (inside the namespace when `in_netns`), or to
+        target:port when the forwarding rule names a target address."""
         v6 = accepted.family == socket.AF_INET6
-        loopback = "::1" if v6 else "127.0.0.1"
+        loopback = str(target) if target is not None else "::1" if v6 else "127.0.0.1"
         family = socket.AF_INET6 if v6 else socket.AF_INET
         addr = socket.inet_pton(family, loopback)
         flow = SpliceFlow(

@@ -386,7 +386,7 @@ class UdpRelay:
                 continue
             flow = core.peer_flow(guest_port, peer)
             if flow is None:
-                flow = self._host_flow(peer, guest_port, sock, now)
+                flow = self._host_flow(peer, guest_port, sock, now, listener.target_addr)
                 if flow is None:
                     continue
             flow.last_active = now
@@ -406,12 +406,18 @@ class UdpRelay:
         else:
             self.to_tap(ethertype, udp_headers(tpl, payload), -1, payload)
 
-    def _host_flow(self, peer: SockAddr, guest_port: int, sock: socket.socket, now: float) -> UdpFlow | None:
+    def _host_flow(
+        self, peer: SockAddr, guest_port: int, sock: socket.socket, now: float,
+        target: IPv4Address | IPv6Address | None = None,
+    ) -> UdpFlow | None:  # fmt: skip
+        """A flow toward the guest for `peer`; `target` (the rule's target address) replaces the guest's."""
         v6 = sock.family == socket.AF_INET6
         packed = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, peer[0])
         if v6 and packed[:12] == bytes(10) + b"\xff\xff":
             packed, v6 = packed[12:], False
-        found = self.core.host_flow(v6, packed, peer, guest_port, sock, now)
+        found = self.core.host_flow(
+            v6, packed, peer, guest_port, sock, now, b"" if target is None else target.packed
+        )
         if found is None:
             return None
         flow, new = found

@@ -263,10 +263,11 @@ class TcpHandler:
         self._close(conn, reason, reset_sock=True, rst_tap=True)
 
     def accepted(
-        self, sock: SockPort, peer: bytes, peer_port: int, guest_port: int, now: float
+        self, sock: SockPort, peer: bytes, peer_port: int, guest_port: int, now: float, target: bytes = b""
     ) -> TcpConn | None:
         """Host → guest: a peer connected to a forwarded port; send a SYN to the guest.
-        A peer on the host's loopback appears to come from the gateway address (unless --no-map-gw)."""
+        A peer on the host's loopback appears to come from the gateway address (unless --no-map-gw).
+        `target` (packed, the forwarding rule's target address) replaces the guest's own address."""
         v6 = len(peer) == 16
         mapped = v6 and peer[:12] == b"\x00" * 10 + b"\xff\xff"
         if mapped:
@@ -277,7 +278,7 @@ class TcpHandler:
             self.stats.drop("tcp.family_disabled")
             return None
         remote = remote_as_seen(self.ctx, peer)
-        guest_addr = self._guest_address(v6)
+        guest_addr = target if len(target) == (16 if v6 else 4) else self._guest_address(v6)
         key = (PROTO_TCP, key_addr(remote), peer_port, guest_port)
         old = self.flows.get(key)
         if old is not None:
