@@ -390,3 +390,27 @@ def test_indirect_needs_the_feature(pair: Pair) -> None:
     fe.kick_queue(1)
     pair.pump()
     assert pair.received == [] and pair.backend.drops == {"vhost.indirect_flags": 1}
+
+
+def test_descriptors_go_to_their_message_when_reads_coalesce_or_split(pair: Pair) -> None:
+    """Two messages read at once (the first without descriptors), and one message split across reads: the
+    eventfd still lands on SET_VRING_CALL, and the split message is framed whole."""
+    fe, backend = pair.fe, pair.backend
+    fe.sock.send(p.encode_request(p.SET_OWNER))
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        fe.sock.sendmsg(
+            [p.encode_request(p.SET_VRING_CALL, p.U64.pack(1))],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", call))],
+        )
+        pair.pump()
+        assert backend.device.owner and backend.device.queues[1].call_fd >= 0
+        assert os.path.samestat(os.fstat(backend.device.queues[1].call_fd), os.fstat(call))
+    finally:
+        os.close(call)
+    data = p.encode_request(p.GET_FEATURES)
+    fe.sock.send(data[:5])
+    pair.pump()
+    fe.sock.send(data[5:])
+    pair.pump()
+    assert p.U64.unpack(fe.reply(p.GET_FEATURES))[0] == FEATURES

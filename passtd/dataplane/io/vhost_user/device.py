@@ -57,9 +57,10 @@ FEATURES: Final = sum(
         F_VERSION_1,
     )
 )
+# CONFIG is not offered: qemu's virtio-net keeps its config space itself and warns about a back-end that
+# offers it; GET_CONFIG/SET_CONFIG are still answered for front ends that send them.
 PROTOCOL_FEATURES: Final = sum(
-    1 << bit
-    for bit in (p.PROTOCOL_F_REPLY_ACK, p.PROTOCOL_F_NET_MTU, p.PROTOCOL_F_CONFIG, p.PROTOCOL_F_RESET_DEVICE)
+    1 << bit for bit in (p.PROTOCOL_F_REPLY_ACK, p.PROTOCOL_F_NET_MTU, p.PROTOCOL_F_RESET_DEVICE)
 )
 NET_CONFIG_SIZE: Final = 12  # virtio_net_config up to mtu: mac[6], status, max_virtqueue_pairs, mtu (§5.1.4)
 NET_S_LINK_UP: Final = 1

@@ -2,10 +2,10 @@
 
 Every message is a 12-byte header (request, flags, payload size; host byte order, little-endian here) and a
 payload of at most `MAX_PAYLOAD` bytes; file descriptors travel beside it as SCM_RIGHTS ancillary data. The
-front end sends each message with one sendmsg, so its descriptors arrive with the message's first bytes:
-`MessageReader` hands every descriptor received so far to the next message whose header it parses. A stream
-may still deliver a message in pieces; the reader keeps the unfinished tail, so framing never depends on how
-reads split.
+front end sends each message with one sendmsg, and the kernel ends a read after the data that carried
+descriptors, so `MessageReader` gives a read's descriptors to the last message starting in its buffer. A
+stream may still deliver a message in pieces; the reader keeps the unfinished tail, so framing never depends
+on how reads split.
 
 A message that cannot be framed (oversized payload, truncated descriptors) is a `VhostUserError`: the stream
 is out of step or hostile, and the only safe reaction is to drop the connection (the front end reconnects).
@@ -134,7 +134,8 @@ class MessageReader:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._buf = bytearray()
-        self._fds: list[int] = []  # received, not yet given to a message
+        self._consumed = 0  # stream offset of _buf[0]
+        self._fds: dict[int, list[int]] = {}  # stream offset of a message -> descriptors that came with it
         self._eof = False
 
     def read(self) -> list[Message]:
@@ -147,11 +148,15 @@ class MessageReader:
             return []
         except OSError as exc:
             raise EOFError(str(exc)) from exc
+        fds = array.array("i")
         for level, kind, cdata in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
                 fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
-                self._fds.extend(fds)
+        self._buf += data
+        if fds:
+            # The kernel ends a read after the data that carried descriptors, and the front end sends each
+            # message with one sendmsg: the descriptors belong to the last message starting in the buffer.
+            self._fds.setdefault(self._consumed + self._last_start(), []).extend(fds)
         if msg_flags & socket.MSG_CTRUNC:
             self.close()
             raise VhostUserError("more descriptors than any message carries")
@@ -159,8 +164,17 @@ class MessageReader:
             self._eof = True
             self.close()
             raise EOFError("vhost-user front end closed the connection")
-        self._buf += data
         return self._messages()
+
+    def _last_start(self) -> int:
+        buf = self._buf
+        pos = 0
+        while pos + HEADER.size <= len(buf):
+            end = pos + HEADER.size + HEADER.unpack_from(buf, pos)[2]
+            if end >= len(buf):
+                break
+            pos = end
+        return pos
 
     def _messages(self) -> list[Message]:
         out: list[Message] = []
@@ -174,16 +188,18 @@ class MessageReader:
             if len(buf) - start - HEADER.size < size:
                 break
             payload = bytes(buf[start + HEADER.size : start + HEADER.size + size])
-            fds, self._fds = self._fds, []
-            out.append(Message(request, flags, payload, fds))
+            out.append(Message(request, flags, payload, self._fds.pop(self._consumed + start, [])))
             start += HEADER.size + size
         del buf[:start]
+        self._consumed += start
         return out
 
     def close(self) -> None:
         """Close descriptors that no message took over."""
-        while self._fds:
-            os.close(self._fds.pop())
+        for fds in self._fds.values():
+            for fd in fds:
+                os.close(fd)
+        self._fds.clear()
 
 
 def encode_reply(request: int, payload: bytes) -> bytes:
