@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
+import uvloop
+
 from passtd.config import Config
 from passtd.dataplane.io.dataplane import Dataplane
 from passtd.dataplane.io.vhost_user.backend import VhostUserBackend, VhostUserListener
@@ -54,4 +56,4 @@ async def serve(path: str, config: Config) -> int:
 
 if __name__ == "__main__":
     # options are read before the loop starts: reading the host's view runs pyroute2's own loop
-    sys.exit(asyncio.run(serve(sys.argv[1], parse_args(["passt", *sys.argv[2:]]))))
+    sys.exit(uvloop.run(serve(sys.argv[1], parse_args(["passt", *sys.argv[2:]]))))  # as the daemon runs

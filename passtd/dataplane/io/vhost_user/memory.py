@@ -14,6 +14,7 @@ file smaller than the region is refused.
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import mmap
 import os
@@ -34,7 +35,7 @@ class Region:
     gpa: int
     size: int
     uva: int
-    view: memoryview  # exactly the region's `size` bytes
+    view: builtins.memoryview  # exactly the region's `size` bytes (builtins.: python/mypy#20365)
     mm: mmap.mmap | None  # None for a region built over a caller's buffer (tests)
 
 
