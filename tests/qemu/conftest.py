@@ -172,6 +172,7 @@ class GuestNet:
         timeout: float = DEFAULT_TIMEOUT,
         files: Mapping[str, bytes | str] | None = None,
         vhost_user: bool = False,
+        server: tuple[subprocess.Popen[bytes], Path, Path] | None = None,
     ) -> GuestResult:
         """Start a one-off passtd, boot the guest with `script` as /test/run.sh, return its console.
 
@@ -179,6 +180,7 @@ class GuestNet:
         the result says `timed_out`. passtd gets `-f -s SOCK --one-off` before `passtd_args`. With
         `vhost_user`, the guest's NIC is a vhost-user device served by tests/qemu/vhost_user_server.py (the
         dataplane with the vhost-user back-end, same options, one guest) instead of passtd's stream socket.
+        `server` (process, socket, log): boot against a server the test started and keeps running.
         """
         self.runs += 1
         tag = f"run{self.runs}"
@@ -189,21 +191,15 @@ class GuestNet:
         passtd_log, console, qemu_err = (
             self.logs / f"{tag}-{n}" for n in ("passtd.log", "console.log", "qemu.err")
         )
-        if vhost_user:
-            server = [sys.executable, str(VHOST_USER_SERVER), str(sock), *passtd_args]
+        if server is not None:  # a server the test keeps running across guests
+            passtd, sock, passtd_log = server
         else:
-            server = [
-                sys.executable,
-                "-m",
-                "passtd",
-                "passt",
-                "-f",
-                "-s",
-                str(sock),
-                "--one-off",
-                *passtd_args,
-            ]
-        passtd = self.popen(server, passtd_log)
+            served = (
+                [str(VHOST_USER_SERVER), str(sock)]
+                if vhost_user
+                else ["-m", "passtd", "passt", "-f", "-s", str(sock), "--one-off"]
+            )
+            passtd = self.popen([sys.executable, *served, *passtd_args], passtd_log)  # fmt: skip
         qemu: subprocess.Popen[bytes] | None = None
         timed_out = False
         try:
@@ -229,14 +225,17 @@ class GuestNet:
                 _kill_group(qemu)
                 qemu.wait(5)
             try:  # --one-off: passtd leaves when qemu's connection closes
-                passtd.wait(min(PASSTD_EXIT_WAIT, max(0.1, deadline + PASSTD_EXIT_WAIT - time.monotonic())))
+                if server is None:
+                    passtd.wait(
+                        min(PASSTD_EXIT_WAIT, max(0.1, deadline + PASSTD_EXIT_WAIT - time.monotonic()))
+                    )
             except subprocess.TimeoutExpired:
                 _stop(passtd, 2)
         finally:
             if qemu is not None and qemu.poll() is None:
                 _kill_group(qemu)
                 qemu.wait(5)
-            if passtd.poll() is None:
+            if server is None and passtd.poll() is None:
                 _stop(passtd, 2)
             initrd.unlink(missing_ok=True)
         text = _ESCAPES.sub("", console.read_bytes().decode(errors="replace")).replace("\r", "")

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 
 import pytest
 
-from tests.qemu.conftest import GATEWAY4, GUEST4, QEMU, GuestNet
+from tests.qemu.conftest import DEFAULT_PASSTD_ARGS, GATEWAY4, GUEST4, QEMU, VHOST_USER_SERVER, GuestNet
 from tests.qemu.image import DHCP_MARKER
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -82,3 +83,24 @@ echo "UDP=$(echo datagram | socat -t 2 - UDP:{GATEWAY4}:5003)"
     assert result.value("DOWN_SUM=") == down, result.describe()
     assert result.value("UDP=") == "datagram", result.describe()
     assert "drops {}" in result.passtd_output, result.describe()
+
+
+@needs_qemu10
+def test_qemu_restarted_while_the_backend_keeps_running(guest_net: GuestNet) -> None:
+    """A second qemu connects to the same vhost-user socket after the first one quit: the listener accepts
+    it, the device starts fresh, and the new guest gets its lease and reaches the host."""
+    sock = guest_net.sockets / "kept.sock"
+    log = guest_net.logs / "kept-server.log"
+    proc = guest_net.popen(
+        [sys.executable, str(VHOST_USER_SERVER), str(sock), "--keep", *DEFAULT_PASSTD_ARGS], log
+    )
+    script = f"""
+ping -c 1 -W 5 {GATEWAY4} > /dev/null 2>&1
+echo "PING_RC=$?"
+"""
+    for _ in range(2):
+        result = guest_net.run_guest(script, vhost_user=True, timeout=60, server=(proc, sock, log)).check()
+        assert result.value(DHCP_MARKER) == "ok", result.describe()
+        assert result.value("PING_RC=") == "0", result.describe()
+        assert proc.poll() is None, result.describe()
+    assert log.read_text().count("drops {}") == 2
