@@ -68,7 +68,9 @@ class VhostUserBackend:
         self._ep = select.epoll()
         self._ep.register(sock.fileno(), select.EPOLLIN)
         self._ep.register(self._wake, select.EPOLLIN)
-        self._watched: dict[int, int] = {}  # kick descriptor -> queue index
+        self._watched: set[int] = set()  # kick descriptors in the epoll set
+        for vq in self.device.queues:
+            vq.on_kick_close = self._unwatch
 
     @classmethod
     def from_fd(cls, fd: int, loop: asyncio.AbstractEventLoop, mtu: int = 65520) -> VhostUserBackend:
@@ -151,19 +153,17 @@ class VhostUserBackend:
             raise MalformedFrame("vhost_user.protocol")
 
     def _sync_kicks(self) -> None:
-        """Watch exactly the rings' current kick descriptors."""
-        want = {vq.kick_fd: vq.index for vq in self.device.queues if vq.kick_fd >= 0}
-        for fd in list(self._watched):
-            if want.get(fd) != self._watched[fd]:
-                try:
-                    self._ep.unregister(fd)
-                except (OSError, ValueError):
-                    pass  # closed already: epoll dropped it itself
-                del self._watched[fd]
-        for fd, index in want.items():
-            if fd not in self._watched:
+        """Watch the rings' current kick descriptors (closing one unwatches it first: `_unwatch`)."""
+        for vq in self.device.queues:
+            fd = vq.kick_fd
+            if fd >= 0 and fd not in self._watched:
                 self._ep.register(fd, select.EPOLLIN)
-                self._watched[fd] = index
+                self._watched.add(fd)
+
+    def _unwatch(self, fd: int) -> None:
+        if fd in self._watched:
+            self._watched.discard(fd)
+            self._ep.unregister(fd)
 
     # -- frames to the guest --------------------------------------------------------------------------------
 
@@ -218,6 +218,7 @@ class VhostUserBackend:
     def close(self) -> None:
         if self.sock.fileno() < 0:
             return
+        self._watched.clear()
         self._ep.close()
         os.close(self._wake)
         self.reader.close()

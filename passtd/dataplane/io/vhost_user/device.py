@@ -8,6 +8,7 @@ Rules kept here, in one place:
   descriptor (SET_VRING_KICK starts it) and is enabled: by SET_VRING_ENABLE once PROTOCOL_FEATURES was
   negotiated, at once otherwise. GET_VRING_BASE stops it and answers the next avail index to process.
 - SET_MEM_TABLE replaces the whole table; rings are re-resolved against the new one and the old mappings go.
+  Ring addresses may come before the first table (they wait for it), but not outside an existing one.
 - Replies: GET_* messages answer; any other message with NEED_REPLY gets a u64 ack (0: done) once REPLY_ACK
   was negotiated. A message we do not implement is acked with 1 and otherwise ignored, so an optional
   request of a newer front end does not cost the connection.
@@ -216,7 +217,8 @@ class VhostUserDevice:
         old, self.mem = self.mem, MemoryTable(regions)
         self.net.forget_held()  # views of the old mapping
         for vq in self.queues:
-            vq.map(self.mem)
+            if vq.map(self.mem) and not old.regions:
+                vq.sync_used_index()  # addresses given before the first table
         old.close()
 
     # -- rings ----------------------------------------------------------------------------------------------
@@ -236,9 +238,10 @@ class VhostUserDevice:
         vq = self._queue(index, msg)
         vq.desc_uva, vq.used_uva, vq.avail_uva = desc, used, avail
         vq.addr_set = True
-        if not vq.map(self.mem):
+        if vq.map(self.mem):
+            vq.sync_used_index()
+        elif self.mem.regions:  # before any table the areas are resolved when it comes (SET_MEM_TABLE)
             raise p.VhostUserError(f"SET_VRING_ADDR: queue {index} areas are not in the memory table")
-        vq.sync_used_index()
 
     def _set_vring_base(self, msg: p.Message) -> None:
         index, base = msg.vring_state()
@@ -255,9 +258,7 @@ class VhostUserDevice:
             base = (base - self.net.held_count()) & 0xFFFF  # held chains were never used: the next start
             self.net.forget_held()  # takes them again
         vq.started = False
-        if vq.kick_fd >= 0:
-            os.close(vq.kick_fd)
-            vq.kick_fd = -1
+        vq.set_kick(-1)
         return p.VRING_STATE.pack(index, base)
 
     def _ring_fd(self, msg: p.Message) -> tuple[Virtqueue, int]:
@@ -272,9 +273,7 @@ class VhostUserDevice:
         if fd < 0:
             raise p.VhostUserError("SET_VRING_KICK without a descriptor: polling mode is not supported")
         os.set_blocking(fd, False)
-        if vq.kick_fd >= 0:
-            os.close(vq.kick_fd)
-        vq.kick_fd = fd
+        vq.set_kick(fd)
         vq.started = True
         vq.broken = False
         if not self.features >> F_PROTOCOL_FEATURES & 1:

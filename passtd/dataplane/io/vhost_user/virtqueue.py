@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from typing import Final
 
 from passtd.dataplane.io.vhost_user.memory import MemoryTable
@@ -43,6 +44,10 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")  # id, len
 _ONE: Final = (1).to_bytes(8, "little")
 _EMPTY: Final = memoryview(bytearray(0))
+
+
+def _ignore(fd: int) -> None:
+    pass
 
 
 def _drop(drops: dict[str, int], reason: str) -> None:
@@ -69,6 +74,10 @@ class Virtqueue:
         self.published = 0  # the used index last written to guest memory
         self.kick_fd = -1
         self.call_fd = -1
+        # Called with the kick descriptor before it is closed: whoever polls it must stop first. (An epoll
+        # set keeps a closed descriptor's entry while the front end still holds the eventfd, and qemu sends
+        # the same eventfd again when it restarts a ring.)
+        self.on_kick_close: Callable[[int], None] = _ignore
         self.enabled = False
         self.started = False
         self.broken = False
@@ -104,11 +113,18 @@ class Virtqueue:
         if self.mapped:
             self.used_idx = self.published = _U16.unpack_from(self.used, 2)[0]
 
+    def set_kick(self, fd: int) -> None:
+        """Take over `fd` (or -1: none) as the kick descriptor, closing the one it replaces."""
+        old, self.kick_fd = self.kick_fd, fd
+        if old >= 0:
+            self.on_kick_close(old)
+            os.close(old)
+
     def close_fds(self) -> None:
-        for fd in (self.kick_fd, self.call_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.kick_fd = self.call_fd = -1
+        self.set_kick(-1)
+        if self.call_fd >= 0:
+            os.close(self.call_fd)
+        self.call_fd = -1
 
     def reset(self) -> None:
         self.close_fds()
