@@ -17,11 +17,13 @@ import pytest
 from passtd.dataplane.core.context import Context, Ip4Net
 from passtd.dataplane.io.dataplane import Dataplane
 from passtd.dataplane.io.vhost_user.backend import VhostUserBackend
+from passtd.dataplane.io.vhost_user.device import FEATURES
+from passtd.dataplane.io.vhost_user.net import NET_F_GUEST_TSO4, NET_F_GUEST_TSO6
 from passtd.dataplane.packets.arp import build_arp
-from passtd.dataplane.packets.checksum import l4_checksum4
+from passtd.dataplane.packets.checksum import checksum, l4_checksum4
 from passtd.dataplane.packets.ethernet import build_ethernet
 from passtd.dataplane.packets.ipv4 import build_ipv4_header
-from passtd.dataplane.packets.tcp import syn_options
+from passtd.dataplane.packets.tcp import syn_options, tcp_checksum_ok
 from passtd.dataplane.packets.udp import build_udp4
 from tests.io.vhost_frontend import FrontEnd
 
@@ -53,7 +55,9 @@ class Setup:
 
 
 @pytest.fixture
-def setup() -> Iterator[Setup]:
+def setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
+    """`request.param`, when parametrized indirectly: the features the guest's driver takes."""
+    features: int | None = getattr(request, "param", None)
     loop = asyncio.new_event_loop()
     ctx = Context(mtu=1500, ip4=Ip4Net(GUEST, 24, GW))  # MTU 1500: super-segments are cut by the guest
     dp = Dataplane(ctx, loop, vnet=True)
@@ -65,7 +69,7 @@ def setup() -> Iterator[Setup]:
     s = Setup(loop, dp, backend, fe)
     holder.append(s)
     try:
-        fe.setup()
+        fe.setup(features=features)
         fe.post_rx(128, 2048)
         fe.kick_queue(0)
         s.run()
@@ -126,10 +130,9 @@ def test_arp_and_udp_both_ways(setup: Setup) -> None:
         server.close()
 
 
-def test_tcp_both_ways_with_segmentation_offload_to_the_guest(setup: Setup) -> None:
-    """Host→guest data leaves as super-segments (GSO TCPV4 in the header, spread over mergeable buffers);
-    the guest's data arrives at the host socket."""
-    s = setup
+def download(s: Setup, size: int) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The guest connects to a loopback server through the gateway, says hello, and reads `size` bytes;
+    returns what arrived and the (virtio-net header, frame) of every data segment."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     conn: socket.socket | None = None
     try:
@@ -148,27 +151,56 @@ def test_tcp_both_ways_with_segmentation_offload_to_the_guest(setup: Setup) -> N
         s.send(ip_frame(6, tcp_segment(40000, port, iss + 1, their_seq, 0x18, b"hello from the guest")))
         conn.settimeout(2)
         assert conn.recv(100) == b"hello from the guest"
-        blob = bytes(range(256)) * 400  # 102 400 bytes
+        blob = bytes(range(256)) * (size // 256)
         conn.sendall(blob)
         got = bytearray()
-        gso = 0
-        for _ in range(40):
+        segments = []
+        for _ in range(60):
             s.run(0.02)
             for hdr, frame in s.frames():
                 if frame[23] != 6 or frame[34 + 13] & 0x02:
                     continue
-                if hdr[1] == 1:  # VIRTIO_NET_HDR_GSO_TCPV4, cut at the guest's MSS, over several buffers
-                    assert struct.unpack_from("<HH", hdr, 4)[0] == 1460 and hdr[10] > 1
-                    gso += 1
+                segments.append((hdr, frame))
                 data_off = (frame[34 + 12] >> 4) * 4
                 got += frame[34 + data_off :]
             if len(got) >= len(blob):
                 break
             s.send(ip_frame(6, tcp_segment(40000, port, iss + 21, their_seq + len(got), 0x10)))
         assert bytes(got) == blob
-        assert gso >= 1, "no super-segment reached the guest"
-        assert s.backend.drops == {}
+        return bytes(got), segments
     finally:
         if conn is not None:
             conn.close()
         listener.close()
+
+
+def test_tcp_both_ways_with_segmentation_offload_to_the_guest(setup: Setup) -> None:
+    """Host→guest data leaves as super-segments (GSO TCPV4 in the header, spread over mergeable buffers);
+    the guest's data arrives at the host socket."""
+    _, segments = download(setup, 102400)
+    gso = [hdr for hdr, _ in segments if hdr[1] == 1]  # VIRTIO_NET_HDR_GSO_TCPV4
+    assert gso, "no super-segment reached the guest"
+    for hdr in gso:  # cut at the guest's MSS by the guest, spread over several receive buffers
+        assert struct.unpack_from("<H", hdr, 4)[0] == 1460 and hdr[10] > 1
+    assert setup.backend.drops == {}
+
+
+NO_TSO = FEATURES & ~(1 << NET_F_GUEST_TSO4 | 1 << NET_F_GUEST_TSO6)
+
+
+@pytest.mark.parametrize("setup", [NO_TSO], indirect=True)
+def test_a_guest_without_tso_gets_mss_sized_frames_with_complete_checksums(setup: Setup) -> None:
+    """Super-segments are cut here: every piece fits the MTU, and the pieces cut here (header asking for
+    nothing) carry complete IP and TCP checksums; single segments may still leave the checksum to the guest,
+    which took GUEST_CSUM."""
+    _, segments = download(setup, 102400)
+    cut = 0
+    for hdr, frame in segments:
+        assert hdr[1] == 0 and len(frame) <= 1514
+        ip = frame[14:34]
+        assert struct.unpack_from("!H", ip, 2)[0] == len(frame) - 14 and checksum(ip) == 0
+        if hdr[0] == 0:
+            cut += 1
+            assert tcp_checksum_ok(GW.packed, GUEST.packed, memoryview(frame)[34:])
+    assert cut >= 60
+    assert setup.backend.drops == {} and setup.backend.dropped_tx == 0

@@ -307,3 +307,38 @@ def test_receive_refuses_tso_without_the_guest_feature_and_completes_checksums(g
     net.set_features(1 << F_VERSION_1 | 1 << NET_F_GUEST_CSUM | 1 << NET_F_GUEST_TSO4)
     gso4 = struct.pack("<BBHHHH", 1, 1, 54, 1460, 34, 16)
     assert net.put(gso4, (bytes(3000),)) == PUT_OK
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_segment_tcp_cuts_a_super_segment_like_the_kernel(v6: bool) -> None:
+    from passtd.dataplane.io.vhost_user.net import segment_tcp
+    from passtd.dataplane.packets.checksum import checksum
+    from passtd.dataplane.packets.tcp import tcp_checksum_ok
+
+    src, dst = (
+        (bytes(15) + b"\1", bytes(15) + b"\2") if v6 else (bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2]))
+    )
+    payload = bytes(range(256)) * 20  # 5120 bytes: 3 full pieces of 1400 and one of 920
+    tcp = struct.pack("!HHIIBBHHH", 80, 1234, 0xFFFFFF00, 7, 5 << 4, 0x80 | 0x10 | 0x08 | 0x01, 500, 0, 0)
+    if v6:
+        ip = struct.pack("!IHBB16s16s", 6 << 28, len(tcp) + len(payload), 6, 64, src, dst)
+    else:
+        ip = struct.pack(
+            "!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(payload), 0xFFFF, 0x4000, 64, 6, 0, src, dst
+        )
+    eth = bytes(12) + (b"\x86\xdd" if v6 else b"\x08\x00")
+    start = 14 + len(ip)
+    vnet = struct.pack("<BBHHHH", 1, 4 if v6 else 1, start + 20, 1400, start, 16)
+    pieces = segment_tcp(vnet, (eth + ip, tcp, payload))
+    assert [len(p) - start - 20 for p in pieces] == [1400, 1400, 1400, 920]
+    assert b"".join(bytes(p[start + 20 :]) for p in pieces) == payload
+    for i, piece in enumerate(pieces):
+        seq, flags = struct.unpack_from("!I", piece, start + 4)[0], piece[start + 13]
+        assert seq == (0xFFFFFF00 + 1400 * i) & 0xFFFFFFFF  # wraps around 2**32
+        assert flags == (0x80 if i == 0 else 0) | 0x10 | (0x09 if i == 3 else 0)  # CWR first, PSH+FIN last
+        assert tcp_checksum_ok(src, dst, memoryview(piece)[start:])
+        if v6:
+            assert struct.unpack_from("!H", piece, 14 + 4)[0] == len(piece) - start
+        else:
+            assert struct.unpack_from("!HH", piece, 14 + 2) == (len(piece) - 14, (0xFFFF + i) & 0xFFFF)
+            assert checksum(piece[14:start]) == 0

@@ -30,7 +30,7 @@ from typing import Final
 from passtd.dataplane.io.tap.base import OutFrame
 from passtd.dataplane.io.tap.qemu_stream import bind_unix_listener
 from passtd.dataplane.io.vhost_user.device import VhostUserDevice
-from passtd.dataplane.io.vhost_user.net import PUT_DROPPED, PUT_FULL
+from passtd.dataplane.io.vhost_user.net import PUT_DROPPED, PUT_FULL, segment_tcp
 from passtd.dataplane.io.vhost_user.protocol import MessageReader, VhostUserError
 from passtd.errors import BackendError, MalformedFrame
 
@@ -172,21 +172,22 @@ class VhostUserBackend:
         if not net.rx.ready:
             self.dropped_tx += len(frames)  # no driver: nothing is waiting for these
             return
+        items = [_split(frame) for frame in frames]
+        if not (net.guest_tso4 and net.guest_tso6):
+            items = self._segmented(items)
         i = 0
         if not self._pending:
             put = net.put
-            for i, frame in enumerate(frames):  # noqa: B007 - i is where queueing starts
-                hdr, parts = _split(frame)
+            for i, (hdr, parts) in enumerate(items):  # noqa: B007 - i is where queueing starts
                 result = put(hdr, parts)
                 if result == PUT_FULL:
                     break
                 if result == PUT_DROPPED:
                     self.dropped_tx += 1
             else:
-                i = len(frames)
+                i = len(items)
             net.rx.publish()
-        for frame in frames[i:]:
-            hdr, parts = _split(frame)
+        for hdr, parts in items[i:]:
             size = 0
             for part in parts:
                 size += len(part)
@@ -196,6 +197,16 @@ class VhostUserBackend:
             # kept until the guest has room: must not change under us
             self._pending.append((hdr, tuple(p if type(p) is bytes else bytes(p) for p in parts)))
             self._pending_bytes += size
+
+    def _segmented(self, items: list[Pending]) -> list[Pending]:
+        """Super-segments cut here for a guest without TSO; every piece is a frame of its own."""
+        out: list[Pending] = []
+        for hdr, parts in items:
+            if hdr is not None and self.net.must_segment(hdr):
+                out.extend((None, (seg,)) for seg in segment_tcp(hdr, parts))
+            else:
+                out.append((hdr, parts))
+        return out
 
     def _flush_pending(self) -> None:
         net = self.net

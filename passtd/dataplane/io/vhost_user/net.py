@@ -5,9 +5,10 @@ Every buffer starts with a virtio-net header (§5.1.6): 12 bytes once VERSION_1 
 header may ask for offloads we negotiated (a partial checksum, a TSO super-segment): the dataplane takes such
 frames as they are, as from a tap with TUNSETOFFLOAD (it never checks a guest's checksum, and its TCP and UDP
 flows read the payload only), so the header is skipped. On receive, the dataplane's 10-byte header (see
-`packets/vnet.py`) passes through with num_buffers appended; for a guest that did not take the checksum or
-TSO offloads, a partial checksum is completed here and a super-segment is refused (counted), since the
-dataplane is told to offload only for guests that can take it.
+`packets/vnet.py`) passes through with num_buffers appended. The dataplane offloads before the guest has
+negotiated anything, so for a guest that did not take the offloads the work is done here: a partial checksum
+is completed, and a TCP super-segment is cut into MSS-sized frames (`segment_tcp`, the caller's job, so each
+piece queues on its own); any other segmentation request is refused and counted.
 
 Frames are copied between guest memory and our buffers: a transmit frame into a preallocated slot that
 stays ours until the next batch (the guest cannot change it under the parsers, and the chain goes back at
@@ -20,7 +21,7 @@ import struct
 from typing import Final
 
 from passtd.dataplane.io.vhost_user.virtqueue import BAD_CHAIN, NO_CHAIN, Virtqueue
-from passtd.dataplane.packets.checksum import ones_sum
+from passtd.dataplane.packets.checksum import checksum, l4_checksum4, l4_checksum6, ones_sum
 
 # Feature bits (virtio 1.2 §5.1.3, §6).
 NET_F_CSUM: Final = 0
@@ -53,6 +54,12 @@ QUEUE_TX: Final = 1
 
 _HDR = struct.Struct("<BBHHHH")
 _U16 = struct.Struct("<H")
+_U16BE = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+ETH_HLEN: Final = 14
+TCP_FIN: Final = 0x01
+TCP_PSH: Final = 0x08
+TCP_CWR: Final = 0x80
 _ZERO10: Final = bytes(10)
 
 # put() results
@@ -83,6 +90,13 @@ class NetQueues:
         # receive chains taken for a frame that did not fit; the next frame starts with them
         self._held: list[tuple[int, int, int]] = []  # head, first index in _held_segs, capacity
         self._held_segs: list[tuple[memoryview, int, int]] = []
+
+    def must_segment(self, vnet: bytes) -> bool:
+        """Whether a frame with this header is a TCP super-segment the guest cannot take whole."""
+        gso = vnet[1] & ~GSO_ECN
+        if gso == GSO_TCPV4:
+            return not self.guest_tso4
+        return gso == GSO_TCPV6 and not self.guest_tso6
 
     def set_features(self, features: int) -> None:
         self.mergeable = bool(features >> NET_F_MRG_RXBUF & 1)
@@ -155,7 +169,9 @@ class NetQueues:
             vnet = _ZERO10
         elif vnet[1] != GSO_NONE or vnet[0] & HDR_F_NEEDS_CSUM:
             gso = vnet[1] & ~GSO_ECN
-            if gso != GSO_NONE and not (self.guest_tso4 if gso == GSO_TCPV4 else self.guest_tso6):
+            if gso != GSO_NONE and not (
+                (gso == GSO_TCPV4 and self.guest_tso4) or (gso == GSO_TCPV6 and self.guest_tso6)
+            ):
                 _drop(self.drops, "vhost.rx_gso_refused")
                 return PUT_DROPPED
             if vnet[0] & HDR_F_NEEDS_CSUM and not self.guest_csum:
@@ -274,3 +290,46 @@ def _complete_checksum(vnet: bytes, parts: tuple[bytes | bytearray | memoryview,
         value = ~ones_sum(frame[start:]) & 0xFFFF
         frame[at : at + 2] = (value or 0xFFFF).to_bytes(2, "big")
     return frame
+
+
+def segment_tcp(vnet: bytes, parts: tuple[bytes | bytearray | memoryview, ...]) -> list[bytearray]:
+    """Cut a TCP super-segment into the frames a guest without TSO expects (what the kernel's GSO does,
+    RFC 9293 §3.1 and RFC 791/8200 for the fields): every piece carries the headers with its own sequence
+    number, IP length (IPv4: identification + i and header checksum) and a complete TCP checksum; FIN and
+    PSH only on the last piece, CWR only on the first. Headers are located from the virtio-net header
+    (csum_start is the TCP header); the frame is the dataplane's own, an Ethernet + IP + TCP frame."""
+    frame = bytearray().join(parts)
+    _, gso_type, _, mss, tcp_at, _ = _HDR.unpack_from(vnet)
+    v6 = gso_type & ~GSO_ECN == GSO_TCPV6
+    if tcp_at + 20 > len(frame) or mss <= 0:
+        return []
+    hdrs = tcp_at + (frame[tcp_at + 12] >> 4) * 4
+    if hdrs > len(frame):
+        return []
+    (seq,) = _U32.unpack_from(frame, tcp_at + 4)
+    flags = frame[tcp_at + 13]
+    ip_id = 0 if v6 else _U16BE.unpack_from(frame, ETH_HLEN + 4)[0]
+    src = bytes(frame[ETH_HLEN + 8 : ETH_HLEN + 24] if v6 else frame[ETH_HLEN + 12 : ETH_HLEN + 16])
+    dst = bytes(frame[ETH_HLEN + 24 : ETH_HLEN + 40] if v6 else frame[ETH_HLEN + 16 : ETH_HLEN + 20])
+    head = frame[:hdrs]
+    out: list[bytearray] = []
+    payload_len = len(frame) - hdrs
+    for i, off in enumerate(range(0, payload_len, mss)):
+        seg = head + frame[hdrs + off : hdrs + min(off + mss, payload_len)]
+        _U32.pack_into(seg, tcp_at + 4, (seq + off) & 0xFFFFFFFF)
+        f = flags if off + mss >= payload_len else flags & ~(TCP_FIN | TCP_PSH)
+        seg[tcp_at + 13] = f if i == 0 else f & ~TCP_CWR
+        if v6:
+            _U16BE.pack_into(seg, ETH_HLEN + 4, len(seg) - ETH_HLEN - 40)
+        else:
+            _U16BE.pack_into(seg, ETH_HLEN + 2, len(seg) - ETH_HLEN)
+            _U16BE.pack_into(seg, ETH_HLEN + 4, (ip_id + i) & 0xFFFF)
+            _U16BE.pack_into(seg, ETH_HLEN + 10, 0)
+            _U16BE.pack_into(seg, ETH_HLEN + 10, checksum(seg[ETH_HLEN:tcp_at]))
+        _U16BE.pack_into(seg, tcp_at + 16, 0)
+        l4 = memoryview(seg)[tcp_at:]
+        csum = l4_checksum6(src, dst, 6, l4) if v6 else l4_checksum4(src, dst, 6, l4)
+        l4.release()
+        _U16BE.pack_into(seg, tcp_at + 16, csum)
+        out.append(seg)
+    return out
