@@ -236,12 +236,16 @@ class NetQueues:
         have = 0
         for _, _, cap in self._held:
             have += cap
+        avail = 0  # chains known to be available (the avail index is read again only when they run out)
         while have < need:
             if self._held and not self.mergeable:
                 _drop(self.drops, "vhost.rx_buffer_small")
                 return PUT_DROPPED
-            if rx.available() == 0:
-                return PUT_FULL
+            if avail == 0:
+                avail = rx.available()
+                if avail == 0:
+                    return PUT_FULL
+            avail -= 1
             mark = len(segs)
             head = rx.pop(True, RX_CHAIN_LIMIT, segs)
             if head == NO_CHAIN:
