@@ -445,3 +445,17 @@ def test_ring_addresses_before_the_memory_table_wait_for_it(pair: Pair) -> None:
     assert not backend.device.net.tx.mapped
     fe.send(p.SET_MEM_TABLE, fe.mem_table_payload(), [fe.memfd, fe.memfd])
     assert backend.device.net.tx.mapped
+
+
+def test_a_new_memory_table_returns_held_receive_chains(pair: Pair) -> None:
+    """A chain taken for a frame that did not fit is given back unused when the table is replaced (its view
+    belongs to the old mapping), so the guest does not lose the buffer."""
+    fe, backend = pair.fe, pair.backend
+    fe.setup()
+    [head] = fe.post_rx(1, 1024)
+    pair.pump()
+    backend.send_batch([bytes(1500)])  # needs two buffers: the one there is held
+    assert backend.device.net.held_count() == 1 and backend.backlog == 1500
+    fe.send(p.SET_MEM_TABLE, fe.mem_table_payload(), [fe.memfd, fe.memfd])
+    assert fe.rings[0].take_used() == [(head, 0)]
+    assert backend.device.net.held_count() == 0

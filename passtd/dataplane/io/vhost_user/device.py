@@ -215,7 +215,11 @@ class VhostUserDevice:
             MemoryTable(regions).close()
             raise
         old, self.mem = self.mem, MemoryTable(regions)
-        self.net.forget_held()  # views of the old mapping
+        # held receive chains are views of the old mapping: give them back (unused) while it is still there
+        if self.net.held_count() and self.net.rx.mapped:
+            self.net.release_held()
+            self.net.rx.publish()
+        self.net.forget_held()
         for vq in self.queues:
             if vq.map(self.mem) and not old.regions:
                 vq.sync_used_index()  # addresses given before the first table
