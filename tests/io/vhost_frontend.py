@@ -204,6 +204,9 @@ class FrontEnd:
                 ),
             )
             self.send(p.SET_VRING_CALL, p.U64.pack(q), [self.call[q]])
+            self.send(
+                p.SET_VRING_ERR, p.U64.pack(q), [self.call[q]]
+            )  # qemu sends one; the back-end closes it
             self.send(p.SET_VRING_KICK, p.U64.pack(q), [self.kick[q]])
             if enable and features >> 30 & 1:
                 self.send(p.SET_VRING_ENABLE, p.VRING_STATE.pack(q, 1))

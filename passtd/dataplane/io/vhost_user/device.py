@@ -292,7 +292,9 @@ class VhostUserDevice:
         vq.call_fd = fd
 
     def _set_vring_err(self, msg: p.Message) -> None:
-        self._ring_fd(msg)  # we never report ring errors this way; the descriptor is closed with the message
+        _, fd = self._ring_fd(msg)
+        if fd >= 0:
+            os.close(fd)  # we never report ring errors through it
 
     def _set_vring_enable(self, msg: p.Message) -> None:
         index, enable = msg.vring_state()
