@@ -8,9 +8,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Callable
+from functools import partialmethod
 
 import pytest
 
+from tests.qemu import test_guest_tcp
 from tests.qemu.conftest import DEFAULT_PASSTD_ARGS, GATEWAY4, GUEST4, QEMU, VHOST_USER_SERVER, GuestNet
 from tests.qemu.image import DHCP_MARKER
 
@@ -128,3 +131,32 @@ cat /tmp/ping.out
     assert result.value("ADDR6=").startswith("fd00:2::"), result.describe()
     assert result.value("PING6_RC=") == "0", result.describe()
     assert "drops {}" in result.passtd_output, result.describe()
+
+
+class VhostUserGuestNet(GuestNet):
+    """The same namespace and image; every guest boots on a vhost-user NIC."""
+
+    run_guest = partialmethod(GuestNet.run_guest, vhost_user=True)
+
+
+@pytest.fixture
+def vhost_user_net(guest_net: GuestNet) -> GuestNet:
+    guest_net.__class__ = VhostUserGuestNet
+    return guest_net
+
+
+# The stream back-end's TCP and UDP guest checks, unchanged, over vhost-user: upload and download with the
+# host's answer after the guest's half-close, a -t forwarded port both ways, UDP echo through the gateway.
+STREAM_CHECKS: list[Callable[[GuestNet], None]] = [
+    test_guest_tcp.test_guest_to_host_tcp_upload_and_download,
+    test_guest_tcp.test_host_to_guest_through_forwarded_port,
+    test_guest_tcp.test_udp_echo_through_the_gateway,
+]
+
+
+@needs_qemu10
+@pytest.mark.parametrize("check", STREAM_CHECKS, ids=[c.__name__ for c in STREAM_CHECKS])
+def test_stream_tier_checks_over_vhost_user(
+    vhost_user_net: GuestNet, check: Callable[[GuestNet], None]
+) -> None:
+    check(vhost_user_net)

@@ -24,6 +24,8 @@ async def serve(path: str, config: Config, keep: bool) -> int:
         config.ctx, loop, max_flows=config.max_flows, dns_forward=config.dns_forward,
         dns_upstream=config.dns_upstream, vnet=True, outbound=config.outbound,
     )  # fmt: skip
+    if config.forward is not None:
+        dp.set_forwarding(config.forward)  # -t/-u, as the daemon applies them
     listener = VhostUserListener(path)
     current: list[VhostUserBackend] = []
     attached = asyncio.Event()
