@@ -13,7 +13,7 @@ from functools import partialmethod
 
 import pytest
 
-from tests.qemu import test_guest_tcp
+from tests.qemu import test_guest, test_guest_tcp
 from tests.qemu.conftest import DEFAULT_PASSTD_ARGS, GATEWAY4, GUEST4, QEMU, VHOST_USER_SERVER, GuestNet
 from tests.qemu.image import DHCP_MARKER
 
@@ -145,9 +145,11 @@ def vhost_user_net(guest_net: GuestNet) -> GuestNet:
     return guest_net
 
 
-# The stream back-end's TCP and UDP guest checks, unchanged, over vhost-user: upload and download with the
-# host's answer after the guest's half-close, a -t forwarded port both ways, UDP echo through the gateway.
+# The stream back-end's guest checks, unchanged, over vhost-user: the DHCP lease (address, router, MTU, DNS),
+# upload and download with the host's answer after the guest's half-close, a -t forwarded port both ways, UDP
+# echo through the gateway.
 STREAM_CHECKS: list[Callable[[GuestNet], None]] = [
+    test_guest.test_dhcp_configures_address_router_mtu_and_dns,
     test_guest_tcp.test_guest_to_host_tcp_upload_and_download,
     test_guest_tcp.test_host_to_guest_through_forwarded_port,
     test_guest_tcp.test_udp_echo_through_the_gateway,
