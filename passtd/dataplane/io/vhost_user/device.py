@@ -9,6 +9,8 @@ Rules kept here, in one place:
   negotiated, at once otherwise. GET_VRING_BASE stops it and answers the next avail index to process.
 - SET_MEM_TABLE replaces the whole table; rings are re-resolved against the new one and the old mappings go.
   Ring addresses may come before the first table (they wait for it), but not outside an existing one.
+- RESET_OWNER / RESET_DEVICE: rings and virtio features go back to a new connection's; the memory table and
+  protocol features stay (the front end sets up again). A new connection always gets a new device.
 - Replies: GET_* messages answer; any other message with NEED_REPLY gets a u64 ack (0: done) once REPLY_ACK
   was negotiated. A message we do not implement is acked with 1 and otherwise ignored, so an optional
   request of a newer front end does not cost the connection.
