@@ -22,6 +22,19 @@ deb:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+	@# qemu 7.2 (bookworm) segfaults on a vhost-user NIC under TCG; bookworm-backports has qemu 10, which works.
+	@# The source line is added only when no apt source names bookworm-backports yet (one-line or deb822 form).
+	@if ! dpkg-query -W -f='$${Version}' qemu-system-x86 2>/dev/null | grep -q '~bpo12'; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then \
+	    echo "adding the bookworm-backports apt source"; \
+	    echo 'deb http://deb.debian.org/debian bookworm-backports main' | \
+	      $$SUDO tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null; \
+	  fi; \
+	  echo "installing qemu-system-x86 from bookworm-backports"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null; \
+	fi
 
 venv: $(VENV)/.installed
 

@@ -48,6 +48,8 @@ DEFAULT_PASSTD_ARGS: Final = ("-a", GUEST4, "-n", str(PREFIX4), "-g", GATEWAY4, 
 DEFAULT_TIMEOUT: Final = 30.0
 SOCKET_WAIT: Final = 20.0  # passtd imports grpc and uvloop before it listens
 PASSTD_EXIT_WAIT: Final = 5.0
+GUEST_MEM_MB: Final = 256
+VHOST_USER_SERVER: Final = Path(__file__).with_name("vhost_user_server.py")
 
 _ESCAPES: Final = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|c)")
 _EXIT_RE: Final = re.compile(rf"^{re.escape(EXIT_MARKER)}(\d+)$", re.MULTILINE)
@@ -169,11 +171,16 @@ class GuestNet:
         passtd_args: Sequence[str] = DEFAULT_PASSTD_ARGS,
         timeout: float = DEFAULT_TIMEOUT,
         files: Mapping[str, bytes | str] | None = None,
+        vhost_user: bool = False,
+        server: tuple[subprocess.Popen[bytes], Path, Path] | None = None,
     ) -> GuestResult:
         """Start a one-off passtd, boot the guest with `script` as /test/run.sh, return its console.
 
         `timeout` bounds the whole run (passtd start, boot, script); past it qemu and passtd are killed and
-        the result says `timed_out`. passtd gets `-f -s SOCK --one-off` before `passtd_args`.
+        the result says `timed_out`. passtd gets `-f -s SOCK --one-off` before `passtd_args`. With
+        `vhost_user`, the guest's NIC is a vhost-user device served by tests/qemu/vhost_user_server.py (the
+        dataplane with the vhost-user back-end, same options, one guest) instead of passtd's stream socket.
+        `server` (process, socket, log): boot against a server the test started and keeps running.
         """
         self.runs += 1
         tag = f"run{self.runs}"
@@ -184,10 +191,15 @@ class GuestNet:
         passtd_log, console, qemu_err = (
             self.logs / f"{tag}-{n}" for n in ("passtd.log", "console.log", "qemu.err")
         )
-        passtd = self.popen(
-            [sys.executable, "-m", "passtd", "passt", "-f", "-s", str(sock), "--one-off", *passtd_args],
-            passtd_log,
-        )
+        if server is not None:  # a server the test keeps running across guests
+            passtd, sock, passtd_log = server
+        else:
+            served = (
+                [str(VHOST_USER_SERVER), str(sock)]
+                if vhost_user
+                else ["-m", "passtd", "passt", "-f", "-s", str(sock), "--one-off"]
+            )
+            passtd = self.popen([sys.executable, *served, *passtd_args], passtd_log)  # fmt: skip
         qemu: subprocess.Popen[bytes] | None = None
         timed_out = False
         try:
@@ -199,7 +211,7 @@ class GuestNet:
                 time.sleep(0.05)
             with open(console, "wb") as out, open(qemu_err, "wb") as err:
                 qemu = subprocess.Popen(
-                    ["ip", "netns", "exec", self.name, *qemu_argv(self.image, initrd, sock)],
+                    ["ip", "netns", "exec", self.name, *qemu_argv(self.image, initrd, sock, vhost_user)],
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=err,
@@ -213,14 +225,17 @@ class GuestNet:
                 _kill_group(qemu)
                 qemu.wait(5)
             try:  # --one-off: passtd leaves when qemu's connection closes
-                passtd.wait(min(PASSTD_EXIT_WAIT, max(0.1, deadline + PASSTD_EXIT_WAIT - time.monotonic())))
+                if server is None:
+                    passtd.wait(
+                        min(PASSTD_EXIT_WAIT, max(0.1, deadline + PASSTD_EXIT_WAIT - time.monotonic()))
+                    )
             except subprocess.TimeoutExpired:
                 _stop(passtd, 2)
         finally:
             if qemu is not None and qemu.poll() is None:
                 _kill_group(qemu)
                 qemu.wait(5)
-            if passtd.poll() is None:
+            if server is None and passtd.poll() is None:
                 _stop(passtd, 2)
             initrd.unlink(missing_ok=True)
         text = _ESCAPES.sub("", console.read_bytes().decode(errors="replace")).replace("\r", "")
@@ -247,16 +262,25 @@ class GuestNet:
                 pass
 
 
-def qemu_argv(image: GuestImage, initrd: Path, sock: Path) -> list[str]:
-    """TCG (the nested KVM here is unusable), no default devices, serial console on stdout, exit on reboot."""
+def qemu_argv(image: GuestImage, initrd: Path, sock: Path, vhost_user: bool = False) -> list[str]:
+    """TCG (the nested KVM here is unusable), no default devices, serial console on stdout, exit on reboot.
+    vhost-user shares the guest's memory with the back-end: it must be a shared memfd (qemu >= 10 here: 7.2
+    segfaults on vhost-user under TCG)."""
     bios = ["-bios", str(QBOOT)] if QBOOT.is_file() else []
+    netdev = (
+        ["-object", f"memory-backend-memfd,id=mem0,size={GUEST_MEM_MB}M,share=on",
+         "-machine", "memory-backend=mem0",
+         "-chardev", f"socket,id=c0,path={sock}", "-netdev", "vhost-user,id=n0,chardev=c0"]
+        if vhost_user
+        else ["-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={sock}"]
+    )  # fmt: skip
     return [
         QEMU, *bios,
-        "-accel", "tcg", "-cpu", "max", "-m", "256",
+        "-accel", "tcg", "-cpu", "max", "-m", str(GUEST_MEM_MB),
         "-nographic", "-nodefaults", "-serial", "stdio", "-no-reboot",
         "-kernel", str(image.kernel), "-initrd", str(initrd),
         "-append", "console=ttyS0 quiet panic=-1",
-        "-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={sock}",
+        *netdev,
         "-device", "virtio-net-pci,netdev=n0,romfile=",
     ]  # fmt: skip
 
