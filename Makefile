@@ -23,12 +23,18 @@ deb:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 	@# qemu 7.2 (bookworm) segfaults on a vhost-user NIC under TCG; bookworm-backports has qemu 10, which works.
-	@# The source line is added only when no apt source names bookworm-backports yet (one-line or deb822 form).
+	@# The source line is added only when no apt source names bookworm-backports yet (one-line or deb822 form),
+	@# on the mirror the machine already uses for bookworm.
 	@if ! dpkg-query -W -f='$${Version}' qemu-system-x86 2>/dev/null | grep -q '~bpo12'; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
 	  if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then \
-	    echo "adding the bookworm-backports apt source"; \
-	    echo 'deb http://deb.debian.org/debian bookworm-backports main' | \
+	    mirror=$$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null | \
+	      awk '/^$$/{u=""} /^URIs:/{u=$$2} /^Suites:(.* )?bookworm( |$$)/{if (u) {print u; exit}}'); \
+	    [ -n "$$mirror" ] || mirror=$$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | \
+	      awk '$$1=="deb" && $$3=="bookworm" {print $$2; exit}'); \
+	    if [ -z "$$mirror" ]; then echo "no apt source for bookworm to add bookworm-backports beside" >&2; exit 1; fi; \
+	    echo "adding the bookworm-backports apt source ($$mirror)"; \
+	    echo "deb $$mirror bookworm-backports main" | \
 	      $$SUDO tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null; \
 	  fi; \
 	  echo "installing qemu-system-x86 from bookworm-backports"; \
