@@ -69,6 +69,12 @@ dropped              3 frames
 flows                5 of 4096 max
   tcp                3 (ESTABLISHED 2, FIN_WAIT_1 1)
   udp                2 (ACTIVE 2)
+flows by protocol    tcp 3/2048, udp 2/1024
+learned addresses    2 of 64 max
+pending SYNs         0 of 512 max
+watch streams        1 of 32 max
+control calls        1 of 128 max
+descriptors          40 open, 256 reserved, limit 1048576
 """
 
 BARE_TABLE = """\

@@ -9,6 +9,7 @@ import socket
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,10 +19,11 @@ import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from passtd.control.api import FailedPrecondition
+from passtd.control.api import FailedPrecondition, LimitView
 from passtd.control.convert import connection_to_pb, status_to_pb
 from passtd.control.pb import passt_pb2, passt_pb2_grpc
 from passtd.control.server import start_control_server, stop_control_server
+from passtd.control.service import MAX_RPCS
 from passtd.errors import BackendError, ConfigError, PasstError
 from tests.control.samples import CONN_TCP, CONN_UDP, SAMPLE, FakeControlAPI
 
@@ -65,7 +67,8 @@ async def test_get_status(tmp_path: Path) -> None:
         reply = await passt_pb2_grpc.ControlStub(channel).GetStatus(
             passt_pb2.GetStatusRequest(), timeout=TIMEOUT
         )
-    assert reply == status_to_pb(SAMPLE)
+    rpcs = LimitView(max=MAX_RPCS, in_use=1)  # the servicer counts the calls it serves, this one
+    assert reply == status_to_pb(replace(SAMPLE, limits=replace(SAMPLE.limits, concurrent_rpcs=rpcs)))
     assert api.calls == 1
 
 

@@ -46,7 +46,8 @@ class ControlStub:
     Errors: INVALID_ARGUMENT with a message that starts with the offending field ("filter.port: ...",
     "timeouts.udp_idle: 0.5 s is out of range 1..86400 s", "spec: -t: ..."); NOT_FOUND for an unknown flow
     id; FAILED_PRECONDITION for a request this mode cannot honour (the namespace tables -T/-U in passt
-    mode); RESOURCE_EXHAUSTED when too many watchers are open.
+    mode); RESOURCE_EXHAUSTED when too many watchers or calls are open, or a port policy would need more
+    descriptors than are free. Values quoted in error messages are cut to 100 characters.
     No call needs a guest to be attached: ports and timeouts can be set before the VM starts, and flows left
     behind by a guest that went away can still be listed and reset (only the host side gets the RST then).
     A refused request changes nothing.
@@ -101,7 +102,8 @@ class ControlAsyncStub(ControlStub):
     Errors: INVALID_ARGUMENT with a message that starts with the offending field ("filter.port: ...",
     "timeouts.udp_idle: 0.5 s is out of range 1..86400 s", "spec: -t: ..."); NOT_FOUND for an unknown flow
     id; FAILED_PRECONDITION for a request this mode cannot honour (the namespace tables -T/-U in passt
-    mode); RESOURCE_EXHAUSTED when too many watchers are open.
+    mode); RESOURCE_EXHAUSTED when too many watchers or calls are open, or a port policy would need more
+    descriptors than are free. Values quoted in error messages are cut to 100 characters.
     No call needs a guest to be attached: ports and timeouts can be set before the VM starts, and flows left
     behind by a guest that went away can still be listed and reset (only the host side gets the RST then).
     A refused request changes nothing.
@@ -152,7 +154,8 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
     Errors: INVALID_ARGUMENT with a message that starts with the offending field ("filter.port: ...",
     "timeouts.udp_idle: 0.5 s is out of range 1..86400 s", "spec: -t: ..."); NOT_FOUND for an unknown flow
     id; FAILED_PRECONDITION for a request this mode cannot honour (the namespace tables -T/-U in passt
-    mode); RESOURCE_EXHAUSTED when too many watchers are open.
+    mode); RESOURCE_EXHAUSTED when too many watchers or calls are open, or a port policy would need more
+    descriptors than are free. Values quoted in error messages are cut to 100 characters.
     No call needs a guest to be attached: ports and timeouts can be set before the VM starts, and flows left
     behind by a guest that went away can still be listed and reset (only the host side gets the RST then).
     A refused request changes nothing.
