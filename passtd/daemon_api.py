@@ -11,6 +11,7 @@ from __future__ import annotations
 import _socket
 import asyncio
 import errno
+import functools
 import ipaddress
 import os
 import resource
@@ -83,10 +84,22 @@ def _addr(packed: Any) -> str:
     """A 4- or 16-byte packed address as text (IPv4-mapped IPv6 shown as IPv4); "" when absent."""
     if not isinstance(packed, bytes | bytearray) or len(packed) not in (4, 16):
         return ""
-    addr = ipaddress.ip_address(bytes(packed))
+    return _addr_text(bytes(packed))
+
+
+@functools.lru_cache(maxsize=4096)
+def _addr_text(packed: bytes) -> str:
+    """Cached: a listing of thousands of flows repeats a few addresses, and ipaddress costs ~2 µs each."""
+    addr = ipaddress.ip_address(packed)
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return str(addr.ipv4_mapped)
     return str(addr)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sockname_text(host: str) -> str:
+    """getsockname()'s host as the API shows addresses (IPv4-mapped IPv6 as IPv4, zone kept out)."""
+    return _addr_text(ipaddress.ip_address(host.split("%", 1)[0]).packed)
 
 
 def _packed_forms(text: str) -> tuple[bytes, ...]:
@@ -115,7 +128,7 @@ def _local(flow: Flow) -> tuple[str, int]:
         return "", 0
     if not isinstance(name, tuple):
         return "", 0
-    return _addr(ipaddress.ip_address(name[0]).packed), int(name[1])
+    return _sockname_text(name[0]), int(name[1])
 
 
 def _bind_view(result: BindResult) -> BindResultView:
@@ -229,10 +242,18 @@ class DaemonControl:
         return time.time() - (self.dp.loop.time() - loop_time)
 
     def view(
-        self, flow: Flow, *, full: bool = True, local: bool | None = None, state: str | None = None
+        self,
+        flow: Flow,
+        *,
+        full: bool = True,
+        local: bool | None = None,
+        state: str | None = None,
+        wall_offset: float | None = None,
     ) -> ConnectionView:
         """A flow as the API shows it. `full` adds what costs system calls: the local address (also alone
-        with `local`) and TCP_INFO."""
+        with `local`) and TCP_INFO. `wall_offset` (wall minus loop clock) may be read once per listing."""
+        if wall_offset is None:
+            wall_offset = time.time() - self.dp.loop.time()
         # ICMP echo has no port: its identifier stands in.
         port: Any = getattr(flow, "guest_port", None) or getattr(flow, "guest_ident", 0)
         guest_port = int(port)
@@ -271,8 +292,8 @@ class DaemonControl:
             bytes_to_guest=flow.bytes_to_guest,
             packets_from_guest=flow.packets_from_guest,
             packets_to_guest=flow.packets_to_guest,
-            created_time=self._wall(flow.created),
-            last_activity_time=self._wall(flow.last_active),
+            created_time=flow.created + wall_offset,
+            last_activity_time=flow.last_active + wall_offset,
             tcp=tcp,
         )
 
@@ -383,9 +404,10 @@ class DaemonControl:
             flows = await self._matching(flt, after_id)
             page = flows[:limit]
             views: list[ConnectionView] = []
+            offset = time.time() - self.dp.loop.time()  # both clocks run at the same pace meanwhile
             for flow in page:
                 await self.share.pause()
-                views.append(self.view(flow))
+                views.append(self.view(flow, wall_offset=offset))
         more = len(flows) > limit
         return views, (page[-1].flow_id if more and page else 0)
 

@@ -50,15 +50,17 @@ class LoopShare:
     yields once; if the loop then turns out to have had other work waiting (the yield took longer than
     `busy`), it also sleeps long enough that its own work stays under `share` of the time, so a client
     looping ListConnections cannot take more than that from a transfer. On an idle loop nothing waits.
-    One instance is shared by every call, so several clients together still get one share.
+    One instance is shared by every call, so several clients together still get one share. Time is the
+    thread's CPU time: what the loop did meanwhile counts, the kernel giving the CPU to other processes does
+    not (on a loaded host that would make an idle loop look busy).
     """
 
     def __init__(
         self,
         share: float = 0.1,
-        slice_seconds: float = 0.0005,
+        slice_seconds: float = 0.001,
         busy: float = 0.00005,
-        clock: Callable[[], float] = time.perf_counter,
+        clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.share = share
         self.slice = slice_seconds
