@@ -1,9 +1,10 @@
 """The control plane's view of a running daemon: `ControlAPI` implemented over the dataplane.
 
 Lives beside the composition root, not in passtd.control, so that the control package (and passtctl) never
-import the dataplane. Everything here runs on the dataplane's loop: walks over the flow table yield every
-`YIELD_EVERY` flows so that frames keep flowing, and watch callbacks only build a small view and offer it to
-a bounded queue.
+import the dataplane. Everything here runs on the dataplane's loop: walks over the flow table run one at a
+time and keep to CONTROL_SHARE of a busy loop (LoopShare), so that frames keep flowing however hard clients
+loop; a port policy never binds more sockets than the descriptors allow; watch callbacks only build a small
+view and offer it to a bounded queue.
 """
 
 from __future__ import annotations

@@ -457,8 +457,8 @@ class TimeoutsView:
 class ControlAPI(Protocol):
     """What the control plane may ask of the daemon. Called on the dataplane's loop; must not block.
 
-    The async methods walk the flow table and yield to the loop every few hundred flows. Errors are the
-    classes above (or any PasstError); anything else is a bug.
+    The async methods walk the flow table in slices and keep to a share of a busy loop (LoopShare). Errors
+    are the classes above (or any PasstError); anything else is a bug.
 
     No call needs a guest to be attached: an orchestrator sets ports and timeouts before the VM boots,
     and flows left over from a guest that went away can still be listed and reset (the host side gets its

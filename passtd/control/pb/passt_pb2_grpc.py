@@ -115,8 +115,8 @@ class ControlServicer:
     """
 
     def GetStatus(self, request, context):
-        """A snapshot of identity, configuration, counters and flow counts. Counting flows by state walks the
-        flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
+        """A snapshot of identity, configuration, counters, flow counts and limits. Counting flows by state walks
+        the flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -58,8 +58,8 @@ class ControlStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ControlAsyncStub: ...
     GetStatus: _grpc.UnaryUnaryMultiCallable[_passt_pb2.GetStatusRequest, _passt_pb2.Status]
-    """A snapshot of identity, configuration, counters and flow counts. Counting flows by state walks the
-    flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
+    """A snapshot of identity, configuration, counters, flow counts and limits. Counting flows by state walks
+    the flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
     """
     ListConnections: _grpc.UnaryUnaryMultiCallable[_passt_pb2.ListConnectionsRequest, _passt_pb2.ListConnectionsResponse]
     """Open flows matching a filter, in flow-id order (oldest first), a page at a time. Walks the flow table
@@ -111,8 +111,8 @@ class ControlAsyncStub(ControlStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetStatus: _aio.UnaryUnaryMultiCallable[_passt_pb2.GetStatusRequest, _passt_pb2.Status]  # type: ignore[assignment]
-    """A snapshot of identity, configuration, counters and flow counts. Counting flows by state walks the
-    flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
+    """A snapshot of identity, configuration, counters, flow counts and limits. Counting flows by state walks
+    the flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
     """
     ListConnections: _aio.UnaryUnaryMultiCallable[_passt_pb2.ListConnectionsRequest, _passt_pb2.ListConnectionsResponse]  # type: ignore[assignment]
     """Open flows matching a filter, in flow-id order (oldest first), a page at a time. Walks the flow table
@@ -167,8 +167,8 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _passt_pb2.GetStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_passt_pb2.Status, _abc.Awaitable[_passt_pb2.Status]]:
-        """A snapshot of identity, configuration, counters and flow counts. Counting flows by state walks the
-        flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
+        """A snapshot of identity, configuration, counters, flow counts and limits. Counting flows by state walks
+        the flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
         """
 
     @_abc_1.abstractmethod
