@@ -53,7 +53,8 @@ IF = "eth0"
 HOST4, REMOTE4, FAR4, DROP4 = "192.0.2.1", "192.0.2.2", "198.51.100.1", "198.51.100.99"
 HOST6, REMOTE6, FAR6, DROP6 = "2001:db8:1::1", "2001:db8:1::2", "2001:db8:2::1", "2001:db8:2::99"
 IPERF_PORT = 5201
-BATCH, IN_FLIGHT = 250, 600  # frames written between two looks at passtd's counter, and the most unread
+BATCH, IN_FLIGHT = 1000, 8000  # frames written between two looks at passtd's counter, and the most unread
+TXQUEUELEN = 10000  # the guest side of the tap queues this many frames for passtd (the default is 1 000)
 STREAM_MIN = 14  # qemu's stream framing: a shorter length means a desynchronised stream and a disconnect
 SHORT_TIMEOUTS = {"udp_idle": 1.0, "icmp_idle": 1.0, "tcp_syn": 1.0, "tcp_fin": 1.0, "tcp_activity": 1.0}
 
@@ -231,6 +232,27 @@ class Daemon:
                 return int(text.split()[1]) / 1024
         return 0.0
 
+    def fd_kinds(self) -> dict[str, int]:
+        """Open descriptors by kind: sockets by /proc/PID/net table (tcp, udp6, icmp...), else the target."""
+        tables: dict[str, str] = {}
+        for table in ("tcp", "tcp6", "udp", "udp6", "icmp", "icmp6", "raw", "raw6", "unix"):
+            with contextlib.suppress(OSError):
+                for row in Path(f"/proc/{self.pid}/net/{table}").read_text().splitlines()[1:]:
+                    cols = row.split()
+                    inode = cols[6] if table == "unix" else (cols[9] if len(cols) > 9 else "")
+                    tables[inode] = table
+        kinds: dict[str, int] = {}
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{self.pid}/fd/{fd}")
+                kind = (
+                    tables.get(target[8:-1], "socket")
+                    if target.startswith("socket:")
+                    else target.split(":")[0]
+                )
+                kinds[kind] = kinds.get(kind, 0) + 1
+        return kinds
+
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -304,6 +326,8 @@ def start_passtd(t: Topo, name: str, mode: str, root: Path, *extra: str) -> Daem
         return True
 
     _wait(ready, 20, f"{name} to start")
+    if mode == "pasta":
+        sh("ip", "-n", t.guest, "link", "set", IF, "txqueuelen", str(TXQUEUELEN))
     daemon = Daemon(proc, ctl, log_path, Ctl(ctl), sock)
     _wait(lambda: daemon.ctl.status() is not None, 10, "the control socket")
     return daemon
@@ -360,6 +384,8 @@ def inject_main(argv: list[str]) -> int:
     sock.bind((IF, 0))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     base = ctl.status().counters.frames_from_guest
+    stats = Path(f"/sys/class/net/{IF}/statistics/tx_dropped")
+    dropped0 = int(stats.read_text())
     sent = errors = 0
     start = time.monotonic()
     deadline = start + a.duration
@@ -378,8 +404,9 @@ def inject_main(argv: list[str]) -> int:
             ahead = sent / a.rate - (time.monotonic() - start)
             if ahead > 0:
                 time.sleep(ahead)
-        # Pace on what passtd has read: the tap's queue holds 1 000 frames (txqueuelen) and drops beyond.
-        pace_deadline = time.monotonic() + 5
+        # The fuzz is paced on what passtd has read (the tap's queue holds TXQUEUELEN frames and drops
+        # beyond); a flood only keeps to its rate, and what the queue drops the kernel counts.
+        pace_deadline = time.monotonic() + (0 if a.flood else 5)
         while time.monotonic() < pace_deadline:
             seen = ctl.status().counters.frames_from_guest - base
             if sent - seen < IN_FLIGHT:
@@ -387,7 +414,7 @@ def inject_main(argv: list[str]) -> int:
             time.sleep(0.001)
     elapsed = time.monotonic() - start
     time.sleep(0.2)
-    tap_dropped = int(Path(f"/sys/class/net/{IF}/statistics/tx_dropped").read_text())
+    tap_dropped = int(stats.read_text()) - dropped0
     out(
         json.dumps(
             {
@@ -477,9 +504,13 @@ class Prober:
     """Times control calls in a loop on a thread (GetStatus and ListConnections by turns)."""
 
     def __init__(
-        self, daemon: Daemon, calls: tuple[str, ...] = ("status", "list"), pause: float = 0.0
+        self,
+        daemon: Daemon,
+        calls: tuple[str, ...] = ("status", "list"),
+        pause: float = 0.0,
+        fresh: bool = False,
     ) -> None:
-        self.daemon, self.calls, self.pause = daemon, calls, pause
+        self.daemon, self.calls, self.pause, self.fresh = daemon, calls, pause, fresh
         self.latency: dict[str, list[float]] = {c: [] for c in calls}
         self.failures: dict[str, int] = {}
         self._stop = threading.Event()
@@ -490,6 +521,9 @@ class Prober:
         while not self._stop.is_set():
             for call in self.calls:
                 t0 = time.perf_counter()
+                if self.fresh:  # a new connection each time, as passtctl makes: the accept path is timed too
+                    ctl.close()
+                    ctl = Ctl(self.daemon.ctl_path)
                 try:
                     ctl.status(timeout=5) if call == "status" else ctl.list(timeout=5)
                     self.latency[call].append(time.perf_counter() - t0)
@@ -676,7 +710,10 @@ def _fuzz_checks(
     if not drops:
         r.problem(f"fuzz {name}: no drop was counted")
     if fds1 > fds0 + 8:
-        r.problem(f"fuzz {name}: {fds1 - fds0} descriptors more than before the fuzz, with no flow open")
+        r.problem(
+            f"fuzz {name}: {fds1 - fds0} descriptors more than before the fuzz, with no flow open "
+            f"(by kind now: {d.fd_kinds()})"
+        )
     if sum(left.flows.values()):
         r.problem(f"fuzz {name}: {sum(left.flows.values())} flows still open 30 s after the fuzz")
 
@@ -760,21 +797,31 @@ def phase_nofile(t: Topo, root: Path, r: Report, seconds: float, rate: float) ->
         sh("prlimit", "--pid", str(d.pid), "--nofile=300:300")
         fds0 = d.fds()
         link = link_of(d, guest_mac(t))
-        with Prober(d, pause=0.05) as probe:
-            result = inject(
-                t, d, link, "--flood", "udp_ports", "--duration", str(seconds), "--rate", str(rate)
+        result: dict[str, Any] = {}
+        flooder = threading.Thread(
+            target=lambda: result.update(
+                inject(
+                    t, d, link, "--flood", "udp_ports", "--duration", str(seconds + 2), "--rate", str(rate)
+                )
             )
+        )
+        with Prober(d, pause=0.05, fresh=True) as probe:  # a new connection per call, as passtctl makes
+            flooder.start()
+            time.sleep(1.5)  # the flows have taken the descriptors by now
             fds_peak = d.fds()
             tcp_ok = iperf(t, 1)
-        status_ok = True
-        try:
-            d.ctl.status(timeout=5)
-        except Exception:  # an RpcError
-            status_ok = False
+            fresh = Ctl(d.ctl_path)
+            status_ok = True
+            try:
+                fresh.status(timeout=5)
+            except Exception:  # an RpcError
+                status_ok = False
+            fresh.close()
+            flooder.join(seconds + 60)
         r.add(
             f"nofile 300: UDP to many ports, {result['sent']} frames; descriptors {fds0} -> {fds_peak}; "
             f"TCP through passtd during the flood {tcp_ok:.2f} Gbit/s; control {probe.summary()}; "
-            f"GetStatus right after {'ok' if status_ok else 'FAILED'}; log: "
+            f"GetStatus on a new connection during the flood {'ok' if status_ok else 'FAILED'}; log: "
             f"{d.log_count('Too many open files')} 'Too many open files', {d.tracebacks()} tracebacks"
         )
         took = _settle(d, 30)
