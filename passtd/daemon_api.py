@@ -163,22 +163,24 @@ def table_view(direction: ForwardDirection, policy: PortPolicy) -> ForwardTableV
     )
 
 
-def descriptors_in_use() -> int:
-    """Open descriptors of this process (one readdir of /proc/self/fd, minus the one it opens)."""
+def descriptors_in_use(soft_limit: int) -> int:
+    """Open descriptors of this process (one readdir of /proc/self/fd, minus the one it opens); the limit
+    itself when even that descriptor cannot be had."""
     try:
         return max(len(os.listdir("/proc/self/fd")) - 1, 0)
-    except OSError:
-        return 0
+    except OSError as exc:
+        return soft_limit if exc.errno in (errno.EMFILE, errno.ENFILE) else 0
 
 
 def descriptors_view(reserved: int = FD_RESERVE) -> DescriptorsView:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     unlimited = resource.RLIM_INFINITY
+    soft_limit = 0 if soft == unlimited else soft
     return DescriptorsView(
-        soft_limit=0 if soft == unlimited else soft,
+        soft_limit=soft_limit,
         hard_limit=0 if hard == unlimited else hard,
         reserved=reserved,
-        in_use=descriptors_in_use(),
+        in_use=descriptors_in_use(soft_limit),
     )
 
 

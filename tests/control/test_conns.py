@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import resource
+import socket
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -665,3 +667,16 @@ def test_watchers_that_never_read_hold_bounded_memory() -> None:
         assert dp.watchers == []
 
     run(main())
+
+
+def test_descriptors_view_counts_what_is_open() -> None:
+    view = daemon_api.descriptors_view()
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert view.soft_limit == soft and view.reserved == daemon_api.FD_RESERVE
+    before = view.in_use
+    extra = [socket.socket() for _ in range(10)]
+    try:
+        assert daemon_api.descriptors_view().in_use == before + 10
+    finally:
+        for sock in extra:
+            sock.close()
