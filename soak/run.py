@@ -709,7 +709,7 @@ def _fuzz_checks(
         r.problem(f"fuzz {name}: {d.tracebacks()} tracebacks in the log ({d.log})")
     if not drops:
         r.problem(f"fuzz {name}: no drop was counted")
-    if fds1 > fds0 + 8:
+    if fds1 > fds0 + 2:  # the control connection may come and go; a flow's socket may not stay
         r.problem(
             f"fuzz {name}: {fds1 - fds0} descriptors more than before the fuzz, with no flow open "
             f"(by kind now: {d.fd_kinds()})"
