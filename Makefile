@@ -9,7 +9,7 @@ DEB_PKGS := iproute2 nftables socat iperf3 isc-dhcp-client busybox-static tcpdum
 NATIVE ?= 1
 ARGS ?= passt --foreground
 
-.PHONY: setup deb venv native run test lint typecheck unit clean bench install lock
+.PHONY: setup deb venv native run test lint typecheck unit clean bench install lock soak
 
 setup: deb venv native
 
@@ -144,3 +144,8 @@ bench: setup
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Abuse under load (not part of `make test`; root; about 5 minutes): a million mutated frames through both
+# back-ends, floods while a transfer runs, descriptor exhaustion; prints figures. See soak/run.py.
+soak: setup
+	$(PY) soak/run.py $(SOAK_ARGS)

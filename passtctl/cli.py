@@ -338,9 +338,11 @@ def _ports_change(client: ControlClient, args: argparse.Namespace) -> int:
     direction = _FORWARD_DIRECTIONS[args.dir or "tcp_in"]
     change = client.change_forward(args.op, direction, args.spec)
     sys.stdout.write(render_policy_change(change))
-    failed = [b for b in change.binds if not b.ok]
+    # Servers before binds_total/binds_failed listed every socket: count the list then.
+    failed = change.binds_failed or sum(not b.ok for b in change.binds)
+    total = change.binds_total or len(change.binds)
     if failed:
-        sys.stderr.write(f"{PROG}: error: {len(failed)} of {len(change.binds)} sockets could not be bound\n")
+        sys.stderr.write(f"{PROG}: error: {failed} of {total} sockets could not be bound\n")
         return EXIT_FAILED
     return EXIT_OK
 

@@ -108,6 +108,33 @@ def _traffic(frames: int, size: int) -> str:
     return f"{frames} frames, {format_bytes(size)}"
 
 
+def _limit(limit: passt_pb2.Limit) -> str:
+    return f"{limit.in_use} of {limit.max} max" if limit.max else f"{limit.in_use} (no limit of its own)"
+
+
+def _limit_rows(limits: passt_pb2.Limits) -> list[Row]:
+    """The limits section; absent for a server that reports only max_flows."""
+    fds = limits.descriptors
+    if not fds.soft_limit and not fds.in_use:
+        return []
+    per_proto = ", ".join(
+        f"{proto} {lim.in_use}/{lim.max}" if lim.max else f"{proto} {lim.in_use}/-"
+        for proto, lim in sorted(limits.flows_by_protocol.items())
+    )
+    hard = f", hard {fds.hard_limit}" if fds.hard_limit and fds.hard_limit != fds.soft_limit else ""
+    return [
+        ("flows by protocol", per_proto or _NONE),
+        ("learned addresses", _limit(limits.guest_addresses)),
+        ("pending SYNs", _limit(limits.pending_syns)),
+        ("watch streams", _limit(limits.watch_streams)),
+        ("control calls", _limit(limits.concurrent_rpcs)),
+        (
+            "descriptors",
+            f"{fds.in_use} open, {fds.reserved} reserved, limit {fds.soft_limit or 'none'}{hard}",
+        ),
+    ]
+
+
 def status_rows(status: passt_pb2.Status) -> list[Row]:
     """GetStatus as (key, value) rows, in the order a person reads them."""
     backend, config, counters = status.backend, status.config, status.counters
@@ -137,6 +164,7 @@ def status_rows(status: passt_pb2.Status) -> list[Row]:
         *_breakdown(counters.dropped),
         ("flows", f"{flows_total} of {status.limits.max_flows} max"),
         *_flow_breakdown(status),
+        *_limit_rows(status.limits),
     ]
 
 
@@ -343,6 +371,9 @@ def render_policy_change(change: passt_pb2.PortPolicyChange) -> str:
     ]
     if rows:
         out += "".join("  " + line for line in render_columns(("", "", ""), rows).splitlines(True)[1:])
+    unlisted = change.binds_total - len(change.binds)
+    if unlisted > 0:
+        out += f"  ... and {unlisted} more (of {change.binds_total} sockets, {change.binds_failed} failed)\n"
     return out
 
 

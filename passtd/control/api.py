@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final, Literal, Protocol
@@ -26,6 +27,69 @@ def _empty() -> Mapping[str, int]:
 
 def _empty_nested() -> Mapping[str, Mapping[str, int]]:
     return {}
+
+
+QUOTE_MAX: Final = 100  # characters of a request value an error message repeats
+
+
+def clip(text: str, limit: int = QUOTE_MAX) -> str:
+    """`text` cut to `limit` characters with an ellipsis: a 100 kB bad value must not come back whole in an
+    error message (it would turn INVALID_ARGUMENT into a reply too large to receive)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def quote(value: object, limit: int = QUOTE_MAX) -> str:
+    """`repr(value)` for an error message, clipped like `clip`."""
+    return clip(repr(value), limit)
+
+
+class LoopShare:
+    """Keeps a long control call's share of the event loop small while the data path is busy.
+
+    A call that walks thousands of flows calls `pause()` often. Every `slice` seconds of its own work it
+    yields once; if the loop then turns out to have had other work waiting (the yield took longer than
+    `busy`: an empty turn of the loop costs ~0.1 ms of CPU here, a batch of frames more), it also sleeps
+    long enough that its own work stays under `share` of the time, so a client looping ListConnections
+    cannot take more than that from a transfer. On an idle loop nothing waits.
+    One instance is shared by every call, so several clients together still get one share. Time is the
+    thread's CPU time: what the loop did meanwhile counts, the kernel giving the CPU to other processes does
+    not (on a loaded host that would make an idle loop look busy).
+    """
+
+    def __init__(
+        self,
+        share: float = 0.1,
+        slice_seconds: float = 0.001,
+        busy: float = 0.00025,
+        clock: Callable[[], float] = time.thread_time,
+    ) -> None:
+        self.share = share
+        self.slice = slice_seconds
+        self.busy = busy
+        self._clock = clock
+        self._started = clock()
+        self.yields = 0
+        self.slept = 0.0
+
+    def start(self) -> None:
+        """Begin timing a slice (at the start of a call, and after anything else awaited)."""
+        self._started = self._clock()
+
+    async def pause(self) -> None:
+        """Yield if this slice has run long enough; cheap to call per flow."""
+        now = self._clock()
+        used = now - self._started
+        if used < self.slice:
+            return
+        self.yields += 1
+        await asyncio.sleep(0)
+        waited = self._clock() - now
+        if waited > self.busy:
+            rest = used * (1 / self.share - 1) - waited
+            if rest > 0:
+                self.slept += rest
+                await asyncio.sleep(rest)
+        self._started = self._clock()
 
 
 # -- errors: each maps to one gRPC status code in service.py ---------------------------------------------
@@ -94,10 +158,39 @@ class CountersView:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LimitView:
+    """passt.v1.Limit: a cap (0: none of its own) and its present use."""
+
+    max: int = 0
+    in_use: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DescriptorsView:
+    """passt.v1.Descriptors: RLIMIT_NOFILE, the descriptors kept free, and those open now."""
+
+    soft_limit: int = 0
+    hard_limit: int = 0
+    reserved: int = 0
+    in_use: int = 0
+
+
+def _no_limits() -> Mapping[str, LimitView]:
+    return {}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsView:
-    """passt.v1.Limits: configured limits."""
+    """passt.v1.Limits: the limits that protect the host, each with its use."""
 
     max_flows: int
+    flows: LimitView = LimitView()
+    flows_by_protocol: Mapping[str, LimitView] = field(default_factory=_no_limits)
+    guest_addresses: LimitView = LimitView()
+    pending_syns: LimitView = LimitView()
+    watch_streams: LimitView = LimitView()
+    concurrent_rpcs: LimitView = LimitView()
+    descriptors: DescriptorsView = DescriptorsView()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,16 +275,16 @@ class ConnectionFilter:
     ) -> ConnectionFilter:
         """A filter from loose values; raises InvalidArgument naming the bad field."""
         if protocol and protocol not in PROTOCOLS:
-            raise InvalidArgument(f"filter.protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+            raise InvalidArgument(f"filter.protocol: {quote(protocol)} is not one of {', '.join(PROTOCOLS)}")
         if not 0 <= port <= 65535:
             raise InvalidArgument(f"filter.port: {port} is out of range 1..65535")
         if address:
             try:
                 address = str(ipaddress.ip_address(address.strip("[]")))
             except ValueError:
-                raise InvalidArgument(f"filter.address: {address!r} is not an IP address") from None
+                raise InvalidArgument(f"filter.address: {quote(address)} is not an IP address") from None
         if direction not in ("", "guest", "host"):
-            raise InvalidArgument(f"filter.direction: {direction!r} is not 'guest' or 'host'")
+            raise InvalidArgument(f"filter.direction: {quote(direction)} is not 'guest' or 'host'")
         return cls(protocol=protocol, state=state.upper(), address=address, port=port, direction=direction)  # type: ignore[arg-type]
 
     @property
@@ -312,11 +405,35 @@ class BindResultView:
     message: str = ""
 
 
+BIND_RESULTS_MAX: Final = 1000  # bind results listed in one reply (a 64k-port range would not fit 4 MB)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PortPolicyChangeView:
+    """passt.v1.PortPolicyChange. `binds` may be a part (then failures first); the counts cover them all."""
+
     previous: ForwardTableView
     current: ForwardTableView
     binds: tuple[BindResultView, ...] = ()
+    binds_total: int = 0
+    binds_failed: int = 0
+
+    @classmethod
+    def build(
+        cls, previous: ForwardTableView, current: ForwardTableView, binds: Sequence[BindResultView]
+    ) -> PortPolicyChangeView:
+        """The reply for `binds`, all counted, at most BIND_RESULTS_MAX listed with the failures first."""
+        failed = [b for b in binds if not b.ok]
+        listed = list(binds)
+        if len(listed) > BIND_RESULTS_MAX:  # the failures are what the caller must see
+            listed = (failed + [b for b in binds if b.ok])[:BIND_RESULTS_MAX]
+        return cls(
+            previous=previous,
+            current=current,
+            binds=tuple(listed),
+            binds_total=len(binds),
+            binds_failed=len(failed),
+        )
 
 
 # -- timeouts ---------------------------------------------------------------------------------------------
@@ -341,8 +458,8 @@ class TimeoutsView:
 class ControlAPI(Protocol):
     """What the control plane may ask of the daemon. Called on the dataplane's loop; must not block.
 
-    The async methods walk the flow table and yield to the loop every few hundred flows. Errors are the
-    classes above (or any PasstError); anything else is a bug.
+    The async methods walk the flow table in slices and keep to a share of a busy loop (LoopShare). Errors
+    are the classes above (or any PasstError); anything else is a bug.
 
     No call needs a guest to be attached: an orchestrator sets ports and timeouts before the VM boots,
     and flows left over from a guest that went away can still be listed and reset (the host side gets its
@@ -377,7 +494,9 @@ class ControlAPI(Protocol):
         """The four tables, in FORWARD_DIRECTIONS order."""
         ...
 
-    def change_forward(self, op: ForwardOp, direction: ForwardDirection, spec: str) -> PortPolicyChangeView:
+    async def change_forward(
+        self, op: ForwardOp, direction: ForwardDirection, spec: str
+    ) -> PortPolicyChangeView:
         """Replace, add to or delete from one table; listeners follow, flows are untouched."""
         ...
 

@@ -26,11 +26,13 @@ from passtd.control.api import (
     ForwardTableView,
     InvalidArgument,
     LimitsView,
+    LimitView,
     Mode,
     PortPolicyChangeView,
     StatusView,
     TcpDetailsView,
     TimeoutsView,
+    quote,
 )
 from passtd.control.pb import passt_pb2
 
@@ -83,8 +85,24 @@ def counters_to_pb(view: CountersView) -> passt_pb2.Counters:
     )
 
 
+def limit_to_pb(view: LimitView) -> passt_pb2.Limit:
+    return passt_pb2.Limit(max=view.max, in_use=view.in_use)
+
+
 def limits_to_pb(view: LimitsView) -> passt_pb2.Limits:
-    return passt_pb2.Limits(max_flows=view.max_flows)
+    d = view.descriptors
+    return passt_pb2.Limits(
+        max_flows=view.max_flows,
+        flows=limit_to_pb(view.flows),
+        flows_by_protocol={proto: limit_to_pb(v) for proto, v in view.flows_by_protocol.items()},
+        guest_addresses=limit_to_pb(view.guest_addresses),
+        pending_syns=limit_to_pb(view.pending_syns),
+        watch_streams=limit_to_pb(view.watch_streams),
+        concurrent_rpcs=limit_to_pb(view.concurrent_rpcs),
+        descriptors=passt_pb2.Descriptors(
+            soft_limit=d.soft_limit, hard_limit=d.hard_limit, reserved=d.reserved, in_use=d.in_use
+        ),
+    )
 
 
 def status_to_pb(view: StatusView) -> passt_pb2.Status:
@@ -213,7 +231,7 @@ def page_token_from_pb(token: str) -> int:
     if not token:
         return 0
     if not token.isascii() or not token.isdigit() or len(token) > 20:
-        raise InvalidArgument(f"page_token: {token!r} is not a token this server issued")
+        raise InvalidArgument(f"page_token: {quote(token)} is not a token this server issued")
     return int(token)
 
 
@@ -241,11 +259,14 @@ def forward_direction_from_pb(value: int) -> ForwardDirection:
     return FORWARD_DIRECTION_FROM_PB[value]  # type: ignore[index]
 
 
+SPEC_MAX: Final = 4096
+
+
 def spec_from_pb(spec: str) -> str:
     if not spec.strip():
         raise InvalidArgument("spec: empty; give a port spec such as '8080' or 'none'")
-    if len(spec) > 4096:
-        raise InvalidArgument("spec: longer than 4096 characters")
+    if len(spec) > SPEC_MAX:
+        raise InvalidArgument(f"spec: {quote(spec)} is longer than {SPEC_MAX} characters")
     return spec
 
 
@@ -285,6 +306,8 @@ def policy_change_to_pb(view: PortPolicyChangeView) -> passt_pb2.PortPolicyChang
         previous=forward_table_to_pb(view.previous),
         current=forward_table_to_pb(view.current),
         binds=[bind_result_to_pb(b) for b in view.binds],
+        binds_total=view.binds_total,
+        binds_failed=view.binds_failed,
     )
 
 
@@ -306,10 +329,10 @@ def timeouts_from_pb(message: passt_pb2.Timeouts, paths: list[str] | tuple[str, 
     for path in paths:
         if path not in TIMEOUT_NAMES:
             raise InvalidArgument(
-                f"update_mask: unknown timeout {path!r} (known: {', '.join(TIMEOUT_NAMES)})"
+                f"update_mask: unknown timeout {quote(path)} (known: {', '.join(TIMEOUT_NAMES)})"
             )
         if path in out:
-            raise InvalidArgument(f"update_mask: {path!r} named twice")
+            raise InvalidArgument(f"update_mask: {quote(path)} named twice")
         value = float(getattr(message, path))
         if not math.isfinite(value):
             raise InvalidArgument(f"timeouts.{path}: {value} is not a finite number")

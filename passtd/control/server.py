@@ -35,7 +35,7 @@ from grpc_reflection.v1alpha import reflection
 
 from passtd.control.api import ControlAPI
 from passtd.control.pb import passt_pb2_grpc
-from passtd.control.service import SERVICE_NAME, ControlServicer
+from passtd.control.service import MAX_RPCS, SERVICE_NAME, ControlServicer
 from passtd.errors import BackendError, ConfigError
 
 HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -216,7 +216,8 @@ async def start_control_server(
     if path is not None:
         _claim_path(path)
 
-    server = grpc.aio.server()
+    # grpc's own cap is the backstop for calls the servicer does not count (health, reflection).
+    server = grpc.aio.server(maximum_concurrent_rpcs=MAX_RPCS + 32)
     servicer = ControlServicer(api)
     passt_pb2_grpc.add_ControlServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

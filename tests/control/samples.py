@@ -13,6 +13,7 @@ from passtd.control.api import (
     ConnectionFilter,
     ConnectionView,
     CountersView,
+    DescriptorsView,
     EventQueue,
     ForwardDirection,
     ForwardOp,
@@ -20,6 +21,7 @@ from passtd.control.api import (
     ForwardTableView,
     InvalidArgument,
     LimitsView,
+    LimitView,
     NotFound,
     PortPolicyChangeView,
     ResourceExhausted,
@@ -62,7 +64,16 @@ SAMPLE = StatusView(
         dropped={"ipv4.bad_checksum": 2, "arp.truncated": 1},
     ),
     flows={"udp": 2, "tcp": 3},
-    limits=LimitsView(max_flows=4096),
+    limits=LimitsView(
+        max_flows=4096,
+        flows=LimitView(max=4096, in_use=5),
+        flows_by_protocol={"tcp": LimitView(max=2048, in_use=3), "udp": LimitView(max=1024, in_use=2)},
+        guest_addresses=LimitView(max=64, in_use=2),
+        pending_syns=LimitView(max=512),
+        watch_streams=LimitView(max=32, in_use=1),
+        concurrent_rpcs=LimitView(max=128, in_use=1),  # what the servicer reports while serving one call
+        descriptors=DescriptorsView(soft_limit=1048576, hard_limit=1048576, reserved=256, in_use=40),
+    ),
     flow_states={"tcp": {"ESTABLISHED": 2, "FIN_WAIT_1": 1}, "udp": {"ACTIVE": 2}},
 )
 
@@ -256,7 +267,9 @@ class FakeControlAPI:
         self._check()
         return tuple(self.tables.values())
 
-    def change_forward(self, op: ForwardOp, direction: ForwardDirection, spec: str) -> PortPolicyChangeView:
+    async def change_forward(
+        self, op: ForwardOp, direction: ForwardDirection, spec: str
+    ) -> PortPolicyChangeView:
         self._check()
         self.changes.append((op, direction, spec))
         previous = self.tables[direction]
@@ -275,7 +288,7 @@ class FakeControlAPI:
                 message="tcp [::]:8080: Address already in use (another socket is bound to it)",
             ),
         )
-        return PortPolicyChangeView(previous=previous, current=current, binds=binds)
+        return PortPolicyChangeView.build(previous, current, binds)
 
     def timeouts(self) -> TimeoutsView:
         self._check()

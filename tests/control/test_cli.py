@@ -107,7 +107,16 @@ def test_status_json(server: ServerThread) -> None:
     assert data["backend"]["guest_mac"] == "52:54:00:12:34:56"
     assert data["counters"]["dropped"] == {"arp.truncated": "1", "ipv4.bad_checksum": "2"}
     assert data["flows"] == {"tcp": 3, "udp": 2}
-    assert data["limits"] == {"max_flows": 4096}
+    limits = data["limits"]
+    assert limits["max_flows"] == 4096
+    assert limits["flows"] == {"max": "4096", "in_use": "5"}  # uint64 is a string in proto JSON
+    assert limits["flows_by_protocol"]["tcp"] == {"max": "2048", "in_use": "3"}
+    assert limits["pending_syns"] == {"max": "512", "in_use": "0"}
+    assert limits["watch_streams"] == {"max": "32", "in_use": "1"}
+    assert limits["concurrent_rpcs"]["max"] == "128"  # the server's own count replaces the sample's
+    assert limits["descriptors"] == {
+        "soft_limit": "1048576", "hard_limit": "1048576", "reserved": "256", "in_use": "40"
+    }  # fmt: skip
 
 
 def test_status_table(server: ServerThread) -> None:

@@ -6,13 +6,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import resource
+import socket
+import time
+import tracemalloc
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import uvloop
 
+from passtd import daemon_api
 from passtd.control.api import (
+    BIND_RESULTS_MAX,
     BindResultView,
     ConnectionEventView,
     ConnectionFilter,
@@ -32,17 +39,20 @@ from passtd.control.convert import (
     forward_direction_from_pb,
     page_token_from_pb,
     page_token_to_pb,
+    policy_change_to_pb,
     spec_from_pb,
     timeouts_from_pb,
     timeouts_to_pb,
 )
 from passtd.control.pb import passt_pb2
-from passtd.daemon_api import MAX_WATCHERS, YIELD_EVERY, DaemonControl, checked_timeouts
+from passtd.daemon_api import MAX_WATCHERS, WATCH_QUEUE, DaemonControl, checked_timeouts
+from passtd.dataplane.core.context import Guest
 from passtd.dataplane.core.flowtable import PROTO_TCP, PROTO_UDP, Flow, FlowEvent, FlowTable
-from passtd.dataplane.core.fwd import ForwardTables
+from passtd.dataplane.core.fwd import ForwardTables, Listener
+from passtd.dataplane.core.limits import FdPool, Limits, Usage, plan_fd_pool
 from passtd.dataplane.core.tcp.conn import TcpConn
 from passtd.dataplane.core.timeouts import Timeouts
-from passtd.dataplane.io.listeners import BindResult
+from passtd.dataplane.io.listeners import BindResult, ListenerSet
 from tests.control.samples import CONN_ICMP, CONN_TCP, CONN_UDP, T0
 from tests.control.test_convert import _unset_fields
 
@@ -267,7 +277,24 @@ class FakeDataplane:
         self.forward = ForwardTables.from_options("20001", None, None, None, "pasta")
         self.timeouts = Timeouts()
         self.reset_ids: list[int] = []
-        self.forwarding: list[ForwardTables] = []
+        self.applied: list[ForwardTables] = []
+        self.guest = Guest()
+        # The listener sets stay empty: set_forwarding below only records and answers `binds`.
+        self.forwarding = SimpleNamespace(
+            tcp=ListenerSet("tcp", loop, lambda listener, sock: None),
+            udp=ListenerSet("udp", loop, lambda listener, sock: None),
+            tcp_ns=None,
+            udp_ns=None,
+        )
+        self.netns_fd: int | None = None
+        self.fd_pool = plan_fd_pool(20_000, 20)
+        self.binds: Callable[[ForwardTables], list[BindResult]] = lambda tables: []
+
+    @property
+    def limits(self) -> Limits:
+        none = Usage(0, 0)
+        return Limits(20_000, self.fd_pool.reserved, none, Usage(self.flows.max_flows, len(self.flows)),
+                      none, none, none, none, none, none)  # fmt: skip
 
     def reset_flow(self, flow_id: int, reason: str = "reset_by_api") -> Flow | None:
         flow = self.flows.by_id(flow_id)
@@ -278,10 +305,13 @@ class FakeDataplane:
                 watcher(FlowEvent("closed", flow, "CLOSED", reason, self.loop.time()))
         return flow
 
+    async def set_forwarding_async(self, tables: ForwardTables) -> list[BindResult]:
+        return self.set_forwarding(tables)
+
     def set_forwarding(self, tables: ForwardTables) -> list[BindResult]:
-        self.forwarding.append(tables)
+        self.applied.append(tables)
         self.forward = tables
-        return []
+        return self.binds(tables)
 
     def set_timeouts(self, timeouts: Timeouts) -> None:
         self.timeouts = timeouts
@@ -351,7 +381,7 @@ def test_list_pages_and_yields_on_a_large_table() -> None:
         await asyncio.sleep(0)
         first, after = await api.list_connections(ConnectionFilter(), 0, 1000)
         task.cancel()
-        assert ticks >= 3000 // YIELD_EVERY  # the loop ran other work while the table was walked
+        assert ticks >= api.share.yields > 0  # the loop ran other work while the table was walked
         assert (len(first), first[0].id, first[-1].id, after) == (1000, 1, 1000, 1000)
         second, after = await api.list_connections(ConnectionFilter(), after, 1000)
         assert (second[0].id, after) == (1001, 2000)
@@ -422,22 +452,24 @@ def test_port_policy_changes() -> None:
         assert [(t.direction, t.spec) for t in tables] == [
             ("tcp_in", "20001"), ("udp_in", "20001"), ("tcp_out", "auto"), ("udp_out", "auto")
         ]  # fmt: skip
-        change = api.change_forward("add", "tcp_in", "8080:80")
+        change = await api.change_forward("add", "tcp_in", "8080:80")
         assert (change.previous.spec, change.current.spec) == (
             "20001",
             "80,20001" if False else change.current.spec,
         )
         assert dp.forward.tcp_in.to_spec() == change.current.spec
         assert [(r.first, r.target_first) for r in change.current.rules] == [(8080, 80), (20001, 20001)]
-        change = api.change_forward("delete", "tcp_in", "20001")
+        change = await api.change_forward("delete", "tcp_in", "20001")
         assert change.current.spec == "8080:80"
         with pytest.raises(InvalidArgument, match=r"^spec: -t: "):
-            api.change_forward("delete", "tcp_in", "20001")
+            await api.change_forward("delete", "tcp_in", "20001")
         with pytest.raises(InvalidArgument, match=r"^spec: -u: bad port range"):
-            api.change_forward("replace", "udp_in", "70000")
-        assert api.change_forward("replace", "tcp_out", "8080").current.spec == "8080"  # -T, pasta mode
-        assert api.change_forward("replace", "tcp_out", "none").current.spec == "none"
-        assert len(dp.forwarding) == 4  # refused changes never reached the dataplane
+            await api.change_forward("replace", "udp_in", "70000")
+        assert (
+            await api.change_forward("replace", "tcp_out", "8080")
+        ).current.spec == "8080"  # -T, pasta mode
+        assert (await api.change_forward("replace", "tcp_out", "none")).current.spec == "none"
+        assert len(dp.applied) == 4  # refused changes never reached the dataplane
 
     run(main())
 
@@ -504,3 +536,158 @@ def test_filters_on_flow_fields() -> None:
             assert [v.id for v in everything if flt.matches(v)] == ids, flt
 
     run(main())
+
+
+# -- abuse: huge values, port ranges beyond the descriptors, busy loops, watchers that never read ---------
+
+
+def test_error_messages_cut_huge_values() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        ConnectionFilter.build(address="x" * 100_000)
+    message = str(info.value)
+    assert message.startswith("filter.address: 'xxx") and "…" in message
+    assert len(message) < 200
+    with pytest.raises(InvalidArgument, match=r"^page_token: '1{50}") as info:
+        page_token_from_pb("1" * 100_000)
+    assert len(str(info.value)) < 200
+
+
+def test_policy_beyond_the_descriptors_is_refused_before_binding() -> None:
+    async def main() -> None:
+        api, dp = control(asyncio.get_running_loop())
+        # 1024 descriptors, 36 already open, 64 reserved: listeners may take all but the flows' floor.
+        dp.fd_pool = FdPool(open_files=1024, reserved=64, total=924, floor=256)
+        # 50 000 ports on 0.0.0.0 and ::, and -u 20001's two (the stand-in has no sockets open yet).
+        with pytest.raises(ResourceExhausted, match=r"^-t: needs 100002 new listening sockets but only 668 "):
+            await api.change_forward("replace", "tcp_in", "10000-59999")
+        assert dp.applied == []  # nothing bound
+        assert dp.forward.tcp_in.to_spec() == "20001"  # nothing changed
+        assert (await api.change_forward("replace", "tcp_in", "10000-10099")).current.spec == "10000-10099"
+
+    run(main())
+
+
+def _bind(port: int, address: str, error: str | None) -> BindResult:
+    return BindResult(
+        Listener(None, None, port, port), address, error is None, error, f"tcp {address}:{port}"
+    )
+
+
+def test_policy_undone_when_binds_run_out_of_descriptors() -> None:
+    async def main() -> None:
+        api, dp = control(asyncio.get_running_loop())
+        before = dp.forward
+        dp.binds = lambda t: (
+            [_bind(8080, "0.0.0.0", None), _bind(8080, "::", "EMFILE")] if t.tcp_in.target(8080) else []
+        )
+        with pytest.raises(
+            ResourceExhausted, match=r"^-t: 1 of 2 listening sockets could not be opened \(EMFILE"
+        ):
+            await api.change_forward("add", "tcp_in", "8080")
+        assert dp.applied[-1] is before and dp.forward is before  # the previous policy is back in force
+
+    run(main())
+
+
+def test_partial_bind_failures_are_counted_and_listed_first() -> None:
+    async def main() -> None:
+        api, dp = control(asyncio.get_running_loop())
+        dp.binds = lambda t: [_bind(8080, "0.0.0.0", None), _bind(8080, "::", "EADDRINUSE")]
+        change = await api.change_forward("add", "tcp_in", "8080")
+        assert (change.binds_total, change.binds_failed, len(change.binds)) == (2, 1, 2)
+        assert change.current.spec == "8080,20001"  # a port taken by someone else stays in the policy
+        pb = policy_change_to_pb(change)
+        assert (pb.binds_total, pb.binds_failed) == (2, 1)
+        many = [_bind(p, "0.0.0.0", None) for p in range(30000, 32999)] + [_bind(40000, "::", "EACCES")]
+        dp.binds = lambda t: many
+        change = await api.change_forward("replace", "tcp_in", "30000-32998,40000")
+        assert (change.binds_total, change.binds_failed, len(change.binds)) == (3000, 1, BIND_RESULTS_MAX)
+        assert change.binds[0].error == "EACCES"  # the one that matters is not cut off
+
+    run(main())
+
+
+def test_walks_keep_to_their_share_of_a_busy_loop() -> None:
+    """A client listing 5 000 flows in a loop against a data path that always has work (0.5 ms per turn):
+    the control side gets about CONTROL_SHARE of the time, not half."""
+
+    async def main() -> None:
+        api, dp = control(asyncio.get_running_loop())
+        now = dp.loop.time()
+        for i in range(1, 5001):
+            dp.flows.add(_tcp(i, now, guest_port=1000 + i % 60000))
+        idle_start = time.perf_counter()
+        views, _ = await api.list_connections(ConnectionFilter(), 0, 10_000)
+        idle = time.perf_counter() - idle_start
+        assert len(views) == 5000 and api.share.slept == 0  # nothing waits on an idle loop
+
+        busy_time = 0.0
+        stop = False
+
+        async def dataplane() -> None:
+            nonlocal busy_time
+            while not stop:
+                t = time.perf_counter()
+                while time.perf_counter() - t < 0.0005:
+                    pass
+                busy_time += time.perf_counter() - t
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(dataplane())
+        await asyncio.sleep(0.01)
+        start, busy_before = time.perf_counter(), busy_time
+        for _ in range(3):
+            await api.list_connections(ConnectionFilter(), 0, 10_000)
+        wall = time.perf_counter() - start
+        stop = True
+        await task
+        control_share = 1 - (busy_time - busy_before) / wall
+        assert api.share.slept > 0
+        assert control_share < 0.3, (control_share, idle, wall)
+
+    run(main())
+
+
+def test_watchers_that_never_read_hold_bounded_memory() -> None:
+    async def main() -> None:
+        api, dp = control(asyncio.get_running_loop())
+        now = dp.loop.time()
+        conn = _tcp(1, now)
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            queues = [api.watch(ConnectionFilter()) for _ in range(MAX_WATCHERS)]
+            with pytest.raises(ResourceExhausted):
+                api.watch(ConnectionFilter())
+            for _ in range(4 * WATCH_QUEUE):
+                for watcher in list(dp.watchers):
+                    watcher(FlowEvent("state", conn, "ESTABLISHED", "", now))
+            held = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+        assert held < 16 * 2**20, held  # 32 watchers x 256 queued events; 200 watchers once held 166 MiB
+        for queue in queues:
+            assert queue.dropped == 3 * WATCH_QUEUE
+        for _ in range(WATCH_QUEUE):
+            await queues[0].get()
+        dp.watchers[0](FlowEvent("closed", conn, "CLOSED", "fin", now))
+        gap = await queues[0].get()
+        assert gap is not None and gap.kind == "closed" and gap.dropped_before == 3 * WATCH_QUEUE
+        for queue in queues:
+            queue.close()
+        assert dp.watchers == []
+
+    run(main())
+
+
+def test_descriptors_view_counts_what_is_open() -> None:
+    view = daemon_api.descriptors_view(64)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert view.soft_limit == soft and view.reserved == 64
+    before = view.in_use
+    extra = [socket.socket() for _ in range(10)]
+    try:
+        assert daemon_api.descriptors_view(64).in_use == before + 10
+    finally:
+        for sock in extra:
+            sock.close()

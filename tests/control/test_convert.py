@@ -8,7 +8,15 @@ from typing import Any
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from passtd.control.api import BackendView, ConfigView, CountersView, LimitsView, StatusView
+from passtd.control.api import (
+    BackendView,
+    ConfigView,
+    CountersView,
+    DescriptorsView,
+    LimitsView,
+    LimitView,
+    StatusView,
+)
 from passtd.control.convert import status_to_pb
 from passtd.control.pb import passt_pb2
 from tests.control.samples import BARE, SAMPLE
@@ -105,7 +113,16 @@ FULL = StatusView(
         frames_from_guest=1, bytes_from_guest=1, frames_to_guest=1, bytes_to_guest=1, dropped={"r": 1}
     ),
     flows={"tcp": 1},
-    limits=LimitsView(max_flows=1),
+    limits=LimitsView(
+        max_flows=1,
+        flows=LimitView(max=1, in_use=1),
+        flows_by_protocol={"tcp": LimitView(max=1, in_use=1)},
+        guest_addresses=LimitView(max=1, in_use=1),
+        pending_syns=LimitView(max=1, in_use=1),
+        watch_streams=LimitView(max=1, in_use=1),
+        concurrent_rpcs=LimitView(max=1, in_use=1),
+        descriptors=DescriptorsView(soft_limit=1, hard_limit=1, reserved=1, in_use=1),
+    ),
     flow_states={"tcp": {"ESTABLISHED": 1}},
 )
 
@@ -131,6 +148,8 @@ def test_every_proto_field_is_converted() -> None:
         (ConfigView, passt_pb2.Config),
         (CountersView, passt_pb2.Counters),
         (LimitsView, passt_pb2.Limits),
+        (LimitView, passt_pb2.Limit),
+        (DescriptorsView, passt_pb2.Descriptors),
     ],
 )
 def test_views_mirror_proto_names(view_type: type[Any], message: type[Any]) -> None:

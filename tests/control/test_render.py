@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
@@ -69,6 +70,12 @@ dropped              3 frames
 flows                5 of 4096 max
   tcp                3 (ESTABLISHED 2, FIN_WAIT_1 1)
   udp                2 (ACTIVE 2)
+flows by protocol    tcp 3/2048, udp 2/1024
+learned addresses    2 of 64 max
+pending SYNs         0 of 512 max
+watch streams        1 of 32 max
+control calls        1 of 128 max
+descriptors          40 open, 256 reserved, limit 1048576
 """
 
 BARE_TABLE = """\
@@ -258,7 +265,7 @@ def test_port_policy_and_change() -> None:
         "tcp_out    -T      none\n"
         "udp_out    -U      none\n"
     )
-    change = policy_change_to_pb(api.change_forward("add", "tcp_in", "8080"))
+    change = policy_change_to_pb(asyncio.run(api.change_forward("add", "tcp_in", "8080")))
     assert render_policy_change(change) == (
         "tcp_in (-t): 22,80:8080 -> 8080\n"
         "  ok                  tcp 0.0.0.0:8080: listening\n"

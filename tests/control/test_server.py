@@ -9,6 +9,7 @@ import socket
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,10 +19,18 @@ import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from passtd.control.api import FailedPrecondition
+from passtd.control import service
+from passtd.control.api import (
+    ConnectionFilter,
+    ConnectionView,
+    FailedPrecondition,
+    InvalidArgument,
+    LimitView,
+)
 from passtd.control.convert import connection_to_pb, status_to_pb
 from passtd.control.pb import passt_pb2, passt_pb2_grpc
 from passtd.control.server import start_control_server, stop_control_server
+from passtd.control.service import MAX_RPCS
 from passtd.errors import BackendError, ConfigError, PasstError
 from tests.control.samples import CONN_TCP, CONN_UDP, SAMPLE, FakeControlAPI
 
@@ -65,7 +74,8 @@ async def test_get_status(tmp_path: Path) -> None:
         reply = await passt_pb2_grpc.ControlStub(channel).GetStatus(
             passt_pb2.GetStatusRequest(), timeout=TIMEOUT
         )
-    assert reply == status_to_pb(SAMPLE)
+    rpcs = LimitView(max=MAX_RPCS, in_use=1)  # the servicer counts the calls it serves, this one
+    assert reply == status_to_pb(replace(SAMPLE, limits=replace(SAMPLE.limits, concurrent_rpcs=rpcs)))
     assert api.calls == 1
 
 
@@ -400,3 +410,79 @@ async def test_timeouts(tmp_path: Path) -> None:
             grpc.StatusCode.INVALID_ARGUMENT, "timeouts.udp_idle: 0.5 s is out of range 1..86400 s"
         )  # fmt: skip
         assert api.current_timeouts.udp_idle == 2.0
+
+
+class _SlowAPI(FakeControlAPI):
+    """list_connections waits until released: calls pile up as a flood of clients would make them."""
+
+    def __init__(self) -> None:
+        super().__init__(max_watchers=100)
+        self.release = asyncio.Event()
+
+    async def list_connections(
+        self, flt: ConnectionFilter, after_id: int, limit: int
+    ) -> tuple[list[ConnectionView], int]:
+        await self.release.wait()
+        return await super().list_connections(flt, after_id, limit)
+
+
+@in_loop
+async def test_calls_beyond_the_cap_are_refused(tmp_path: Path) -> None:
+    api = _SlowAPI()
+    cap = 3
+    original = service.MAX_RPCS
+    service.MAX_RPCS = cap
+    try:
+        async with serving(tmp_path / "ctl.sock", api) as channel:
+            stub = passt_pb2_grpc.ControlStub(channel)
+            waiting = [
+                asyncio.ensure_future(
+                    stub.ListConnections(passt_pb2.ListConnectionsRequest(), timeout=TIMEOUT)
+                )
+                for _ in range(cap - 1)
+            ]
+            watch = stub.WatchConnections(passt_pb2.WatchConnectionsRequest())
+            await watch.initial_metadata()  # a stream holds a slot too
+            await asyncio.sleep(0.1)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GetStatus(passt_pb2.GetStatusRequest(), timeout=TIMEOUT)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert info.value.details() == f"too many control calls at once (limit {cap})"
+            api.release.set()
+            assert all(len(r.connections) == 3 for r in await asyncio.gather(*waiting))
+            watch.cancel()
+            await asyncio.sleep(0.1)
+            status = await stub.GetStatus(passt_pb2.GetStatusRequest(), timeout=TIMEOUT)  # slots given back
+            assert (status.limits.concurrent_rpcs.max, status.limits.concurrent_rpcs.in_use) == (cap, 1)
+    finally:
+        service.MAX_RPCS = original
+
+
+@in_loop
+async def test_huge_bad_value_is_not_echoed_whole(tmp_path: Path) -> None:
+    async with serving(tmp_path / "ctl.sock") as channel:
+        stub = passt_pb2_grpc.ControlStub(channel)
+        huge = passt_pb2.ConnectionFilter(address="2001:db8::" + "f" * 100_000)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ListConnections(passt_pb2.ListConnectionsRequest(filter=huge), timeout=TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # not RESOURCE_EXHAUSTED
+        details = info.value.details() or ""
+        assert details.startswith("filter.address: '2001:db8::fff") and "…" in details
+        assert len(details) < 200
+        mask = passt_pb2.SetTimeoutsRequest(update_mask={"paths": ["x" * 100_000]})
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.SetTimeouts(mask, timeout=TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (info.value.details() or "").startswith("update_mask: unknown timeout 'xxx")
+        assert len(info.value.details() or "") < 400
+
+
+@in_loop
+async def test_error_messages_are_cut_as_a_last_guard(tmp_path: Path) -> None:
+    api = FakeControlAPI(error=InvalidArgument("spec: " + "9" * 50_000))
+    async with serving(tmp_path / "ctl.sock", api) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await passt_pb2_grpc.ControlStub(channel).GetStatus(passt_pb2.GetStatusRequest(), timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = info.value.details() or ""
+    assert details.startswith("spec: 999") and len(details) == service.MESSAGE_MAX and details.endswith("…")

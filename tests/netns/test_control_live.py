@@ -372,3 +372,27 @@ def test_control_over_tcp_on_loopback(topo: Topology) -> None:
     )  # fmt: skip
     assert refused.returncode == 2
     assert refused.stderr.strip().startswith("passtd: error: --control-listen: needs --control-cert")
+
+
+def test_port_range_beyond_the_descriptors_is_refused_and_control_stays_usable(topo: Topology) -> None:
+    """14.9: `ports set 10000-59999` under a low open-files limit used to answer OK while 80 % of the binds
+    failed with EMFILE, after which passtctl could not connect to undo it."""
+    ctl = start(topo)
+    pid = topo.daemons[-1].proc.pid
+    sh("prlimit", "--pid", str(pid), "--nofile=700:700")
+    big = passtctl("-c", ctl, "ports", "set", "10000-59999")
+    assert big.returncode == 1, big.stdout + big.stderr
+    assert "new listening sockets but only" in big.stderr and "nothing changed" in big.stderr, big.stderr
+    assert len(os.listdir(f"/proc/{pid}/fd")) < 200  # nothing was bound on the way to the refusal
+    status = passtctl("-c", ctl, "status", "-o", "json")
+    assert status.returncode == 0, status.stderr
+    limits = json.loads(status.stdout)["limits"]
+    assert limits["descriptors"]["soft_limit"] == "700"
+    assert 0 < int(limits["descriptors"]["in_use"]) < 200
+    assert limits["watch_streams"]["max"] == "32" and limits["concurrent_rpcs"]["in_use"] == "1"
+    table = passtctl("-c", ctl, "status")
+    assert "descriptors" in table.stdout and "limit 700" in table.stdout, table.stdout
+    small = passtctl("-c", ctl, "ports", "set", "20001-20010")
+    assert small.returncode == 0, small.stdout + small.stderr
+    assert small.stdout.startswith("tcp_in (-t): auto -> 20001-20010\n"), small.stdout
+    assert passtctl("-c", ctl, "ports", "set", "none").returncode == 0

@@ -578,25 +578,149 @@ Global___Counters: _TypeAlias = Counters  # noqa: Y015
 
 @_typing.final
 class Limits(_message.Message):
-    """Configured limits."""
+    """Limits that protect the host and the other flows, each with its present use."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class FlowsByProtocolEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___Limit: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___Limit | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MAX_FLOWS_FIELD_NUMBER: _builtins.int
+    FLOWS_FIELD_NUMBER: _builtins.int
+    FLOWS_BY_PROTOCOL_FIELD_NUMBER: _builtins.int
+    GUEST_ADDRESSES_FIELD_NUMBER: _builtins.int
+    PENDING_SYNS_FIELD_NUMBER: _builtins.int
+    WATCH_STREAMS_FIELD_NUMBER: _builtins.int
+    CONCURRENT_RPCS_FIELD_NUMBER: _builtins.int
+    DESCRIPTORS_FIELD_NUMBER: _builtins.int
     max_flows: _builtins.int
     """Largest number of flows of all protocols open at once; new flows beyond it are refused."""
+    @_builtins.property
+    def flows(self) -> Global___Limit:
+        """Open flows of all protocols against the overall cap (max = max_flows)."""
+
+    @_builtins.property
+    def flows_by_protocol(self) -> _containers.MessageMap[_builtins.str, Global___Limit]:
+        """Per protocol ("tcp", "udp", "icmp"): open flows against that protocol's own cap."""
+
+    @_builtins.property
+    def guest_addresses(self) -> Global___Limit:
+        """Source addresses learned from the guest (what Backend.guest_addresses lists)."""
+
+    @_builtins.property
+    def pending_syns(self) -> Global___Limit:
+        """TCP flows whose handshake has not completed (a SYN flood fills these first)."""
+
+    @_builtins.property
+    def watch_streams(self) -> Global___Limit:
+        """Open WatchConnections streams; more are refused with RESOURCE_EXHAUSTED."""
+
+    @_builtins.property
+    def concurrent_rpcs(self) -> Global___Limit:
+        """RPCs being served at once, streams included; more are refused with RESOURCE_EXHAUSTED."""
+
+    @_builtins.property
+    def descriptors(self) -> Global___Descriptors:
+        """The process's file descriptors."""
+
     def __init__(
         self,
         *,
         max_flows: _builtins.int = ...,
+        flows: Global___Limit | None = ...,
+        flows_by_protocol: _abc.Mapping[_builtins.str, Global___Limit] | None = ...,
+        guest_addresses: Global___Limit | None = ...,
+        pending_syns: Global___Limit | None = ...,
+        watch_streams: Global___Limit | None = ...,
+        concurrent_rpcs: Global___Limit | None = ...,
+        descriptors: Global___Descriptors | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["concurrent_rpcs", b"concurrent_rpcs", "descriptors", b"descriptors", "flows", b"flows", "guest_addresses", b"guest_addresses", "pending_syns", b"pending_syns", "watch_streams", b"watch_streams"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_flows", b"max_flows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrent_rpcs", b"concurrent_rpcs", "descriptors", b"descriptors", "flows", b"flows", "flows_by_protocol", b"flows_by_protocol", "guest_addresses", b"guest_addresses", "max_flows", b"max_flows", "pending_syns", b"pending_syns", "watch_streams", b"watch_streams"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Limits: _TypeAlias = Limits  # noqa: Y015
+
+@_typing.final
+class Limit(_message.Message):
+    """One limit and how much of it is used now. max 0 means no limit of its own applies (only the
+    overall ones, ultimately the descriptors).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_FIELD_NUMBER: _builtins.int
+    IN_USE_FIELD_NUMBER: _builtins.int
+    max: _builtins.int
+    in_use: _builtins.int
+    def __init__(
+        self,
+        *,
+        max: _builtins.int = ...,
+        in_use: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_use", b"in_use", "max", b"max"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Limit: _TypeAlias = Limit  # noqa: Y015
+
+@_typing.final
+class Descriptors(_message.Message):
+    """File descriptors: new flows and listening sockets are refused before the soft limit is reached, so that
+    `reserved` descriptors stay free for the control socket, accepted connections and the tap.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOFT_LIMIT_FIELD_NUMBER: _builtins.int
+    HARD_LIMIT_FIELD_NUMBER: _builtins.int
+    RESERVED_FIELD_NUMBER: _builtins.int
+    IN_USE_FIELD_NUMBER: _builtins.int
+    soft_limit: _builtins.int
+    """RLIMIT_NOFILE (soft and hard)."""
+    hard_limit: _builtins.int
+    reserved: _builtins.int
+    """Kept free for the control socket and the data path's own needs."""
+    in_use: _builtins.int
+    """Open now."""
+    def __init__(
+        self,
+        *,
+        soft_limit: _builtins.int = ...,
+        hard_limit: _builtins.int = ...,
+        reserved: _builtins.int = ...,
+        in_use: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hard_limit", b"hard_limit", "in_use", b"in_use", "reserved", b"reserved", "soft_limit", b"soft_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Descriptors: _TypeAlias = Descriptors  # noqa: Y015
 
 @_typing.final
 class ConnectionFilter(_message.Message):
@@ -1137,14 +1261,24 @@ class PortPolicyChange(_message.Message):
     PREVIOUS_FIELD_NUMBER: _builtins.int
     CURRENT_FIELD_NUMBER: _builtins.int
     BINDS_FIELD_NUMBER: _builtins.int
+    BINDS_TOTAL_FIELD_NUMBER: _builtins.int
+    BINDS_FAILED_FIELD_NUMBER: _builtins.int
+    binds_total: _builtins.int
+    """Sockets tried for this change, and how many of them could not be bound. A reply with binds_failed > 0
+    is a partial success: passtctl exits non-zero.
+    """
+    binds_failed: _builtins.int
     @_builtins.property
     def previous(self) -> Global___ForwardTable: ...
     @_builtins.property
     def current(self) -> Global___ForwardTable: ...
     @_builtins.property
     def binds(self) -> _containers.RepeatedCompositeFieldContainer[Global___BindResult]:
-        """One entry per listening socket passtd tried to open (or kept) for this change. A port whose bind
-        failed is still in the policy, as at start-up; fix the cause and set the policy again.
+        """One entry per listening socket passtd tried to open (or kept) for this change; beyond 1000 sockets only
+        1000 are listed, failures first (binds_total counts them all). A port whose bind failed for a reason of its own
+        (EADDRINUSE, EACCES...) is still in the policy, as at start-up; fix the cause and set the policy again.
+        A change that would exhaust the descriptors (EMFILE, ENFILE, ENOBUFS, ENOMEM) is not applied at all:
+        the call fails with RESOURCE_EXHAUSTED and the previous table stays in force.
         """
 
     def __init__(
@@ -1153,10 +1287,12 @@ class PortPolicyChange(_message.Message):
         previous: Global___ForwardTable | None = ...,
         current: Global___ForwardTable | None = ...,
         binds: _abc.Iterable[Global___BindResult] | None = ...,
+        binds_total: _builtins.int = ...,
+        binds_failed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "previous", b"previous"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["binds", b"binds", "current", b"current", "previous", b"previous"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binds", b"binds", "binds_failed", b"binds_failed", "binds_total", b"binds_total", "current", b"current", "previous", b"previous"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

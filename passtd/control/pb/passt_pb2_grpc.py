@@ -31,7 +31,8 @@ class ControlStub:
     Errors: INVALID_ARGUMENT with a message that starts with the offending field ("filter.port: ...",
     "timeouts.udp_idle: 0.5 s is out of range 1..86400 s", "spec: -t: ..."); NOT_FOUND for an unknown flow
     id; FAILED_PRECONDITION for a request this mode cannot honour (the namespace tables -T/-U in passt
-    mode); RESOURCE_EXHAUSTED when too many watchers are open.
+    mode); RESOURCE_EXHAUSTED when too many watchers or calls are open, or a port policy would need more
+    descriptors than are free. Values quoted in error messages are cut to 100 characters.
     No call needs a guest to be attached: ports and timeouts can be set before the VM starts, and flows left
     behind by a guest that went away can still be listed and reset (only the host side gets the RST then).
     A refused request changes nothing.
@@ -106,15 +107,16 @@ class ControlServicer:
     Errors: INVALID_ARGUMENT with a message that starts with the offending field ("filter.port: ...",
     "timeouts.udp_idle: 0.5 s is out of range 1..86400 s", "spec: -t: ..."); NOT_FOUND for an unknown flow
     id; FAILED_PRECONDITION for a request this mode cannot honour (the namespace tables -T/-U in passt
-    mode); RESOURCE_EXHAUSTED when too many watchers are open.
+    mode); RESOURCE_EXHAUSTED when too many watchers or calls are open, or a port policy would need more
+    descriptors than are free. Values quoted in error messages are cut to 100 characters.
     No call needs a guest to be attached: ports and timeouts can be set before the VM starts, and flows left
     behind by a guest that went away can still be listed and reset (only the host side gets the RST then).
     A refused request changes nothing.
     """
 
     def GetStatus(self, request, context):
-        """A snapshot of identity, configuration, counters and flow counts. Counting flows by state walks the
-        flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
+        """A snapshot of identity, configuration, counters, flow counts and limits. Counting flows by state walks
+        the flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -270,7 +272,8 @@ class Control:
     Errors: INVALID_ARGUMENT with a message that starts with the offending field ("filter.port: ...",
     "timeouts.udp_idle: 0.5 s is out of range 1..86400 s", "spec: -t: ..."); NOT_FOUND for an unknown flow
     id; FAILED_PRECONDITION for a request this mode cannot honour (the namespace tables -T/-U in passt
-    mode); RESOURCE_EXHAUSTED when too many watchers are open.
+    mode); RESOURCE_EXHAUSTED when too many watchers or calls are open, or a port policy would need more
+    descriptors than are free. Values quoted in error messages are cut to 100 characters.
     No call needs a guest to be attached: ports and timeouts can be set before the VM starts, and flows left
     behind by a guest that went away can still be listed and reset (only the host side gets the RST then).
     A refused request changes nothing.

@@ -46,7 +46,8 @@ class ControlStub:
     Errors: INVALID_ARGUMENT with a message that starts with the offending field ("filter.port: ...",
     "timeouts.udp_idle: 0.5 s is out of range 1..86400 s", "spec: -t: ..."); NOT_FOUND for an unknown flow
     id; FAILED_PRECONDITION for a request this mode cannot honour (the namespace tables -T/-U in passt
-    mode); RESOURCE_EXHAUSTED when too many watchers are open.
+    mode); RESOURCE_EXHAUSTED when too many watchers or calls are open, or a port policy would need more
+    descriptors than are free. Values quoted in error messages are cut to 100 characters.
     No call needs a guest to be attached: ports and timeouts can be set before the VM starts, and flows left
     behind by a guest that went away can still be listed and reset (only the host side gets the RST then).
     A refused request changes nothing.
@@ -57,8 +58,8 @@ class ControlStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ControlAsyncStub: ...
     GetStatus: _grpc.UnaryUnaryMultiCallable[_passt_pb2.GetStatusRequest, _passt_pb2.Status]
-    """A snapshot of identity, configuration, counters and flow counts. Counting flows by state walks the
-    flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
+    """A snapshot of identity, configuration, counters, flow counts and limits. Counting flows by state walks
+    the flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
     """
     ListConnections: _grpc.UnaryUnaryMultiCallable[_passt_pb2.ListConnectionsRequest, _passt_pb2.ListConnectionsResponse]
     """Open flows matching a filter, in flow-id order (oldest first), a page at a time. Walks the flow table
@@ -101,7 +102,8 @@ class ControlAsyncStub(ControlStub):
     Errors: INVALID_ARGUMENT with a message that starts with the offending field ("filter.port: ...",
     "timeouts.udp_idle: 0.5 s is out of range 1..86400 s", "spec: -t: ..."); NOT_FOUND for an unknown flow
     id; FAILED_PRECONDITION for a request this mode cannot honour (the namespace tables -T/-U in passt
-    mode); RESOURCE_EXHAUSTED when too many watchers are open.
+    mode); RESOURCE_EXHAUSTED when too many watchers or calls are open, or a port policy would need more
+    descriptors than are free. Values quoted in error messages are cut to 100 characters.
     No call needs a guest to be attached: ports and timeouts can be set before the VM starts, and flows left
     behind by a guest that went away can still be listed and reset (only the host side gets the RST then).
     A refused request changes nothing.
@@ -109,8 +111,8 @@ class ControlAsyncStub(ControlStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetStatus: _aio.UnaryUnaryMultiCallable[_passt_pb2.GetStatusRequest, _passt_pb2.Status]  # type: ignore[assignment]
-    """A snapshot of identity, configuration, counters and flow counts. Counting flows by state walks the
-    flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
+    """A snapshot of identity, configuration, counters, flow counts and limits. Counting flows by state walks
+    the flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
     """
     ListConnections: _aio.UnaryUnaryMultiCallable[_passt_pb2.ListConnectionsRequest, _passt_pb2.ListConnectionsResponse]  # type: ignore[assignment]
     """Open flows matching a filter, in flow-id order (oldest first), a page at a time. Walks the flow table
@@ -152,7 +154,8 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
     Errors: INVALID_ARGUMENT with a message that starts with the offending field ("filter.port: ...",
     "timeouts.udp_idle: 0.5 s is out of range 1..86400 s", "spec: -t: ..."); NOT_FOUND for an unknown flow
     id; FAILED_PRECONDITION for a request this mode cannot honour (the namespace tables -T/-U in passt
-    mode); RESOURCE_EXHAUSTED when too many watchers are open.
+    mode); RESOURCE_EXHAUSTED when too many watchers or calls are open, or a port policy would need more
+    descriptors than are free. Values quoted in error messages are cut to 100 characters.
     No call needs a guest to be attached: ports and timeouts can be set before the VM starts, and flows left
     behind by a guest that went away can still be listed and reset (only the host side gets the RST then).
     A refused request changes nothing.
@@ -164,8 +167,8 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _passt_pb2.GetStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_passt_pb2.Status, _abc.Awaitable[_passt_pb2.Status]]:
-        """A snapshot of identity, configuration, counters and flow counts. Counting flows by state walks the
-        flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
+        """A snapshot of identity, configuration, counters, flow counts and limits. Counting flows by state walks
+        the flow table (in slices, yielding to the dataplane), which costs about a microsecond per flow.
         """
 
     @_abc_1.abstractmethod
