@@ -16,37 +16,69 @@ from passtd.dataplane.core.context import Context
 from passtd.dataplane.core.fwd import ForwardTables
 from passtd.dataplane.core.timeouts import Timeouts
 from passtd.errors import ConfigError
+from passtd.limits import (  # re-exported: the limits' one home is passtd.limits
+    IPV6_MIN_MTU,
+    LOG_SIZE_DEFAULT,
+    LOG_SIZE_MIN,
+    MTU_DEFAULT,
+    MTU_MAX,
+    MTU_MIN,
+)
+
+__all__ = [
+    "IPV6_MIN_MTU",
+    "LOG_SIZE_DEFAULT",
+    "LOG_SIZE_MIN",
+    "MTU_DEFAULT",
+    "MTU_MAX",
+    "MTU_MIN",
+    "Config",
+    "default_control_path",
+    "default_socket_path",
+    "derived_control_path",
+    "runtime_dir",
+]
 
 if TYPE_CHECKING:
     from passtd.dataplane.io.hostview import HostView
 
-MTU_MIN: Final = 68  # RFC 791: every IPv4 host must handle 68-byte datagrams
-MTU_MAX: Final = 65520  # passt's default and largest: 64 KiB minus room for headers
-MTU_DEFAULT: Final = 65520
-IPV6_MIN_MTU: Final = 1280  # RFC 8200 section 5; below it IPv6 is disabled
-SUN_PATH_MAX: Final = 107  # sizeof(sockaddr_un.sun_path) - 1 for the NUL on Linux
 DEFAULT_NS_IFNAME: Final = "tap0"
 SOCKET_DIR: Final = "passtd"
 SOCKET_NAME: Final = "passtd.socket"
-LOG_SIZE_DEFAULT: Final = 1024 * 1024  # passt(1): --log-size defaults to 1 MiB
-LOG_SIZE_MIN: Final = 4096  # room for a few lines after trimming
 
 
-def default_control_path(mode: str, socket_path: str | None, env: Mapping[str, str], pid: int) -> str:
-    """Next to the passt socket (NAME.socket → NAME.control); for pasta, one per process in the same dir."""
-    if socket_path is not None:
-        base = socket_path[: -len(".socket")] if socket_path.endswith(".socket") else socket_path
-        return f"{base}.control"
-    directory = default_socket_path(env).rsplit("/", 1)[0]
-    return f"{directory}/{mode}-{pid}.control"
+def derived_control_path(socket_path: str | None, pid_file: str | None) -> str | None:
+    """Where the control socket of an instance started as passt/pasta is, found again from what the caller
+    knows: NAME.socket → NAME.control next to the guest socket, else FILE.pid → FILE.control next to the PID
+    file (qemu's --fd has no socket path). `passtctl --pid FILE` / `--socket PATH` use the same rule."""
+    for path, suffix in ((socket_path, ".socket"), (pid_file, ".pid")):
+        if path:
+            return f"{path.removesuffix(suffix)}.control"
+    return None
+
+
+def default_control_path(
+    mode: str, socket_path: str | None, env: Mapping[str, str], pid: int, pid_file: str | None = None
+) -> str:
+    """Derived from the guest socket or the PID file; else one per process in the runtime directory."""
+    derived = derived_control_path(socket_path, pid_file)
+    if derived is not None:
+        return derived
+    return f"{runtime_dir(env)}/{mode}-{pid}.control"
+
+
+def runtime_dir(env: Mapping[str, str]) -> str:
+    """passtd's own runtime directory: under $XDG_RUNTIME_DIR for an ordinary user (systemd --user, logind),
+    else the system one; the only directory passtd creates itself."""
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return f"{runtime.rstrip('/')}/{SOCKET_DIR}"
+    return f"/run/{SOCKET_DIR}"
 
 
 def default_socket_path(env: Mapping[str, str]) -> str:
-    """Per-user runtime dir when there is one (systemd --user, logind), else the system one."""
-    runtime = env.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return f"{runtime.rstrip('/')}/{SOCKET_DIR}/{SOCKET_NAME}"
-    return f"/run/{SOCKET_DIR}/{SOCKET_NAME}"
+    """The passt socket when -s is not given, in passtd's runtime directory."""
+    return f"{runtime_dir(env)}/{SOCKET_NAME}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +123,9 @@ class Config:
     outbound_if6: str | None = None  # --outbound-if6
     freebind: bool = False  # --freebind: IP_FREEBIND / IPV6_FREEBIND on forwarded-port listeners
     splice: bool = True  # --no-splice clears it: loopback-to-loopback paths cross the tap instead
-    host_lo_to_ns_lo: bool = False  # --host-lo-to-ns-lo: host-loopback peers appear as the namespace's loopback
+    host_lo_to_ns_lo: bool = (
+        False  # --host-lo-to-ns-lo: host-loopback peers appear as the namespace's loopback
+    )
     fd: int | None = None  # --fd: an already connected stream socket (qemu -netdev passt passes 3)
     vhost_user: bool = False  # --vhost-user: the socket speaks the vhost-user protocol (issue 16)
     runas: tuple[int, int] | None = None  # --runas USER[:GROUP], resolved to uid, gid
@@ -112,8 +146,8 @@ class Config:
         if self.debug and self.quiet:
             raise ConfigError("-q/--quiet: cannot be combined with -d/--debug")
         if self.mode == "passt":
-            if self.socket_path is None:
-                raise ConfigError("passt mode needs a socket path")
+            if (self.socket_path is None) == (self.fd is None):
+                raise ConfigError("passt mode needs a socket path or --fd")
             if self.netns is not None or self.netns_pid is not None or self.command is not None:
                 raise ConfigError("passt mode takes no namespace or command")
             if self.config_net:

@@ -19,7 +19,8 @@ from passtd.config import Config, default_socket_path
 from passtd.dataplane.core.context import DEFAULT_MAC, Context, Ip4Net, Ip6Net, link_local_from_mac
 from passtd.dataplane.io.hostview import HostView
 from passtd.errors import ConfigError
-from passtd.options import main, parse_args
+from passtd.__main__ import main
+from passtd.options import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 OUR_LL = link_local_from_mac(DEFAULT_MAC)
@@ -236,16 +237,20 @@ BAD: list[tuple[list[str], str]] = [
     # argparse-level
     ([], "a mode is required: passt or pasta"),
     (["bogus"], "'bogus' is not a mode: use passt or pasta"),
-    (["passt", "--bogus"], "--bogus: unrecognized option"),
-    (["passt", "--bogus=1"], "--bogus: unrecognized option"),
-    (["passt", "--sock", "/x"], "--sock: unrecognized option"),  # no abbreviations
+    (["passt", "--bogus"], "unrecognized option '--bogus'"),  # glibc getopt's words: Podman matches them
+    (["passt", "--bogus=1"], "unrecognized option '--bogus=1'"),
+    (["passt", "--sock", "/x"], "unrecognized option '--sock'"),  # no abbreviations
+    (["passt", "-Z"], "invalid option -- 'Z'"),
     (["passt", "extra"], "extra: unexpected argument"),
     (["passt", "--", "sh"], "--: passt mode takes no command"),
-    (["passt", "-I", "x"], "-I: unrecognized option"),
-    (["passt", "--netns", "x"], "--netns: unrecognized option"),
-    (["passt", "--config-net"], "--config-net: unrecognized option"),
-    (["pasta", "-s", "/x"], "-s: unrecognized option"),
-    (["pasta", "--one-off"], "--one-off: unrecognized option"),
+    (["passt", "-I", "x"], "invalid option -- 'I'"),
+    (["passt", "--netns", "x"], "unrecognized option '--netns'"),
+    (["passt", "--config-net"], "unrecognized option '--config-net'"),
+    (["pasta", "-s", "/x"], "invalid option -- 's'"),
+    (["pasta", "--one-off"], "unrecognized option '--one-off'"),
+    (["passt", "--dhcp-dns"], "unrecognized option '--dhcp-dns'"),  # pasta only, as in passt
+    (["pasta", "--no-dhcp-search"], "unrecognized option '--no-dhcp-search'"),  # passt only
+    (["passt", "--userns", "/proc/1/ns/user"], "unrecognized option '--userns'"),
     (["passt", "--mtu"], "--mtu: expects a value"),
     (["passt", "-a"], "--address: expects a value"),
     (["passt", "-4=x"], "--ipv4-only: ignored explicit argument 'x'"),
@@ -306,7 +311,6 @@ BAD: list[tuple[list[str], str]] = [
     (["passt", "-6", "-g", "10.0.0.1"], "--gateway: 10.0.0.1 is IPv4, but -6/--ipv6-only disables IPv4"),
     (["passt", "-4", "-g", "fd00::1"], "--gateway: fd00::1 is IPv6, but -4/--ipv4-only disables IPv6"),
     # flags and process options
-    (["passt", "-4", "-6"], "-6/--ipv6-only: cannot be combined with -4/--ipv4-only"),
     (["passt", "-d", "-q"], "-q/--quiet: cannot be combined with -d/--debug"),
     (["passt", "--log-format", "xml"], "--log-format: 'xml' is not one of console, json"),
     (["passt", "-M", "9a:55:9a:55:9a"], "--mac-addr: '9a:55:9a:55:9a' is not a MAC address"),
@@ -334,10 +338,14 @@ BAD: list[tuple[list[str], str]] = [
     (["pasta", "--netns", ""], "--netns: '' is not a namespace name or path"),
     (["pasta", "--netns", ".."], "--netns: '..' is not a namespace name or path"),
     (["pasta", "0"], "0: not a valid PID"),
-    (["pasta", "-I", ""], "--ns-ifname: '' is not a valid interface name"),
-    (["pasta", "-I", "sixteen-chars-xx"], "--ns-ifname: 'sixteen-chars-xx' is not a valid interface name"),
-    (["pasta", "-I", "a/b"], "--ns-ifname: 'a/b' is not a valid interface name"),
-    (["pasta", "-I", "eth0:1"], "--ns-ifname: 'eth0:1' is not a valid interface name"),
+    (["pasta", "-I", ""], "--ns-ifname: '' is not a valid interface name (empty)"),
+    (
+        ["pasta", "-I", "sixteen-chars-xx"],
+        "--ns-ifname: 'sixteen-chars-xx' is not a valid interface name (at most 15 characters)",
+    ),
+    (["pasta", "-I", "a/b"], "--ns-ifname: 'a/b' is not a valid interface name (contains one of '/%:,' or a blank)"),
+    (["pasta", "-I", "eth0:1"], "--ns-ifname: 'eth0:1' is not a valid interface name (contains one of '/%:,' or a blank)"),
+    (["pasta", "-I", "tap%d"], "--ns-ifname: 'tap%d' is not a valid interface name (contains one of '/%:,' or a blank)"),
 ]
 
 
@@ -382,7 +390,7 @@ def test_config_rejects_inconsistent_fields() -> None:
         ({"netns": "x"}, "pasta needs exactly one of --netns, a PID or a command"),
         ({"netns_pid": None}, "pasta needs exactly one of --netns, a PID or a command"),
         ({"socket_path": "/x"}, "pasta mode takes no socket"),
-        ({"mode": "passt", "netns_pid": None, "socket_path": None}, "passt mode needs a socket path"),
+        ({"mode": "passt", "netns_pid": None, "socket_path": None}, "passt mode needs a socket path or --fd"),
         ({"mode": "passt", "socket_path": "/x"}, "passt mode takes no namespace or command"),
         ({"ctx": Context(mtu=65521)}, "--mtu: 65521 is out of range 68..65520"),
         ({"ctx": replace(good.ctx, mtu=1200)}, "--mtu: 1200 is below 1280, the IPv6 minimum"),
@@ -405,7 +413,7 @@ def test_main_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"passtd {passtd.__version__}\n"
     assert main(["pasta", "--version"]) == 0
-    assert capsys.readouterr().out == "passtd 0.1.0\n"
+    assert capsys.readouterr().out == "pasta 0.1.0 (passtd)\n"  # upstream: "pasta VERSION", read by Podman
     assert main(["passt", "--help"]) == 0
     out = capsys.readouterr().out
     for option in (
@@ -429,14 +437,14 @@ def test_main_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
 def test_main_hands_config_to_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[Config] = []
 
-    def run(config: Config) -> int:
+    def run(config: Config, reparse: object, listener: object) -> int:
         seen.append(config)
         return 7
 
     fake = types.ModuleType("passtd.daemon")
     fake.run = run  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "passtd.daemon", fake)
-    monkeypatch.setattr("passtd.dataplane.io.hostview.read_host_view", lambda resolv_conf="": HOST)
+    monkeypatch.setattr("passtd.dataplane.io.hostview.read_host_view", lambda resolv_conf="", interface=None: HOST)
     assert main(["pasta", "-a", "10.0.0.5", "--", "true"]) == 7
     assert len(seen) == 1
     assert seen[0].command == ("true",)
@@ -466,7 +474,7 @@ def test_cli_bad_option_exits_2_with_one_line() -> None:
 def test_cli_unknown_option_exits_2_with_one_line() -> None:
     proc = _run_cli("pasta", "--socket", "/tmp/x")
     assert proc.returncode == 2
-    assert proc.stderr.splitlines() == ["passtd: error: --socket: unrecognized option"]
+    assert proc.stderr.splitlines() == ["passtd: error: unrecognized option '--socket'"]
 
 
 def test_cli_version_and_help_exit_0() -> None:
@@ -482,7 +490,7 @@ def test_cli_version_and_help_exit_0() -> None:
 def test_errors_and_help_load_no_dataplane_io() -> None:
     """A typo must not cost a netlink round-trip or the daemon's imports."""
     code = (
-        "import sys; from passtd.options import main; rc = main(['passt', '-m', 'x']); "
+        "import sys; from passtd.__main__ import main; rc = main(['passt', '-m', 'x']); "
         "print(rc, 'passtd.daemon' in sys.modules, 'pyroute2' in sys.modules)"
     )
     proc = subprocess.run(
