@@ -7,7 +7,6 @@ second-guess a field. Invariants that would otherwise let a half-built Config th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Final, Literal
@@ -23,6 +22,12 @@ from passtd.limits import (  # re-exported: the limits' one home is passtd.limit
     MTU_DEFAULT,
     MTU_MAX,
     MTU_MIN,
+)
+from passtd.paths import (  # re-exported: where paths are is passtd.paths
+    default_control_path,
+    default_socket_path,
+    derived_control_path,
+    runtime_dir,
 )
 
 __all__ = [
@@ -43,42 +48,6 @@ if TYPE_CHECKING:
     from passtd.dataplane.io.hostview import HostView
 
 DEFAULT_NS_IFNAME: Final = "tap0"
-SOCKET_DIR: Final = "passtd"
-SOCKET_NAME: Final = "passtd.socket"
-
-
-def derived_control_path(socket_path: str | None, pid_file: str | None) -> str | None:
-    """Where the control socket of an instance started as passt/pasta is, found again from what the caller
-    knows: NAME.socket → NAME.control next to the guest socket, else FILE.pid → FILE.control next to the PID
-    file (qemu's --fd has no socket path). `passtctl --pid FILE` / `--socket PATH` use the same rule."""
-    for path, suffix in ((socket_path, ".socket"), (pid_file, ".pid")):
-        if path:
-            return f"{path.removesuffix(suffix)}.control"
-    return None
-
-
-def default_control_path(
-    mode: str, socket_path: str | None, env: Mapping[str, str], pid: int, pid_file: str | None = None
-) -> str:
-    """Derived from the guest socket or the PID file; else one per process in the runtime directory."""
-    derived = derived_control_path(socket_path, pid_file)
-    if derived is not None:
-        return derived
-    return f"{runtime_dir(env)}/{mode}-{pid}.control"
-
-
-def runtime_dir(env: Mapping[str, str]) -> str:
-    """passtd's own runtime directory: under $XDG_RUNTIME_DIR for an ordinary user (systemd --user, logind),
-    else the system one; the only directory passtd creates itself."""
-    runtime = env.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return f"{runtime.rstrip('/')}/{SOCKET_DIR}"
-    return f"/run/{SOCKET_DIR}"
-
-
-def default_socket_path(env: Mapping[str, str]) -> str:
-    """The passt socket when -s is not given, in passtd's runtime directory."""
-    return f"{runtime_dir(env)}/{SOCKET_NAME}"
 
 
 @dataclass(frozen=True, slots=True)

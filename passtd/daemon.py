@@ -169,7 +169,7 @@ def run(
         return 1
     except Exception as exc:  # never a traceback on the user's terminal
         starter.fail(f"internal error: {type(exc).__name__}: {exc}")
-        get_logger().exception("passtd.crashed")
+        get_logger().error("passtd.crashed", error=f"{type(exc).__name__}: {exc}")
         return 1
     finally:
         if listener is not None:

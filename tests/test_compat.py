@@ -91,7 +91,10 @@ def test_outbound_is_accepted_once_per_family() -> None:
     [
         (["--log-size", "10k"], "--log-size: '10k' is not a number"),
         (["--log-size", "100"], "--log-size: 100 is below the minimum of 4096 bytes"),
-        (["--interface", "a/b"], "--interface: 'a/b' is not a valid interface name (contains one of '/%:,' or a blank)"),
+        (
+            ["--interface", "a/b"],
+            "--interface: 'a/b' is not a valid interface name (contains one of '/%:,' or a blank)",
+        ),
     ],
 )
 def test_bad_drop_in_options(argv: list[str], message: str) -> None:

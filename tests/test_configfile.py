@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from passtd.__main__ import main
 from passtd.configfile import OptionSpec
 from passtd.dataplane.core.timeouts import Timeouts
 from passtd.dataplane.io.hostview import HostView
 from passtd.errors import ConfigError
-from passtd.__main__ import main
 from passtd.options import option_specs, parse_args
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import passtd
+from passtd.__main__ import main
 from passtd.config import Config, default_socket_path
 from passtd.dataplane.core.context import DEFAULT_MAC, Context, Ip4Net, Ip6Net, link_local_from_mac
 from passtd.dataplane.io.hostview import HostView
 from passtd.errors import ConfigError
-from passtd.__main__ import main
 from passtd.options import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,6 +233,7 @@ def test_default_socket_follows_xdg_runtime_dir() -> None:
     assert default_socket_path({}) == "/run/passtd/passtd.socket"
 
 
+BAD_CHARS = "contains one of '/%:,' or a blank"
 BAD: list[tuple[list[str], str]] = [
     # argparse-level
     ([], "a mode is required: passt or pasta"),
@@ -343,9 +344,9 @@ BAD: list[tuple[list[str], str]] = [
         ["pasta", "-I", "sixteen-chars-xx"],
         "--ns-ifname: 'sixteen-chars-xx' is not a valid interface name (at most 15 characters)",
     ),
-    (["pasta", "-I", "a/b"], "--ns-ifname: 'a/b' is not a valid interface name (contains one of '/%:,' or a blank)"),
-    (["pasta", "-I", "eth0:1"], "--ns-ifname: 'eth0:1' is not a valid interface name (contains one of '/%:,' or a blank)"),
-    (["pasta", "-I", "tap%d"], "--ns-ifname: 'tap%d' is not a valid interface name (contains one of '/%:,' or a blank)"),
+    (["pasta", "-I", "a/b"], f"--ns-ifname: 'a/b' is not a valid interface name ({BAD_CHARS})"),
+    (["pasta", "-I", "eth0:1"], f"--ns-ifname: 'eth0:1' is not a valid interface name ({BAD_CHARS})"),
+    (["pasta", "-I", "tap%d"], f"--ns-ifname: 'tap%d' is not a valid interface name ({BAD_CHARS})"),
 ]
 
 
@@ -444,7 +445,9 @@ def test_main_hands_config_to_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = types.ModuleType("passtd.daemon")
     fake.run = run  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "passtd.daemon", fake)
-    monkeypatch.setattr("passtd.dataplane.io.hostview.read_host_view", lambda resolv_conf="", interface=None: HOST)
+    monkeypatch.setattr(
+        "passtd.dataplane.io.hostview.read_host_view", lambda resolv_conf="", interface=None: HOST
+    )
     assert main(["pasta", "-a", "10.0.0.5", "--", "true"]) == 7
     assert len(seen) == 1
     assert seen[0].command == ("true",)
