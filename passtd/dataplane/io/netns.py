@@ -144,15 +144,20 @@ def in_netns(netns_fd: int) -> Iterator[None]:
 def run_in_netns(netns_fd: int, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Run `fn` in a fresh thread that joined `netns_fd`; return its result or raise its exception.
 
-    Blocks the caller until `fn` is done: meant for setup steps, not for the data path.
+    Blocks the caller until `fn` is done: meant for setup steps, not for the data path. The thread ends in
+    the other namespace instead of switching back: after pasta joined another user namespace (--userns),
+    re-entering our own network namespace is not permitted, and a thread's namespace dies with it.
     """
     outcome: list[T] = []
     failure: list[BaseException] = []
 
     def body() -> None:
         try:
-            with in_netns(netns_fd):
-                outcome.append(fn(*args, **kwargs))
+            try:
+                _ns_syscall("setns", netns_fd, CLONE_NEWNET)
+            except OSError as exc:
+                raise BackendError(f"cannot enter the network namespace: {exc.strerror}") from None
+            outcome.append(fn(*args, **kwargs))
         except BaseException as exc:
             failure.append(exc)
 
