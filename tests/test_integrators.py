@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -304,3 +306,92 @@ def test_guest_socket_listens_before_the_slow_imports(tmp_path: Path) -> None:
                           check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- as an ordinary user (14.11)
+
+NOBODY = 65534
+SITE = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def as_nobody(runtime: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`setpriv` to 65534 with a private $XDG_RUNTIME_DIR; Debian's python3 (the venv's interpreter lives
+    under /root), our sources and the venv's packages on PYTHONPATH, interpreted."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an ordinary user")
+    python = "/usr/bin/python3"
+    if not os.access(python, os.X_OK):
+        pytest.skip("needs Debian's python3")
+    env = {"PATH": "/usr/bin:/bin", "XDG_RUNTIME_DIR": str(runtime), "PYTHONPATH": f"{REPO}:{SITE}",
+           "PASSTD_NATIVE": "0", "HOME": str(runtime)}  # fmt: skip
+    cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", python, "-c",
+           "import sys; from passtd.__main__ import main; sys.exit(main())", *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd="/", check=False)
+
+
+@pytest.fixture
+def runtime() -> Iterator[Path]:
+    """$XDG_RUNTIME_DIR for 65534 (pytest's own tmp dirs are private to root), removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="passtd-user-"))
+    try:
+        base.chmod(0o755)
+        runtime = base / "run-user"
+        runtime.mkdir(mode=0o700)
+        os.chown(runtime, NOBODY, NOBODY)
+        yield runtime
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_ordinary_user_pasta_uses_xdg_runtime_dir(runtime: Path) -> None:
+    """pasta as an ordinary user: its own user namespace, the control socket under $XDG_RUNTIME_DIR, and the
+    command's exit status as ours."""
+    if not os.stat("/dev/net/tun").st_mode & 0o006:
+        pytest.skip("/dev/net/tun is not open to ordinary users on this machine (mode 0600)")
+    proc = as_nobody(
+        runtime, "pasta", "-q", "--config-net", "--", "sh", "-c", 'ls "$XDG_RUNTIME_DIR/passtd"; exit 7'
+    )
+    assert proc.returncode == 7, proc.stderr
+    assert ".control" in proc.stdout
+    assert list((runtime / "passtd").iterdir()) == []  # removed on exit
+
+
+def test_ordinary_user_control_socket_failure_is_one_line(runtime: Path) -> None:
+    root_owned = runtime.parent / "root-owned"
+    root_owned.mkdir(mode=0o755)
+    proc = as_nobody(runtime, "passt", "-q", "--control", str(root_owned / "c.control"))
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("passtd: error: control socket"), (
+        proc.stderr
+    )
+    assert not (runtime / "passtd" / "passtd.socket").exists()
+
+
+def test_pasta_control_socket_failure_is_not_the_commands_status(tmp_path: Path) -> None:
+    """The command ran, but passtd could not start its control socket: an error, not the command's 7."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs root and /dev/net/tun for pasta's namespace")
+    proc = subprocess.run(
+        alias("pasta", "-q", "--config-net", "--control", str(tmp_path / "missing" / "c.control"), "--",
+              "sh", "-c", "exit 7"),
+        capture_output=True, text=True, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr, proc.stderr
+
+
+def test_ordinary_user_passt_defaults_under_xdg_runtime_dir(runtime: Path) -> None:
+    pid_file = runtime / "passt.pid"
+    proc = as_nobody(runtime, "passt", "-q", "--pid", str(pid_file), "-a", GUEST4, "-g", GATEWAY4)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert (runtime / "passtd" / "passtd.socket").exists()
+        assert (runtime / "passtd" / "passtd.control").exists()
+        status = subprocess.run(
+            [sys.executable, "-m", "passtctl", "-c", str(runtime / "passtd" / "passtd.control"), "health"],
+            capture_output=True, text=True, timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+        assert status.returncode == 0, status.stderr
+    finally:
+        kill_pid_file(pid_file)
