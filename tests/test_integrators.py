@@ -395,3 +395,30 @@ def test_ordinary_user_passt_defaults_under_xdg_runtime_dir(runtime: Path) -> No
         assert status.returncode == 0, status.stderr
     finally:
         kill_pid_file(pid_file)
+
+
+def test_runas_drops_to_the_user_with_no_capability(workdir: Path) -> None:
+    """--runas nobody: the sockets and the PID file are set up as root, then the daemon is nobody with an
+    empty capability set, and still serves its guest."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to change user")
+    sock, pid_file = workdir / "r.socket", workdir / "r.pid"
+    proc = subprocess.run(
+        alias("passt", "-q", "--runas", "nobody", "-1", "-s", str(sock), "-P", str(pid_file), "-a", GUEST4,
+              "-g", GATEWAY4),
+        capture_output=True, text=True, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    pid = int(pid_file.read_text())
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+    )
+    assert status["Uid"].split() == ["65534"] * 4 and status["Gid"].split() == ["65534"] * 4
+    assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
+    assert status["Groups"].strip() == ""
+    guest = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    guest.connect(str(sock))
+    guest.sendall(arp_request(GATEWAY4))
+    assert_arp_reply(read_frame(guest), GATEWAY4)
+    guest.close()
+    assert wait_gone(pid)
