@@ -78,6 +78,7 @@ class Starter:
 
     def __init__(self) -> None:
         self._pipe: int | None = None
+        self.detached = False
         self.reported = False
 
     def detach(self) -> None:
@@ -98,6 +99,7 @@ class Starter:
         if os.fork() > 0:
             os._exit(0)
         self._pipe = write_end
+        self.detached = True
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
@@ -107,11 +109,11 @@ class Starter:
         self._send(b"ok\n")
 
     def fail(self, message: str) -> None:
-        """One line to the user, once; later failures (after ready) only reach the log."""
+        """One line to the user: on our stderr in the foreground, else through the pipe while the starter
+        still waits (after that, stderr is /dev/null and only the log hears of it)."""
         line = " ".join(message.split())
-        if self._pipe is None:
-            if not self.reported:
-                print(f"passtd: error: {line}", file=sys.stderr)
+        if not self.detached:
+            print(f"passtd: error: {line}", file=sys.stderr)
             self.reported = True
             return
         self._send(b"err:" + line.encode(errors="replace")[:4000] + b"\n")
