@@ -1,7 +1,10 @@
 """Composition root: set up the back-end, detach, run the dataplane on uvloop, shut down in order.
 
-Everything that must happen before an event loop or a thread exists (forking the namespace child, creating
-the tap, binding the passt socket, detaching) happens synchronously in `run`; the loop only serves.
+Everything that must happen before an event loop or a thread exists (forking the namespace child, joining
+a user namespace, creating the tap, adopting --fd, detaching) happens synchronously in `run`; the loop only
+serves, its own tasks in one TaskGroup. Detached, the starter process waits on a pipe until the daemon says
+it is ready (guest socket or --fd, control socket, PID file) or why it is not (`Starter`). The option layer
+is not imported here: the entry point passes a re-parse callable for SIGHUP.
 
 Signals, once the loop runs:
 - SIGTERM/SIGINT: STOPPING=1, stop accepting (the passt socket is closed and removed), stop the control
@@ -170,6 +173,8 @@ def run(
         starter.fail(str(exc))
         return 1
     except Exception as exc:  # never a traceback on the user's terminal
+        while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:  # a task of the TaskGroup
+            exc = exc.exceptions[0]
         starter.fail(f"internal error: {type(exc).__name__}: {exc}")
         get_logger().error("passtd.crashed", error=f"{type(exc).__name__}: {exc}")
         return 1
@@ -444,7 +449,7 @@ async def _serve(
                 except TimeoutError:
                     pass
 
-        watcher_task = asyncio.create_task(watch_namespace())
+        watch = watch_namespace
     else:
         if guest is not None:  # --fd: qemu connected it before we started
             dp.attach(QemuStreamBackend(guest, loop))
@@ -480,7 +485,7 @@ async def _serve(
                     if config.one_off:
                         stop.set()
 
-        watcher_task = asyncio.create_task(watch_guest())
+        watch = watch_guest
 
     # Both sockets accept connections from here on: the passt socket since bind(), the control one since
     # start_control_server(); in pasta mode the tap is attached. The PID file is written. Nothing left needs
@@ -489,25 +494,27 @@ async def _serve(
         _drop_privileges(config.runas)
     starter.ready()
     notifier.ready(_status(current, "serving" if pasta is not None else "waiting for a guest"))
-    watchdog_task = None
-    if notifier.enabled and notifier.watchdog is not None:
-        watchdog_task = asyncio.create_task(_watchdog(notifier, notifier.watchdog))
+    try:
+        # The daemon's own tasks: a failing one cancels the others and ends the daemon (no silent death).
+        async with asyncio.TaskGroup() as tasks:
+            background = [tasks.create_task(watch(), name="watch")]
+            if notifier.enabled and notifier.watchdog is not None:
+                background.append(tasks.create_task(_watchdog(notifier, notifier.watchdog), name="watchdog"))
+            await stop.wait()
+            notifier.stopping("stopping: resetting flows")
+            for task in background:
+                task.cancel()
+    finally:
+        if listener is not None:  # stop accepting first: no new guest while flows are reset
+            loop.remove_reader(listener.sock.fileno())
+            listener.close()
+        if control is not None:
+            from passtd.control.server import stop_control_server
 
-    await stop.wait()
-    notifier.stopping("stopping: resetting flows")
-    watcher_task.cancel()
-    if watchdog_task is not None:
-        watchdog_task.cancel()
-    if listener is not None:  # stop accepting first: no new guest while flows are reset
-        loop.remove_reader(listener.sock.fileno())
-        listener.close()
-    if control is not None:
-        from passtd.control.server import stop_control_server
-
-        await stop_control_server(control, CONTROL_GRACE)
-    dp.close()
-    log.info("passtd.stopped")
-    notifier.close()
+            await stop_control_server(control, CONTROL_GRACE)
+        dp.close()
+        log.info("passtd.stopped")
+        notifier.close()
     return exit_code
 
 

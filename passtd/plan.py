@@ -47,6 +47,8 @@ def plan_ip4(
     host: HostView,
     dns: tuple[IPv4Address, ...],
 ) -> Ip4Net | None:
+    """The guest's IPv4 network: -a/-n/-g first, then the host's address, prefix and gateway; None when
+    neither gives an address (the family is off)."""
     if addr_opt is not None:
         addr, given_prefix = addr_opt
         if given_prefix is not None and netmask is not None and given_prefix != netmask:
@@ -82,6 +84,7 @@ def plan_ip6(
     dns: tuple[IPv6Address, ...],
     our_mac: bytes,
 ) -> Ip6Net | None:
+    """The guest's IPv6 network, as for IPv4; the gateway defaults to our link-local address (passt's)."""
     if addr_opt is not None:
         addr, given_prefix = addr_opt
         prefix = _first(given_prefix, host.prefix6, V6_DEFAULT_PREFIX)
