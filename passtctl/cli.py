@@ -35,6 +35,7 @@ from passtctl.render import (
 )
 from passtd import __version__
 from passtd.control.pb import passt_pb2
+from passtd.paths import default_control_address, derived_control_path
 
 PROG = "passtctl"
 EXIT_OK = 0
@@ -141,15 +142,31 @@ def _filter(args: argparse.Namespace) -> passt_pb2.ConnectionFilter:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    default = os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+    default = os.environ.get(ADDRESS_ENV) or default_control_address(os.environ)
     parser = _Parser(prog=PROG, description="Query a running passtd over its control socket.")
-    parser.add_argument(
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
         "-c",
         "--control",
         metavar="ADDR",
         type=_address,
         default=default,
-        help=f"control socket, PATH or unix:PATH (default: ${ADDRESS_ENV}, else {DEFAULT_ADDRESS})",
+        help=f"control socket, PATH or unix:PATH (default: ${ADDRESS_ENV}, else {DEFAULT_ADDRESS}, "
+        "or under $XDG_RUNTIME_DIR/passtd for an ordinary user)",
+    )
+    # An instance started as passt/pasta (libvirt, qemu, Podman) has its control socket next to its guest
+    # socket or PID file (passtd.paths.derived_control_path): found from what the integrator knows.
+    where.add_argument(
+        "--pid",
+        metavar="FILE",
+        dest="pid_file",
+        help="the instance whose PID file is FILE (FILE.pid → FILE.control)",
+    )
+    where.add_argument(
+        "--socket",
+        metavar="PATH",
+        dest="guest_socket",
+        help="the instance serving guest socket PATH (→ .control)",
     )
     parser.add_argument(
         "--timeout",
@@ -372,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version and usage errors; keep main() returning a status
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     run: Callable[[ControlClient, argparse.Namespace], int] = args.run
+    if args.pid_file is not None or args.guest_socket is not None:
+        args.control = derived_control_path(args.guest_socket, args.pid_file)
     tls = Tls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, insecure=args.insecure)
     try:
         with ControlClient(args.control, timeout=args.timeout, tls=tls) as client:

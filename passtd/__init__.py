@@ -1,7 +1,3 @@
-"""passtd: a user-mode network translator (passt/pasta in Python). Import-light on purpose."""
+"""passtd: a user-mode network translator (passt/pasta in Python). Import-light: passtctl imports it."""
 
 __version__ = "0.1.0"
-
-from passtd import native
-
-native.guard()

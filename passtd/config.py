@@ -7,7 +7,6 @@ second-guess a field. Invariants that would otherwise let a half-built Config th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Final, Literal
@@ -16,37 +15,39 @@ from passtd.dataplane.core.context import Context
 from passtd.dataplane.core.fwd import ForwardTables
 from passtd.dataplane.core.timeouts import Timeouts
 from passtd.errors import ConfigError
+from passtd.limits import (  # re-exported: the limits' one home is passtd.limits
+    IPV6_MIN_MTU,
+    LOG_SIZE_DEFAULT,
+    LOG_SIZE_MIN,
+    MTU_DEFAULT,
+    MTU_MAX,
+    MTU_MIN,
+)
+from passtd.paths import (  # re-exported: where paths are is passtd.paths
+    default_control_path,
+    default_socket_path,
+    derived_control_path,
+    runtime_dir,
+)
+
+__all__ = [
+    "IPV6_MIN_MTU",
+    "LOG_SIZE_DEFAULT",
+    "LOG_SIZE_MIN",
+    "MTU_DEFAULT",
+    "MTU_MAX",
+    "MTU_MIN",
+    "Config",
+    "default_control_path",
+    "default_socket_path",
+    "derived_control_path",
+    "runtime_dir",
+]
 
 if TYPE_CHECKING:
     from passtd.dataplane.io.hostview import HostView
 
-MTU_MIN: Final = 68  # RFC 791: every IPv4 host must handle 68-byte datagrams
-MTU_MAX: Final = 65520  # passt's default and largest: 64 KiB minus room for headers
-MTU_DEFAULT: Final = 65520
-IPV6_MIN_MTU: Final = 1280  # RFC 8200 section 5; below it IPv6 is disabled
-SUN_PATH_MAX: Final = 107  # sizeof(sockaddr_un.sun_path) - 1 for the NUL on Linux
 DEFAULT_NS_IFNAME: Final = "tap0"
-SOCKET_DIR: Final = "passtd"
-SOCKET_NAME: Final = "passtd.socket"
-LOG_SIZE_DEFAULT: Final = 1024 * 1024  # passt(1): --log-size defaults to 1 MiB
-LOG_SIZE_MIN: Final = 4096  # room for a few lines after trimming
-
-
-def default_control_path(mode: str, socket_path: str | None, env: Mapping[str, str], pid: int) -> str:
-    """Next to the passt socket (NAME.socket → NAME.control); for pasta, one per process in the same dir."""
-    if socket_path is not None:
-        base = socket_path[: -len(".socket")] if socket_path.endswith(".socket") else socket_path
-        return f"{base}.control"
-    directory = default_socket_path(env).rsplit("/", 1)[0]
-    return f"{directory}/{mode}-{pid}.control"
-
-
-def default_socket_path(env: Mapping[str, str]) -> str:
-    """Per-user runtime dir when there is one (systemd --user, logind), else the system one."""
-    runtime = env.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return f"{runtime.rstrip('/')}/{SOCKET_DIR}/{SOCKET_NAME}"
-    return f"/run/{SOCKET_DIR}/{SOCKET_NAME}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +113,8 @@ class Config:
         if self.debug and self.quiet:
             raise ConfigError("-q/--quiet: cannot be combined with -d/--debug")
         if self.mode == "passt":
-            if self.socket_path is None:
-                raise ConfigError("passt mode needs a socket path")
+            if (self.socket_path is None) == (self.fd is None):
+                raise ConfigError("passt mode needs a socket path or --fd")
             if self.netns is not None or self.netns_pid is not None or self.command is not None:
                 raise ConfigError("passt mode takes no namespace or command")
             if self.config_net:

@@ -1,7 +1,10 @@
 """Composition root: set up the back-end, detach, run the dataplane on uvloop, shut down in order.
 
-Everything that must happen before an event loop or a thread exists (forking the namespace child, creating
-the tap, binding the passt socket, detaching) happens synchronously in `run`; the loop only serves.
+Everything that must happen before an event loop or a thread exists (forking the namespace child, joining
+a user namespace, creating the tap, adopting --fd, detaching) happens synchronously in `run`; the loop only
+serves, its own tasks in one TaskGroup. Detached, the starter process waits on a pipe until the daemon says
+it is ready (guest socket or --fd, control socket, PID file) or why it is not (`Starter`). The option layer
+is not imported here: the entry point passes a re-parse callable for SIGHUP.
 
 Signals, once the loop runs:
 - SIGTERM/SIGINT: STOPPING=1, stop accepting (the passt socket is closed and removed), stop the control
@@ -18,31 +21,33 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
 import uvloop
 
-from passtd.config import Config
+from passtd.config import Config, runtime_dir
 from passtd.dataplane.core.fwd import ForwardTables
 from passtd.dataplane.core.timeouts import Timeouts
 from passtd.dataplane.io.dataplane import Dataplane
+from passtd.dataplane.io.guestsock import GuestListener, adopt_stream_socket
+from passtd.dataplane.io.hostview import HostView
 from passtd.dataplane.io.pcap import PcapWriter
-from passtd.dataplane.io.tap.qemu_stream import QemuStreamBackend, QemuStreamListener
+from passtd.dataplane.io.tap.qemu_stream import QemuStreamBackend
 from passtd.errors import BackendError, ConfigError
 from passtd.logging import get_logger, setup_logging
 from passtd.notify import Notifier
+
+Reparse: TypeAlias = Callable[[Sequence[str], HostView | None], Config]
 
 NETNS_POLL: Final = 0.5
 CONTROL_GRACE: Final = 1.0
 # Fields that a SIGHUP cannot change in a running process: they are set up before the loop starts.
 _LIVE_FIELDS: Final = frozenset({"forward", "timeouts", "argv"})
-
-
-class ControlStartError(Exception):
-    """The control socket could not be opened (path in use, bad group): fatal at start-up."""
 
 
 @dataclass(slots=True)
@@ -61,64 +66,183 @@ def _note_early_signal(signum: int, frame: object) -> None:
     _early_signals.append(signal.Signals(signum).name)
 
 
-def run(config: Config) -> int:
-    """Start passtd with a parsed configuration; returns the process exit code."""
+class StartError(Exception):
+    """Start-up failed for a reason the user can act on: reported as one line, exit 1."""
+
+
+class Starter:
+    """Tells whoever started us how start-up went: the parent process through a pipe once detached (it
+    waits, then exits 0 or prints our one-line reason and exits 1), else our own stderr.
+
+    passt's contract with libvirt and QEMU: the starter returns only when the guest socket (or --fd), the
+    control socket and the PID file are all ready, so a caller that connects or reads the PID file right
+    after finds them; and a daemon that dies before that is reported by the starter, not lost.
+    """
+
+    def __init__(self) -> None:
+        self._pipe: int | None = None
+        self.detached = False
+        self.reported = False
+
+    def detach(self) -> None:
+        """Double fork; the original process waits on the pipe and exits with the daemon's verdict.
+
+        The daemon's stdio goes to /dev/null, as passt's does: libvirt reads the starter's stderr until EOF,
+        so a daemon holding it would hang libvirt. Detached without --log-file, logs are discarded (passt
+        would use syslog): run with --foreground under a supervisor, or give --log-file.
+        """
+        read_end, write_end = os.pipe()
+        first = os.fork()
+        if first > 0:
+            os.close(write_end)
+            os.waitpid(first, 0)
+            os._exit(_starter_verdict(read_end))
+        os.close(read_end)
+        os.setsid()
+        if os.fork() > 0:
+            os._exit(0)
+        self._pipe = write_end
+        self.detached = True
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+
+    def ready(self) -> None:
+        self._send(b"ok\n")
+
+    def fail(self, message: str) -> None:
+        """One line to the user: on our stderr in the foreground, else through the pipe while the starter
+        still waits (after that, stderr is /dev/null and only the log hears of it)."""
+        line = " ".join(message.split())
+        if not self.detached:
+            print(f"passtd: error: {line}", file=sys.stderr)
+            self.reported = True
+            return
+        self._send(b"err:" + line.encode(errors="replace")[:4000] + b"\n")
+
+    def _send(self, data: bytes) -> None:
+        if self.reported:
+            return
+        self.reported = True
+        if self._pipe is None:
+            return
+        try:
+            os.write(self._pipe, data)
+        except OSError:
+            pass  # the starter is gone: nobody left to tell
+        os.close(self._pipe)
+        self._pipe = None
+
+
+def _starter_verdict(read_end: int) -> int:
+    """In the starter: 0 once the daemon says it is ready, else print its reason (or that it died) → 1."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(read_end, 4096)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        chunks.append(chunk)
+    message = b"".join(chunks).decode(errors="replace").strip()
+    if message == "ok":
+        return 0
+    reason = message.removeprefix("err:") or "the daemon exited before it was ready"
+    os.write(2, f"passtd: error: {reason}\n".encode(errors="replace"))
+    return 1
+
+
+def run(
+    config: Config,
+    reparse: Reparse | None = None,
+    listener: GuestListener | None = None,
+) -> int:
+    """Start passtd with a parsed configuration; returns the process exit code.
+
+    `reparse` builds a new Config from the same command line on SIGHUP (the entry point passes the option
+    layer's; None disables reloading); `listener` is the guest socket when the entry point bound it early.
+    """
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, _note_early_signal)
+    starter = Starter()
     try:
-        setup_logging(config.debug, config.quiet, config.log_format, None, config.log_file, config.log_size)
-    except OSError as exc:
-        print(f"passtd: error: --log-file: cannot open {config.log_file}: {exc.strerror}", file=sys.stderr)
+        return _run(config, reparse, listener, starter)
+    except (StartError, BackendError, ConfigError) as exc:
+        starter.fail(str(exc))
         return 1
-    log = get_logger()
-    try:
-        if config.mode == "pasta":
-            pasta = _setup_pasta(config)
-            listener = None
-        else:
-            pasta = None
-            listener = _setup_passt(config)
-    except BackendError as exc:
-        print(f"passtd: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # never a traceback on the user's terminal
+        while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:  # a task of the TaskGroup
+            exc = exc.exceptions[0]
+        starter.fail(f"internal error: {type(exc).__name__}: {exc}")
+        get_logger().error("passtd.crashed", error=f"{type(exc).__name__}: {exc}")
         return 1
-    if not config.foreground and not (pasta is not None and pasta.child_pid is not None):
-        _detach(config.pid_file)
-    elif config.pid_file:
-        _write_pid(config.pid_file, os.getpid())
-    try:
-        code = uvloop.run(_serve(config, pasta, listener))
-    except ControlStartError as exc:
-        print(f"passtd: error: {exc}", file=sys.stderr)
-        code = 1
-    try:
-        if pasta is not None and pasta.child_pid is not None:
-            code = _terminate_child(pasta.child_pid)
-        return code
     finally:
         if listener is not None:
             listener.close()
+
+
+def _run(config: Config, reparse: Reparse | None, listener: GuestListener | None, starter: Starter) -> int:
+    if config.vhost_user:
+        raise StartError("--vhost-user: not supported yet (the vhost-user back-end is a separate issue)")
+    try:
+        setup_logging(config.debug, config.quiet, config.log_format, None, config.log_file, config.log_size)
+    except OSError as exc:
+        raise StartError(f"--log-file: cannot open {config.log_file}: {exc.strerror}") from None
+    log = get_logger()
+    guest: socket.socket | None = None
+    pasta = None
+    if config.mode == "pasta":
+        pasta = _setup_pasta(config)
+    elif config.fd is not None:
+        guest = adopt_stream_socket(config.fd)
+    else:
+        if listener is None:
+            listener = _setup_passt(config)
+        log.info("passt.listening", socket=config.socket_path)
+        if not config.quiet:
+            print(
+                f"passtd: listening on {config.socket_path}; start qemu with: -device virtio-net-pci,"
+                f"netdev=s -netdev stream,id=s,server=off,addr.type=unix,addr.path={config.socket_path}",
+                file=sys.stderr,
+            )
+    if not config.foreground and not (pasta is not None and pasta.child_pid is not None):
+        starter.detach()
+    code = 1
+    try:
+        if config.pid_file:
+            _write_pid(config.pid_file, os.getpid())
+        code = uvloop.run(_serve(config, pasta, listener, guest, reparse, starter))
+    finally:
+        if listener is not None:
+            listener.close()
+        if pasta is not None and pasta.child_pid is not None:
+            code = _terminate_child(pasta.child_pid)  # the command's status is ours (an exception stays 1)
         if config.pid_file:
             try:
                 os.unlink(config.pid_file)
-            except FileNotFoundError:
+            except OSError:
                 pass
         log.info("passtd.exited")
+    return code
 
 
-def _setup_passt(config: Config) -> QemuStreamListener:
+def _setup_passt(config: Config) -> GuestListener:
+    """The guest socket, when the entry point did not bind it early (the default path, or a test)."""
     assert config.socket_path is not None
     directory = os.path.dirname(config.socket_path)
-    if directory:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    listener = QemuStreamListener(config.socket_path)
-    get_logger().info("passt.listening", socket=config.socket_path)
-    if not config.quiet:
-        print(
-            f"passtd: listening on {config.socket_path}; start qemu with: -device virtio-net-pci,netdev=s "
-            f"-netdev stream,id=s,server=off,addr.type=unix,addr.path={config.socket_path}",
-            file=sys.stderr,
-        )
-    return listener
+    if directory and directory == runtime_dir(os.environ):
+        _make_runtime_dir(directory)
+    return GuestListener(config.socket_path)
+
+
+def _make_runtime_dir(directory: str) -> None:
+    """Our own runtime directory is the one directory we create (passt refuses a missing one elsewhere)."""
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+    except OSError as exc:
+        raise StartError(f"cannot create {directory}: {exc.strerror}") from None
 
 
 def _setup_pasta(config: Config) -> PastaSetup:
@@ -136,61 +260,48 @@ def _setup_pasta(config: Config) -> PastaSetup:
     else:
         assert config.netns is not None
         target = config.netns
+    if config.userns is not None:
+        netns.join_userns(config.userns)  # before any thread exists: setns(CLONE_NEWUSER) needs that
     netns_fd = netns.open_netns(target)
-    tap_fd = netns.create_tap(netns_fd, config.ns_ifname, config.ctx.mtu, vnet_hdr=True)
+    tap_fd = netns.create_tap(netns_fd, config.ns_ifname, config.ctx.mtu, vnet_hdr=True, mac=config.ns_mac)
     netns.enable_offload(tap_fd)
     if ctx is not None:
         netns.configure_netns(netns_fd, config.ns_ifname, ctx)
-    return PastaSetup(tap_fd, None, netns.NetnsWatcher(target, netns_fd), netns_fd)
+    watcher = netns.NetnsWatcher(target, netns_fd) if config.netns_quit else None
+    return PastaSetup(tap_fd, None, watcher, netns_fd)
 
 
 def _write_pid(path: str, pid: int) -> None:
-    with open(path, "w") as f:
-        f.write(f"{pid}\n")
+    try:
+        with open(path, "w") as f:
+            f.write(f"{pid}\n")
+    except OSError as exc:
+        raise StartError(f"--pid: cannot write {path}: {exc.strerror}") from None
 
 
-def _detach(pid_file: str | None) -> None:
-    """Classic double fork; the starter exits 0 only once the daemon's PID is on disk, so a caller that
-    reads the PID file right after (libvirt does) never finds it empty.
-
-    stderr goes to /dev/null too, as passt does: libvirt reads the starter's stderr until EOF, so a daemon
-    holding it would hang libvirt. Detached without --log-file, logs are therefore discarded (passt would
-    use syslog): run with --foreground under a supervisor, or give --log-file.
-    """
-    first = os.fork()
-    if first > 0:
-        _, status = os.waitpid(first, 0)  # the intermediate exits after recording the daemon's PID
-        os._exit(os.waitstatus_to_exitcode(status))
-    os.setsid()
-    daemon = os.fork()
-    if daemon > 0:
-        code = 0
-        if pid_file:
-            try:
-                _write_pid(pid_file, daemon)
-            except OSError as exc:
-                print(f"passtd: error: cannot write {pid_file}: {exc.strerror}", file=sys.stderr)
-                os.kill(daemon, signal.SIGTERM)
-                code = 1
-        os._exit(code)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    os.close(devnull)
+def _drop_privileges(runas: tuple[int, int]) -> None:
+    """--runas: give up root once every socket and file is open (passt's isolate_user, without its user
+    namespace). setuid() away from 0 clears every capability, so none is kept that is not used."""
+    uid, gid = runas
+    if (os.getuid(), os.getgid()) == (uid, gid):
+        return
+    try:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    except OSError as exc:
+        raise StartError(f"--runas: cannot change to {uid}:{gid}: {exc.strerror}") from None
 
 
-def _reload(current: Config, dp: Dataplane, notifier: Notifier) -> Config:
+def _reload(current: Config, dp: Dataplane, notifier: Notifier, reparse: Reparse | None) -> Config:
     """SIGHUP: the configuration to keep running with (the new one, or `current` when the new one is bad)."""
     log = get_logger()
-    if current.config_file is None:
+    if current.config_file is None or reparse is None:
         log.info("config.reload.skipped", reason="no --config file was given: nothing to reload")
         return current
-    from passtd.options import parse_args  # the daemon needs it only here
-
     notifier.reloading()
     try:
-        new = parse_args(current.argv, current.host_view)
+        new = reparse(current.argv, current.host_view)
     except ConfigError as exc:
         message = " ".join(str(exc).split())
         log.error("config.reload.failed", file=current.config_file, error=message, kept="previous")
@@ -235,7 +346,14 @@ async def _watchdog(notifier: Notifier, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamListener | None) -> int:
+async def _serve(
+    config: Config,
+    pasta: PastaSetup | None,
+    listener: GuestListener | None,
+    guest: socket.socket | None,
+    reparse: Reparse | None,
+    starter: Starter,
+) -> int:
     loop = asyncio.get_running_loop()
     log = get_logger()
     stop = asyncio.Event()
@@ -258,8 +376,8 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
         from passtd.daemon_api import DaemonControl
 
         directory = os.path.dirname(config.control_path or "")
-        if directory:
-            os.makedirs(directory, mode=0o755, exist_ok=True)
+        if directory and directory == runtime_dir(os.environ):
+            _make_runtime_dir(directory)
         tcp = None
         if config.control_listen is not None:
             host, port = config.control_listen
@@ -271,8 +389,17 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
             )
         except (BackendError, ConfigError) as exc:
             dp.close()
-            raise ControlStartError(str(exc)) from None
+            raise StartError(str(exc)) from None
         log.info("control.listening", socket=config.control_path, tcp=config.control_listen)
+    if config.pesto_path is not None:
+        # PESTO START CALL SITE: start the pesto server (passtd/control/pesto.py) on config.pesto_path here,
+        # serving dp's forwarding table; on failure raise StartError(one line), like the control socket.
+        if control is not None:
+            from passtd.control.server import stop_control_server
+
+            await stop_control_server(control, 0)
+        dp.close()
+        raise StartError(f"-c/--conf-path {config.pesto_path}: pesto socket not available yet")
 
     def on_stop(signame: str) -> None:
         log.info("passtd.signal", signal=signame)
@@ -281,7 +408,7 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
     def on_hup() -> None:
         nonlocal current
         log.info("passtd.signal", signal="SIGHUP")
-        current = _reload(current, dp, notifier)
+        current = _reload(current, dp, notifier, reparse)
 
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGHUP, on_hup)
@@ -322,11 +449,14 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
                 except TimeoutError:
                     pass
 
-        watcher_task = asyncio.create_task(watch_namespace())
+        watch = watch_namespace
     else:
-        assert listener is not None
+        if guest is not None:  # --fd: qemu connected it before we started
+            dp.attach(QemuStreamBackend(guest, loop))
+            log.info("passt.guest.connected", fd=config.fd)
 
         def on_accept() -> None:
+            assert listener is not None
             conn = listener.accept()
             if conn is None:
                 return
@@ -338,7 +468,8 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
             log.info("passt.guest.connected")
             notifier.status(_status(current, "guest connected"))
 
-        loop.add_reader(listener.sock.fileno(), on_accept)
+        if listener is not None:
+            loop.add_reader(listener.sock.fileno(), on_accept)
 
         async def watch_guest() -> None:
             while not stop.is_set():
@@ -354,30 +485,36 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
                     if config.one_off:
                         stop.set()
 
-        watcher_task = asyncio.create_task(watch_guest())
+        watch = watch_guest
 
     # Both sockets accept connections from here on: the passt socket since bind(), the control one since
-    # start_control_server(); in pasta mode the tap is attached.
+    # start_control_server(); in pasta mode the tap is attached. The PID file is written. Nothing left needs
+    # root: drop to --runas now, then tell the starter.
+    if config.runas is not None:
+        _drop_privileges(config.runas)
+    starter.ready()
     notifier.ready(_status(current, "serving" if pasta is not None else "waiting for a guest"))
-    watchdog_task = None
-    if notifier.enabled and notifier.watchdog is not None:
-        watchdog_task = asyncio.create_task(_watchdog(notifier, notifier.watchdog))
+    try:
+        # The daemon's own tasks: a failing one cancels the others and ends the daemon (no silent death).
+        async with asyncio.TaskGroup() as tasks:
+            background = [tasks.create_task(watch(), name="watch")]
+            if notifier.enabled and notifier.watchdog is not None:
+                background.append(tasks.create_task(_watchdog(notifier, notifier.watchdog), name="watchdog"))
+            await stop.wait()
+            notifier.stopping("stopping: resetting flows")
+            for task in background:
+                task.cancel()
+    finally:
+        if listener is not None:  # stop accepting first: no new guest while flows are reset
+            loop.remove_reader(listener.sock.fileno())
+            listener.close()
+        if control is not None:
+            from passtd.control.server import stop_control_server
 
-    await stop.wait()
-    notifier.stopping("stopping: resetting flows")
-    watcher_task.cancel()
-    if watchdog_task is not None:
-        watchdog_task.cancel()
-    if listener is not None:  # stop accepting first: no new guest while flows are reset
-        loop.remove_reader(listener.sock.fileno())
-        listener.close()
-    if control is not None:
-        from passtd.control.server import stop_control_server
-
-        await stop_control_server(control, CONTROL_GRACE)
-    dp.close()
-    log.info("passtd.stopped")
-    notifier.close()
+            await stop_control_server(control, CONTROL_GRACE)
+        dp.close()
+        log.info("passtd.stopped")
+        notifier.close()
     return exit_code
 
 

@@ -1,62 +1,40 @@
-"""Command line → Config, with passt(1)/pasta(1) option names so existing users feel at home.
+"""Command line → parsed options, with passt(1)/pasta(1) option names so users and tools feel at home.
 
     passtd passt [OPTIONS]
     passtd pasta [OPTIONS] [--netns NAME|PATH | PID | [--] CMD [ARGS...]]
 
-Every problem is reported as exactly one line, `passtd: error: <option>: <what is wrong>`, with exit code 2:
-argparse's usage dump is suppressed because a wall of usage hides the one word that was wrong. `--help` and
-`--version` still print and exit 0.
+This module only parses: argparse, the `--config` file merged under the command line, and the one-line
+errors. What the values mean is checked in `resolve.py`, the address plan is `plan.py`, the host's defaults
+come from the io layer. No I/O here beyond reading the files named in argv, so it loads fast.
 
-Defaults are copied from the host (passt's model, so the guest needs no NAT): the IPv4 and IPv6 address,
-prefix and gateway of the interface holding each family's default route, and the nameservers and search
-list of /etc/resolv.conf. A family the host has no default route for is disabled unless addresses are given.
+Every problem is reported as exactly one line, `passtd: error: <option>: <what is wrong>`, with exit code 2:
+argparse's usage dump is suppressed because a wall of usage hides the one word that was wrong. An unknown
+option reads as glibc's getopt words it for passt (`unrecognized option '--X'`), because Podman looks for
+exactly that to retry without an option an older passt lacks. `--help`, `--version` and
+`--print-capabilities` print and exit 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
-from typing import TYPE_CHECKING, Final, Literal, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from passtd import __version__
-from passtd.config import (
-    DEFAULT_NS_IFNAME,
-    IPV6_MIN_MTU,
-    LOG_SIZE_DEFAULT,
-    LOG_SIZE_MIN,
-    MTU_DEFAULT,
-    MTU_MAX,
-    MTU_MIN,
-    SUN_PATH_MAX,
-    Config,
-    default_control_path,
-    default_socket_path,
-)
-from passtd.configfile import FileConfig, OptionSpec, key_error, load
-from passtd.dataplane.core.context import DEFAULT_MAC, Context, Ip4Net, Ip6Net, link_local_from_mac
-from passtd.dataplane.core.fwd import ForwardTables
 from passtd.errors import ConfigError
+from passtd.limits import LOG_SIZE_DEFAULT, MTU_DEFAULT, MTU_MAX, MTU_MIN
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the config file, Config and the data path load only when needed: start-up time
+    from passtd.config import Config
+    from passtd.configfile import FileConfig, OptionSpec
     from passtd.dataplane.io.hostview import HostView
 
-IPAddr = IPv4Address | IPv6Address
-T = TypeVar("T")
-
 PROG: Final = "passtd"
-V4_DEFAULT_PREFIX: Final = 24
-V6_DEFAULT_PREFIX: Final = 64
-LOG_FORMATS: Final = ("console", "json")
-IFNAMSIZ: Final = 16  # including the NUL
+MODES: Final = ("passt", "pasta")
+VHOST_USER_CAPABILITIES: Final = '{"type":"net"}'  # the vhost-user back-end program convention
 
-_MAC_RE: Final = re.compile(r"[0-9A-Fa-f]{1,2}(?::[0-9A-Fa-f]{1,2}){5}")
-_LABEL_RE: Final = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
-_PID_RE: Final = re.compile(r"[0-9]+")
 _ARGUMENT_RE: Final = re.compile(r"argument (\S+): (.*)", re.DOTALL)
 
 _PASTA_USAGE: Final = "passtd pasta [OPTIONS] [--netns NAME|PATH | PID | [--] CMD [ARGS...]]"
@@ -70,6 +48,13 @@ _DEFAULTS_EPILOG: Final = (
 # --------------------------------------------------------------------------- argparse, one line per error
 
 
+def _unknown_option(arg: str) -> str:
+    """glibc getopt's words, which integrators match: `unrecognized option '--X'`, `invalid option -- 'x'`."""
+    if arg.startswith("--") or len(arg) != 2:
+        return f"unrecognized option '{arg}'"
+    return f"invalid option -- '{arg[1:]}'"
+
+
 def _one_line(message: str) -> str:
     """Rewrite argparse's wording into `<option>: <problem>`, always on one line."""
     message = " ".join(message.split())
@@ -78,7 +63,7 @@ def _one_line(message: str) -> str:
         if first == "--":
             return "--: passt mode takes no command"
         if first.startswith("-"):
-            return f"{first.split('=', 1)[0]}: unrecognized option"
+            return _unknown_option(first)
         return f"{first}: unexpected argument"
     if message.startswith("the following arguments are required"):
         return "a mode is required: passt or pasta"
@@ -109,10 +94,48 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(0)  # --help, --version
 
 
+class _LastFamily(argparse._StoreTrueAction):
+    """-4 and -6: the last one given wins, as in passt (a config file sees them as plain flags)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, other: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.other = other
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, True)
+        setattr(namespace, self.other, False)
+
+
+class _PrintAndExit(argparse.Action):
+    """--print-capabilities: print a fixed text on stdout and exit 0, as --version does."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, text: str = "", **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.text = text
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        sys.stdout.write(self.text + "\n")
+        sys.stdout.flush()
+        raise SystemExit(0)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     """Options shared by both modes, with passt(1)'s names and meaning."""
     a = p.add_argument
-    a("--version", action="version", version=f"{PROG} {__version__}")
+    mode = p.prog.split()[-1]
+    a("--version", action="version", version=f"{mode} {__version__} (passtd)")
     a("-a", "--address", action="append", metavar="ADDR", help="guest IPv4 or IPv6 address (once per family)")
     a("-n", "--netmask", metavar="MASK", help="guest IPv4 netmask, dotted or prefix length")
     a(
@@ -122,7 +145,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         metavar="ADDR",
         help="guest gateway, IPv4 or IPv6 (once per family)",
     )
-    a("-m", "--mtu", metavar="MTU", help=f"MTU for the guest, {MTU_MIN}..{MTU_MAX} (default {MTU_DEFAULT})")
+    a("-m", "--mtu", metavar="MTU",
+      help=f"MTU for the guest, {MTU_MIN}..{MTU_MAX}, or 0 for the default {MTU_DEFAULT}")  # fmt: skip
     a("-M", "--mac-addr", metavar="ADDR", help="our MAC address toward the guest (default 9a:55:9a:55:9a:55)")
     a("-D", "--dns", action="append", metavar="ADDR", help="nameserver for the guest, repeatable, or 'none'")
     a("-S", "--search", action="append", metavar="LIST", help="search domains, space-separated, or 'none'")
@@ -131,8 +155,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     a("-f", "--foreground", action="store_true", help="do not daemonise")
     a("-d", "--debug", action="store_true", help="debug logging")
     a("-q", "--quiet", action="store_true", help="log errors only")
-    a("-4", "--ipv4-only", action="store_true", help="disable IPv6")
-    a("-6", "--ipv6-only", action="store_true", help="disable IPv4")
+    a(
+        "-4",
+        "--ipv4-only",
+        action=_LastFamily,
+        other="ipv6_only",
+        help="disable IPv6 (the last of -4/-6 wins)",
+    )
+    a(
+        "-6",
+        "--ipv6-only",
+        action=_LastFamily,
+        other="ipv4_only",
+        help="disable IPv4 (the last of -4/-6 wins)",
+    )
     a("--no-dhcp", action="store_true", help="no DHCP server")
     a("--no-ndp", action="store_true", help="no NDP responses (implies --no-ra)")
     a("--no-dhcpv6", action="store_true", help="no DHCPv6 server")
@@ -162,34 +198,90 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     a("-i", "--interface", metavar="NAME", help="copy addresses and routes from host interface NAME")
     a("-o", "--outbound", action="append", metavar="ADDR",
       help="source address for TCP and UDP sockets toward the network (one per family)")  # fmt: skip
+    a("--outbound-if4", metavar="NAME", help="bind IPv4 sockets toward the network to interface NAME")
+    a("--outbound-if6", metavar="NAME", help="bind IPv6 sockets toward the network to interface NAME")
+    a("--map-host-loopback", metavar="ADDR",
+      help="guest-side address reaching the host's loopback (default: the gateway), or 'none'")  # fmt: skip
+    a("--map-guest-addr", metavar="ADDR", help="guest-side address that reaches the host's own address")
+    a(
+        "--dns-host",
+        metavar="ADDR",
+        help="where DNS queries to the --dns-forward address go (default: host's)",
+    )
+    a("--freebind", action="store_true", help="bind forwarded ports to addresses not (yet) on the host")
+    a("--no-splice", action="store_true", help="no loopback shortcut between host and namespace")
+    a("--no-tcp", action="store_true", help="no TCP translation")
+    a("--no-udp", action="store_true", help="no UDP translation")
+    a("-H", "--hostname", metavar="NAME", help="hostname offered to the guest by DHCP (option 12)")
+    a("--fqdn", metavar="NAME", help="FQDN offered by DHCP (option 81) and DHCPv6 (option 39)")
+    a("--runas", metavar="USER[:GROUP]", help="drop to USER (and GROUP) once sockets and files are open")
+    a("-c", "--conf-path", metavar="PATH", help="serve the pesto forwarding protocol on UNIX socket PATH")
+    a(
+        "-e",
+        "--stderr",
+        action="store_true",
+        help="deprecated, no effect (passtd logs to stderr or --log-file)",
+    )
+    a("--trace", action="store_true", help="as --debug (passtd's most verbose level)")
+
+
+_MODE_HELP: Final = {"passt": "serve a qemu guest on a UNIX socket", "pasta": "connect a network namespace"}
+
+
+def _mode_kwargs(mode: str) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "allow_abbrev": False,
+        "epilog": _DEFAULTS_EPILOG,
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
+    if mode == "pasta":
+        kwargs["usage"] = _PASTA_USAGE
+    return kwargs
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    """The whole command line: `passtd [--version] MODE [OPTIONS]` (needed for --config and its keys)."""
     top = _Parser(prog=PROG, allow_abbrev=False, description="User-mode networking for VMs and namespaces.")
     top.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     modes = top.add_subparsers(dest="mode", required=True, metavar="MODE", parser_class=_Parser)
-    fmt = argparse.RawDescriptionHelpFormatter
+    for mode in MODES:
+        _add_mode(modes.add_parser(mode, help=_MODE_HELP[mode], **_mode_kwargs(mode)), mode)
+    return top
 
-    passt = modes.add_parser(
-        "passt",
-        allow_abbrev=False,
-        help="serve a qemu guest on a UNIX socket",
-        epilog=_DEFAULTS_EPILOG,
-        formatter_class=fmt,
-    )
-    _add_common(passt)
-    passt.add_argument("-s", "--socket", metavar="PATH", help="UNIX socket path for qemu")
-    passt.add_argument("-1", "--one-off", action="store_true", help="quit when the guest disconnects")
 
-    pasta = modes.add_parser(
-        "pasta",
-        allow_abbrev=False,
-        usage=_PASTA_USAGE,
-        help="connect a network namespace",
-        epilog=_DEFAULTS_EPILOG,
-        formatter_class=fmt,
+def _build_mode_parser(mode: str) -> argparse.ArgumentParser:
+    """One mode's parser alone, the same as the subcommand: half the work of the whole, for start-up time."""
+    parser = _Parser(prog=f"{PROG} {mode}", **_mode_kwargs(mode))
+    _add_mode(parser, mode)
+    return parser
+
+
+def _add_mode(p: argparse.ArgumentParser, mode: str) -> None:
+    _add_common(p)
+    if mode == "passt":
+        _add_passt(p)
+    else:
+        _add_pasta(p)
+
+
+def _add_passt(passt: argparse.ArgumentParser) -> None:
+    pa = passt.add_argument
+    pa("-s", "--socket", "--socket-path", metavar="PATH", help="UNIX socket path for qemu")
+    pa("-1", "--one-off", action="store_true", help="quit when the guest disconnects")
+    pa(
+        "-F",
+        "--fd",
+        metavar="FD",
+        help="use FD, an already connected stream socket, as the guest (implies -1)",
     )
-    _add_common(pasta)
+    pa("--no-dhcp-dns", action="store_true", help="offer no nameservers by DHCP, DHCPv6 or NDP")
+    pa("--no-dhcp-search", action="store_true", help="offer no search domains by DHCP, DHCPv6 or NDP")
+    pa("--vhost-user", action="store_true", help="speak vhost-user on the socket (not supported yet)")
+    pa("--print-capabilities", action=_PrintAndExit, text=VHOST_USER_CAPABILITIES,
+       help="print the vhost-user capabilities and exit")  # fmt: skip
+
+
+def _add_pasta(pasta: argparse.ArgumentParser) -> None:
     pasta.add_argument("-I", "--ns-ifname", metavar="NAME", help="tap device name in the namespace")
     pasta.add_argument(
         "-T", "--tcp-ns", action="append", metavar="SPEC", help="namespace TCP ports to the host"
@@ -203,6 +295,16 @@ def _build_parser() -> argparse.ArgumentParser:
     pasta.add_argument(
         "--netns", metavar="NAME|PATH", help="join an existing netns (/run/netns/NAME or a path)"
     )
+    pt = pasta.add_argument
+    pt("--userns", metavar="PATH", help="join this user namespace too (default with a PID: the PID's)")
+    pt("--netns-only", action="store_true", help="join only the network namespace of a PID")
+    pt("--no-netns-quit", action="store_true", help="keep running when the namespace is deleted")
+    pt("--ns-mac-addr", metavar="ADDR", help="MAC address of the tap device in the namespace")
+    pt("--host-lo-to-ns-lo", action="store_true", help="host loopback connections appear from ns loopback")
+    pt("--dhcp-dns", action="store_true", help="offer nameservers by DHCP, DHCPv6 and NDP")
+    pt("--dhcp-search", action="store_true", help="offer search domains by DHCP, DHCPv6 and NDP")
+    pt("--no-copy-routes", action="store_true", help="deprecated, no effect")
+    pt("--no-copy-addrs", action="store_true", help="deprecated, no effect")
     # REMAINDER matches pasta's getopt "+": options end at the first PID or command word.
     pasta.add_argument(
         "target",
@@ -210,332 +312,6 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="PID|CMD",
         help="PID, or [--] CMD [ARGS...] (default: $SHELL)",
     )
-    return top
-
-
-# --------------------------------------------------------------------------- value parsers
-
-
-def _parse_mtu(text: str | None) -> int:
-    if text is None:
-        return MTU_DEFAULT
-    try:
-        mtu = int(text, 10)
-    except ValueError:
-        raise ConfigError(f"--mtu: {text!r} is not a number") from None
-    if not MTU_MIN <= mtu <= MTU_MAX:
-        raise ConfigError(f"--mtu: {mtu} is out of range {MTU_MIN}..{MTU_MAX}")
-    return mtu
-
-
-def _parse_mac(text: str | None) -> bytes:
-    if text is None:
-        return DEFAULT_MAC
-    if _MAC_RE.fullmatch(text) is None:
-        raise ConfigError(f"--mac-addr: {text!r} is not a MAC address")
-    mac = bytes(int(part, 16) for part in text.split(":"))
-    if mac[0] & 1:
-        raise ConfigError(f"--mac-addr: {text} is a multicast address")
-    if mac == bytes(6):
-        raise ConfigError(f"--mac-addr: {text} is the all-zero address")
-    return mac
-
-
-def _parse_ip(option: str, text: str) -> IPAddr:
-    try:
-        return ip_address(text)
-    except ValueError:
-        raise ConfigError(f"{option}: {text!r} is not an IPv4 or IPv6 address") from None
-
-
-def _parse_address(text: str) -> tuple[IPAddr, int | None]:
-    """ADDR or ADDR/PREFIX; the address must be one a guest can own."""
-    addr_text, slash, prefix_text = text.partition("/")
-    addr = _parse_ip("--address", addr_text)
-    prefix: int | None = None
-    if slash:
-        limit = 32 if addr.version == 4 else 128
-        if not prefix_text.isascii() or not prefix_text.isdigit() or not 1 <= int(prefix_text) <= limit:
-            raise ConfigError(f"--address: {text!r} has a bad prefix length (1..{limit})")
-        prefix = int(prefix_text)
-    if (
-        addr.is_unspecified
-        or addr.is_loopback
-        or addr.is_multicast
-        or (isinstance(addr, IPv4Address) and addr.is_reserved)
-        or (isinstance(addr, IPv6Address) and (addr.is_link_local or addr.ipv4_mapped is not None))
-    ):
-        raise ConfigError(f"--address: {addr} cannot be a guest address")
-    return addr, prefix
-
-
-def _parse_gateway(text: str) -> IPAddr:
-    gw = _parse_ip("--gateway", text)
-    if (
-        gw.is_unspecified
-        or gw.is_loopback
-        or gw.is_multicast
-        or (isinstance(gw, IPv4Address) and gw.is_reserved)
-    ):
-        raise ConfigError(f"--gateway: {gw} cannot be a gateway")
-    return gw
-
-
-def _parse_netmask(text: str) -> int:
-    """Dotted (255.255.255.0) or a prefix length (24), as passt accepts both."""
-    if text.isascii() and text.isdigit():
-        prefix = int(text)
-        if not 1 <= prefix <= 32:
-            raise ConfigError(f"--netmask: {text} is out of range 1..32")
-        return prefix
-    try:
-        mask = int(IPv4Address(text))
-    except ValueError:
-        raise ConfigError(f"--netmask: {text!r} is not a netmask") from None
-    host_bits = ~mask & 0xFFFFFFFF
-    if mask == 0 or host_bits & (host_bits + 1):  # ones must be contiguous from the top
-        raise ConfigError(f"--netmask: {text} is not a contiguous netmask")
-    return 32 - host_bits.bit_length()
-
-
-def _per_family(option: str, values: Sequence[IPAddr]) -> tuple[IPv4Address | None, IPv6Address | None]:
-    """At most one value per family, as passt takes one address and one gateway of each."""
-    v4 = [v for v in values if isinstance(v, IPv4Address)]
-    v6 = [v for v in values if isinstance(v, IPv6Address)]
-    for same in (v4, v6):
-        if len(same) > 1:
-            raise ConfigError(f"{option}: given twice for IPv{same[0].version} ({same[0]} and {same[1]})")
-    return (v4[0] if v4 else None), (v6[0] if v6 else None)
-
-
-def _parse_dns(values: Sequence[str] | None, host: HostView) -> tuple[IPAddr, ...]:
-    if values is None:  # the host's resolvers, minus loopback ones the guest would look for in itself
-        return tuple(ns for ns in host.nameservers if not ns.is_loopback and not ns.is_unspecified)
-    if "none" in values:
-        if len(values) > 1:
-            raise ConfigError("--dns: 'none' cannot be combined with addresses")
-        return ()
-    out: list[IPAddr] = []
-    for text in values:
-        ns = _parse_ip("--dns", text)
-        if ns.is_unspecified or ns.is_multicast:
-            raise ConfigError(f"--dns: {ns} cannot be a nameserver")
-        if ns not in out:
-            out.append(ns)
-    return tuple(out)
-
-
-def _parse_search(values: Sequence[str] | None, host: HostView) -> tuple[str, ...]:
-    if values is None:
-        return host.search
-    words = [w for v in values for w in v.split()]
-    if "none" in words:
-        if len(words) > 1:
-            raise ConfigError("--search: 'none' cannot be combined with domains")
-        return ()
-    out: list[str] = []
-    for word in words:
-        domain = word.removesuffix(".")
-        labels = domain.split(".")
-        if (
-            not domain
-            or len(domain) > 253
-            or not domain.isascii()
-            or not all(_LABEL_RE.fullmatch(label) for label in labels)
-        ):
-            raise ConfigError(f"--search: {word!r} is not a domain name")
-        if domain not in out:
-            out.append(domain)
-    if not out:
-        raise ConfigError("--search: expects at least one domain")
-    return tuple(out)
-
-
-def _check_ifname(option: str, name: str) -> str:
-    """Linux's dev_valid_name(): 1..15 bytes, not . or .., no '/', ':' or whitespace."""
-    if (
-        not name
-        or len(name.encode()) >= IFNAMSIZ
-        or name in (".", "..")
-        or any(c in "/:" or c.isspace() for c in name)
-    ):
-        raise ConfigError(f"{option}: {name!r} is not a valid interface name")
-    return name
-
-
-def _check_file(option: str, path: str | None) -> str | None:
-    if path is not None and (not path or "\0" in path):
-        raise ConfigError(f"{option}: expects a file name")
-    return path
-
-
-def _check_socket(path: str, option: str = "--socket") -> str:
-    if not path or "\0" in path:
-        raise ConfigError(f"{option}: expects a path")
-    if len(os.fsencode(path)) > SUN_PATH_MAX:
-        raise ConfigError(f"{option}: {path!r} is longer than {SUN_PATH_MAX} bytes")
-    return path
-
-
-# --------------------------------------------------------------------------- address plan
-
-
-def _first(*values: T | None) -> T:
-    """The first value that is not None (0 and empty values count as given)."""
-    for value in values:
-        if value is not None:
-            return value
-    raise AssertionError("the last value is a default and never None")
-
-
-def _auto_gateway4(addr: IPv4Address, prefix: int) -> IPv4Address:
-    """A gateway in the guest's subnet when neither -g nor the host gives one: its first other host."""
-    net = IPv4Network(f"{addr}/{prefix}", strict=False)
-    if prefix == 32:
-        raise ConfigError(f"--gateway: needed for {addr}/32 (no room for a gateway in the subnet)")
-    if prefix == 31:  # RFC 3021: both addresses are hosts
-        return net[0] if net[1] == addr else net[1]
-    return net[1] if net[1] != addr else net[2]
-
-
-def _plan_ip4(
-    addr_opt: tuple[IPv4Address, int | None] | None,
-    netmask: int | None,
-    gateway: IPv4Address | None,
-    host: HostView,
-    dns: tuple[IPv4Address, ...],
-) -> Ip4Net | None:
-    if addr_opt is not None:
-        addr, given_prefix = addr_opt
-        if given_prefix is not None and netmask is not None and given_prefix != netmask:
-            raise ConfigError(f"--netmask: /{netmask} contradicts --address {addr}/{given_prefix}")
-        prefix = _first(given_prefix, netmask, host.prefix4, V4_DEFAULT_PREFIX)
-    elif netmask is not None:
-        raise ConfigError("--netmask: needs an IPv4 -a/--address")
-    elif host.addr4 is None:
-        if gateway is not None:
-            raise ConfigError(f"--gateway: {gateway} needs an IPv4 -a/--address (the host has none)")
-        return None
-    else:
-        addr, prefix = host.addr4, _first(host.prefix4, V4_DEFAULT_PREFIX)
-    gw = gateway if gateway is not None else host.gw4
-    if gw is None:
-        gw = _auto_gateway4(addr, prefix)
-    if gw == addr:
-        raise ConfigError(
-            f"--gateway: {gw} is also the guest address"
-            if gateway is not None
-            else f"--address: {addr} is also the gateway"
-        )
-    net = IPv4Network(f"{addr}/{prefix}", strict=False)
-    if prefix <= 30 and addr in (net.network_address, net.broadcast_address):
-        raise ConfigError(f"--address: {addr} is not a host address in {net}")
-    return Ip4Net(addr=addr, prefix_len=prefix, gateway=gw, dns=dns)
-
-
-def _plan_ip6(
-    addr_opt: tuple[IPv6Address, int | None] | None,
-    gateway: IPv6Address | None,
-    host: HostView,
-    dns: tuple[IPv6Address, ...],
-    our_mac: bytes,
-) -> Ip6Net | None:
-    if addr_opt is not None:
-        addr, given_prefix = addr_opt
-        prefix = _first(given_prefix, host.prefix6, V6_DEFAULT_PREFIX)
-    elif host.addr6 is None:
-        if gateway is not None:
-            raise ConfigError(f"--gateway: {gateway} needs an IPv6 -a/--address (the host has none)")
-        return None
-    else:
-        addr, prefix = host.addr6, _first(host.prefix6, V6_DEFAULT_PREFIX)
-    our_ll = link_local_from_mac(our_mac)
-    gw = _first(gateway, host.gw6, our_ll)
-    if gw == addr:
-        raise ConfigError(
-            f"--gateway: {gw} is also the guest address"
-            if gateway is not None
-            else f"--address: {addr} is also the gateway"
-        )
-    return Ip6Net(addr=addr, prefix_len=prefix, gateway=gw, our_ll=our_ll, dns=dns)
-
-
-# --------------------------------------------------------------------------- pasta target
-
-
-def _pasta_target(
-    netns: str | None, target: Sequence[str]
-) -> tuple[str | None, int | None, tuple[str, ...] | None]:
-    """(netns, pid, command): exactly one is set; a bare pasta spawns the user's shell (command ())."""
-    pid: int | None = None
-    command: tuple[str, ...] | None = None
-    if target and target[0] == "--":
-        command = tuple(target[1:])
-    elif len(target) == 1 and _PID_RE.fullmatch(target[0]):
-        pid = int(target[0])
-        if pid == 0:
-            raise ConfigError("0: not a valid PID")
-    elif target:
-        command = tuple(target)
-    if netns is not None:
-        if netns in ("", ".", "..") or "\0" in netns or netns.endswith("/"):
-            raise ConfigError(f"--netns: {netns!r} is not a namespace name or path")
-        if pid is not None:
-            raise ConfigError(f"--netns: cannot be combined with a PID ({pid})")
-        if command is not None:
-            raise ConfigError("--netns: cannot be combined with a command")
-        return netns, None, None
-    if pid is None and command is None:
-        command = ()
-    return None, pid, command
-
-
-# --------------------------------------------------------------------------- host defaults
-
-
-def _read_host_view(interface: str | None) -> HostView:
-    """The host's defaults: from the default-route interfaces, or all from `interface` (-i, as passt)."""
-    from passtd.dataplane.io.hostview import read_host_view
-
-    view = read_host_view()
-    if interface is None:
-        return view
-    return host_view_on(interface, view)
-
-
-def host_view_on(interface: str, base: HostView) -> HostView:
-    """Addresses and default gateways of `interface` only; resolvers still come from `base`.
-
-    passt(1) -i: addresses and routes are derived from that interface. An interface without a default route
-    still lends its address; the gateway is then chosen as without -g.
-    """
-    import socket
-
-    from pyroute2 import IPRoute, NetlinkError
-
-    from passtd.dataplane.io.hostview import _addrs, _routes, pick_address, pick_default_route
-
-    values: dict[str, object] = {"ifname4": None, "addr4": None, "prefix4": None, "gw4": None,
-                                 "ifname6": None, "addr6": None, "prefix6": None, "gw6": None}  # fmt: skip
-    try:
-        with IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=interface)
-            if not found:
-                raise ConfigError(f"--interface: no interface named {interface!r}")
-            index = int(found[0])
-            for family, sfx in ((socket.AF_INET, "4"), (socket.AF_INET6, "6")):
-                route = pick_default_route(r for r in _routes(ipr, family) if r.oif == index)
-                gateway = None if route is None else route.gateway
-                addr = pick_address(_addrs(ipr, family, index), gateway)
-                values[f"ifname{sfx}"] = interface
-                if addr is not None:
-                    values[f"addr{sfx}"] = ip_address(addr.address)
-                    values[f"prefix{sfx}"] = addr.prefix_len
-                if gateway is not None and addr is not None:
-                    values[f"gw{sfx}"] = ip_address(gateway.split("%", 1)[0])
-    except (OSError, NetlinkError) as exc:
-        raise ConfigError(f"--interface: cannot read {interface}: {exc}") from None
-    return replace(base, **values)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- public API
@@ -543,6 +319,8 @@ def host_view_on(interface: str, base: HostView) -> HostView:
 
 def option_specs(parser: argparse.ArgumentParser | None = None) -> dict[str, OptionSpec]:
     """Config-file keys: every long option of either mode, with the modes that accept it."""
+    from passtd.configfile import OptionSpec
+
     top = parser or _build_parser()
     found: dict[str, tuple[str, str, set[str]]] = {}
     for mode, sub in _subparsers(top).items():
@@ -565,7 +343,7 @@ def option_specs(parser: argparse.ArgumentParser | None = None) -> dict[str, Opt
     }
 
 
-_NOT_KEYS: Final = frozenset({"help", "version", "config", "target"})
+_NOT_KEYS: Final = frozenset({"help", "version", "config", "target", "print_capabilities"})
 
 
 def _subparsers(top: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -625,8 +403,40 @@ def _blame_file(exc: ConfigError, file: FileConfig, taken: set[str], dests: Mapp
     for option in head.split("/"):
         dest = dests.get(option)
         if dest is not None and dest in taken:
+            from passtd.configfile import key_error
+
             return key_error(file.path, file.key_of(dest), reason)
     return exc
+
+
+class Parsed:
+    """argv parsed (and merged with its --config file) but not yet resolved against the host."""
+
+    __slots__ = ("argv", "file", "ns", "taken")
+
+    def __init__(
+        self, argv: tuple[str, ...], ns: argparse.Namespace, file: FileConfig | None, taken: frozenset[str]
+    ) -> None:
+        self.argv = argv
+        self.ns = ns
+        self.file = file
+        self.taken = taken  # destinations the file supplied, to blame it in errors
+
+    def resolve(self, host: HostView | None = None, env: Mapping[str, str] | None = None) -> Config:
+        """The Config; a ConfigError about a value the file supplied names the file and its key."""
+        from passtd.resolve import resolve
+
+        try:
+            config = resolve(self.ns, host, env)
+        except ConfigError as exc:
+            if self.file is None:
+                raise
+            raise _blame_file(exc, self.file, set(self.taken), _option_dests(_build_parser())) from None
+        from dataclasses import replace
+
+        if self.file is None:
+            return replace(config, argv=self.argv)
+        return replace(config, argv=self.argv, config_file=self.file.path, timeouts=self.file.timeouts)
 
 
 def parse_args(
@@ -637,225 +447,36 @@ def parse_args(
     `host` and `env` are injected by tests; by default they are read from the system (netlink, resolv.conf,
     os.environ). `--help`/`--version` print and raise SystemExit(0), as argparse does.
     """
+    return parse(argv).resolve(host, env)
+
+
+def parse(argv: Sequence[str]) -> Parsed:
+    """Only the syntax: argv and its --config file; cheap, so the entry point binds the guest socket next."""
     original = tuple(argv)
     args = list(argv)
+    if args and args[0] in MODES and not any(a == "--config" or a.startswith("--config=") for a in args):
+        ns = _build_mode_parser(args[0]).parse_args(args[1:])  # the common case, without a config file
+        ns.mode = args[0]
+        return Parsed(original, ns, None, frozenset())
     parser = _build_parser()
-    specs = option_specs(parser)
     file: FileConfig | None = None
     leading = _leading_config(args)
     if leading is not None:
-        file = load(leading, specs)
+        from passtd.configfile import key_error, load
+
+        file = load(leading, option_specs(parser))
         if file.mode is None:
             raise key_error(leading, "mode", "required when the command line names no mode")
         args = [file.mode, *args]
     ns = parser.parse_args(args)
     taken: set[str] = set()
     if ns.config is not None:
+        from passtd.configfile import load
+
+        if not ns.config or "\0" in ns.config:
+            raise ConfigError("--config: expects a file name")
         if file is None or file.path != ns.config:
-            file = load(_check_file("--config", ns.config) or "", specs)
+            file = load(ns.config, option_specs(parser))
         file.check_mode(ns.mode)
         taken = _merge(ns, file)
-    try:
-        config = _resolve(ns, host, env)
-    except ConfigError as exc:
-        if file is None:
-            raise
-        raise _blame_file(exc, file, taken, _option_dests(parser)) from None
-    if file is None:
-        return replace(config, argv=original)
-    return replace(config, argv=original, config_file=file.path, timeouts=file.timeouts)
-
-
-def _resolve(ns: argparse.Namespace, host: HostView | None, env: Mapping[str, str] | None) -> Config:
-    """Check and combine the parsed options (from argv and the file) against the host's defaults."""
-    mode: Literal["passt", "pasta"] = ns.mode
-
-    if ns.ipv4_only and ns.ipv6_only:
-        raise ConfigError("-6/--ipv6-only: cannot be combined with -4/--ipv4-only")
-    if ns.debug and ns.quiet:
-        raise ConfigError("-q/--quiet: cannot be combined with -d/--debug")
-    log_format = ns.log_format or "console"
-    if log_format not in LOG_FORMATS:
-        raise ConfigError(f"--log-format: {log_format!r} is not one of {', '.join(LOG_FORMATS)}")
-
-    mtu = _parse_mtu(ns.mtu)
-    our_mac = _parse_mac(ns.mac_addr)
-    addresses = [_parse_address(t) for t in ns.address or ()]
-    addr4, addr6 = _per_family("--address", [a for a, _ in addresses])
-    prefixes = dict(addresses)
-    gw4, gw6 = _per_family("--gateway", [_parse_gateway(t) for t in ns.gateway or ()])
-    netmask = None if ns.netmask is None else _parse_netmask(ns.netmask)
-
-    if ns.ipv6_only:
-        for option, value in (("--address", addr4), ("--gateway", gw4)):
-            if value is not None:
-                raise ConfigError(f"{option}: {value} is IPv4, but -6/--ipv6-only disables IPv4")
-        if netmask is not None:
-            raise ConfigError("--netmask: IPv4 only, but -6/--ipv6-only disables IPv4")
-    if ns.ipv4_only:
-        for option, value6 in (("--address", addr6), ("--gateway", gw6)):
-            if value6 is not None:
-                raise ConfigError(f"{option}: {value6} is IPv6, but -4/--ipv4-only disables IPv6")
-    if mtu < IPV6_MIN_MTU:  # RFC 8200: IPv6 needs 1280; the daemon notes the family is off
-        if ns.ipv6_only:
-            raise ConfigError(f"--mtu: {mtu} is below {IPV6_MIN_MTU}, the IPv6 minimum, but -6 was given")
-        for option, value6 in (("--address", addr6), ("--gateway", gw6)):
-            if value6 is not None:
-                raise ConfigError(f"{option}: {value6} is IPv6, but --mtu {mtu} is below {IPV6_MIN_MTU}")
-
-    interface = None if ns.interface is None else _check_ifname("--interface", ns.interface)
-    if host is None:
-        host = _read_host_view(interface)
-    outbound = tuple(_parse_ip("--outbound", t) for t in ns.outbound or ())
-    _per_family("--outbound", outbound)
-    log_size = LOG_SIZE_DEFAULT
-    if ns.log_size is not None:
-        try:
-            log_size = int(ns.log_size, 10)
-        except ValueError:
-            raise ConfigError(f"--log-size: {ns.log_size!r} is not a number") from None
-        if log_size < LOG_SIZE_MIN:
-            raise ConfigError(f"--log-size: {log_size} is below the minimum of {LOG_SIZE_MIN} bytes")
-    dns_forward = tuple(_parse_ip("--dns-forward", t) for t in ns.dns_forward or ())
-    dns = _parse_dns(ns.dns, host)
-    if dns_forward and ns.dns is None:
-        dns = dns_forward  # the guest asks the forwarding address; passtd relays to the host's resolver
-    search = _parse_search(ns.search, host)
-
-    ip4 = None
-    if not ns.ipv6_only:
-        ip4 = _plan_ip4(
-            None if addr4 is None else (addr4, prefixes[addr4]),
-            netmask,
-            gw4,
-            host,
-            tuple(d for d in dns if isinstance(d, IPv4Address)),
-        )
-    ip6 = None
-    if not ns.ipv4_only and mtu >= IPV6_MIN_MTU:
-        ip6 = _plan_ip6(
-            None if addr6 is None else (addr6, prefixes[addr6]),
-            gw6,
-            host,
-            tuple(d for d in dns if isinstance(d, IPv6Address)),
-            our_mac,
-        )
-
-    ctx = Context(
-        our_mac=our_mac,
-        mtu=mtu,
-        ip4=ip4,
-        ip6=ip6,
-        search=search,
-        dhcp=not ns.no_dhcp,
-        ndp=not ns.no_ndp,
-        dhcpv6=not ns.no_dhcpv6,
-        ra=not (ns.no_ra or ns.no_ndp),  # router advertisements are NDP messages (RFC 4861 section 4.2)
-        icmp=not ns.no_icmp,
-        map_gw=not ns.no_map_gw,
-    )
-
-    default_ifname = host.ifname4 or host.ifname6 or DEFAULT_NS_IFNAME
-    socket_path: str | None = None
-    one_off = False
-    netns: str | None = None
-    netns_pid: int | None = None
-    command: tuple[str, ...] | None = None
-    config_net = False
-    ns_ifname = default_ifname
-    if mode == "passt":
-        environ = os.environ if env is None else env
-        socket_path = _check_socket(ns.socket if ns.socket is not None else default_socket_path(environ))
-        one_off = ns.one_off
-    else:
-        netns, netns_pid, command = _pasta_target(ns.netns, ns.target)
-        config_net = ns.config_net
-        if ns.ns_ifname is not None:
-            ns_ifname = _check_ifname("--ns-ifname", ns.ns_ifname)
-
-    forward = ForwardTables.from_options(
-        _joined(ns.tcp_ports), _joined(ns.udp_ports),
-        _joined(getattr(ns, "tcp_ns", None)), _joined(getattr(ns, "udp_ns", None)), mode,
-    )  # fmt: skip
-    max_flows = 256 * 1024
-    if ns.max_flows is not None:
-        try:
-            max_flows = int(ns.max_flows)
-        except ValueError:
-            raise ConfigError(f"--max-flows: {ns.max_flows!r} is not a number") from None
-        if not 1 <= max_flows <= 1 << 22:
-            raise ConfigError(f"--max-flows: {max_flows} is out of range 1..{1 << 22}")
-    environ = os.environ if env is None else env
-    control_path: str | None
-    control_listen = None
-    if ns.control_listen is not None:
-        from passtd.control.server import parse_listen  # import-light: no grpc here
-
-        control_listen = parse_listen(ns.control_listen)
-        if not ns.control_insecure and not (ns.control_cert and ns.control_key and ns.control_client_ca):
-            raise ConfigError(
-                "--control-listen: needs --control-cert, --control-key and --control-client-ca "
-                "(or --control-insecure on a loopback address)"
-            )
-    elif ns.control_insecure or ns.control_cert or ns.control_key or ns.control_client_ca:
-        raise ConfigError(
-            "--control-cert/--control-key/--control-client-ca/--control-insecure: need --control-listen"
-        )
-    if ns.control == "none":
-        control_path = None
-    elif ns.control is not None:
-        control_path = _check_socket(ns.control, "--control")
-    else:
-        control_path = default_control_path(mode, socket_path, environ, os.getpid())
-    return Config(
-        mode=mode,
-        ctx=ctx,
-        socket_path=socket_path,
-        one_off=one_off,
-        netns=netns,
-        netns_pid=netns_pid,
-        command=command,
-        ns_ifname=ns_ifname,
-        config_net=config_net,
-        pcap=_check_file("--pcap", ns.pcap),
-        pid_file=_check_file("--pid", ns.pid),
-        foreground=ns.foreground,
-        debug=ns.debug,
-        quiet=ns.quiet,
-        log_format="json" if log_format == "json" else "console",
-        control_path=control_path,
-        control_group=ns.control_group,
-        control_listen=control_listen,
-        control_cert=ns.control_cert,
-        control_key=ns.control_key,
-        control_client_ca=ns.control_client_ca,
-        control_insecure=ns.control_insecure,
-        forward=forward,
-        max_flows=max_flows,
-        dns_forward=dns_forward,
-        dns_upstream=tuple(host.nameservers),
-        log_file=_check_file("--log-file", ns.log_file),
-        log_size=log_size,
-        interface=interface,
-        outbound=outbound,
-        host_view=host,
-    )
-
-
-def _joined(values: Sequence[str] | None) -> str | None:
-    """Repeated -t/-u/-T/-U options act as one spec with space-separated parts."""
-    return None if not values else " ".join(values)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `passtd` and `python -m passtd`: parse, then hand over to the daemon."""
-    try:
-        config = parse_args(sys.argv[1:] if argv is None else argv)
-    except ConfigError as exc:
-        sys.stderr.write(f"{PROG}: error: {' '.join(str(exc).split())}\n")
-        return 2
-    except SystemExit as exc:  # --help / --version, already printed
-        return exc.code if isinstance(exc.code, int) else 0
-    from passtd.daemon import run  # lazy: --help and bad options never load the dataplane
-
-    return run(config)
+    return Parsed(original, ns, file, frozenset(taken))

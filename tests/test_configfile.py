@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from passtd.__main__ import main
 from passtd.configfile import OptionSpec
 from passtd.dataplane.core.timeouts import Timeouts
 from passtd.dataplane.io.hostview import HostView
 from passtd.errors import ConfigError
-from passtd.options import main, option_specs, parse_args
+from passtd.options import option_specs, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = HostView(

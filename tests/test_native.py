@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import passtd.dataplane  # noqa: F401  (importing the data path runs native.guard())
 from passtd import native
 
 ROOT = Path(__file__).resolve().parent.parent

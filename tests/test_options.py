@@ -15,11 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import passtd
+from passtd.__main__ import main
 from passtd.config import Config, default_socket_path
 from passtd.dataplane.core.context import DEFAULT_MAC, Context, Ip4Net, Ip6Net, link_local_from_mac
 from passtd.dataplane.io.hostview import HostView
 from passtd.errors import ConfigError
-from passtd.options import main, parse_args
+from passtd.options import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 OUR_LL = link_local_from_mac(DEFAULT_MAC)
@@ -232,20 +233,25 @@ def test_default_socket_follows_xdg_runtime_dir() -> None:
     assert default_socket_path({}) == "/run/passtd/passtd.socket"
 
 
+BAD_CHARS = "contains one of '/%:,' or a blank"
 BAD: list[tuple[list[str], str]] = [
     # argparse-level
     ([], "a mode is required: passt or pasta"),
     (["bogus"], "'bogus' is not a mode: use passt or pasta"),
-    (["passt", "--bogus"], "--bogus: unrecognized option"),
-    (["passt", "--bogus=1"], "--bogus: unrecognized option"),
-    (["passt", "--sock", "/x"], "--sock: unrecognized option"),  # no abbreviations
+    (["passt", "--bogus"], "unrecognized option '--bogus'"),  # glibc getopt's words: Podman matches them
+    (["passt", "--bogus=1"], "unrecognized option '--bogus=1'"),
+    (["passt", "--sock", "/x"], "unrecognized option '--sock'"),  # no abbreviations
+    (["passt", "-Z"], "invalid option -- 'Z'"),
     (["passt", "extra"], "extra: unexpected argument"),
     (["passt", "--", "sh"], "--: passt mode takes no command"),
-    (["passt", "-I", "x"], "-I: unrecognized option"),
-    (["passt", "--netns", "x"], "--netns: unrecognized option"),
-    (["passt", "--config-net"], "--config-net: unrecognized option"),
-    (["pasta", "-s", "/x"], "-s: unrecognized option"),
-    (["pasta", "--one-off"], "--one-off: unrecognized option"),
+    (["passt", "-I", "x"], "invalid option -- 'I'"),
+    (["passt", "--netns", "x"], "unrecognized option '--netns'"),
+    (["passt", "--config-net"], "unrecognized option '--config-net'"),
+    (["pasta", "-s", "/x"], "invalid option -- 's'"),
+    (["pasta", "--one-off"], "unrecognized option '--one-off'"),
+    (["passt", "--dhcp-dns"], "unrecognized option '--dhcp-dns'"),  # pasta only, as in passt
+    (["pasta", "--no-dhcp-search"], "unrecognized option '--no-dhcp-search'"),  # passt only
+    (["passt", "--userns", "/proc/1/ns/user"], "unrecognized option '--userns'"),
     (["passt", "--mtu"], "--mtu: expects a value"),
     (["passt", "-a"], "--address: expects a value"),
     (["passt", "-4=x"], "--ipv4-only: ignored explicit argument 'x'"),
@@ -306,7 +312,6 @@ BAD: list[tuple[list[str], str]] = [
     (["passt", "-6", "-g", "10.0.0.1"], "--gateway: 10.0.0.1 is IPv4, but -6/--ipv6-only disables IPv4"),
     (["passt", "-4", "-g", "fd00::1"], "--gateway: fd00::1 is IPv6, but -4/--ipv4-only disables IPv6"),
     # flags and process options
-    (["passt", "-4", "-6"], "-6/--ipv6-only: cannot be combined with -4/--ipv4-only"),
     (["passt", "-d", "-q"], "-q/--quiet: cannot be combined with -d/--debug"),
     (["passt", "--log-format", "xml"], "--log-format: 'xml' is not one of console, json"),
     (["passt", "-M", "9a:55:9a:55:9a"], "--mac-addr: '9a:55:9a:55:9a' is not a MAC address"),
@@ -334,10 +339,14 @@ BAD: list[tuple[list[str], str]] = [
     (["pasta", "--netns", ""], "--netns: '' is not a namespace name or path"),
     (["pasta", "--netns", ".."], "--netns: '..' is not a namespace name or path"),
     (["pasta", "0"], "0: not a valid PID"),
-    (["pasta", "-I", ""], "--ns-ifname: '' is not a valid interface name"),
-    (["pasta", "-I", "sixteen-chars-xx"], "--ns-ifname: 'sixteen-chars-xx' is not a valid interface name"),
-    (["pasta", "-I", "a/b"], "--ns-ifname: 'a/b' is not a valid interface name"),
-    (["pasta", "-I", "eth0:1"], "--ns-ifname: 'eth0:1' is not a valid interface name"),
+    (["pasta", "-I", ""], "--ns-ifname: '' is not a valid interface name (empty)"),
+    (
+        ["pasta", "-I", "sixteen-chars-xx"],
+        "--ns-ifname: 'sixteen-chars-xx' is not a valid interface name (at most 15 characters)",
+    ),
+    (["pasta", "-I", "a/b"], f"--ns-ifname: 'a/b' is not a valid interface name ({BAD_CHARS})"),
+    (["pasta", "-I", "eth0:1"], f"--ns-ifname: 'eth0:1' is not a valid interface name ({BAD_CHARS})"),
+    (["pasta", "-I", "tap%d"], f"--ns-ifname: 'tap%d' is not a valid interface name ({BAD_CHARS})"),
 ]
 
 
@@ -382,7 +391,7 @@ def test_config_rejects_inconsistent_fields() -> None:
         ({"netns": "x"}, "pasta needs exactly one of --netns, a PID or a command"),
         ({"netns_pid": None}, "pasta needs exactly one of --netns, a PID or a command"),
         ({"socket_path": "/x"}, "pasta mode takes no socket"),
-        ({"mode": "passt", "netns_pid": None, "socket_path": None}, "passt mode needs a socket path"),
+        ({"mode": "passt", "netns_pid": None, "socket_path": None}, "passt mode needs a socket path or --fd"),
         ({"mode": "passt", "socket_path": "/x"}, "passt mode takes no namespace or command"),
         ({"ctx": Context(mtu=65521)}, "--mtu: 65521 is out of range 68..65520"),
         ({"ctx": replace(good.ctx, mtu=1200)}, "--mtu: 1200 is below 1280, the IPv6 minimum"),
@@ -405,7 +414,7 @@ def test_main_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"passtd {passtd.__version__}\n"
     assert main(["pasta", "--version"]) == 0
-    assert capsys.readouterr().out == "passtd 0.1.0\n"
+    assert capsys.readouterr().out == "pasta 0.1.0 (passtd)\n"  # upstream: "pasta VERSION", read by Podman
     assert main(["passt", "--help"]) == 0
     out = capsys.readouterr().out
     for option in (
@@ -429,14 +438,16 @@ def test_main_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
 def test_main_hands_config_to_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[Config] = []
 
-    def run(config: Config) -> int:
+    def run(config: Config, reparse: object, listener: object) -> int:
         seen.append(config)
         return 7
 
     fake = types.ModuleType("passtd.daemon")
     fake.run = run  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "passtd.daemon", fake)
-    monkeypatch.setattr("passtd.dataplane.io.hostview.read_host_view", lambda resolv_conf="": HOST)
+    monkeypatch.setattr(
+        "passtd.dataplane.io.hostview.read_host_view", lambda resolv_conf="", interface=None: HOST
+    )
     assert main(["pasta", "-a", "10.0.0.5", "--", "true"]) == 7
     assert len(seen) == 1
     assert seen[0].command == ("true",)
@@ -466,7 +477,7 @@ def test_cli_bad_option_exits_2_with_one_line() -> None:
 def test_cli_unknown_option_exits_2_with_one_line() -> None:
     proc = _run_cli("pasta", "--socket", "/tmp/x")
     assert proc.returncode == 2
-    assert proc.stderr.splitlines() == ["passtd: error: --socket: unrecognized option"]
+    assert proc.stderr.splitlines() == ["passtd: error: unrecognized option '--socket'"]
 
 
 def test_cli_version_and_help_exit_0() -> None:
@@ -482,7 +493,7 @@ def test_cli_version_and_help_exit_0() -> None:
 def test_errors_and_help_load_no_dataplane_io() -> None:
     """A typo must not cost a netlink round-trip or the daemon's imports."""
     code = (
-        "import sys; from passtd.options import main; rc = main(['passt', '-m', 'x']); "
+        "import sys; from passtd.__main__ import main; rc = main(['passt', '-m', 'x']); "
         "print(rc, 'passtd.daemon' in sys.modules, 'pyroute2' in sys.modules)"
     )
     proc = subprocess.run(
@@ -552,3 +563,144 @@ def test_any_argv_gives_config_or_one_line_error(argv: list[str]) -> None:
     else:
         assert message
         assert "\n" not in message
+
+
+# ------------------------------------------------------------------ the integrators' options (issue 13)
+
+LOOPBACK_ONLY = replace(HOST, nameservers=(IPv4Address("127.0.0.53"),))
+
+DROP_IN: list[tuple[list[str], HostView, dict[str, Any]]] = [
+    (["passt", "--fd", "3"], HOST, {"fd": 3, "socket_path": None, "one_off": True}),
+    (["passt", "-F", "7", "-s", "/x.socket"], HOST, {"fd": 7, "socket_path": None}),  # passt: --fd wins
+    (["passt", "--socket-path", "/v.socket"], HOST, {"socket_path": "/v.socket"}),
+    (["passt", "--vhost-user"], HOST, {"vhost_user": True}),
+    (
+        ["passt", "--map-host-loopback", "192.0.2.9", "--map-guest-addr", "192.0.2.99"],
+        HOST,
+        {
+            "ctx.map_host_loopback4": ip("192.0.2.9"),
+            "ctx.map_host_loopback6": ip("fe80::1"),  # the other family keeps its default, the gateway
+            "ctx.map_guest_addr4": ip("192.0.2.99"),
+            "ctx.map_guest_addr6": None,
+        },
+    ),
+    (["passt"], HOST, {"ctx.map_host_loopback4": ip("192.0.2.1"), "ctx.map_guest_addr4": None}),
+    (["passt", "--no-map-gw"], HOST, {"ctx.map_host_loopback4": None, "ctx.map_gw": False}),
+    (["passt", "--map-host-loopback", "none"], HOST, {"ctx.map_host_loopback6": None, "ctx.map_gw": False}),
+    (["passt", "--dns-host", "127.0.0.1"], HOST, {"dns_upstream": (ip("127.0.0.1"), *HOST.nameservers)}),
+    (["passt", "--freebind", "--no-splice"], HOST, {"freebind": True, "splice": False}),
+    (["pasta", "1"], HOST, {"splice": True, "host_lo_to_ns_lo": False}),
+    (["pasta", "--host-lo-to-ns-lo", "1"], HOST, {"host_lo_to_ns_lo": True}),
+    (["pasta", "--no-splice", "1"], HOST, {"splice": False}),
+    (
+        ["passt", "--outbound-if4", "eth0", "--outbound-if6", "wlan0"],
+        HOST,
+        {"outbound_if4": "eth0", "outbound_if6": "wlan0"},
+    ),
+    (["passt", "--no-tcp", "--no-udp"], HOST, {"ctx.tcp": False, "ctx.udp": False}),
+    (["passt"], HOST, {"ctx.tcp": True, "ctx.udp": True, "ctx.hostname": "", "ctx.fqdn": ""}),
+    (
+        ["passt", "-H", "vm1", "--fqdn", "vm1.example.org."],
+        HOST,
+        {"ctx.hostname": "vm1", "ctx.fqdn": "vm1.example.org"},
+    ),
+    # passt offers nameservers and search domains unless told not to; pasta only when asked (upstream)
+    (["passt"], HOST, {"ctx.dhcp_dns": True, "ctx.dhcp_search": True}),
+    (["passt", "--no-dhcp-dns", "--no-dhcp-search"], HOST, {"ctx.dhcp_dns": False, "ctx.dhcp_search": False}),
+    (["pasta", "1"], HOST, {"ctx.dhcp_dns": False, "ctx.dhcp_search": False}),
+    (["pasta", "--dhcp-dns", "--dhcp-search", "1"], HOST, {"ctx.dhcp_dns": True, "ctx.dhcp_search": True}),
+    # a PID joins its user namespace too, unless --netns-only; --userns says which
+    (["pasta", "1234"], HOST, {"netns_pid": 1234, "userns": "/proc/1234/ns/user", "netns_only": False}),
+    (["pasta", "--netns-only", "1234"], HOST, {"userns": None, "netns_only": True}),
+    (
+        ["pasta", "--userns=/proc/9/ns/user", "--netns=/proc/9/ns/net"],
+        HOST,
+        {"userns": "/proc/9/ns/user", "netns": "/proc/9/ns/net"},
+    ),
+    (["pasta", "--netns", "/run/netns/x"], HOST, {"userns": None, "netns_quit": True}),
+    (["pasta", "--no-netns-quit", "--netns", "x"], HOST, {"netns_quit": False}),
+    (["pasta", "--ns-mac-addr", "02:00:00:00:00:07", "1"], HOST, {"ns_mac": bytes.fromhex("020000000007")}),
+    (["passt", "--runas", "0:0"], HOST, {"runas": (0, 0)}),
+    (["passt", "--runas", "nobody"], HOST, {"runas": (65534, 65534)}),
+    (["passt", "-c", "/run/p.sock"], HOST, {"pesto_path": "/run/p.sock"}),
+    (["pasta", "--conf-path", "/run/p.sock", "1"], HOST, {"pesto_path": "/run/p.sock"}),
+    (["passt", "-D", "none", "-S", "none"], HOST, {"ctx.ip4.dns": (), "ctx.ip6.dns": (), "ctx.search": ()}),
+    (["passt", "-m", "0"], HOST, {"ctx.mtu": 65520}),
+    (["passt", "-4", "-6"], HOST, {"ctx.ip4": None}),  # the last of -4/-6 wins
+    (["passt", "-6", "-4"], HOST, {"ctx.ip6": None}),
+    (["passt", "--ipv6-only", "--ipv4-only"], HOST, {"ctx.ip6": None}),
+    (["passt", "--stderr", "-e", "--trace"], HOST, {"debug": True}),
+    (["pasta", "--no-copy-routes", "--no-copy-addrs", "--config-net", "1"], HOST, {"config_net": True}),
+    (["passt", "--search", "a.example b.example"], HOST, {"ctx.search": ("a.example", "b.example")}),
+    (["passt", "-t", "2222:22", "-t", "8080"], HOST, {"forward.tcp_in.to_spec": None}),
+    # a host whose only resolver is on loopback (systemd-resolved): the guest asks the gateway, relayed there
+    (
+        ["passt"],
+        LOOPBACK_ONLY,
+        {
+            "ctx.ip4.dns": (ip("192.0.2.1"),),
+            "ctx.ip6.dns": (ip("fe80::1"),),
+            "dns_forward": (ip("192.0.2.1"), ip("fe80::1")),
+            "dns_upstream": (ip("127.0.0.53"),),
+        },
+    ),
+    (["passt", "--no-map-gw"], LOOPBACK_ONLY, {"ctx.ip4.dns": (), "dns_forward": ()}),
+]
+
+
+@pytest.mark.parametrize(("argv", "host", "expected"), DROP_IN)
+def test_drop_in_options(argv: list[str], host: HostView, expected: dict[str, Any]) -> None:
+    config = parse_args(argv, host, env={})
+    for path, value in expected.items():
+        if path == "forward.tcp_in.to_spec":  # repeated -t accumulate
+            assert config.forward is not None
+            assert set(config.forward.tcp_in.to_spec().split(",")) == {"2222:22", "8080"}
+            continue
+        assert field(config, path) == value, path
+
+
+DROP_IN_BAD: list[tuple[list[str], str]] = [
+    (["passt", "--fd", "x"], "--fd: 'x' is not a file descriptor number"),
+    (["passt", "--fd", "1"], "--fd: 1 is standard input, output or error, not a socket"),
+    (["passt", "--map-host-loopback", "127.0.0.1"], "--map-host-loopback: 127.0.0.1 cannot be mapped"),
+    (["passt", "--map-guest-addr", "x"], "--map-guest-addr: 'x' is not an IPv4 or IPv6 address"),
+    (["passt", "--dns-host", "0.0.0.0"], "--dns-host: 0.0.0.0 cannot be a nameserver"),
+    (["passt", "-H", "a b"], "-H/--hostname: 'a b' is not a host name"),
+    (["passt", "--fqdn", "x" * 300], f"--fqdn: {'x' * 300!r} is not a host name"),
+    (
+        ["passt", "--outbound-if4", "a%b"],
+        f"--outbound-if4: 'a%b' is not a valid interface name ({BAD_CHARS})",
+    ),
+    (["passt", "--runas", "no-such-user-here"], "--runas: no user named 'no-such-user-here'"),
+    (["passt", "--runas", "0:no-such-group-here"], "--runas: no group named 'no-such-group-here'"),
+    (["passt", "--runas", "0:"], "--runas: '0:' is not USER[:GROUP]"),
+    (
+        ["pasta", "--ns-mac-addr", "01:00:00:00:00:01", "1"],
+        "--ns-mac-addr: 01:00:00:00:00:01 is a multicast address",
+    ),
+    (
+        ["pasta", "--host-lo-to-ns-lo", "--no-splice", "1"],
+        "--host-lo-to-ns-lo: cannot be combined with --no-splice",
+    ),
+    (["passt", "-c", "/" + "p" * 107], f"-c/--conf-path: {'/' + 'p' * 107!r} is longer than 107 bytes"),
+    (["passt", "--netns-only"], "unrecognized option '--netns-only'"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), DROP_IN_BAD)
+def test_drop_in_options_bad(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_args(argv, HOST, env={})
+    assert str(info.value) == message
+
+
+def test_control_socket_paths_are_derived_for_the_aliases() -> None:
+    """passtctl --pid FILE / --socket PATH find it with the same rule (passtd.paths)."""
+    env = {"XDG_RUNTIME_DIR": "/run/user/1000"}
+    assert parse_args(["passt", "-s", "/r/vm.socket"], HOST, env=env).control_path == "/r/vm.control"
+    assert (
+        parse_args(["passt", "--fd", "3", "-P", "/r/vm.pid"], HOST, env=env).control_path == "/r/vm.control"
+    )
+    pasta = parse_args(["pasta", "1"], HOST, env=env).control_path
+    assert pasta is not None and pasta.startswith("/run/user/1000/passtd/pasta-")
+    assert parse_args(["passt"], HOST, env=env).control_path == "/run/user/1000/passtd/passtd.control"

@@ -37,9 +37,9 @@ from passtd.control.api import ControlAPI
 from passtd.control.pb import passt_pb2_grpc
 from passtd.control.service import MAX_RPCS, SERVICE_NAME, ControlServicer
 from passtd.errors import BackendError, ConfigError
+from passtd.limits import SUN_PATH_MAX
 
 HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-SUN_PATH_MAX: Final = 107  # sizeof(sockaddr_un.sun_path) - 1 for the NUL on Linux
 MODE_PRIVATE: Final = 0o600
 MODE_GROUP: Final = 0o660
 

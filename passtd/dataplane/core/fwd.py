@@ -46,6 +46,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Final, Literal, TypeAlias, get_args
 
 from passtd.errors import ConfigError
+from passtd.limits import ifname_problem as _ifname_problem
 
 Addr: TypeAlias = IPv4Address | IPv6Address
 Mode: TypeAlias = Literal["none", "all", "auto", "spec"]
@@ -56,25 +57,11 @@ PortTuple: TypeAlias = tuple[Addr | None, str | None, int, int]
 
 PORT_MIN: Final = 1
 PORT_MAX: Final = 65535
-IFNAMSIZ: Final = 16  # <linux/if.h>, including the terminating NUL
 EPHEMERAL_DEFAULT: Final = (32768, 60999)  # Linux's default net.ipv4.ip_local_port_range
 OPTION_OF: Final[dict[Direction, str]] = {"tcp_in": "-t", "udp_in": "-u", "tcp_out": "-T", "udp_out": "-U"}
 _MODES: Final = frozenset(get_args(Mode))
 _KEYWORDS: Final = frozenset({"none", "all", "auto"})
 _PORTS_THEN_TARGET: Final = re.compile(r"[0-9]+(-[0-9]+)?:")
-
-
-def _ifname_problem(ifname: str) -> str | None:
-    """Why Linux would refuse `ifname` (dev_valid_name), or None."""
-    if not ifname:
-        return "empty"
-    if len(ifname.encode()) >= IFNAMSIZ:
-        return f"at most {IFNAMSIZ - 1} characters"
-    if not ifname.isascii() or not ifname.isprintable() or ifname in (".", ".."):
-        return "not a valid interface name"
-    if any(c in ifname for c in "/%:, \t"):
-        return "contains one of '/%:,' or a blank"
-    return None
 
 
 def _canonical_addr(addr: Addr | None) -> Addr | None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any, Final, NamedTuple
+
+from passtd.errors import BackendError
 
 RTN_UNICAST: Final = 1  # rtnetlink route type; blackhole/unreachable defaults carry no traffic
 RT_SCOPE_UNIVERSE: Final = 0  # a global address
@@ -185,8 +187,47 @@ def _family(ipr: Any, family: int) -> tuple[str | None, str | None, int | None, 
     return ifname, addr.address, addr.prefix_len, route.gateway
 
 
-def read_host_view(resolv_conf: str = "/etc/resolv.conf") -> HostView:
-    """Read the host's defaults over netlink and from resolv.conf; failures leave fields empty."""
+def read_host_view(resolv_conf: str = "/etc/resolv.conf", interface: str | None = None) -> HostView:
+    """Read the host's defaults over netlink and from resolv.conf; failures leave fields empty.
+
+    With `interface` (passt's -i), addresses and gateways come from that interface only; one that does not
+    exist or cannot be read raises BackendError (the option layer names the option).
+    """
+    view = _read_default_view(resolv_conf)
+    return view if interface is None else _interface_view(interface, view)
+
+
+def _interface_view(interface: str, base: HostView) -> HostView:
+    """Addresses and default gateways of `interface` only; resolvers still come from `base`.
+
+    An interface without a default route still lends its address; the gateway is then chosen as without -g.
+    """
+    from pyroute2 import IPRoute, NetlinkError
+
+    values: dict[str, object] = {"ifname4": None, "addr4": None, "prefix4": None, "gw4": None,
+                                 "ifname6": None, "addr6": None, "prefix6": None, "gw6": None}  # fmt: skip
+    try:
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=interface)
+            if not found:
+                raise BackendError(f"no interface named {interface!r}")
+            index = int(found[0])
+            for family, sfx in ((socket.AF_INET, "4"), (socket.AF_INET6, "6")):
+                route = pick_default_route(r for r in _routes(ipr, family) if r.oif == index)
+                gateway = None if route is None else route.gateway
+                addr = pick_address(_addrs(ipr, family, index), gateway)
+                values[f"ifname{sfx}"] = interface
+                if addr is not None:
+                    values[f"addr{sfx}"] = ip_address(addr.address)
+                    values[f"prefix{sfx}"] = addr.prefix_len
+                if gateway is not None and addr is not None:
+                    values[f"gw{sfx}"] = ip_address(gateway.split("%", 1)[0])
+    except (OSError, NetlinkError) as exc:
+        raise BackendError(f"cannot read {interface}: {exc}") from None
+    return replace(base, **values)  # type: ignore[arg-type]
+
+
+def _read_default_view(resolv_conf: str) -> HostView:
     from pyroute2 import IPRoute, NetlinkError  # lazy: keeps `passtd --help` fast
 
     empty: tuple[str | None, str | None, int | None, str | None] = (None, None, None, None)

@@ -31,6 +31,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from passtd.dataplane.core.context import Context
 from passtd.errors import BackendError
+from passtd.limits import ifname_problem
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -49,8 +50,9 @@ IFF_VNET_HDR: Final = 0x4000
 SIOCGIFFLAGS: Final = 0x8913
 SIOCSIFFLAGS: Final = 0x8914
 SIOCSIFMTU: Final = 0x8922
+SIOCSIFHWADDR: Final = 0x8924
+ARPHRD_ETHER: Final = 1
 IFF_UP: Final = 0x1
-IFNAMSIZ: Final = 16
 # <linux/if_addr.h>, <linux/rtnetlink.h>
 IFA_F_NODAD: Final = 0x02
 RTNH_F_ONLINK: Final = 0x04
@@ -61,6 +63,7 @@ TUN_DEVICE: Final = "/dev/net/tun"
 # struct ifreq: the name, then a 24-byte union (struct ifmap is the largest member on 64-bit)
 _IFREQ_FLAGS = struct.Struct("16sH22x")
 _IFREQ_INT = struct.Struct("16si20x")
+_IFREQ_HWADDR = struct.Struct("16sH6s16x")  # the union as a struct sockaddr: family, then the address
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -141,15 +144,20 @@ def in_netns(netns_fd: int) -> Iterator[None]:
 def run_in_netns(netns_fd: int, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Run `fn` in a fresh thread that joined `netns_fd`; return its result or raise its exception.
 
-    Blocks the caller until `fn` is done: meant for setup steps, not for the data path.
+    Blocks the caller until `fn` is done: meant for setup steps, not for the data path. The thread ends in
+    the other namespace instead of switching back: after pasta joined another user namespace (--userns),
+    re-entering our own network namespace is not permitted, and a thread's namespace dies with it.
     """
     outcome: list[T] = []
     failure: list[BaseException] = []
 
     def body() -> None:
         try:
-            with in_netns(netns_fd):
-                outcome.append(fn(*args, **kwargs))
+            try:
+                _ns_syscall("setns", netns_fd, CLONE_NEWNET)
+            except OSError as exc:
+                raise BackendError(f"cannot enter the network namespace: {exc.strerror}") from None
+            outcome.append(fn(*args, **kwargs))
         except BaseException as exc:
             failure.append(exc)
 
@@ -162,11 +170,9 @@ def run_in_netns(netns_fd: int, fn: Callable[P, T], *args: P.args, **kwargs: P.k
 
 
 def _ifname_bytes(ifname: str) -> bytes:
-    raw = ifname.encode("ascii", errors="replace")
-    bad = not ifname.isascii() or any(c in ifname for c in "/%: \t\n") or ifname in (".", "..")
-    if bad or not 0 < len(raw) < IFNAMSIZ:
+    if ifname_problem(ifname) is not None:  # options refuse it first; this guards direct callers
         raise BackendError(f"invalid interface name {ifname!r}")
-    return raw
+    return ifname.encode("ascii")
 
 
 def _set_link_mtu_up(ifname: str, mtu: int) -> None:
@@ -184,7 +190,16 @@ def _set_link_mtu_up(ifname: str, mtu: int) -> None:
         fcntl.ioctl(sock, SIOCSIFFLAGS, _IFREQ_FLAGS.pack(name, flags | IFF_UP))
 
 
-def _create_tap_here(ifname: str, mtu: int, vnet_hdr: bool) -> int:
+def _set_link_mac(ifname: str, mac: bytes) -> None:
+    """--ns-mac-addr: the tap's own MAC, set while the device is still down (tun refuses a live change)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            fcntl.ioctl(sock, SIOCSIFHWADDR, _IFREQ_HWADDR.pack(_ifname_bytes(ifname), ARPHRD_ETHER, mac))
+        except OSError as exc:
+            raise BackendError(f"cannot set MAC address of {ifname}: {exc.strerror}") from None
+
+
+def _create_tap_here(ifname: str, mtu: int, vnet_hdr: bool, mac: bytes | None = None) -> int:
     name = _ifname_bytes(ifname)
     try:
         fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -196,6 +211,8 @@ def _create_tap_here(ifname: str, mtu: int, vnet_hdr: bool) -> int:
             fcntl.ioctl(fd, TUNSETIFF, _IFREQ_FLAGS.pack(name, flags))
         except OSError as exc:
             raise BackendError(f"cannot create tap device {ifname}: {exc.strerror}") from None
+        if mac is not None:
+            _set_link_mac(ifname, mac)
         try:
             _set_link_mtu_up(ifname, mtu)
         except OSError as exc:
@@ -218,15 +235,17 @@ def enable_offload(tap_fd: int) -> None:
     fcntl.ioctl(tap_fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
 
 
-def create_tap(netns_fd: int | None, ifname: str, mtu: int, vnet_hdr: bool = False) -> int:
+def create_tap(
+    netns_fd: int | None, ifname: str, mtu: int, vnet_hdr: bool = False, mac: bytes | None = None
+) -> int:
     """Create tap device `ifname` in `netns_fd` (None: the caller's namespace), up with `mtu`.
 
     Returns the non-blocking, close-on-exec tap descriptor carrying whole Ethernet frames (IFF_NO_PI; with
     `vnet_hdr`, each frame is preceded by a virtio-net header). The device lives as long as the descriptor.
     """
     if netns_fd is None:
-        return _create_tap_here(ifname, mtu, vnet_hdr)
-    return run_in_netns(netns_fd, _create_tap_here, ifname, mtu, vnet_hdr)
+        return _create_tap_here(ifname, mtu, vnet_hdr, mac)
+    return run_in_netns(netns_fd, _create_tap_here, ifname, mtu, vnet_hdr, mac)
 
 
 def _link_index(ipr: IPRoute, ifname: str) -> int:
@@ -286,6 +305,36 @@ def configure_netns(netns_fd: int, ifname: str, ctx: Context) -> None:
     cannot do this for a namespace owned by another user namespace (spawn_in_new_netns does it in the child).
     """
     run_in_netns(netns_fd, _configure_here, ifname, ctx)
+
+
+def join_userns(path: str) -> None:
+    """Move this whole process into the user namespace at `path` (pasta --userns, or a PID's own), as pasta
+    does, so the namespaces it owns can be entered and configured without privileges in ours.
+
+    setns(CLONE_NEWUSER) refuses a multithreaded process: call it before any thread or event loop exists.
+    Joining the namespace we are already in is a no-op (the kernel would refuse it).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BackendError(f"--userns: cannot open {path}: {exc.strerror}") from None
+    try:
+        try:
+            nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        except OSError:
+            raise BackendError(f"--userns: {path} is not a namespace file") from None
+        if nstype != CLONE_NEWUSER:
+            raise BackendError(f"--userns: {path} is a namespace but not a user namespace")
+        here = os.stat("/proc/self/ns/user")
+        there = os.fstat(fd)
+        if (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
+            return
+        try:
+            _ns_syscall("setns", fd, CLONE_NEWUSER)
+        except OSError as exc:
+            raise BackendError(f"--userns: cannot join {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,8 +20,9 @@ from collections.abc import Callable, Sequence
 from itertools import islice
 from typing import Final
 
+from passtd.dataplane.io.guestsock import bind_unix_listener
 from passtd.dataplane.io.tap.base import OutFrame
-from passtd.errors import BackendError, MalformedFrame
+from passtd.errors import MalformedFrame
 
 MAX_FRAME: Final = 65535 + 14  # an MTU 65535 payload plus the Ethernet header
 MIN_FRAME: Final = 14
@@ -201,32 +202,3 @@ class QemuStreamListener:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-
-
-def bind_unix_listener(path: str, mode: int = 0o600) -> socket.socket:
-    """Bind a listening UNIX socket, removing a stale file but never a socket someone still listens on."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except FileNotFoundError:
-        pass
-    except ConnectionRefusedError:
-        os.unlink(path)  # stale socket file of a dead process
-    except OSError as exc:
-        raise BackendError(f"cannot use socket path {path}: {exc.strerror}") from None
-    else:
-        raise BackendError(f"socket path {path} is in use by another process")
-    finally:
-        probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o777 & ~mode)
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        sock.close()
-        raise BackendError(f"cannot bind {path}: {exc.strerror}") from None
-    finally:
-        os.umask(old)
-    sock.listen(1)
-    sock.setblocking(False)
-    return sock
