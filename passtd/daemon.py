@@ -37,6 +37,7 @@ from passtd.dataplane.io.dataplane import Dataplane
 from passtd.dataplane.io.guestsock import GuestListener, adopt_stream_socket
 from passtd.dataplane.io.hostview import HostView
 from passtd.dataplane.io.pcap import PcapWriter
+from passtd.dataplane.io.tap.base import TapBackend
 from passtd.dataplane.io.tap.qemu_stream import QemuStreamBackend
 from passtd.errors import BackendError, ConfigError
 from passtd.logging import get_logger, setup_logging
@@ -184,8 +185,6 @@ def run(
 
 
 def _run(config: Config, reparse: Reparse | None, listener: GuestListener | None, starter: Starter) -> int:
-    if config.vhost_user:
-        raise StartError("--vhost-user: not supported yet (the vhost-user back-end is a separate issue)")
     try:
         setup_logging(config.debug, config.quiet, config.log_format, None, config.log_file, config.log_size)
     except OSError as exc:
@@ -196,15 +195,22 @@ def _run(config: Config, reparse: Reparse | None, listener: GuestListener | None
     if config.mode == "pasta":
         pasta = _setup_pasta(config)
     elif config.fd is not None:
-        guest = adopt_stream_socket(config.fd)
+        guest = adopt_stream_socket(config.fd)  # with --vhost-user, the vhost-user protocol runs over it
     else:
         if listener is None:
             listener = _setup_passt(config)
         log.info("passt.listening", socket=config.socket_path)
         if not config.quiet:
+            netdev = (
+                f"-chardev socket,id=c,path={config.socket_path} -netdev vhost-user,id=s,chardev=c "
+                "(guest memory shared: -object memory-backend-memfd,id=m,size=...,share=on "
+                "-machine memory-backend=m)"
+                if config.vhost_user
+                else f"-netdev stream,id=s,server=off,addr.type=unix,addr.path={config.socket_path}"
+            )
             print(
                 f"passtd: listening on {config.socket_path}; start qemu with: -device virtio-net-pci,"
-                f"netdev=s -netdev stream,id=s,server=off,addr.type=unix,addr.path={config.socket_path}",
+                f"netdev=s {netdev}",
                 file=sys.stderr,
             )
     if not config.foreground and not (pasta is not None and pasta.child_pid is not None):
@@ -362,7 +368,7 @@ async def _serve(
     current = config
     pcap = PcapWriter(config.pcap) if config.pcap else None
     dp = Dataplane(config.ctx, loop, pcap, max_flows=config.max_flows, dns_forward=config.dns_forward,
-                   dns_upstream=config.dns_upstream, vnet=pasta is not None,
+                   dns_upstream=config.dns_upstream, vnet=pasta is not None or config.vhost_user,
                    outbound=config.outbound)  # fmt: skip
     if pasta is not None:
         dp.netns_fd = pasta.netns_fd
@@ -391,15 +397,21 @@ async def _serve(
             dp.close()
             raise StartError(str(exc)) from None
         log.info("control.listening", socket=config.control_path, tcp=config.control_listen)
+    pesto = None
     if config.pesto_path is not None:
-        # PESTO START CALL SITE: start the pesto server (passtd/control/pesto.py) on config.pesto_path here,
-        # serving dp's forwarding table; on failure raise StartError(one line), like the control socket.
-        if control is not None:
-            from passtd.control.server import stop_control_server
+        from passtd.control.pesto import start_pesto_server
+        from passtd.daemon_api import DaemonControl
 
-            await stop_control_server(control, 0)
-        dp.close()
-        raise StartError(f"-c/--conf-path {config.pesto_path}: pesto socket not available yet")
+        try:
+            pesto = await start_pesto_server(config.pesto_path, DaemonControl(config, dp), loop)
+        except BackendError as exc:
+            if control is not None:
+                from passtd.control.server import stop_control_server
+
+                await stop_control_server(control, 0)
+            dp.close()
+            raise StartError(f"-c/--conf-path: {exc}") from None
+        log.info("pesto.listening", socket=config.pesto_path)
 
     def on_stop(signame: str) -> None:
         log.info("passtd.signal", signal=signame)
@@ -451,8 +463,17 @@ async def _serve(
 
         watch = watch_namespace
     else:
+
+        def backend(conn: socket.socket) -> TapBackend:
+            """The guest's back-end on a connected socket: qemu's stream framing, or vhost-user."""
+            if config.vhost_user:
+                from passtd.dataplane.io.vhost_user.backend import VhostUserBackend
+
+                return VhostUserBackend(conn, loop, mtu=config.ctx.mtu)
+            return QemuStreamBackend(conn, loop)
+
         if guest is not None:  # --fd: qemu connected it before we started
-            dp.attach(QemuStreamBackend(guest, loop))
+            dp.attach(backend(guest))
             log.info("passt.guest.connected", fd=config.fd)
 
         def on_accept() -> None:
@@ -464,7 +485,7 @@ async def _serve(
                 log.warning("passt.guest.rejected", reason="a guest is already connected")
                 conn.close()
                 return
-            dp.attach(QemuStreamBackend(conn, loop))
+            dp.attach(backend(conn))
             log.info("passt.guest.connected")
             notifier.status(_status(current, "guest connected"))
 
@@ -508,6 +529,9 @@ async def _serve(
         if listener is not None:  # stop accepting first: no new guest while flows are reset
             loop.remove_reader(listener.sock.fileno())
             listener.close()
+        if pesto is not None:
+            pesto.close()
+            await pesto.wait_closed()
         if control is not None:
             from passtd.control.server import stop_control_server
 

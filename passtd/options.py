@@ -276,7 +276,8 @@ def _add_passt(passt: argparse.ArgumentParser) -> None:
     )
     pa("--no-dhcp-dns", action="store_true", help="offer no nameservers by DHCP, DHCPv6 or NDP")
     pa("--no-dhcp-search", action="store_true", help="offer no search domains by DHCP, DHCPv6 or NDP")
-    pa("--vhost-user", action="store_true", help="speak vhost-user on the socket (not supported yet)")
+    pa("--vhost-user", action="store_true",
+       help="speak vhost-user on the socket (or --fd): qemu shares the guest's memory")  # fmt: skip
     pa("--print-capabilities", action=_PrintAndExit, text=VHOST_USER_CAPABILITIES,
        help="print the vhost-user capabilities and exit")  # fmt: skip
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from passtd.paths import derived_control_path
+from tests.io.vhost_frontend import FrontEnd
 
 GUEST_MAC = bytes.fromhex("02000000aa05")
 OUR_MAC = bytes.fromhex("9a559a559a55")
@@ -261,14 +262,95 @@ def test_control_path_in_use_fails_the_starter(workdir: Path, foreground: bool) 
         holder.close()
 
 
-def test_vhost_user_and_pesto_are_refused_at_start(workdir: Path) -> None:
-    sock = str(workdir / "v.socket")
-    err = _one_line_failure(alias("passt", "-f", "-q", "--vhost-user", "-s", sock, "--control", "none"))
-    assert "--vhost-user: not supported yet" in err
-    err = _one_line_failure(
-        alias("passt", "-q", "-s", sock, "--control", "none", "-c", str(workdir / "pesto.sock"))
-    )
-    assert "pesto socket not available yet" in err
+def _vhost_arp_exchange(client: socket.socket) -> None:
+    """Play qemu on a vhost-user socket: negotiate, share memory, post receive buffers, send an ARP request;
+    the daemon's ARP reply must come back through the receive ring."""
+    fe = FrontEnd(client, lambda: time.sleep(0.002))
+    client.settimeout(TIMEOUT)
+    try:
+        fe.setup()
+        fe.post_rx(16, 4096)
+        fe.tx(arp_request(GATEWAY4)[4:])  # the frame without the stream's length prefix
+        fe.kick_queue(1)
+        deadline = time.monotonic() + TIMEOUT
+        frames: list[bytes] = []
+        while not frames and time.monotonic() < deadline:
+            time.sleep(0.01)
+            frames = [frame for _, frame in fe.read_rx() if frame[12:14] == b"\x08\x06"]
+        assert frames, "no ARP reply through the receive ring"
+        assert_arp_reply(frames[0], GATEWAY4)
+    finally:
+        fe.close()
+
+
+def test_libvirt_vhost_user_line(workdir: Path) -> None:
+    """libvirt's <interface type='vhostuser'><backend type='passt'/> line (and KubeVirt's, less its
+    --interface eth0 and --tcp-ports all): the starter returns once the socket accepts, qemu speaks
+    vhost-user on it, and --one-off ends passt when qemu goes."""
+    sock, pid_file = workdir / "vm-net0.socket", workdir / "vm-net0.pid"
+    argv = alias("passt", "--vhost-user", "--one-off", "--socket", str(sock), "--pid", str(pid_file),
+                 "--mtu", "1500", "--address", GUEST4, "--netmask", "24", "--gateway", GATEWAY4,
+                 "--tcp-ports", "none", "--udp-ports", "none")  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert proc.returncode == 0, proc.stderr
+    pid = int(pid_file.read_text())
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(str(sock))
+        _vhost_arp_exchange(client)
+    finally:
+        client.close()
+    assert wait_gone(pid), "passt kept running after qemu closed the vhost-user socket (--one-off)"
+    assert not pid_file.exists() and not sock.exists()
+
+
+def test_qemu_netdev_passt_vhost_user_fd_3(workdir: Path) -> None:
+    """QEMU's `-netdev passt,vhost-user=on`: --vhost-user --fd 3, the vhost-user protocol on fd 3."""
+    pid_file = workdir / "passt.pid"
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    argv = alias("passt", "--vhost-user", "--quiet", "--address", GUEST4, "--netmask", "24", "--gateway",
+                 GATEWAY4, "--tcp-ports", "none", "--udp-ports", "none", "--control", "none",
+                 "--pid", str(pid_file), "--fd", "3")  # fmt: skip
+    proc = subprocess.run(["sh", "-c", 'exec "$@" 3<&0 </dev/null', "sh", *argv], stdin=theirs,
+                          capture_output=True, text=True, timeout=TIMEOUT, check=False)  # fmt: skip
+    theirs.close()
+    try:
+        assert (proc.returncode, proc.stderr) == (0, "")
+        pid = int(pid_file.read_text())
+        _vhost_arp_exchange(ours)
+    finally:
+        ours.close()
+    assert wait_gone(pid), "passt kept running after qemu closed fd 3"
+
+
+def test_pesto_socket_round_trip(workdir: Path) -> None:
+    """-c/--conf-path: passtd's `pesto` adds, shows and deletes a forwarded port on a running passt; the port
+    really listens while the rule is there, and passtctl sees the same table."""
+    sock, pid_file, conf = workdir / "p.socket", workdir / "p.pid", workdir / "pesto.sock"
+    port = _free_port()
+    proc = subprocess.run(alias("passt", "-q", "-s", str(sock), "-P", str(pid_file), "-t", "none",
+                                "-u", "none", "-c", str(conf)),
+                          capture_output=True, text=True, timeout=TIMEOUT, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    pesto = [sys.executable, "-m", "passtd.pesto_cli"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*pesto, *args, str(conf)], capture_output=True, text=True, timeout=TIMEOUT,
+                              check=False)  # fmt: skip
+
+    added = run("-A", "-t", f"127.0.0.1/{port}:22")
+    assert added.returncode == 0, added.stderr
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT):
+        pass
+    shown = run("-s")
+    assert shown.returncode == 0 and str(port) in shown.stdout, shown.stdout + shown.stderr
+    ctl = subprocess.run([sys.executable, "-m", "passtctl", "--pid", str(pid_file), "ports", "list"],
+                         capture_output=True, text=True, timeout=TIMEOUT, check=False)  # fmt: skip
+    assert ctl.returncode == 0 and f"{port}:22" in ctl.stdout, ctl.stdout + ctl.stderr
+    deleted = run("-D", "-t", f"127.0.0.1/{port}:22")
+    assert deleted.returncode == 0, deleted.stderr
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
 
 
 def test_unknown_option_has_getopts_words_and_exit_2() -> None:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from passtd.dataplane.io.guestsock import GuestListener
 from passtd.dataplane.io.vhost_user import protocol as p
-from passtd.dataplane.io.vhost_user.backend import MAX_PENDING, VhostUserBackend, VhostUserListener
+from passtd.dataplane.io.vhost_user.backend import MAX_PENDING, VhostUserBackend
 from passtd.dataplane.io.vhost_user.device import FEATURES, PROTOCOL_FEATURES
 from passtd.dataplane.io.vhost_user.net import (
     F_PROTOCOL_FEATURES,
@@ -333,7 +334,7 @@ def test_closed_socket_is_eof(pair: Pair) -> None:
 def test_reconnect_after_qemu_restarts(tmp_path: object) -> None:
     """The listener accepts a new front end after the first one went away; the new device starts fresh."""
     path = os.path.join(str(tmp_path), "vu.sock")
-    listener = VhostUserListener(path)
+    listener = GuestListener(path)
     loop = asyncio.new_event_loop()
     try:
         for round_ in range(2):

@@ -14,7 +14,8 @@ import uvloop
 
 from passtd.config import Config
 from passtd.dataplane.io.dataplane import Dataplane
-from passtd.dataplane.io.vhost_user.backend import VhostUserBackend, VhostUserListener
+from passtd.dataplane.io.guestsock import GuestListener
+from passtd.dataplane.io.vhost_user.backend import VhostUserBackend
 from passtd.options import parse_args
 
 
@@ -26,7 +27,7 @@ async def serve(path: str, config: Config, keep: bool) -> int:
     )  # fmt: skip
     if config.forward is not None:
         dp.set_forwarding(config.forward)  # -t/-u, as the daemon applies them
-    listener = VhostUserListener(path)
+    listener = GuestListener(path)
     current: list[VhostUserBackend] = []
     attached = asyncio.Event()
 

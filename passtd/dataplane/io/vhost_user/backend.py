@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from passtd.dataplane.io.tap.base import OutFrame
-from passtd.dataplane.io.tap.qemu_stream import bind_unix_listener
 from passtd.dataplane.io.vhost_user.device import VhostUserDevice
 from passtd.dataplane.io.vhost_user.net import PUT_DROPPED, PUT_FULL, segment_tcp
 from passtd.dataplane.io.vhost_user.protocol import MessageReader, VhostUserError
@@ -237,25 +236,3 @@ class VhostUserBackend:
         self.sock.close()
         self._pending.clear()
         self._pending_bytes = 0
-
-
-class VhostUserListener:
-    """The vhost-user socket qemu connects to (`-chardev socket,path=PATH`); one front end at a time."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.sock = bind_unix_listener(path)
-
-    def accept(self) -> socket.socket | None:
-        try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return None
-        return conn
-
-    def close(self) -> None:
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
