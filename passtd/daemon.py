@@ -464,13 +464,24 @@ async def _serve(
         watch = watch_namespace
     else:
 
+        attached: list[TapBackend] = []  # the guest's back-end, for what it says when the guest goes
+
         def backend(conn: socket.socket) -> TapBackend:
             """The guest's back-end on a connected socket: qemu's stream framing, or vhost-user."""
             if config.vhost_user:
                 from passtd.dataplane.io.vhost_user.backend import VhostUserBackend
 
-                return VhostUserBackend(conn, loop, mtu=config.ctx.mtu)
-            return QemuStreamBackend(conn, loop)
+                attached[:] = [VhostUserBackend(conn, loop, mtu=config.ctx.mtu)]
+            else:
+                attached[:] = [QemuStreamBackend(conn, loop)]
+            return attached[0]
+
+        def log_departure() -> None:
+            """vhost-user: why the device stopped and what its rings refused (a real driver's: nothing)."""
+            drops: dict[str, int] = getattr(attached[0], "drops", {}) if attached else {}
+            error = getattr(attached[0], "error", None) if attached else None
+            log.info("passt.guest.disconnected", error=error or "", ring_drops=sum(drops.values()),
+                     drops_by_reason=drops)  # fmt: skip
 
         if guest is not None:  # --fd: qemu connected it before we started
             dp.attach(backend(guest))
@@ -501,7 +512,7 @@ async def _serve(
                 stopper.cancel()
                 if dp.disconnected.is_set() and dp.tap is None and not stop.is_set():
                     dp.disconnected.clear()
-                    log.info("passt.guest.disconnected")
+                    log_departure()
                     notifier.status(_status(current, "guest disconnected, waiting"))
                     if config.one_off:
                         stop.set()

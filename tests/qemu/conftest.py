@@ -49,7 +49,6 @@ DEFAULT_TIMEOUT: Final = 30.0
 SOCKET_WAIT: Final = 20.0  # passtd imports grpc and uvloop before it listens
 PASSTD_EXIT_WAIT: Final = 5.0
 GUEST_MEM_MB: Final = 256
-VHOST_USER_SERVER: Final = Path(__file__).with_name("vhost_user_server.py")
 
 _ESCAPES: Final = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|c)")
 _EXIT_RE: Final = re.compile(rf"^{re.escape(EXIT_MARKER)}(\d+)$", re.MULTILINE)
@@ -178,8 +177,7 @@ class GuestNet:
 
         `timeout` bounds the whole run (passtd start, boot, script); past it qemu and passtd are killed and
         the result says `timed_out`. passtd gets `-f -s SOCK --one-off` before `passtd_args`. With
-        `vhost_user`, the guest's NIC is a vhost-user device served by tests/qemu/vhost_user_server.py (the
-        dataplane with the vhost-user back-end, same options, one guest) instead of passtd's stream socket.
+        `vhost_user`, the guest's NIC is a vhost-user device and passtd gets `--vhost-user`.
         `server` (process, socket, log): boot against a server the test started and keeps running.
         """
         self.runs += 1
@@ -194,11 +192,9 @@ class GuestNet:
         if server is not None:  # a server the test keeps running across guests
             passtd, sock, passtd_log = server
         else:
-            served = (
-                [str(VHOST_USER_SERVER), str(sock)]
-                if vhost_user
-                else ["-m", "passtd", "passt", "-f", "-s", str(sock), "--one-off"]
-            )
+            served = ["-m", "passtd", "passt", "-f", "-s", str(sock), "--one-off"]
+            if vhost_user:
+                served.append("--vhost-user")
             passtd = self.popen([sys.executable, *served, *passtd_args], passtd_log)  # fmt: skip
         qemu: subprocess.Popen[bytes] | None = None
         timed_out = False
