@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import heapq
 from collections.abc import Callable, Sized
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 from passtd.dataplane.core.context import Context, Guest, is_loopback
@@ -62,6 +63,28 @@ COMPLETE: Final = -1
 GSO_MAX_PAYLOAD: Final = 65536 - 14 - 60 - 64  # one super-segment stays under the kernel's 64 KiB GSO limit
 
 
+# Half-open guest-initiated connections (connect in progress or SYN-ACK sent): at most HALF_OPEN_MAX (more
+# SYNs are refused with RST); from HALF_OPEN_PRESSURE on, those older than PRESSURE_SYN_TIMEOUT are given up
+# (three SYN-ACK retransmissions fit in it) instead of being held for the full tcp_syn timeout.
+HALF_OPEN_MAX: Final = 4096
+HALF_OPEN_PRESSURE: Final = 1024
+PRESSURE_SYN_TIMEOUT: Final = 10.0
+TIME_WAIT: Final = 60.0  # how long a retransmitted FIN of a closed flow is ACKed again (Linux's TIME_WAIT)
+TIME_WAIT_MAX: Final = 4096  # entries; the oldest make way (a guest then gets RST for a late FIN, harmless)
+
+
+@dataclass(frozen=True, slots=True)
+class TimeWait:
+    """What is left of a flow closed in order: enough to ACK the guest's FIN again."""
+
+    guest_addr: bytes
+    v6: bool
+    seg: SegmentBuilder
+    seq: int
+    ack: int
+    until: float
+
+
 class TcpHandler:
     def __init__(
         self,
@@ -99,12 +122,31 @@ class TcpHandler:
         self._ack_pending: dict[int, TcpConn] = {}
         self._acks_owed: dict[int, TcpConn] = {}  # pure ACKs held by prepare_acks, see there
         self._tx: dict[int, TcpConn] = {}  # flows with guest data gathered in this batch (flush_tx)
+        self._time_wait: dict[tuple[int, bytes, int, int], TimeWait] = {}  # flows closed in order, by key
+        # Guest-initiated flows still in their handshake, oldest first; capped against SYN floods.
+        self._half_open: dict[int, TcpConn] = {}
+        self.set_half_open_limits(HALF_OPEN_MAX, HALF_OPEN_PRESSURE)
+        self._now = 0.0  # of the event being handled (for the time-wait entries that _close makes)
+
+    def set_half_open_limits(self, cap: int, pressure: int) -> None:
+        """The half-open cap and the count from which old handshakes are given up early (in the stats)."""
+        self.half_open_max = cap
+        self.half_open_pressure = pressure
+        self.stats.limits["tcp.half_open"] = cap
+        self.stats.limits["tcp.half_open_pressure"] = pressure
+
+    @property
+    def half_open(self) -> int:
+        """Guest-initiated connections still in their handshake."""
+        return len(self._half_open)
 
     def _set(self, conn: TcpConn, bit: int) -> None:
         """Every event goes through states.set_event; observers hear about user-visible state changes (the
         names are only worked out while someone listens: `watching` is the shell's list of listeners)."""
         before = conn.events
         conn.events = st.set_event(before, bit)
+        if bit == st.ESTABLISHED and self._half_open:
+            self._half_open.pop(conn.flow_id, None)
         if self.on_state is not None and (self.watching is None or self.watching):
             name_before, after = st.state_name(before), st.state_name(conn.events)
             if after != name_before:
@@ -128,6 +170,36 @@ class TcpHandler:
             gso = conn.mss_to_tap if len(payload) > conn.mss_to_tap else 0
         self.to_tap(ETH_P_IPV6 if conn.v6 else ETH_P_IP, headers, gso, payload)
 
+    def _time_wait_add(self, conn: TcpConn) -> None:
+        assert conn.seg is not None
+        tw = self._time_wait
+        if len(tw) >= TIME_WAIT_MAX:
+            del tw[next(iter(tw))]  # the oldest: entries are added in order of expiry
+        tw[conn.key] = TimeWait(conn.guest_addr, conn.v6, conn.seg, conn.seq_to_tap, conn.seq_from_tap,
+                                self._now + TIME_WAIT)  # fmt: skip
+
+    def _time_wait_answer(
+        self, key: tuple[int, bytes, int, int], src: bytes, tcp: TcpHeader, now: float
+    ) -> bool:
+        """A segment for a flow closed in order a moment ago: re-ACK a retransmitted FIN, ignore the rest.
+        True if it was such a segment."""
+        tw = self._time_wait
+        while tw:  # expired entries go from the front
+            first = next(iter(tw.values()))
+            if first.until > now:
+                break
+            del tw[next(iter(tw))]
+        entry = tw.get(key)
+        if entry is None or entry.guest_addr != src or tcp.flags & (SYN | RST):
+            if entry is not None and tcp.flags & (SYN | RST):
+                del tw[key]  # the guest moved on (a new connection on the same ports, or an abort)
+            return False
+        if tcp.flags & FIN:
+            packet = entry.seg.build(entry.seq, entry.ack, ACK, 0)
+            self.to_tap(ETH_P_IPV6 if entry.v6 else ETH_P_IP, packet, COMPLETE, b"")
+            self.stats.handled["tcp.time_wait_ack"] += 1
+        return True
+
     def _rst_unknown(self, v6: bool, src: bytes, dst: bytes, tcp: TcpHeader) -> None:
         """RFC 9293 §3.10.7.1: a segment for no connection gets an RST (never an RST for an RST)."""
         if tcp.flags & RST:
@@ -145,10 +217,15 @@ class TcpHandler:
     def tap_segment(self, v6: bool, src: bytes, dst: bytes, tcp: TcpHeader, now: float) -> None:
         """One TCP segment from the guest (src = guest address, dst = the address it talks to)."""
         key = (PROTO_TCP, key_addr(dst), tcp.dport, tcp.sport)
+        self._now = now
         conn = self.flows.get(key)
         if not isinstance(conn, TcpConn) or conn.guest_addr != src:
             if tcp.flags & (SYN | ACK | RST) == SYN:
+                if self._time_wait:
+                    self._time_wait.pop(key, None)
                 self._tap_syn(v6, src, dst, tcp, key, now)
+            elif self._time_wait and self._time_wait_answer(key, src, tcp, now):
+                return
             else:
                 self.stats.drop("tcp.no_flow")
                 self._rst_unknown(v6, src, dst, tcp)
@@ -179,6 +256,8 @@ class TcpHandler:
                 self._close(conn, "bad_handshake", reset_sock=True, rst_tap=True)
                 return
             conn.seq_ack_from_tap = tcp.ack
+            conn.rto_due = 0.0
+            conn.retransmits = 0
             self._set(conn, st.ESTABLISHED)
             self._on_established(conn, now)
         self._tap_ack(conn, tcp, now)
@@ -193,6 +272,15 @@ class TcpHandler:
         """Guest → host: open a host socket toward the destination (the gateway means loopback)."""
         if (v6 and self.ctx.ip6 is None) or (not v6 and self.ctx.ip4 is None):
             self.stats.drop("tcp.family_disabled")
+            self._rst_unknown(v6, src, dst, tcp)
+            return
+        half_open = self._half_open
+        if len(half_open) >= self.half_open_pressure:
+            self._expire_half_open(now)
+        if len(half_open) >= self.half_open_max:
+            # A SYN flood (or a burst the host cannot connect fast enough): refuse beyond the cap rather
+            # than hold a socket for each SYN.
+            self.stats.drop("tcp.half_open_full")
             self._rst_unknown(v6, src, dst, tcp)
             return
         conn = TcpConn(
@@ -218,6 +306,7 @@ class TcpHandler:
             self.stats.drop("flow.table_full")
             self._rst_unknown(v6, src, dst, tcp)
             return
+        half_open[conn.flow_id] = conn
         self._set(conn, st.TAP_SYN_RCVD)
         self.stats.handled["tcp.syn"] += 1
         try:
@@ -227,6 +316,24 @@ class TcpHandler:
             self._rst_unknown(v6, src, dst, tcp)
             return
         self._schedule(conn)
+
+    def _expire_half_open(self, now: float) -> None:
+        """Under pressure, guest-initiated handshakes older than PRESSURE_SYN_TIMEOUT are given up, oldest
+        first (the dict is in order of creation)."""
+        half_open = self._half_open
+        while len(half_open) >= self.half_open_pressure:
+            conn = next(iter(half_open.values()))
+            if conn.created + PRESSURE_SYN_TIMEOUT > now:
+                break
+            self.stats.handled["tcp.half_open_expired"] += 1
+            self._close(conn, "timeout", reset_sock=True, rst_tap=True)
+            half_open.pop(conn.flow_id, None)
+
+    def _syn_timeout(self, conn: TcpConn) -> float:
+        t = self.timeouts.tcp_syn
+        if conn.guest_initiated and len(self._half_open) >= self.half_open_pressure:
+            return min(t, PRESSURE_SYN_TIMEOUT)
+        return t
 
     def _take_syn_options(self, conn: TcpConn, tcp: TcpHeader) -> None:
         """RFC 7323: scaling is used in both directions only if both SYNs carry the option."""
@@ -256,6 +363,7 @@ class TcpHandler:
         conn.last_sock = now
         self._set(conn, st.TAP_SYN_ACK_SENT)
         self._send_syn(conn, ACK)
+        conn.rto_due = now + conn.rto  # the guest's ACK may be lost: the SYN-ACK is sent again
         self._schedule(conn)
 
     def sock_error(self, conn: TcpConn, reason: str, now: float) -> None:
@@ -539,6 +647,7 @@ class TcpHandler:
         until `emit_acks`, so a data segment sent in between (an answer already waiting in the socket)
         carries the ACK instead. Returns whether an answer is worth looking for: some flow got a small
         request (or a FIN) in this batch. Bulk data is not answered, and polling for it costs throughput."""
+        self._now = now
         if self._tx:
             self.flush_tx()
         pending, self._ack_pending = self._ack_pending, {}
@@ -645,11 +754,13 @@ class TcpHandler:
 
     def sock_writable(self, conn: TcpConn, now: float) -> None:
         """The socket's send buffer drained: tell the guest its window reopened."""
+        self._now = now
         if conn.events & st.ESTABLISHED and self.flows.by_id(conn.flow_id) is conn:
             self._update_ack(conn, now, force=False)
 
     def sock_readable(self, conn: TcpConn, now: float, eof: bool = False) -> None:
         """New data, or with `eof` the peer's FIN (EPOLLRDHUP), is in the socket."""
+        self._now = now
         conn.last_sock = now
         conn.last_active = now
         conn.drained = False
@@ -728,6 +839,7 @@ class TcpHandler:
 
     def unblock(self, now: float) -> None:
         """The tap drained: resume the flows that stopped sending because it was full."""
+        self._now = now
         blocked, self._blocked = self._blocked, {}
         for conn in blocked.values():
             if self.flows.by_id(conn.flow_id) is conn:
@@ -751,8 +863,10 @@ class TcpHandler:
         for d in (conn.rto_due, conn.ack_due, conn.persist_due):
             if d and d < due:
                 due = d
-        if ev & st.HANDSHAKE and conn.created + t.tcp_syn < due:
-            due = conn.created + t.tcp_syn
+        if ev & st.HANDSHAKE:
+            syn_due = conn.created + self._syn_timeout(conn)
+            if syn_due < due:
+                due = syn_due
         if ev & st.CLOSING and conn.fin_since + t.tcp_fin < due:
             due = conn.fin_since + t.tcp_fin
         return due
@@ -781,6 +895,9 @@ class TcpHandler:
                 self._schedule(flow)
 
     def on_timer(self, now: float) -> None:
+        self._now = now
+        if len(self._half_open) >= self.half_open_pressure:
+            self._expire_half_open(now)
         heap = self._heap
         while heap and heap[0][0] <= now:
             _, flow_id = heapq.heappop(heap)
@@ -796,7 +913,7 @@ class TcpHandler:
     def _timer(self, conn: TcpConn, now: float) -> None:
         t = self.timeouts
         ev = conn.events
-        if st.in_handshake(ev) and now >= conn.created + t.tcp_syn:
+        if st.in_handshake(ev) and now >= conn.created + self._syn_timeout(conn):
             self._close(conn, "timeout", reset_sock=True, rst_tap=True)
             return
         if ev & st.CLOSING and now >= conn.fin_since + t.tcp_fin:
@@ -827,14 +944,18 @@ class TcpHandler:
         """RFC 6298 §5.4-5.6: back off, go back to the first unacknowledged byte, send again."""
         t = self.timeouts
         conn.rto_due = 0.0
-        if conn.events & st.SOCK_ACCEPTED:
+        ev = conn.events
+        if ev & (st.SOCK_ACCEPTED | st.TAP_SYN_ACK_SENT):
+            # Our SYN (host-initiated) or SYN-ACK (guest-initiated) went unanswered: send it again, so that a
+            # lost final ACK of the guest costs one RTO rather than the handshake timeout.
             if conn.retransmits >= t.tcp_max_retransmits:
                 self._close(conn, "timeout", reset_sock=True, rst_tap=True)
                 return
             conn.retransmits += 1
             conn.rto = min(conn.rto * 2, t.tcp_rto_max)
             conn.seq_to_tap = conn.seq_init_to_tap
-            self._send_syn(conn, 0)
+            self._send_syn(conn, ACK if ev & st.TAP_SYN_ACK_SENT else 0)
+            self.stats.handled["tcp.syn_retransmit"] += 1
             conn.rto_due = now + conn.rto
             return
         if not conn.in_flight:
@@ -867,6 +988,14 @@ class TcpHandler:
     def _close(self, conn: TcpConn, reason: str, *, reset_sock: bool, rst_tap: bool) -> None:
         if self.flows.by_id(conn.flow_id) is not conn:
             return
+        if not rst_tap and conn.events & st.TAP_FIN_RCVD and conn.seg is not None:
+            # An orderly close after the guest's FIN: that FIN is acknowledged now (whatever the host peer
+            # acknowledged so far: the socket is closed normally and still delivers), and remembered for a
+            # while, so that the guest's retransmission of it (our ACK lost) is ACKed again, not RST.
+            if conn.seq_ack_to_tap != conn.seq_from_tap or conn.flow_id in self._acks_owed:
+                conn.seq_ack_to_tap = conn.seq_from_tap
+                self._send_ack(conn, conn.seq_from_tap)
+            self._time_wait_add(conn)
         if rst_tap and conn.seg is not None and not conn.events & st.TAP_SYN_RCVD:
             self._send(conn, RST | ACK)
         elif rst_tap and conn.seg is not None:
@@ -889,6 +1018,7 @@ class TcpHandler:
         self._acks_owed.pop(conn.flow_id, None)
         self._blocked.pop(conn.flow_id, None)
         self._tx.pop(conn.flow_id, None)
+        self._half_open.pop(conn.flow_id, None)
         conn.tx, conn.tx_len = [], 0
         self.stats.handled[f"tcp.closed.{reason.split(':')[0]}"] += 1
         if self.on_close is not None:
