@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from passtd.dataplane.core.tcp import handler as handler_mod
+from passtd.dataplane.core.tcp import base as base_mod
+from passtd.dataplane.core.tcp import batch as batch_mod
+from passtd.dataplane.core.tcp import handshake as handshake_mod
 from passtd.dataplane.core.tcp import states
 from passtd.dataplane.core.tcp.conn import TcpConn
 from passtd.dataplane.core.tcp.seq import MASK, seq_add, seq_diff, seq_le, seq_lt
@@ -29,7 +31,7 @@ def established(rig: Rig, now: float = 0.0, window: int = 65535, dst: bytes = GW
     (synack,) = rig.take()
     assert synack.flags == SYN | ACK and synack.tcp.ack == G_ISN + 1
     rig.guest(ACK, G_ISN + 1, seq_add(synack.tcp.seq, 1), window=window, now=now)
-    assert rig.conn().events & states.ESTABLISHED
+    assert rig.conn().events & states.EV_ESTABLISHED
     return seq_add(synack.tcp.seq, 1), sock
 
 
@@ -42,7 +44,7 @@ def test_guest_syn_to_gateway_connects_to_loopback_and_answers_with_our_options(
     rig.handler.sock_connected(conn, 0.0)
     (synack,) = rig.take()
     assert (synack.src, synack.dst, synack.tcp.sport, synack.tcp.dport) == (GW4, GUEST4, 5000, 40000)
-    assert synack.tcp.mss == 1460 and synack.tcp.ws == handler_mod.OUR_WS
+    assert synack.tcp.mss == 1460 and synack.tcp.ws == handshake_mod.OUR_WS
     assert states.state_name(conn.events) == "TAP_SYN_RCVD"
     rig.guest(ACK, G_ISN + 1, seq_add(synack.tcp.seq, 1))
     assert states.state_name(conn.events) == "ESTABLISHED"
@@ -337,18 +339,18 @@ def test_seq_arithmetic_across_the_wrap(a: int, n: int) -> None:
 
 
 def test_state_rules() -> None:
-    ev = states.set_event(0, states.TAP_SYN_RCVD)
-    ev = states.set_event(ev, states.TAP_SYN_ACK_SENT)
-    assert ev == states.TAP_SYN_ACK_SENT  # rule 1
-    ev = states.set_event(ev, states.ESTABLISHED)
-    assert ev == states.ESTABLISHED
-    with pytest.raises(ValueError, match="SOCK_FIN_SENT before SOCK_FIN_RCVD"):
-        states.set_event(ev, states.SOCK_FIN_SENT)  # rule 2
-    for bit in (states.SOCK_FIN_RCVD, states.SOCK_FIN_SENT, states.TAP_FIN_ACKED, states.TAP_FIN_RCVD):
+    ev = states.set_event(0, states.EV_GUEST_SYN)
+    ev = states.set_event(ev, states.EV_SYN_ACK_SENT)
+    assert ev == states.EV_SYN_ACK_SENT  # rule 1
+    ev = states.set_event(ev, states.EV_ESTABLISHED)
+    assert ev == states.EV_ESTABLISHED
+    with pytest.raises(ValueError, match="HOST_FIN_SENT before HOST_FIN"):
+        states.set_event(ev, states.EV_HOST_FIN_SENT)  # rule 2
+    for bit in (states.EV_HOST_FIN, states.EV_HOST_FIN_SENT, states.EV_GUEST_ACKED_FIN, states.EV_GUEST_FIN):
         ev = states.set_event(ev, bit)
     assert not states.is_closed(ev)
-    assert states.is_closed(states.set_event(ev, states.TAP_FIN_SENT))  # rule 3
-    assert {states.state_name(e) for e in range(states.ALL + 1)} <= set(states.STATE_NAMES)
+    assert states.is_closed(states.set_event(ev, states.EV_GUEST_FIN_SENT))  # rule 3
+    assert {states.state_name(e) for e in range(states.EV_ALL + 1)} <= set(states.STATE_NAMES)
 
 
 # -- sweep: every reachable state against every input ------------------------------------------------------
@@ -491,7 +493,7 @@ def test_an_answer_already_waiting_carries_the_ack_of_the_request() -> None:
     (ack,) = rig.take()
     assert ack.data == b"" and ack.tcp.ack == G_ISN + 9
     # Bulk data is not a request: no point looking for an answer (the ACK is still held and sent).
-    bulk = b"x" * (handler_mod.ANSWER_HINT + 1)
+    bulk = b"x" * (batch_mod.ANSWER_HINT + 1)
     rig.guest(ACK, G_ISN + 9, seq_add(our, 8), bulk, flush=False)
     assert not rig.handler.prepare_acks(0.0)
     rig.handler.emit_acks()
@@ -519,10 +521,10 @@ def test_a_local_peers_window_is_estimated_until_half_the_room_is_used() -> None
     for _ in range(40):
         rig.guest(ACK, seq, our, chunk)
         seq += len(chunk)
-        windows.append(rig.take()[-1].tcp.window << handler_mod.OUR_WS)
+        windows.append(rig.take()[-1].tcp.window << handshake_mod.OUR_WS)
     assert windows == sorted(windows, reverse=True)  # never more room than there is
     assert reads < 40 // 2  # most ACKs were computed without TCP_INFO
-    assert windows[-1] <= room - 40 * len(chunk) + (1 << handler_mod.OUR_WS)
+    assert windows[-1] <= room - 40 * len(chunk) + (1 << handshake_mod.OUR_WS)
 
 
 def test_data_and_fin_signalled_once_still_end_in_a_fin() -> None:
@@ -595,7 +597,7 @@ def test_fin_is_sent_again_after_a_timeout_while_slow_start_limits_the_push() ->
         if fin_again:
             break
     assert fin_again and acked == seq_add(fin_seq, 1)
-    assert rig.conn().events & states.TAP_FIN_ACKED
+    assert rig.conn().events & states.EV_GUEST_ACKED_FIN
 
 
 def test_a_lost_fast_retransmission_is_repaired_by_the_timer() -> None:
@@ -668,7 +670,7 @@ def test_a_batch_beyond_tx_flush_is_written_and_acked_on_the_way() -> None:
     conn = rig.conn()
     conn.wnd_to_tap = 1 << 24
     chunk = 60000
-    count = handler_mod.TX_FLUSH // chunk + 1
+    count = batch_mod.TX_FLUSH // chunk + 1
     for i in range(count):
         rig.guest(ACK, G_ISN + 1 + i * chunk, our, b"d" * chunk, flush=False)
     assert sock.sends == 1 and len(sock.tx) == count * chunk  # written once the gathered data passed TX_FLUSH
@@ -776,7 +778,7 @@ def test_host_closes_first_the_guests_fin_is_acked_and_its_retransmission_too() 
         assert again.flags == ACK and again.tcp.ack == G_ISN + 2 and again.tcp.seq == seq_add(our, 1)
     assert rig.stats.handled["tcp.time_wait_ack"] == 2
     # Not forever: after the time-wait, a FIN for the long-gone flow is answered as any stray segment.
-    rig.guest(FIN | ACK, G_ISN + 1, seq_add(our, 1), now=0.2 + handler_mod.TIME_WAIT + 1)
+    rig.guest(FIN | ACK, G_ISN + 1, seq_add(our, 1), now=0.2 + base_mod.TIME_WAIT + 1)
     assert rig.take()[0].flags & RST
 
 
@@ -810,9 +812,9 @@ def test_syn_flood_is_capped_and_old_half_open_flows_expire_early_under_pressure
     assert len(rig.factory.socks) == 1 + 8  # a refused SYN costs no socket
     # Under pressure the half-open flows go after PRESSURE_SYN_TIMEOUT, not after tcp_syn (240 s).
     deadline = rig.handler.next_deadline()
-    assert deadline <= 0.5 + handler_mod.PRESSURE_SYN_TIMEOUT
+    assert deadline <= 0.5 + base_mod.PRESSURE_SYN_TIMEOUT
     established_conn = rig.flows.by_id(1)
-    rig.handler.on_timer(0.5 + handler_mod.PRESSURE_SYN_TIMEOUT)
+    rig.handler.on_timer(0.5 + base_mod.PRESSURE_SYN_TIMEOUT)
     assert rig.handler.half_open < 4
     assert rig.stats.handled["tcp.half_open_expired"] >= 5
     assert all(s.flags & RST for s in rig.take())  # each given-up flow is reset toward the guest

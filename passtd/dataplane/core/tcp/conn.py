@@ -70,6 +70,8 @@ class TcpConn(Flow):
     sock: SockPort | None = None
     seg: SegmentBuilder | None = None
     close_reason: str = ""
+    closing: bool = False  # marked closed; reaped (socket closed, flow freed) at the end of the event
+    close_reset: bool = False  # reaped with an abortive close (SO_LINGER 0) rather than an orderly one
     # Toward the guest (host → guest data)
     seq_init_to_tap: int = 0
     seq_to_tap: int = 0  # next sequence number we send
