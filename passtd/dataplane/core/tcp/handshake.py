@@ -76,7 +76,7 @@ class TcpHandshake(TcpData):
         """Under pressure, guest-initiated handshakes older than PRESSURE_SYN_TIMEOUT are given up, oldest
         first (the dict is in order of creation; `_close` takes each out of it)."""
         half_open = self._half_open
-        while len(half_open) >= self.half_open_pressure:
+        while half_open and len(half_open) >= self.half_open_pressure:
             conn = next(iter(half_open.values()))
             if conn.created + PRESSURE_SYN_TIMEOUT > now:
                 break
