@@ -15,17 +15,17 @@ from passtd.dataplane.core.timeouts import Timeouts
 
 
 def test_first_rtt_sample_sets_srtt_and_half_of_it_as_variance() -> None:
-    est = rtt_sample(0.0, 0.0, 0.1, 0.2, 60.0)
-    assert est.srtt == 0.1 and est.rttvar == 0.05
-    assert est.rto == pytest.approx(0.3)  # SRTT + 4 RTTVAR (RFC 6298 §2.2)
+    srtt, rttvar, rto = rtt_sample(0.0, 0.0, 0.1, 0.2, 60.0)
+    assert srtt == 0.1 and rttvar == 0.05
+    assert rto == pytest.approx(0.3)  # SRTT + 4 RTTVAR (RFC 6298 §2.2)
 
 
 def test_later_samples_are_smoothed_and_the_rto_is_clamped() -> None:
-    est = rtt_sample(0.1, 0.05, 0.3, 0.2, 60.0)
-    assert est.rttvar == pytest.approx(0.75 * 0.05 + 0.25 * 0.2)
-    assert est.srtt == pytest.approx(0.875 * 0.1 + 0.125 * 0.3)
-    assert rtt_sample(0.0, 0.0, 0.0001, 0.2, 60.0).rto == 0.2  # the minimum
-    assert rtt_sample(0.0, 0.0, 100.0, 0.2, 60.0).rto == 60.0  # the maximum
+    srtt, rttvar, _ = rtt_sample(0.1, 0.05, 0.3, 0.2, 60.0)
+    assert rttvar == pytest.approx(0.75 * 0.05 + 0.25 * 0.2)
+    assert srtt == pytest.approx(0.875 * 0.1 + 0.125 * 0.3)
+    assert rtt_sample(0.0, 0.0, 0.0001, 0.2, 60.0)[2] == 0.2  # the minimum
+    assert rtt_sample(0.0, 0.0, 100.0, 0.2, 60.0)[2] == 60.0  # the maximum
 
 
 def test_backoff_doubles_up_to_the_maximum() -> None:

@@ -208,7 +208,8 @@ class TcpBase:
     def _schedule(self, conn: TcpConn) -> None:
         if conn.closing:
             return
-        deadline = flow_deadline(conn, self.timeouts, self._syn_timeout(conn))
+        syn_timeout = self._syn_timeout(conn) if conn.events & st.EV_HANDSHAKE else 0.0  # per frame: lazily
+        deadline = flow_deadline(conn, self.timeouts, syn_timeout)
         if not conn.scheduled or deadline < conn.scheduled:
             conn.scheduled = deadline
             heapq.heappush(self._heap, (deadline, conn.flow_id))

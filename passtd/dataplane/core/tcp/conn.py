@@ -81,7 +81,7 @@ class TcpConn(Flow):
     ws_from_tap: int = 0  # shift applied to the guest's window field
     mss_to_tap: int = 536  # largest payload the guest accepts (RFC 9293 default)
     dup_acks: int = 0
-    fin_seq: int = 0  # sequence number of our FIN, once SOCK_FIN_SENT
+    fin_seq: int = 0  # sequence number of our FIN, once EV_HOST_FIN_SENT
     cwnd: int = 0  # after a loss: bytes we may have in flight (slow start); 0: only the guest's window limits
     drained: bool = False  # the last peek found nothing beyond seq_max_to_tap (cleared on readiness)
     sock_eof: bool = False  # the socket signalled the peer's FIN (it may still hold data before it)

@@ -6,25 +6,22 @@ retransmitted segment) is the caller's: it times one segment at a time and forge
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Final
 
-CLOCK_GRANULARITY = 0.001  # G in RFC 6298 §2: the loop's clock is finer, 1 ms keeps RTO above SRTT
-
-
-class RttEstimate(NamedTuple):
-    srtt: float
-    rttvar: float
-    rto: float
+CLOCK_GRANULARITY: Final = 0.001  # G in RFC 6298 §2: the loop's clock is finer, 1 ms keeps RTO above SRTT
 
 
-def rtt_sample(srtt: float, rttvar: float, r: float, rto_min: float, rto_max: float) -> RttEstimate:
-    """RFC 6298 §2.2-2.5: the estimate after one RTT measurement `r` (srtt 0: the first one)."""
+def rtt_sample(
+    srtt: float, rttvar: float, r: float, rto_min: float, rto_max: float
+) -> tuple[float, float, float]:
+    """RFC 6298 §2.2-2.5: (SRTT, RTTVAR, RTO) after one RTT measurement `r` (srtt 0: the first one). A plain
+    tuple: compiled, it is returned unboxed (a NamedTuple would be built by Python code on the ACK path)."""
     if srtt == 0.0:
         srtt, rttvar = r, r / 2
     else:
         rttvar = 0.75 * rttvar + 0.25 * abs(srtt - r)
         srtt = 0.875 * srtt + 0.125 * r
-    return RttEstimate(srtt, rttvar, clamp(srtt + max(CLOCK_GRANULARITY, 4 * rttvar), rto_min, rto_max))
+    return srtt, rttvar, clamp(srtt + max(CLOCK_GRANULARITY, 4 * rttvar), rto_min, rto_max)
 
 
 def backoff(rto: float, rto_max: float) -> float:

@@ -8,16 +8,11 @@ want of buffer (a drop would cost the guest a retransmission round).
 
 from __future__ import annotations
 
-from typing import Final, NamedTuple
+from typing import Final
 
 from passtd.dataplane.core.tcp.seq import seq_add
 
 MAX_WINDOW: Final = (1 << 24) - 1  # with our window scale (8) the field reaches 16 MiB
-
-
-class AckWindow(NamedTuple):
-    ack: int  # ACK number for the guest
-    wnd: int  # window for the guest, bytes (unscaled)
 
 
 def socket_room(written: int, peer_acked: int, sndbuf: int, local: bool) -> tuple[int, int, int]:
@@ -33,11 +28,12 @@ def socket_room(written: int, peer_acked: int, sndbuf: int, local: bool) -> tupl
 
 def ack_window(
     seq_init: int, seq_next: int, written: int, acked: int, free: int, fin_relayed: bool, scaled: bool
-) -> AckWindow:
-    """The ACK covers the guest's bytes the host side has (`acked` of the `written` ones after the guest's
-    ISN `seq_init`), and its FIN once that is relayed and everything before it is acknowledged (`seq_next`
-    is then one past the FIN). The window is what is written but unacknowledged plus the room left."""
+) -> tuple[int, int]:
+    """(ACK number, window in bytes) for the guest. The ACK covers the guest's bytes the host side has
+    (`acked` of the `written` ones after the guest's ISN `seq_init`), and its FIN once that is relayed and
+    everything before it is acknowledged (`seq_next` is then one past the FIN). The window is what is
+    written but unacknowledged plus the room left. A plain tuple: compiled, it is returned unboxed."""
     ack = seq_next if fin_relayed and acked == written else seq_add(seq_init, 1 + acked)
     wnd = (written - acked) + free
     limit = MAX_WINDOW if scaled else 0xFFFF
-    return AckWindow(ack, wnd if wnd < limit else limit)
+    return ack, (wnd if wnd < limit else limit)
