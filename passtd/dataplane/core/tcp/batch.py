@@ -85,7 +85,9 @@ class TcpBatch(TcpBase):
         if self._acks_owed:
             owed, self._acks_owed = self._acks_owed, {}
             for conn in owed.values():
-                if not conn.closing:  # a flow closed in order sends its last ACK as it is reaped
+                if conn.closing:
+                    self._acks_owed[conn.flow_id] = conn  # its reap sends it (in order) or drops it (reset)
+                else:
                     self._send_ack(conn, conn.seq_ack_to_tap)
         if self._closing:
             self._reap()
