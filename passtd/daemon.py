@@ -463,7 +463,6 @@ async def _serve(
 
         watch = watch_namespace
     else:
-
         attached: list[TapBackend] = []  # the guest's back-end, for what it says when the guest goes
 
         def backend(conn: socket.socket) -> TapBackend:

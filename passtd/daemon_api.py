@@ -56,7 +56,6 @@ from passtd.control.api import (
 from passtd.dataplane.core.flowtable import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Flow, FlowEvent
 from passtd.dataplane.core.fwd import OPTION_OF, ForwardTables, Listener, PortPolicy
 from passtd.dataplane.core.tcp.conn import TcpConn
-from passtd.dataplane.core.tcp.states import ESTABLISHED
 from passtd.dataplane.core.timeouts import RANGES, Timeouts
 from passtd.dataplane.io.dataplane import Dataplane, flow_state
 from passtd.dataplane.io.forwarding import local_port_range, on_loopback
@@ -184,12 +183,10 @@ def descriptors_view(reserved: int) -> DescriptorsView:
     )
 
 
-def limits_view(
-    dp: Dataplane, flows: Mapping[str, int], pending_syns: int, watchers: LimitView
-) -> LimitsView:
+def limits_view(dp: Dataplane, flows: Mapping[str, int], watchers: LimitView) -> LimitsView:
     """The limits the status reports: the one place that reads them from the dataplane (`Dataplane.limits`,
-    core/limits.py). `flows` is the open flows by protocol and `pending_syns` the unfinished TCP handshakes,
-    both counted by the caller's walk."""
+    core/limits.py, and the TCP handler's cap on half-open guest connections). `flows` is the open flows by
+    protocol, counted by the caller's walk."""
     lim = dp.limits
     by_proto = {"tcp": lim.tcp, "udp": lim.udp, "icmp": lim.icmp}
     return LimitsView(
@@ -203,7 +200,7 @@ def limits_view(
             max=lim.guest_addresses4.max + lim.guest_addresses6.max,
             in_use=lim.guest_addresses4.used + lim.guest_addresses6.used,
         ),
-        pending_syns=LimitView(in_use=pending_syns),
+        pending_syns=LimitView(max=dp.tcp.half_open_max, in_use=dp.tcp.half_open),
         watch_streams=watchers,
         descriptors=descriptors_view(lim.fds_reserved),
     )
@@ -377,14 +374,11 @@ class DaemonControl:
             dropped=dict(stats.dropped),
         )
         by_state: Counter[tuple[str, str]] = Counter()
-        pending_syns = 0
         async with self._walk:
             self.share.start()
             for flow in list(dp.flows):
                 await self.share.pause()
                 by_state[PROTO_NAMES.get(flow.proto, f"ip{flow.proto}"), flow_state(flow)] += 1
-                if isinstance(flow, TcpConn) and not flow.events & ESTABLISHED:
-                    pending_syns += 1
         flows: Counter[str] = Counter()
         states: dict[str, dict[str, int]] = {}
         for (proto, state), n in sorted(by_state.items()):
@@ -398,7 +392,7 @@ class DaemonControl:
             config=config,
             counters=counters,
             flows=dict(flows),
-            limits=limits_view(dp, flows, pending_syns, LimitView(max=MAX_WATCHERS, in_use=self._watchers)),
+            limits=limits_view(dp, flows, LimitView(max=MAX_WATCHERS, in_use=self._watchers)),
             flow_states=states,
         )
 

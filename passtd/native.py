@@ -55,6 +55,13 @@ MODULES: tuple[str, ...] = (
     "passtd.dataplane.core.tcp.seq",
     "passtd.dataplane.core.tcp.states",
     "passtd.dataplane.core.tcp.conn",
+    "passtd.dataplane.core.tcp.rto",
+    "passtd.dataplane.core.tcp.window",
+    "passtd.dataplane.core.tcp.timers",
+    "passtd.dataplane.core.tcp.base",
+    "passtd.dataplane.core.tcp.batch",
+    "passtd.dataplane.core.tcp.datapath",
+    "passtd.dataplane.core.tcp.handshake",
     "passtd.dataplane.core.tcp.handler",
 )
 

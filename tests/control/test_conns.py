@@ -288,6 +288,7 @@ class FakeDataplane:
         )
         self.netns_fd: int | None = None
         self.fd_pool = plan_fd_pool(20_000, 20)
+        self.tcp = SimpleNamespace(half_open=0, half_open_max=4096)
         self.binds: Callable[[ForwardTables], list[BindResult]] = lambda tables: []
 
     @property

@@ -8,8 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from passtd.dataplane.core.tcp import handler as handler_mod
+from passtd.dataplane.core.tcp import base as base_mod
+from passtd.dataplane.core.tcp import batch as batch_mod
+from passtd.dataplane.core.tcp import handshake as handshake_mod
 from passtd.dataplane.core.tcp import states
+from passtd.dataplane.core.tcp.conn import TcpConn
 from passtd.dataplane.core.tcp.seq import MASK, seq_add, seq_diff, seq_le, seq_lt
 from passtd.dataplane.core.timeouts import Timeouts
 from passtd.dataplane.packets.tcp import ACK, FIN, PSH, RST, SYN
@@ -28,7 +31,7 @@ def established(rig: Rig, now: float = 0.0, window: int = 65535, dst: bytes = GW
     (synack,) = rig.take()
     assert synack.flags == SYN | ACK and synack.tcp.ack == G_ISN + 1
     rig.guest(ACK, G_ISN + 1, seq_add(synack.tcp.seq, 1), window=window, now=now)
-    assert rig.conn().events & states.ESTABLISHED
+    assert rig.conn().events & states.EV_ESTABLISHED
     return seq_add(synack.tcp.seq, 1), sock
 
 
@@ -41,7 +44,7 @@ def test_guest_syn_to_gateway_connects_to_loopback_and_answers_with_our_options(
     rig.handler.sock_connected(conn, 0.0)
     (synack,) = rig.take()
     assert (synack.src, synack.dst, synack.tcp.sport, synack.tcp.dport) == (GW4, GUEST4, 5000, 40000)
-    assert synack.tcp.mss == 1460 and synack.tcp.ws == handler_mod.OUR_WS
+    assert synack.tcp.mss == 1460 and synack.tcp.ws == handshake_mod.OUR_WS
     assert states.state_name(conn.events) == "TAP_SYN_RCVD"
     rig.guest(ACK, G_ISN + 1, seq_add(synack.tcp.seq, 1))
     assert states.state_name(conn.events) == "ESTABLISHED"
@@ -336,18 +339,18 @@ def test_seq_arithmetic_across_the_wrap(a: int, n: int) -> None:
 
 
 def test_state_rules() -> None:
-    ev = states.set_event(0, states.TAP_SYN_RCVD)
-    ev = states.set_event(ev, states.TAP_SYN_ACK_SENT)
-    assert ev == states.TAP_SYN_ACK_SENT  # rule 1
-    ev = states.set_event(ev, states.ESTABLISHED)
-    assert ev == states.ESTABLISHED
-    with pytest.raises(ValueError, match="SOCK_FIN_SENT before SOCK_FIN_RCVD"):
-        states.set_event(ev, states.SOCK_FIN_SENT)  # rule 2
-    for bit in (states.SOCK_FIN_RCVD, states.SOCK_FIN_SENT, states.TAP_FIN_ACKED, states.TAP_FIN_RCVD):
+    ev = states.set_event(0, states.EV_GUEST_SYN)
+    ev = states.set_event(ev, states.EV_SYN_ACK_SENT)
+    assert ev == states.EV_SYN_ACK_SENT  # rule 1
+    ev = states.set_event(ev, states.EV_ESTABLISHED)
+    assert ev == states.EV_ESTABLISHED
+    with pytest.raises(ValueError, match="HOST_FIN_SENT before HOST_FIN"):
+        states.set_event(ev, states.EV_HOST_FIN_SENT)  # rule 2
+    for bit in (states.EV_HOST_FIN, states.EV_HOST_FIN_SENT, states.EV_GUEST_ACKED_FIN, states.EV_GUEST_FIN):
         ev = states.set_event(ev, bit)
     assert not states.is_closed(ev)
-    assert states.is_closed(states.set_event(ev, states.TAP_FIN_SENT))  # rule 3
-    assert {states.state_name(e) for e in range(states.ALL + 1)} <= set(states.STATE_NAMES)
+    assert states.is_closed(states.set_event(ev, states.EV_GUEST_FIN_SENT))  # rule 3
+    assert {states.state_name(e) for e in range(states.EV_ALL + 1)} <= set(states.STATE_NAMES)
 
 
 # -- sweep: every reachable state against every input ------------------------------------------------------
@@ -490,7 +493,7 @@ def test_an_answer_already_waiting_carries_the_ack_of_the_request() -> None:
     (ack,) = rig.take()
     assert ack.data == b"" and ack.tcp.ack == G_ISN + 9
     # Bulk data is not a request: no point looking for an answer (the ACK is still held and sent).
-    bulk = b"x" * (handler_mod.ANSWER_HINT + 1)
+    bulk = b"x" * (batch_mod.ANSWER_HINT + 1)
     rig.guest(ACK, G_ISN + 9, seq_add(our, 8), bulk, flush=False)
     assert not rig.handler.prepare_acks(0.0)
     rig.handler.emit_acks()
@@ -518,10 +521,10 @@ def test_a_local_peers_window_is_estimated_until_half_the_room_is_used() -> None
     for _ in range(40):
         rig.guest(ACK, seq, our, chunk)
         seq += len(chunk)
-        windows.append(rig.take()[-1].tcp.window << handler_mod.OUR_WS)
+        windows.append(rig.take()[-1].tcp.window << handshake_mod.OUR_WS)
     assert windows == sorted(windows, reverse=True)  # never more room than there is
     assert reads < 40 // 2  # most ACKs were computed without TCP_INFO
-    assert windows[-1] <= room - 40 * len(chunk) + (1 << handler_mod.OUR_WS)
+    assert windows[-1] <= room - 40 * len(chunk) + (1 << handshake_mod.OUR_WS)
 
 
 def test_data_and_fin_signalled_once_still_end_in_a_fin() -> None:
@@ -594,7 +597,7 @@ def test_fin_is_sent_again_after_a_timeout_while_slow_start_limits_the_push() ->
         if fin_again:
             break
     assert fin_again and acked == seq_add(fin_seq, 1)
-    assert rig.conn().events & states.TAP_FIN_ACKED
+    assert rig.conn().events & states.EV_GUEST_ACKED_FIN
 
 
 def test_a_lost_fast_retransmission_is_repaired_by_the_timer() -> None:
@@ -667,7 +670,7 @@ def test_a_batch_beyond_tx_flush_is_written_and_acked_on_the_way() -> None:
     conn = rig.conn()
     conn.wnd_to_tap = 1 << 24
     chunk = 60000
-    count = handler_mod.TX_FLUSH // chunk + 1
+    count = batch_mod.TX_FLUSH // chunk + 1
     for i in range(count):
         rig.guest(ACK, G_ISN + 1 + i * chunk, our, b"d" * chunk, flush=False)
     assert sock.sends == 1 and len(sock.tx) == count * chunk  # written once the gathered data passed TX_FLUSH
@@ -712,3 +715,123 @@ def test_data_then_a_bare_fin_in_one_batch_writes_the_data_before_shutting_down(
     rig.handler.flush(0.0)
     assert order == ["send", "shutdown"] and bytes(sock.tx) == b"last words"
     assert rig.take()[-1].tcp.ack == G_ISN + 12
+
+
+def test_a_lost_final_handshake_ack_is_repaired_by_a_syn_ack_retransmission() -> None:
+    """The guest's last ACK of the handshake is lost and the server speaks first (an SSH or SMTP banner): the
+    SYN-ACK is sent again with backoff, the guest's answering ACK establishes the flow, the banner flows."""
+    rig = Rig()
+    rig.guest(SYN, G_ISN)
+    conn = rig.conn()
+    sock = rig.factory.socks[-1]
+    rig.handler.sock_connected(conn, 0.0)
+    (synack,) = rig.take()
+    sock.rx += b"SSH-2.0-banner\r\n"
+    rig.handler.sock_readable(conn, 0.01)
+    assert rig.take() == []  # held until the handshake completes
+    for expected in (1.0, 3.0):  # the guest's ACK never arrives: RTO, then doubled
+        assert rig.handler.next_deadline() == expected
+        rig.handler.on_timer(expected)
+        (again,) = rig.take()
+        assert again.flags == SYN | ACK and again.tcp.seq == synack.tcp.seq and again.tcp.ack == G_ISN + 1
+        assert again.tcp.mss == synack.tcp.mss and again.tcp.ws == synack.tcp.ws
+    assert rig.stats.handled["tcp.syn_retransmit"] == 2
+    rig.guest(ACK, G_ISN + 1, seq_add(synack.tcp.seq, 1), now=3.1)  # the guest answers the repeated SYN-ACK
+    assert states.state_name(conn.events) == "ESTABLISHED"
+    assert b"".join(s.data for s in rig.take()) == b"SSH-2.0-banner\r\n"
+    assert conn.retransmits == 0 and rig.handler.half_open == 0
+
+
+def test_an_unanswered_syn_ack_is_given_up_after_the_retransmissions() -> None:
+    rig = Rig(timeouts=Timeouts(tcp_max_retransmits=2))
+    rig.guest(SYN, G_ISN)
+    sock = rig.factory.socks[-1]
+    rig.handler.sock_connected(rig.conn(), 0.0)
+    rig.take()
+    for expected in (1.0, 3.0):
+        rig.handler.on_timer(expected)
+        assert rig.take()[0].flags == SYN | ACK
+    rig.handler.on_timer(rig.handler.next_deadline())
+    assert sock.was_reset and len(rig.flows) == 0 and rig.take()[0].flags & RST
+
+
+def test_host_closes_first_the_guests_fin_is_acked_and_its_retransmission_too() -> None:
+    rig = Rig()
+    our, sock = established(rig)
+    rig.take()
+    sock.eof = True
+    conn = rig.conn()
+    rig.handler.sock_readable(conn, 0.0)
+    (fin,) = rig.take()
+    assert fin.flags & FIN
+    rig.guest(ACK, G_ISN + 1, seq_add(our, 1), now=0.1)
+    rig.take()
+    rig.guest(FIN | ACK, G_ISN + 1, seq_add(our, 1), now=0.2)
+    (ack,) = rig.take()
+    assert ack.flags == ACK and ack.tcp.ack == G_ISN + 2 and ack.tcp.seq == seq_add(our, 1)
+    assert len(rig.flows) == 0 and sock.closed and not sock.was_reset
+    assert rig.closed == [(conn.flow_id, "fin")]
+    # That ACK was lost: the guest sends its FIN again, and is answered with the same ACK, never an RST.
+    for now in (1.2, 3.2):
+        rig.guest(FIN | ACK, G_ISN + 1, seq_add(our, 1), now=now)
+        (again,) = rig.take()
+        assert again.flags == ACK and again.tcp.ack == G_ISN + 2 and again.tcp.seq == seq_add(our, 1)
+    assert rig.stats.handled["tcp.time_wait_ack"] == 2
+    # Not forever: after the time-wait, a FIN for the long-gone flow is answered as any stray segment.
+    rig.guest(FIN | ACK, G_ISN + 1, seq_add(our, 1), now=0.2 + base_mod.TIME_WAIT + 1)
+    assert rig.take()[0].flags & RST
+
+
+def test_the_guests_fin_is_acked_even_when_the_peer_has_not_acknowledged_its_data() -> None:
+    """Closed in order while the host peer still has data to acknowledge: the guest's FIN is ACKed anyway
+    (the socket is closed normally and delivers it), not left for the guest to retransmit into an RST."""
+    rig = Rig()
+    our, sock = established(rig)
+    sock.acked = 0  # a remote peer that acknowledges nothing for now
+    sock.eof = True
+    rig.handler.sock_readable(rig.conn(), 0.0)
+    rig.guest(ACK, G_ISN + 1, seq_add(our, 1), now=0.1)
+    rig.take()
+    rig.guest(FIN | ACK, G_ISN + 1, seq_add(our, 1), b"last", now=0.2)
+    assert len(rig.flows) == 0 and bytes(sock.tx) == b"last" and not sock.was_reset
+    assert rig.take()[-1].tcp.ack == G_ISN + 6
+
+
+def test_syn_flood_is_capped_and_old_half_open_flows_expire_early_under_pressure() -> None:
+    rig = Rig()
+    rig.handler.set_half_open_limits(cap=8, pressure=4)
+    assert rig.stats.limits["tcp.half_open"] == 8 and rig.stats.limits["tcp.half_open_pressure"] == 4
+    _, sock = established(rig, dst=FAR4)  # a transfer that the flood must leave alone
+    rig.take()
+    for i in range(20):
+        rig.guest(SYN, G_ISN, sport=50000 + i, dst=FAR4, now=0.5)
+    assert rig.handler.half_open == 8
+    rsts = rig.take()
+    assert len(rsts) == 12 and all(s.flags & RST for s in rsts)
+    assert rig.stats.dropped["tcp.half_open_full"] == 12
+    assert len(rig.factory.socks) == 1 + 8  # a refused SYN costs no socket
+    # Under pressure the half-open flows go after PRESSURE_SYN_TIMEOUT, not after tcp_syn (240 s).
+    deadline = rig.handler.next_deadline()
+    assert deadline <= 0.5 + base_mod.PRESSURE_SYN_TIMEOUT
+    established_conn = rig.flows.by_id(1)
+    rig.handler.on_timer(0.5 + base_mod.PRESSURE_SYN_TIMEOUT)
+    assert rig.handler.half_open < 4
+    assert rig.stats.handled["tcp.half_open_expired"] >= 5
+    assert all(s.flags & RST for s in rig.take())  # each given-up flow is reset toward the guest
+    # New SYNs are taken again, and the established flow was untouched.
+    rig.guest(SYN, G_ISN, sport=60000, dst=FAR4, now=11.0)
+    assert rig.take() == [] and rig.handler.half_open < 5
+    assert isinstance(established_conn, TcpConn) and established_conn.sock is sock and not sock.closed
+    sock.rx += b"data"
+    rig.handler.sock_readable(established_conn, 11.0)
+    assert b"".join(s.data for s in rig.take()) == b"data"
+
+
+def test_a_full_flow_table_refuses_a_syn_with_rst_and_counts_it() -> None:
+    rig = Rig()
+    rig.flows.max_flows = 1
+    established(rig)
+    rig.take()
+    rig.guest(SYN, G_ISN, sport=50001)
+    (rst,) = rig.take()
+    assert rst.flags & RST and rig.stats.dropped["flow.table_full"] == 1 and len(rig.flows) == 1

@@ -9,7 +9,7 @@ from passtd.dataplane.core.context import Context, Guest, Ip4Net, Ip6Net, link_l
 from passtd.dataplane.core.flowtable import FlowTable
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.core.tcp.conn import TcpConn, TcpInfo
-from passtd.dataplane.core.tcp.handler import TcpHandler
+from passtd.dataplane.core.tcp.handler import TcpEnv, TcpHandler, TcpHooks
 from passtd.dataplane.core.timeouts import Timeouts
 from passtd.dataplane.packets.ipv4 import parse_ipv4
 from passtd.dataplane.packets.ipv6 import parse_ipv6
@@ -134,9 +134,9 @@ class Rig:
         self.dst = GW4  # default destination of guest segments
         self.closed: list[tuple[int, str]] = []
         self.handler = TcpHandler(
-            ctx, Guest(), self.flows, self.stats, self.factory, self._to_tap, b"k" * 16, timeouts,
-            on_close=lambda c, r: self.closed.append((c.flow_id, r)),
-        )  # fmt: skip
+            TcpEnv(ctx, Guest(), self.flows, self.stats, self.factory, self._to_tap, b"k" * 16),
+            TcpHooks(timeouts or Timeouts(), on_close=lambda c, r: self.closed.append((c.flow_id, r))),
+        )
 
     def _to_tap(
         self, ethertype: int, packet: bytes, offload: int = -1, payload: bytes | memoryview = b""

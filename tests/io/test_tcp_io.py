@@ -108,7 +108,7 @@ def test_connect_refused_at_once_or_reported() -> None:
     from passtd.dataplane.core.tcp.conn import TcpConn
 
     conn = TcpConn(1, 6, (6, b"", 0, 0), 0.0, 0.0, target_addr=bytes((127, 0, 0, 1)), remote_port=port)
-    conn.events = states.TAP_SYN_RCVD
+    conn.events = states.EV_GUEST_SYN
     try:
         conn.sock = io.connect(conn)
     except OSError as exc:  # refused before connect() returned: also a fast answer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -329,3 +330,53 @@ def test_outbound_sets_the_source_of_flows_to_the_network(topo: Topology) -> Non
     got = Peer(topo, topo.guest, "udp-client", FAR4, "6011", "--count", "3", timeout=30).result()
     assert got["ok"] == 3
     assert echo.result()["peers"] == [f"10.77.0.5:{got['sport']}"]
+
+
+LOSSY_ACK = """
+table inet lossy {
+    chain out {
+        type filter hook output priority 0; policy accept;
+        tcp dport 5002 tcp flags & (fin | syn | rst | psh | ack) == ack numgen inc mod 99999 < 2 counter drop
+    }
+    chain in {
+        type filter hook input priority 0; policy accept;
+        tcp sport 5002 tcp flags & rst == rst counter
+    }
+}
+"""
+
+
+def nft_counters(ns: str) -> list[int]:
+    """Packets counted by the lossy table's rules, in order (the dropped ACKs, the RSTs received)."""
+    rules = json.loads(sh("nft", "-j", "list", "table", "inet", "lossy", ns=ns).stdout)["nftables"]
+    counts = []
+    for item in rules:
+        for expr in item.get("rule", {}).get("expr", []):
+            if "counter" in expr:
+                counts.append(int(expr["counter"]["packets"]))
+    return counts
+
+
+def test_lost_handshake_ack_and_host_closing_first(pasta: Topology) -> None:
+    """The guest's final handshake ACK is lost and the server speaks first (an SSH or SMTP banner), then
+    closes first: the SYN-ACK is sent again so the banner arrives within seconds (not the 240 s SYN timeout),
+    and the guest's FIN after the host's is ACKed (no RST, no guest socket left retransmitting it)."""
+    if shutil.which("nft") is None:
+        pytest.skip("needs nft")
+    path = pasta.tmp / "lossy.nft"
+    path.write_text(LOSSY_ACK)
+    sh("nft", "-f", str(path), ns=pasta.guest)
+    server = serve(pasta, pasta.host, "127.0.0.1", 5002, size=100, seed=7, timeout=30)
+    started = time.monotonic()
+    client = connect(pasta, pasta.guest, REMOTE4, 5002, first="read", size=10, seed=8, timeout=30)
+    assert client.result() == {"rx_len": 100, "rx_sha": digest(100, 7)}
+    elapsed = time.monotonic() - started
+    assert server.result()["rx_sha"] == digest(10, 8)
+    dropped, _ = nft_counters(pasta.guest)
+    assert dropped >= 1, "the final handshake ACK was not dropped: the test proves nothing"
+    assert elapsed < 8, f"the banner took {elapsed:.1f} s"
+    time.sleep(1.5)  # the guest would have retransmitted an unacknowledged FIN by now
+    _, rsts = nft_counters(pasta.guest)
+    assert rsts == 0
+    lingering = sh("ss", "-Htan", "state", "last-ack", "dport", "= :5002", ns=pasta.guest).stdout.strip()
+    assert lingering == ""

@@ -14,6 +14,7 @@ class Stats:
     bytes_to_tap: int = 0
     dropped: Counter[str] = field(default_factory=Counter)  # reason -> count
     handled: Counter[str] = field(default_factory=Counter)  # service -> count
+    limits: dict[str, int] = field(default_factory=dict)  # name -> configured cap (what drops count against)
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] += 1

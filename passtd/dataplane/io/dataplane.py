@@ -35,7 +35,7 @@ from passtd.dataplane.core.services.ndp import NdpResponder
 from passtd.dataplane.core.splice import SpliceFlow
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.core.tcp.conn import TcpConn
-from passtd.dataplane.core.tcp.handler import TcpHandler
+from passtd.dataplane.core.tcp.handler import TcpEnv, TcpHandler, TcpHooks
 from passtd.dataplane.core.tcp.states import state_name
 from passtd.dataplane.core.timeouts import Timeouts
 from passtd.dataplane.core.udp import UdpFlow
@@ -88,9 +88,9 @@ class Dataplane:
         self.tcp_io = TcpIo()
         self.watchers: list[Callable[[FlowEvent], None]] = []
         self.tcp = TcpHandler(
-            ctx, self.guest, self.flows, self.stats, self.tcp_io, self._to_tap, os.urandom(16),
-            self.timeouts, on_close=self._on_tcp_close, on_state=self._on_tcp_state, offload=vnet,
-            congested=self._tap_congested, watching=self.watchers,
+            TcpEnv(ctx, self.guest, self.flows, self.stats, self.tcp_io, self._to_tap, os.urandom(16)),
+            TcpHooks(self.timeouts, on_close=self._on_tcp_close, on_state=self._on_tcp_state,
+                     watching=self.watchers, offload=vnet, congested=self._tap_congested),
         )  # fmt: skip
         self._out_bytes = 0
         self._eth_mac: bytes | None = b""  # guest MAC the cached Ethernet headers were made for

@@ -270,7 +270,7 @@ class TcpIo:
             sock = conn.sock
             if not isinstance(sock, TcpSockPort):
                 continue
-            if conn.events & st.TAP_SYN_RCVD:
+            if conn.events & st.EV_GUEST_SYN:
                 if ev & (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
                     if ev & (select.EPOLLERR | select.EPOLLHUP):  # writable alone means connected
                         err = sock.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

@@ -70,6 +70,8 @@ class TcpConn(Flow):
     sock: SockPort | None = None
     seg: SegmentBuilder | None = None
     close_reason: str = ""
+    closing: bool = False  # marked closed; reaped (socket closed, flow freed) at the end of the event
+    close_reset: bool = False  # reaped with an abortive close (SO_LINGER 0) rather than an orderly one
     # Toward the guest (host → guest data)
     seq_init_to_tap: int = 0
     seq_to_tap: int = 0  # next sequence number we send
@@ -79,7 +81,7 @@ class TcpConn(Flow):
     ws_from_tap: int = 0  # shift applied to the guest's window field
     mss_to_tap: int = 536  # largest payload the guest accepts (RFC 9293 default)
     dup_acks: int = 0
-    fin_seq: int = 0  # sequence number of our FIN, once SOCK_FIN_SENT
+    fin_seq: int = 0  # sequence number of our FIN, once EV_HOST_FIN_SENT
     cwnd: int = 0  # after a loss: bytes we may have in flight (slow start); 0: only the guest's window limits
     drained: bool = False  # the last peek found nothing beyond seq_max_to_tap (cleared on readiness)
     sock_eof: bool = False  # the socket signalled the peer's FIN (it may still hold data before it)
