@@ -120,3 +120,38 @@ def test_light_modules_stay_light(module: str, forbidden: tuple[str, ...]) -> No
                           check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+# Which layer may import which (ARCHITECTURE.md draws the same picture). A module matches the first prefix
+# that names it; its imports may only reach the layers listed for it (and passtd's leaf modules below).
+LEAVES = ("passtd", "passtd.errors", "passtd.limits", "passtd.dataplane", "passtd.control")  # packages: no code
+LAYERS: dict[str, tuple[str, ...]] = {
+    "passtd.dataplane.packets": ("passtd.dataplane.packets",),
+    "passtd.dataplane.core": ("passtd.dataplane.packets", "passtd.dataplane.core"),
+    "passtd.dataplane.io": ("passtd.dataplane", "passtd.logging"),
+    "passtd.control.api": ("passtd.dataplane.core", "passtd.control.api"),
+    "passtd.control.convert": ("passtd.control.api", "passtd.control.pb", "passtd.dataplane.core"),
+    "passtd.control.service": ("passtd.control",),
+    "passtd.control.server": ("passtd.control", "passtd.logging"),
+    "passtctl": ("passtctl", "passtd.paths", "passtd.control.pb"),
+}
+
+
+def _layer(module: str) -> str | None:
+    return next((p for p in LAYERS if module == p or module.startswith(p + ".")), None)
+
+
+def test_layers_import_only_downwards() -> None:
+    """The data path never reaches up into the control plane or the daemon, the pure core never into io,
+    the gRPC adapter talks to the daemon only through control/api.py, and passtctl never loads passtd."""
+    wrong = []
+    for module, targets in sorted(import_graph().items()):
+        layer = _layer(module)
+        if layer is None:
+            continue
+        allowed = LAYERS[layer]
+        for target in sorted(targets):
+            ok = target in LEAVES or any(target == a or target.startswith(a + ".") for a in allowed)
+            if not ok:
+                wrong.append(f"{module} → {target}")
+    assert wrong == []
