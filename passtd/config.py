@@ -91,7 +91,7 @@ class Config:
     outbound_if6: str | None = None  # --outbound-if6
     freebind: bool = False  # --freebind: IP_FREEBIND / IPV6_FREEBIND on forwarded-port listeners
     splice: bool = True  # --no-splice clears it: loopback-to-loopback paths cross the tap instead
-    host_lo_to_ns_lo: bool = False  # --host-lo-to-ns-lo: host-loopback peers appear as the namespace's loopback
+    host_lo_to_ns_lo: bool = False  # --host-lo-to-ns-lo: host-loopback peers appear as the ns's loopback
     fd: int | None = None  # --fd: an already connected stream socket (qemu -netdev passt passes 3)
     vhost_user: bool = False  # --vhost-user: the socket speaks the vhost-user protocol (issue 16)
     runas: tuple[int, int] | None = None  # --runas USER[:GROUP], resolved to uid, gid
