@@ -79,6 +79,25 @@ class Context:
     map_guest_addr6: IPv6Address | None = None
 
 
+def host_loopback4(ctx: Context) -> bytes | None:
+    """The guest-side IPv4 address that means the host's loopback: --map-host-loopback, else the gateway
+    (passt's default), or None with --no-map-gw and no explicit address."""
+    if ctx.map_host_loopback4 is not None:
+        return ctx.map_host_loopback4.packed
+    if ctx.map_gw and ctx.ip4 is not None:
+        return ctx.ip4.gateway.packed
+    return None
+
+
+def host_loopback6(ctx: Context) -> bytes | None:
+    """The IPv6 twin of `host_loopback4`."""
+    if ctx.map_host_loopback6 is not None:
+        return ctx.map_host_loopback6.packed
+    if ctx.map_gw and ctx.ip6 is not None:
+        return ctx.ip6.gateway.packed
+    return None
+
+
 @dataclass(slots=True)
 class Guest:
     """What we learned about the guest from its traffic (reported by the control plane)."""
