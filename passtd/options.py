@@ -39,6 +39,7 @@ from passtd.config import (
 )
 from passtd.configfile import FileConfig, OptionSpec, key_error, load
 from passtd.dataplane.core.context import DEFAULT_MAC, Context, Ip4Net, Ip6Net, link_local_from_mac
+from passtd.dataplane.core.dns import plan_dns
 from passtd.dataplane.core.fwd import ForwardTables
 from passtd.errors import ConfigError
 
@@ -741,6 +742,17 @@ def _resolve(ns: argparse.Namespace, host: HostView | None, env: Mapping[str, st
             our_mac,
         )
 
+    # A loopback resolver of the host is offered as the gateway and relayed (core/dns.py).
+    dns_plan = plan_dns(
+        host.nameservers,
+        dns=None if ns.dns is None else dns,
+        dns_forward=dns_forward,
+        host_loopback4=None if ip4 is None or ns.no_map_gw else ip4.gateway,
+        host_loopback6=None if ip6 is None or ns.no_map_gw else ip6.gateway,
+    )
+    ip4 = None if ip4 is None else replace(ip4, dns=dns_plan.guest4)
+    ip6 = None if ip6 is None else replace(ip6, dns=dns_plan.guest6)
+
     ctx = Context(
         our_mac=our_mac,
         mtu=mtu,
@@ -832,8 +844,8 @@ def _resolve(ns: argparse.Namespace, host: HostView | None, env: Mapping[str, st
         control_insecure=ns.control_insecure,
         forward=forward,
         max_flows=max_flows,
-        dns_forward=dns_forward,
-        dns_upstream=tuple(host.nameservers),
+        dns_forward=dns_plan.forward,
+        dns_upstream=dns_plan.upstream,
         log_file=_check_file("--log-file", ns.log_file),
         log_size=log_size,
         interface=interface,
