@@ -4,9 +4,9 @@ get_dns / add_dns_resolv, fwd.c fwd_nat_from_tap).
 The guest cannot reach a resolver on the host's loopback (systemd-resolved's 127.0.0.53, a local dnsmasq):
 127.0.0.53 inside the guest is the guest itself. So, as passt does, a loopback nameserver of the host is
 offered to the guest as the --map-host-loopback address (the gateway by default), and the guest's DNS to that
-address (port 53) is relayed to the host's resolver instead of to the host's 127.0.0.1:53. A nameserver equal to
-the --map-host-loopback address is treated the same way: without the relay, traffic to it would land on the
-host's loopback. With --no-map-gw and no --map-host-loopback there is no such address, and the loopback
+address (port 53) is relayed to the host's resolver instead of to the host's 127.0.0.1:53. A nameserver
+equal to the --map-host-loopback address is treated the same way: without the relay, traffic to it would land
+on the host's loopback. With --no-map-gw and no --map-host-loopback there is no such address, and the loopback
 resolver is left out, as passt does.
 
 `-D/--dns` replaces the host's list as given. `--dns-forward ADDR` makes ADDR a relayed address; with no `-D`
@@ -28,7 +28,7 @@ IPAddr = IPv4Address | IPv6Address
 
 @dataclass(frozen=True, slots=True)
 class DnsPlan:
-    """What `plan_dns` decided: the lists for `Ip4Net.dns`/`Ip6Net.dns` and for Config.dns_forward/upstream."""
+    """What `plan_dns` decided: the lists for `Ip4Net.dns`/`Ip6Net.dns`, Config.dns_forward/dns_upstream."""
 
     guest4: tuple[IPv4Address, ...] = ()  # offered by DHCP
     guest6: tuple[IPv6Address, ...] = ()  # offered by DHCPv6 and RA (RDNSS)
@@ -47,8 +47,8 @@ def plan_dns(
 ) -> DnsPlan:
     """Plan DNS for the guest.
 
-    `host_nameservers`: the host's resolv.conf order. `dns`: -D/--dns addresses, None when not given, empty for
-    `-D none`. `dns_forward`: --dns-forward. `dns_host`: --dns-host (the last one per family wins).
+    `host_nameservers`: the host's resolv.conf order. `dns`: -D/--dns addresses, None when not given, empty
+    for `-D none`. `dns_forward`: --dns-forward. `dns_host`: --dns-host (the last one per family wins).
     `host_loopback4/6`: the guest-side addresses that mean the host's loopback (Context's --map-host-loopback,
     the gateway by default), None when there is none.
     """
