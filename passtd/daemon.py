@@ -30,6 +30,7 @@ from passtd.dataplane.core.fwd import ForwardTables
 from passtd.dataplane.core.timeouts import Timeouts
 from passtd.dataplane.io.dataplane import Dataplane
 from passtd.dataplane.io.pcap import PcapWriter
+from passtd.dataplane.io.sockets import HostSockets
 from passtd.dataplane.io.tap.qemu_stream import QemuStreamBackend, QemuStreamListener
 from passtd.errors import BackendError, ConfigError
 from passtd.logging import get_logger, setup_logging
@@ -243,9 +244,10 @@ async def _serve(config: Config, pasta: PastaSetup | None, listener: QemuStreamL
     notifier = Notifier()
     current = config
     pcap = PcapWriter(config.pcap) if config.pcap else None
+    sockets = HostSockets(config.outbound, config.outbound_if4, config.outbound_if6, config.freebind,
+                          config.splice, config.host_lo_to_ns_lo)  # fmt: skip
     dp = Dataplane(config.ctx, loop, pcap, max_flows=config.max_flows, dns_forward=config.dns_forward,
-                   dns_upstream=config.dns_upstream, vnet=pasta is not None,
-                   outbound=config.outbound)  # fmt: skip
+                   dns_upstream=config.dns_upstream, vnet=pasta is not None, sockets=sockets)  # fmt: skip
     if pasta is not None:
         dp.netns_fd = pasta.netns_fd
     if config.forward is not None:

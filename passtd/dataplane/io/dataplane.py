@@ -34,7 +34,14 @@ from passtd.dataplane.io.autoscan import read_bound_ports
 from passtd.dataplane.io.listeners import BindResult, ListenerSet
 from passtd.dataplane.io.netns import run_in_netns
 from passtd.dataplane.io.pcap import PcapWriter
-from passtd.dataplane.io.sockets import Outbound, open_ping_socket, ping_group_hint, sockaddr
+from passtd.dataplane.io.sockets import (
+    HostSockets,
+    Outbound,
+    open_ping_socket,
+    ping_group_hint,
+    sockaddr,
+    splice_target_ns,
+)
 from passtd.dataplane.io.splice import SplicedPair
 from passtd.dataplane.io.tap.base import OutFrame, TapBackend
 from passtd.dataplane.io.tcp import TcpIo
@@ -61,7 +68,7 @@ class Dataplane:
         dns_forward: tuple[IPv4Address | IPv6Address, ...] = (),
         dns_upstream: tuple[IPv4Address | IPv6Address, ...] = (),
         vnet: bool = False,
-        outbound: tuple[IPv4Address | IPv6Address, ...] = (),
+        sockets: HostSockets | None = None,
     ) -> None:
         self.vnet = vnet  # pasta: the tap carries virtio-net headers, TCP offloads go to the kernel
         self.ctx = ctx
@@ -96,13 +103,18 @@ class Dataplane:
             ctx, loop, self.flows, self.stats, self.guest, self._to_tap, self._after_batch, self._emit,
             self.log, dns_forward, dns_upstream, to_tap_vnet=self._to_tap_vnet if vnet else None,
         )  # fmt: skip
-        self.tcp_io.outbound = self.udp.outbound = Outbound(outbound)
+        hs = self.host_sockets = sockets if sockets is not None else HostSockets()
+        self.tcp_io.outbound = self.udp.outbound = Outbound(hs.outbound, hs.outbound_if4, hs.outbound_if6)
         self.demux = Demux(
             ctx, self.guest, self.stats, self.flows, self.ndp, self.tcp.tap_segment, self.udp.from_guest
         )
         self.forward = ForwardTables("passt")
-        self.tcp_listeners = ListenerSet("tcp", loop, self._on_tcp_listener)
-        self.udp_listeners = ListenerSet("udp", loop, self.udp.on_listener)
+        self.tcp_listeners = ListenerSet(
+            "tcp", loop, self._on_tcp_listener, freebind=hs.freebind, enabled=ctx.tcp
+        )
+        self.udp_listeners = ListenerSet(
+            "udp", loop, self.udp.on_listener, freebind=hs.freebind, enabled=ctx.udp
+        )
         self.netns_fd: int | None = None  # pasta: the namespace, for -T and spliced loopback paths
         self.tcp_ns_listeners: ListenerSet | None = None
         self.udp_ns_listeners: ListenerSet | None = None
@@ -344,6 +356,7 @@ class Dataplane:
         created = ListenerSet(
             proto, self.loop, self._on_tcp_ns_listener if proto == "tcp" else self.udp.on_ns_listener,
             socket_factory=lambda family, kind: run_in_netns(netns_fd, socket.socket, family, kind),
+            enabled=self.ctx.tcp if proto == "tcp" else self.ctx.udp,
         )  # fmt: skip
         if proto == "tcp":
             self.tcp_ns_listeners = created
@@ -368,9 +381,12 @@ class Dataplane:
             self._splice(conn, peer, listener.target_port, in_netns=False, now=now)
 
     def _splice(self, accepted: socket.socket, peer: Any, port: int, *, in_netns: bool, now: float) -> None:
-        """Join `accepted` to a new connection to loopback:port (inside the namespace when `in_netns`)."""
+        """Join `accepted` to a new connection to loopback:port (inside the namespace when `in_netns`: its
+        loopback with --host-lo-to-ns-lo, else its own address, `splice_target_ns`)."""
         v6 = accepted.family == socket.AF_INET6
         loopback = "::1" if v6 else "127.0.0.1"
+        if in_netns:
+            loopback = splice_target_ns(self.ctx, self.guest, v6, self.host_sockets.host_lo_to_ns_lo)
         family = socket.AF_INET6 if v6 else socket.AF_INET
         try:
             if in_netns:
@@ -440,7 +456,7 @@ class Dataplane:
                 break
             family_v6 = sock.family == socket.AF_INET6
             addr = socket.inet_pton(socket.AF_INET6 if family_v6 else socket.AF_INET, peer[0])
-            if self.netns_fd is not None and is_loopback(addr):
+            if self.netns_fd is not None and self.host_sockets.splice and is_loopback(addr):
                 self._splice(sock, peer, guest_port, in_netns=True, now=now)  # pasta's splice bypass
                 continue
             port = self.tcp_io.adopt(sock)

@@ -11,6 +11,9 @@ can fail on its own (IPv6 disabled, or only one family's port taken) and is repo
 Sockets are grouped by `Listener.key` (address, interface, port). A diff that closes and reopens the same key
 with another target port is a *retarget*: the sockets stay open and only the Listener handed to
 `on_readable` changes, so there is no moment at which the port refuses connections.
+
+`freebind` (--freebind) sets IP_FREEBIND/IPV6_FREEBIND, so a listener on an address the host does not have yet
+binds. A set made with `enabled=False` (--no-tcp, --no-udp) opens nothing: that protocol is not forwarded.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from passtd.dataplane.core.fwd import Listener
+from passtd.dataplane.io.sockets import set_freebind
 
 BACKLOG: Final = 128
 WILDCARDS: Final = (("0.0.0.0", socket.AF_INET), ("::", socket.AF_INET6))
@@ -75,6 +79,8 @@ class ListenerSet:
         *,
         backlog: int = BACKLOG,
         socket_factory: SocketFactory | None = None,
+        freebind: bool = False,
+        enabled: bool = True,
     ) -> None:
         if proto not in ("tcp", "udp"):
             raise ValueError(f"proto must be 'tcp' or 'udp', not {proto!r}")
@@ -82,6 +88,8 @@ class ListenerSet:
         self._loop = loop
         self._on_readable = on_readable
         self._backlog = backlog
+        self._freebind = freebind
+        self.enabled = enabled
         self._factory: SocketFactory = socket_factory or socket.socket
         self._type = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
         self._current: dict[tuple[object, ...], Listener] = {}
@@ -115,7 +123,7 @@ class ListenerSet:
         Closing first lets a port move between scopes (127.0.0.1 → any) in one diff. Retargeted keys report
         `ok` for each socket kept, and retry families that had failed before.
         """
-        opening = {listener.key: listener for listener in to_open}
+        opening = {listener.key: listener for listener in to_open} if self.enabled else {}
         for listener in to_close:
             key = listener.key
             if key in opening or self._current.get(key) != listener:
@@ -170,6 +178,8 @@ class ListenerSet:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if self.proto == "tcp":
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self._freebind:
+                set_freebind(sock, family)
             scope_id = 0
             if listener.ifname is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, listener.ifname.encode())

@@ -254,6 +254,7 @@ class UdpRelay:
         sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.outbound.bind_device(sock, target)
             source = self.outbound.source(target) or ("::" if family == socket.AF_INET6 else "0.0.0.0")
             try:
                 sock.bind((source, sport))  # the remote sees the guest's own port when the host has it free
