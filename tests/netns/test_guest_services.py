@@ -1,15 +1,24 @@
-"""Guest services end to end in real namespaces: DNS through a resolver on the host's loopback, as on a
-systemd-resolved desktop, with a real DHCP client (busybox udhcpc) and a real resolver client (nslookup)."""
+"""Guest services and the drop-in socket options end to end in real namespaces.
+
+DNS through a resolver on the host's loopback (as on a systemd-resolved desktop) with a real DHCP client
+(busybox udhcpc) and a real resolver client (nslookup); --outbound-if4, --no-splice, --host-lo-to-ns-lo,
+--no-tcp, --no-udp and --freebind with real sockets on both sides. Options another change parses are set on
+the parsed Config (`passtd_with`), so these tests run the real daemon whatever the command line accepts.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.netns.conftest import REMOTE4, Topology, sh
+from tests.netns.conftest import FAR4, PASSTD, REMOTE4, Passtd, Topology, ip_json, sh, wait_for
+from tests.netns.test_tcp import connect, digest, serve
 
 pytestmark = pytest.mark.netns
 IF = "eth0"
@@ -36,6 +45,49 @@ for _ in range(8):
     s.sendto(struct.pack("!HHHHHH", qid, 0x8180, 1, 1, 0, 0) + question + answer, peer)
     print("query from", peer[0], flush=True)
 """
+
+
+# Runs the daemon on a parsed command line with some Config / Context fields replaced.
+LAUNCH = """
+import dataclasses, json, sys
+from passtd.options import parse_args
+from passtd.daemon import run
+fields = json.loads(sys.argv[1])
+config = parse_args(sys.argv[2:])
+ctx = dataclasses.replace(config.ctx, **fields.pop("ctx", {}))
+sys.exit(run(dataclasses.replace(config, ctx=ctx, **fields)))
+"""
+
+
+def passtd_with(topo: Topology, fields: dict[str, Any], *args: str) -> Passtd:
+    """Start passtd (pasta mode, the guest namespace) with `fields` set on its Config; wait for the tap."""
+    assert PASSTD[1:] == ["-m", "passtd"]
+    log = topo.tmp / f"passtd-{len(topo.daemons)}.log"
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(topo.tmp))
+    argv = ["pasta", "-f", "-I", IF, "--netns", topo.guest, "--config-net", *args]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", topo.host, sys.executable, "-c", LAUNCH, json.dumps(fields), *argv],
+            stdout=out, stderr=out, env=env,
+        )  # fmt: skip
+    daemon = Passtd(proc, log)
+    topo.daemons.append(daemon)
+
+    def tap_up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"passtd exited with {proc.returncode}:\n{daemon.output()}")
+        return any(
+            link["ifname"] == IF and "UP" in link["flags"] for link in ip_json(topo.guest, "link", "show")
+        )
+
+    wait_for(tap_up, 15, f"tap {IF} in {topo.guest}")
+    return daemon
+
+
+def listening(topo: Topology, proto: str, port: int) -> list[str]:
+    """Local addresses of the host namespace's sockets listening on `port` (ss)."""
+    out = sh("ss", "-Hln", f"--{proto}", f"sport = :{port}", ns=topo.host).stdout
+    return [line.split()[3] for line in out.splitlines() if line.strip()]
 
 
 def start_resolver(topo: Topology, addr: str) -> subprocess.Popen[str]:
@@ -85,3 +137,128 @@ def test_loopback_resolver_left_out_with_no_map_gw(topo: Topology) -> None:
     env = udhcpc_env(topo)
     assert env["router"].split() == [REMOTE4]
     assert "dns" not in env
+
+
+def test_outbound_if4_leaves_through_that_interface(topo: Topology) -> None:
+    """--outbound-if4: the guest's connection leaves by the named interface (its own route and source
+    address), not by the default route's."""
+    sfx = topo.veth[2:]
+    second = f"vo{sfx}"
+    sh(
+        "ip",
+        "link",
+        "add",
+        second,
+        "netns",
+        topo.host,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth1",
+        "netns",
+        topo.remote,
+    )
+    sh("ip", "-n", topo.host, "addr", "add", "10.79.0.1/24", "dev", second)
+    sh("ip", "-n", topo.remote, "addr", "add", "10.79.0.2/24", "dev", "eth1")
+    sh("ip", "-n", topo.host, "link", "set", second, "up")
+    sh("ip", "-n", topo.remote, "link", "set", "eth1", "up")
+    sh("ip", "-n", topo.host, "route", "add", "default", "via", "10.79.0.2", "dev", second, "metric", "100")
+    server = serve(topo, topo.remote, FAR4, 5101, size=1000, seed=41, peer=True)
+    passtd_with(topo, {"outbound_if4": second})
+    client = connect(topo, topo.guest, FAR4, 5101, first="read", size=10, seed=42)
+    assert client.result() == {"rx_len": 1000, "rx_sha": digest(1000, 41)}
+    assert server.result()["peer"] == "10.79.0.1"  # without the option: 10.77.0.1, via the default route
+
+
+def test_no_splice_host_loopback_crosses_the_tap(topo: Topology) -> None:
+    """--no-splice: a host-loopback connection to a forwarded port goes through the tap and appears in the
+    namespace from the gateway (the --map-host-loopback address), not spliced from its own address."""
+    passtd_with(topo, {"splice": False}, "-t", "20111")
+    server = serve(topo, topo.guest, "0.0.0.0", 20111, size=100_000, seed=43, peer=True)
+    client = connect(topo, topo.host, "127.0.0.1", 20111, first="read", size=10, seed=44)
+    assert client.result() == {"rx_len": 100_000, "rx_sha": digest(100_000, 43)}
+    assert server.result()["peer"] == REMOTE4
+
+
+def test_host_lo_to_ns_lo_reaches_a_service_on_the_namespaces_loopback(topo: Topology) -> None:
+    """--host-lo-to-ns-lo: the splice goes to the namespace's 127.0.0.1, where a loopback-only service
+    listens, and the service sees a loopback peer."""
+    passtd_with(topo, {"host_lo_to_ns_lo": True}, "-t", "20112")
+    server = serve(topo, topo.guest, "127.0.0.1", 20112, size=1000, seed=45, peer=True)
+    client = connect(topo, topo.host, "127.0.0.1", 20112, first="read", size=10, seed=46)
+    assert client.result() == {"rx_len": 1000, "rx_sha": digest(1000, 45)}
+    assert server.result()["peer"] == "127.0.0.1"
+
+
+def test_default_splice_does_not_expose_the_namespaces_loopback(topo: Topology) -> None:
+    """Without --host-lo-to-ns-lo a service bound only to the namespace's 127.0.0.1 is not reachable."""
+    passtd_with(topo, {}, "-t", "20113")
+    server = serve(topo, topo.guest, "127.0.0.1", 20113, size=10, seed=47, timeout=5)
+    out = sh(sys.executable, "-c", PROBE, "127.0.0.1", "20113", ns=topo.host, check=False)
+    assert out.stdout.strip() in ("closed", "reset"), out.stdout + out.stderr
+    server.proc.kill()
+    server.proc.communicate(timeout=5)
+
+
+# Connect, then read: "data", "closed" (EOF) or "reset"; at most 5 s.
+PROBE = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+try:
+    print("data" if s.recv(100) else "closed")
+except ConnectionResetError:
+    print("reset")
+"""
+
+
+def test_no_tcp_no_listeners_and_guest_segments_dropped(topo: Topology) -> None:
+    """--no-tcp: no TCP listener for -t, and the guest's SYN is dropped (its connect times out, no RST)."""
+    passtd_with(topo, {"ctx": {"tcp": False}}, "-t", "20114", "-u", "20114")
+    assert listening(topo, "tcp", 20114) == []
+    assert listening(topo, "udp", 20114) != []
+    out = sh(sys.executable, "-c", GUEST_CONNECT, FAR4, "5102", ns=topo.guest, check=False, timeout=20)
+    assert out.stdout.strip() == "timeout", out.stdout + out.stderr
+
+
+GUEST_CONNECT = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2)
+    print("connected")
+except socket.timeout:
+    print("timeout")
+except OSError as exc:
+    print(exc.errno)
+"""
+
+
+def test_no_udp_no_listeners_but_dhcp_still_answers(topo: Topology) -> None:
+    """--no-udp: no UDP listener for -u, the guest's datagrams go nowhere, its DHCP server still answers."""
+    Path(f"/etc/netns/{topo.host}/resolv.conf").write_text("nameserver 127.0.0.53\n")
+    server = start_resolver(topo, "127.0.0.53")
+    try:
+        passtd_with(topo, {"ctx": {"udp": False}}, "-t", "20115", "-u", "20115")
+        assert listening(topo, "udp", 20115) == []
+        assert listening(topo, "tcp", 20115) != []
+        env = udhcpc_env(topo)
+        assert env["dns"].split() == [REMOTE4]
+        out = sh("busybox", "nslookup", "-type=a", "www.passtd.test", REMOTE4, ns=topo.guest, timeout=20,
+                 check=False)  # fmt: skip
+        assert ANSWER not in out.stdout
+    finally:
+        server.kill()
+        seen = server.communicate(timeout=5)[0]
+    assert "query from" not in seen
+
+
+def test_freebind_forwards_an_address_the_host_does_not_have_yet(topo: Topology) -> None:
+    """--freebind: -t 10.77.0.200/PORT listens although no interface has the address; once the address is
+    added, connections to it reach the guest."""
+    passtd_with(topo, {"freebind": True}, "-t", "10.77.0.200/20116")
+    assert listening(topo, "tcp", 20116) == ["10.77.0.200:20116"]
+    sh("ip", "-n", topo.host, "addr", "add", "10.77.0.200/32", "dev", "lo")
+    server = serve(topo, topo.guest, "0.0.0.0", 20116, size=1000, seed=48)
+    client = connect(topo, topo.host, "10.77.0.200", 20116, first="read", size=10, seed=49)
+    assert client.result() == {"rx_len": 1000, "rx_sha": digest(1000, 48)}
+    server.result()
