@@ -765,6 +765,8 @@ def _resolve(ns: argparse.Namespace, host: HostView | None, env: Mapping[str, st
         ra=not (ns.no_ra or ns.no_ndp),  # router advertisements are NDP messages (RFC 4861 section 4.2)
         icmp=not ns.no_icmp,
         map_gw=not ns.no_map_gw,
+        dns_forward=dns_plan.forward,
+        dns_upstream=dns_plan.upstream,
     )
 
     default_ifname = host.ifname4 or host.ifname6 or DEFAULT_NS_IFNAME

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from passtd.dataplane.core.context import Context, Ip4Net
@@ -78,3 +79,18 @@ def test_dns_host_chooses_the_target_per_family() -> None:
 def test_unusable_host_entries_are_skipped() -> None:
     plan = plan_dns((ip_address("0.0.0.0"), ip_address("ff02::fb"), NS4))
     assert plan == DnsPlan(guest4=(NS4,), upstream=(NS4,))
+
+
+def test_tcp_dns_to_the_gateway_is_relayed_too() -> None:
+    """passt relays TCP as well as UDP (port 53, and 853 for DNS over TLS): a guest falling back to TCP for
+    a truncated answer reaches the same resolver."""
+    from tests.helpers.tcpfake import CTX as TCP_CTX
+    from tests.helpers.tcpfake import GW4, Rig
+
+    gw = IPv4Address(GW4)
+    plan = plan_dns((RESOLVED,), host_loopback4=gw)
+    rig = Rig(dataclasses.replace(TCP_CTX, dns_forward=plan.forward, dns_upstream=plan.upstream))
+    for sport, dport in ((40001, 53), (40002, 853), (40003, 80)):
+        rig.guest(0x02, 1000, dst=GW4, sport=sport, dport=dport)
+    targets = {c.guest_port: c.target_addr for c in rig.flows if hasattr(c, "target_addr")}
+    assert targets == {40001: RESOLVED.packed, 40002: RESOLVED.packed, 40003: LOOPBACK4}

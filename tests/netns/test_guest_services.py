@@ -262,3 +262,13 @@ def test_freebind_forwards_an_address_the_host_does_not_have_yet(topo: Topology)
     client = connect(topo, topo.host, "10.77.0.200", 20116, first="read", size=10, seed=49)
     assert client.result() == {"rx_len": 1000, "rx_sha": digest(1000, 48)}
     server.result()
+
+
+def test_tcp_dns_to_the_gateway_reaches_the_loopback_resolver(topo: Topology) -> None:
+    """DNS over TCP (a truncated answer's retry) to the gateway reaches the resolver on 127.0.0.53 too."""
+    Path(f"/etc/netns/{topo.host}/resolv.conf").write_text("nameserver 127.0.0.53\n")
+    server = serve(topo, topo.host, "127.0.0.53", 53, size=600, seed=50, peer=True)
+    passtd_with(topo, {})
+    client = connect(topo, topo.guest, REMOTE4, 53, first="read", size=40, seed=51)
+    assert client.result() == {"rx_len": 600, "rx_sha": digest(600, 50)}
+    assert server.result()["rx_sha"] == digest(40, 51)
