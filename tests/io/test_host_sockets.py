@@ -20,7 +20,7 @@ from passtd.dataplane.core.context import Context, Guest, Ip4Net, Ip6Net, link_l
 from passtd.dataplane.core.fwd import Listener
 from passtd.dataplane.io.listeners import ListenerSet
 from passtd.dataplane.io.netns import open_netns, run_in_netns
-from passtd.dataplane.io.sockets import Outbound, splice_target_ns
+from passtd.dataplane.io.sockets import Outbound, open_ping_socket, splice_target_ns
 
 NOWHERE4, NOWHERE6 = IPv4Address("192.0.2.99"), IPv6Address("2001:db8::99")
 
@@ -118,3 +118,31 @@ def test_splice_target_in_the_namespace() -> None:
     guest.addrs4.add(IPv4Address("192.0.2.10"))
     assert splice_target_ns(ctx, guest, False, False) == "192.0.2.10"
     assert splice_target_ns(Context(), Guest(), False, False) == "127.0.0.1"  # no address: loopback
+
+
+def test_ping_socket_follows_outbound_interface_and_source(ns_fd: int, netns_name: str) -> None:
+    """ICMP echo toward the network leaves like TCP and UDP: --outbound-if4 and --outbound apply, not for
+    the host's loopback."""
+    subprocess.run(["ip", "netns", "exec", netns_name, "sysctl", "-qw", "net.ipv4.ping_group_range=0 0"],
+                   check=True, timeout=10)  # fmt: skip
+    subprocess.run(
+        ["ip", "-n", netns_name, "addr", "add", "192.0.2.5/24", "dev", "lo"], check=True, timeout=10
+    )
+    out = Outbound((IPv4Address("192.0.2.5"),), "lo", None)
+    sock = run_in_netns(ns_fd, open_ping_socket, False, out, IPv4Address("203.0.113.1").packed)
+    try:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\0") == b"lo"
+        assert sock.getsockname()[0] == "192.0.2.5"
+    finally:
+        sock.close()
+    local = run_in_netns(ns_fd, open_ping_socket, False, out, IPv4Address("127.0.0.1").packed)
+    try:
+        assert local.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\0") == b""
+        assert local.getsockname()[0] == "0.0.0.0"
+    finally:
+        local.close()
+    with pytest.raises(OSError) as exc:
+        run_in_netns(
+            ns_fd, open_ping_socket, False, Outbound((), "nosuchif0"), IPv4Address("203.0.113.1").packed
+        )
+    assert exc.value.errno == errno.ENODEV

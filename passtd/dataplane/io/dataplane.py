@@ -487,7 +487,7 @@ class Dataplane:
         sock = self._ping_socks.get(flow.flow_id)
         if sock is None:
             try:
-                sock = open_ping_socket(flow.v6)
+                sock = open_ping_socket(flow.v6, self.tcp_io.outbound, flow.target_addr)
             except PermissionError:
                 self.stats.drop("icmp.ping_socket_forbidden")
                 if not self._ping_refused:

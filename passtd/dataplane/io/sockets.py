@@ -43,13 +43,24 @@ def set_freebind(sock: socket.socket, family: int) -> None:
         sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
 
 
-def open_ping_socket(v6: bool) -> socket.socket:
-    """An unprivileged ICMP echo socket; raises PermissionError when net.ipv4.ping_group_range forbids it."""
+def open_ping_socket(v6: bool, outbound: Outbound | None = None, target: bytes = b"") -> socket.socket:
+    """An unprivileged ICMP echo socket; raises PermissionError when net.ipv4.ping_group_range forbids it.
+    With `outbound` and the flow's `target`, bound to the --outbound-if* interface and --outbound source
+    like TCP and UDP sockets toward the network."""
     if v6:
         sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
     else:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
-    sock.setblocking(False)
+    try:
+        sock.setblocking(False)
+        if outbound is not None and target:
+            outbound.bind_device(sock, target)
+            source = outbound.source(target)
+            if source is not None:
+                sock.bind((source, 0))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
