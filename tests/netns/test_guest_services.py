@@ -90,6 +90,10 @@ def listening(topo: Topology, proto: str, port: int) -> list[str]:
     return [line.split()[3] for line in out.splitlines() if line.strip()]
 
 
+# Upstream pasta offers no DNS by DHCP unless --dhcp-dns: ask for it whatever pasta's default is here.
+OFFER_DNS: dict[str, Any] = {"ctx": {"dhcp_dns": True}}
+
+
 def start_resolver(topo: Topology, addr: str) -> subprocess.Popen[str]:
     server = subprocess.Popen(
         ["ip", "netns", "exec", topo.host, sys.executable, "-c", RESOLVER, addr],
@@ -117,7 +121,7 @@ def test_loopback_only_resolver_reaches_the_guest_through_the_gateway(topo: Topo
     Path(f"/etc/netns/{topo.host}/resolv.conf").write_text("nameserver 127.0.0.53\n")
     server = start_resolver(topo, "127.0.0.53")
     try:
-        topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, "--config-net", wait_tap=IF)
+        passtd_with(topo, OFFER_DNS)
         env = udhcpc_env(topo)
         assert env["router"].split() == [REMOTE4]
         assert env["dns"].split() == [REMOTE4]  # the gateway, standing for the host's loopback resolver
@@ -133,7 +137,7 @@ def test_loopback_only_resolver_reaches_the_guest_through_the_gateway(topo: Topo
 def test_loopback_resolver_left_out_with_no_map_gw(topo: Topology) -> None:
     """--no-map-gw: there is no guest-side address for the host's loopback, so no nameserver is offered."""
     Path(f"/etc/netns/{topo.host}/resolv.conf").write_text("nameserver 127.0.0.53\n")
-    topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, "--no-map-gw", wait_tap=IF)
+    passtd_with(topo, OFFER_DNS, "--no-map-gw")
     env = udhcpc_env(topo)
     assert env["router"].split() == [REMOTE4]
     assert "dns" not in env
@@ -238,7 +242,7 @@ def test_no_udp_no_listeners_but_dhcp_still_answers(topo: Topology) -> None:
     Path(f"/etc/netns/{topo.host}/resolv.conf").write_text("nameserver 127.0.0.53\n")
     server = start_resolver(topo, "127.0.0.53")
     try:
-        passtd_with(topo, {"ctx": {"udp": False}}, "-t", "20115", "-u", "20115")
+        passtd_with(topo, {"ctx": {"udp": False, "dhcp_dns": True}}, "-t", "20115", "-u", "20115")
         assert listening(topo, "udp", 20115) == []
         assert listening(topo, "tcp", 20115) != []
         env = udhcpc_env(topo)
