@@ -38,7 +38,15 @@ from passtd.config import (
     default_socket_path,
 )
 from passtd.configfile import FileConfig, OptionSpec, key_error, load
-from passtd.dataplane.core.context import DEFAULT_MAC, Context, Ip4Net, Ip6Net, link_local_from_mac
+from passtd.dataplane.core.context import (
+    DEFAULT_MAC,
+    Context,
+    Ip4Net,
+    Ip6Net,
+    host_loopback4,
+    host_loopback6,
+    link_local_from_mac,
+)
 from passtd.dataplane.core.dns import plan_dns
 from passtd.dataplane.core.fwd import ForwardTables
 from passtd.errors import ConfigError
@@ -742,17 +750,6 @@ def _resolve(ns: argparse.Namespace, host: HostView | None, env: Mapping[str, st
             our_mac,
         )
 
-    # A loopback resolver of the host is offered as the gateway and relayed (core/dns.py).
-    dns_plan = plan_dns(
-        host.nameservers,
-        dns=None if ns.dns is None else dns,
-        dns_forward=dns_forward,
-        host_loopback4=None if ip4 is None or ns.no_map_gw else ip4.gateway,
-        host_loopback6=None if ip6 is None or ns.no_map_gw else ip6.gateway,
-    )
-    ip4 = None if ip4 is None else replace(ip4, dns=dns_plan.guest4)
-    ip6 = None if ip6 is None else replace(ip6, dns=dns_plan.guest6)
-
     ctx = Context(
         our_mac=our_mac,
         mtu=mtu,
@@ -765,6 +762,21 @@ def _resolve(ns: argparse.Namespace, host: HostView | None, env: Mapping[str, st
         ra=not (ns.no_ra or ns.no_ndp),  # router advertisements are NDP messages (RFC 4861 section 4.2)
         icmp=not ns.no_icmp,
         map_gw=not ns.no_map_gw,
+    )
+    # A loopback resolver of the host is offered as the --map-host-loopback address (the gateway unless
+    # --no-map-gw) and relayed (core/dns.py); the guest-side addresses come from the Context just built.
+    lo4, lo6 = host_loopback4(ctx), host_loopback6(ctx)
+    dns_plan = plan_dns(
+        host.nameservers,
+        dns=None if ns.dns is None else dns,
+        dns_forward=dns_forward,
+        host_loopback4=None if lo4 is None else IPv4Address(lo4),
+        host_loopback6=None if lo6 is None else IPv6Address(lo6),
+    )
+    ctx = replace(
+        ctx,
+        ip4=None if ip4 is None else replace(ip4, dns=dns_plan.guest4),
+        ip6=None if ip6 is None else replace(ip6, dns=dns_plan.guest6),
         dns_forward=dns_plan.forward,
         dns_upstream=dns_plan.upstream,
     )
