@@ -179,6 +179,7 @@ def test_no_splice_host_loopback_crosses_the_tap(topo: Topology) -> None:
     """--no-splice: a host-loopback connection to a forwarded port goes through the tap and appears in the
     namespace from the gateway (the --map-host-loopback address), not spliced from its own address."""
     passtd_with(topo, {"splice": False}, "-t", "20111")
+    wait_for(lambda: listening(topo, "tcp", 20111), 10, "the forwarded port")
     server = serve(topo, topo.guest, "0.0.0.0", 20111, size=100_000, seed=43, peer=True)
     client = connect(topo, topo.host, "127.0.0.1", 20111, first="read", size=10, seed=44)
     assert client.result() == {"rx_len": 100_000, "rx_sha": digest(100_000, 43)}
@@ -189,6 +190,7 @@ def test_host_lo_to_ns_lo_reaches_a_service_on_the_namespaces_loopback(topo: Top
     """--host-lo-to-ns-lo: the splice goes to the namespace's 127.0.0.1, where a loopback-only service
     listens, and the service sees a loopback peer."""
     passtd_with(topo, {"host_lo_to_ns_lo": True}, "-t", "20112")
+    wait_for(lambda: listening(topo, "tcp", 20112), 10, "the forwarded port")
     server = serve(topo, topo.guest, "127.0.0.1", 20112, size=1000, seed=45, peer=True)
     client = connect(topo, topo.host, "127.0.0.1", 20112, first="read", size=10, seed=46)
     assert client.result() == {"rx_len": 1000, "rx_sha": digest(1000, 45)}
@@ -198,6 +200,7 @@ def test_host_lo_to_ns_lo_reaches_a_service_on_the_namespaces_loopback(topo: Top
 def test_default_splice_does_not_expose_the_namespaces_loopback(topo: Topology) -> None:
     """Without --host-lo-to-ns-lo a service bound only to the namespace's 127.0.0.1 is not reachable."""
     passtd_with(topo, {}, "-t", "20113")
+    wait_for(lambda: listening(topo, "tcp", 20113), 10, "the forwarded port")
     server = serve(topo, topo.guest, "127.0.0.1", 20113, size=10, seed=47, timeout=5)
     out = sh(sys.executable, "-c", PROBE, "127.0.0.1", "20113", ns=topo.host, check=False)
     assert out.stdout.strip() in ("closed", "reset"), out.stdout + out.stderr
@@ -219,8 +222,8 @@ except ConnectionResetError:
 def test_no_tcp_no_listeners_and_guest_segments_dropped(topo: Topology) -> None:
     """--no-tcp: no TCP listener for -t, and the guest's SYN is dropped (its connect times out, no RST)."""
     passtd_with(topo, {"ctx": {"tcp": False}}, "-t", "20114", "-u", "20114")
+    wait_for(lambda: listening(topo, "udp", 20114), 10, "the UDP listener")  # forwarding is in place
     assert listening(topo, "tcp", 20114) == []
-    assert listening(topo, "udp", 20114) != []
     out = sh(sys.executable, "-c", GUEST_CONNECT, FAR4, "5102", ns=topo.guest, check=False, timeout=20)
     assert out.stdout.strip() == "timeout", out.stdout + out.stderr
 
@@ -243,8 +246,8 @@ def test_no_udp_no_listeners_but_dhcp_still_answers(topo: Topology) -> None:
     server = start_resolver(topo, "127.0.0.53")
     try:
         passtd_with(topo, {"ctx": {"udp": False, "dhcp_dns": True}}, "-t", "20115", "-u", "20115")
+        wait_for(lambda: listening(topo, "tcp", 20115), 10, "the TCP listener")  # forwarding is in place
         assert listening(topo, "udp", 20115) == []
-        assert listening(topo, "tcp", 20115) != []
         env = udhcpc_env(topo)
         assert env["dns"].split() == [REMOTE4]
         out = sh("busybox", "nslookup", "-type=a", "www.passtd.test", REMOTE4, ns=topo.guest, timeout=20,
@@ -260,7 +263,7 @@ def test_freebind_forwards_an_address_the_host_does_not_have_yet(topo: Topology)
     """--freebind: -t 10.77.0.200/PORT listens although no interface has the address; once the address is
     added, connections to it reach the guest."""
     passtd_with(topo, {"freebind": True}, "-t", "10.77.0.200/20116")
-    assert listening(topo, "tcp", 20116) == ["10.77.0.200:20116"]
+    assert wait_for(lambda: listening(topo, "tcp", 20116), 10, "the listener") == ["10.77.0.200:20116"]
     sh("ip", "-n", topo.host, "addr", "add", "10.77.0.200/32", "dev", "lo")
     server = serve(topo, topo.guest, "0.0.0.0", 20116, size=1000, seed=48)
     client = connect(topo, topo.host, "10.77.0.200", 20116, first="read", size=10, seed=49)
