@@ -202,17 +202,19 @@ def test_default_splice_does_not_expose_the_namespaces_loopback(topo: Topology) 
     passtd_with(topo, {}, "-t", "20113")
     wait_for(lambda: listening(topo, "tcp", 20113), 10, "the forwarded port")
     server = serve(topo, topo.guest, "127.0.0.1", 20113, size=10, seed=47, timeout=5)
-    out = sh(sys.executable, "-c", PROBE, "127.0.0.1", "20113", ns=topo.host, check=False)
-    assert out.stdout.strip() in ("closed", "reset"), out.stdout + out.stderr
-    server.proc.kill()
-    server.proc.communicate(timeout=5)
+    try:
+        out = sh(sys.executable, "-c", PROBE, "127.0.0.1", "20113", ns=topo.host, check=False)
+        assert out.stdout.strip() in ("closed", "reset"), out.stdout + out.stderr
+    finally:
+        server.proc.kill()
+        server.proc.communicate(timeout=5)
 
 
-# Connect, then read: "data", "closed" (EOF) or "reset"; at most 5 s.
+# Connect, then read: "data", "closed" (EOF) or "reset" (also while connecting); at most 5 s.
 PROBE = """
 import socket, sys
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
 try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
     print("data" if s.recv(100) else "closed")
 except ConnectionResetError:
     print("reset")
