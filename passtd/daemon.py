@@ -37,6 +37,7 @@ from passtd.dataplane.io.dataplane import Dataplane
 from passtd.dataplane.io.guestsock import GuestListener, adopt_stream_socket
 from passtd.dataplane.io.hostview import HostView
 from passtd.dataplane.io.pcap import PcapWriter
+from passtd.dataplane.io.sockets import HostSockets
 from passtd.dataplane.io.tap.base import TapBackend
 from passtd.dataplane.io.tap.qemu_stream import QemuStreamBackend
 from passtd.errors import BackendError, ConfigError
@@ -367,9 +368,11 @@ async def _serve(
     notifier = Notifier()
     current = config
     pcap = PcapWriter(config.pcap) if config.pcap else None
+    sockets = HostSockets(config.outbound, config.outbound_if4, config.outbound_if6, config.freebind,
+                          config.splice, config.host_lo_to_ns_lo)  # fmt: skip
     dp = Dataplane(config.ctx, loop, pcap, max_flows=config.max_flows, dns_forward=config.dns_forward,
                    dns_upstream=config.dns_upstream, vnet=pasta is not None or config.vhost_user,
-                   outbound=config.outbound)  # fmt: skip
+                   sockets=sockets)  # fmt: skip
     if pasta is not None:
         dp.netns_fd = pasta.netns_fd
     if config.forward is not None:

@@ -30,6 +30,7 @@ from passtd.config import (
     default_socket_path,
 )
 from passtd.dataplane.core.context import DEFAULT_MAC, Context
+from passtd.dataplane.core.dns import plan_dns
 from passtd.dataplane.core.fwd import ForwardTables
 from passtd.errors import BackendError, ConfigError
 from passtd.limits import ifname_problem, socket_path_problem
@@ -144,9 +145,8 @@ def _per_family(option: str, values: Sequence[IPAddr]) -> tuple[IPv4Address | No
     return (v4[0] if v4 else None), (v6[0] if v6 else None)
 
 
-def _parse_dns(values: Sequence[str] | None, host: HostView) -> tuple[IPAddr, ...]:
-    if values is None:  # the host's resolvers, minus loopback ones the guest would look for in itself
-        return tuple(ns for ns in host.nameservers if not ns.is_loopback and not ns.is_unspecified)
+def _parse_dns(values: Sequence[str], host: HostView) -> tuple[IPAddr, ...]:
+    """-D/--dns: addresses, or `none` for no nameserver at all (without -D, core/dns.py plans them)."""
     if "none" in values:
         if len(values) > 1:
             raise ConfigError("--dns: 'none' cannot be combined with addresses")
@@ -456,31 +456,29 @@ def _resolve_ctx(
     no_map, mhl4, mhl6 = _parse_nat("--map-host-loopback", ns.map_host_loopback)
     _, mga4, mga6 = _parse_nat("--map-guest-addr", ns.map_guest_addr)
     map_gw = not (ns.no_map_gw or no_map)
-    dns = _parse_dns(ns.dns, host)
-    if dns_forward and ns.dns is None:
-        dns = dns_forward  # the guest asks the forwarding address; passtd relays to the host's resolver
     ip4 = None
     if not ns.ipv6_only:
-        dns4 = tuple(d for d in dns if isinstance(d, IPv4Address))
-        ip4 = plan_ip4(a.addr4, a.netmask, a.gw4, host, dns4)
+        ip4 = plan_ip4(a.addr4, a.netmask, a.gw4, host, ())
     ip6 = None
     if not ns.ipv4_only and a.mtu >= IPV6_MIN_MTU:
-        dns6 = tuple(d for d in dns if isinstance(d, IPv6Address))
-        ip6 = plan_ip6(a.addr6, a.gw6, host, dns6, a.our_mac)
+        ip6 = plan_ip6(a.addr6, a.gw6, host, (), a.our_mac)
     if map_gw:  # passt: the gateway stands for the host's loopback unless told otherwise
         mhl4 = mhl4 or (None if ip4 is None else ip4.gateway)
         mhl6 = mhl6 or (None if ip6 is None else ip6.gateway)
-    upstream = tuple(host.nameservers)
-    if dns_host is not None:
-        upstream = (dns_host, *(n for n in upstream if n != dns_host))
-    if ns.dns is None and not dns_forward and _only_loopback(host.nameservers):
-        # systemd-resolved and the like (passt's get_dns): offer the host-loopback address as nameserver and
-        # relay the queries that reach it to the loopback resolver
-        dns_forward = tuple(m for m in (mhl4, mhl6) if m is not None)
-        if ip4 is not None and mhl4 is not None:
-            ip4 = replace(ip4, dns=(mhl4,))
-        if ip6 is not None and mhl6 is not None:
-            ip6 = replace(ip6, dns=(mhl6,))
+    # What the guest is offered and where its queries go: core/dns.py, after passt's get_dns (a loopback
+    # resolver such as systemd-resolved's is offered as the host-loopback address and relayed there).
+    plan = plan_dns(
+        host.nameservers,
+        dns=None if ns.dns is None else _parse_dns(ns.dns, host),
+        dns_forward=dns_forward,
+        dns_host=() if dns_host is None else (dns_host,),
+        host_loopback4=mhl4,
+        host_loopback6=mhl6,
+    )
+    if ip4 is not None:
+        ip4 = replace(ip4, dns=plan.guest4)
+    if ip6 is not None:
+        ip6 = replace(ip6, dns=plan.guest6)
     pasta = ns.mode == "pasta"
     ctx = Context(
         our_mac=a.our_mac,
@@ -504,12 +502,10 @@ def _resolve_ctx(
         map_host_loopback6=mhl6,
         map_guest_addr4=mga4,
         map_guest_addr6=mga6,
+        dns_forward=plan.forward,
+        dns_upstream=plan.upstream,
     )
-    return ctx, dns_forward, upstream
-
-
-def _only_loopback(nameservers: Sequence[IPAddr]) -> bool:
-    return bool(nameservers) and all(n.is_loopback for n in nameservers)
+    return ctx, plan.forward, plan.upstream
 
 
 class _Pasta(NamedTuple):

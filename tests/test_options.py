@@ -61,8 +61,11 @@ GOOD: list[tuple[list[str], HostView, dict[str, Any]]] = [
             "mode": "passt",
             "ctx.mtu": 65520,
             "ctx.our_mac": DEFAULT_MAC,
-            "ctx.ip4": Ip4Net(ip("192.0.2.2"), 24, ip("192.0.2.1"), (ip("192.0.2.53"),)),
+            # the host's loopback resolver (127.0.0.53) is offered as the gateway, and relayed (passt does so)
+            "ctx.ip4": Ip4Net(ip("192.0.2.2"), 24, ip("192.0.2.1"), (ip("192.0.2.53"), ip("192.0.2.1"))),
             "ctx.ip6": Ip6Net(ip("fd00::2"), 56, ip("fe80::1"), OUR_LL, (ip("fd00::53"),)),
+            "dns_forward": (ip("192.0.2.1"),),
+            "dns_upstream": (ip("192.0.2.53"), ip("fd00::53")),
             "ctx.search": ("example.org", "example.net"),
             "ctx.dhcp": True,
             "ctx.ndp": True,

@@ -22,10 +22,12 @@ from passtd.dataplane.packets.dhcp import (
     DHCPOFFER,
     DHCPRELEASE,
     DHCPREQUEST,
+    OPT_CLIENT_FQDN,
     OPT_CLIENT_ID,
     OPT_DNS,
     OPT_DOMAIN_NAME,
     OPT_DOMAIN_SEARCH,
+    OPT_HOSTNAME,
     OPT_LEASE_TIME,
     OPT_MAX_MESSAGE_SIZE,
     OPT_MESSAGE,
@@ -36,6 +38,9 @@ from passtd.dataplane.packets.dhcp import (
     OPT_ROUTER,
     OPT_SERVER_ID,
     OPT_SUBNET_MASK,
+    ClientFqdn,
+    decode_option,
+    encode_dns_name,
     unpack_domain_search,
 )
 from passtd.dataplane.packets.udp import UdpHeader, parse_udp
@@ -357,3 +362,55 @@ def test_fuzz_options_always_yield_a_readable_reply(msg_type: int, options: list
         reply = Reply(frame)
         assert reply.msg_type in (DHCPOFFER, DHCPACK, DHCPNAK)
         assert len(reply.payload) <= 1500
+
+
+# --- names (RFC 2132 §3.14, RFC 4702) and --no-dhcp-dns / --no-dhcp-search ----------------------------------
+
+
+def test_hostname_and_fqdn_as_passt_sends_them() -> None:
+    """Option 12 as text, option 81 with flags E, RCODE1 = RCODE2 = 255 and the name in wire form, both sent
+    although the client did not ask for them (passt's dhcp.c does the same)."""
+    ctx = dataclasses.replace(CTX, hostname="vm1", fqdn="vm1.example.com")
+    reply = Reply(
+        handle_dhcp(ctx, GUEST_MAC, request(DHCPDISCOVER, opts=[(OPT_PARAM_REQUEST, bytes([1, 3]))]))
+    )
+    assert reply.opts[OPT_HOSTNAME] == b"vm1"
+    assert reply.opts[OPT_CLIENT_FQDN] == b"\x04\xff\xff\x03vm1\x07example\x03com\x00"
+    assert decode_option(OPT_CLIENT_FQDN, reply.opts[OPT_CLIENT_FQDN]) == ClientFqdn(
+        4, 255, 255, "vm1.example.com"
+    )
+    ack = Reply(handle_dhcp(ctx, GUEST_MAC, request(DHCPREQUEST, opts=[(OPT_REQUESTED_IP, ADDR.packed)])))
+    assert ack.msg_type == DHCPACK and ack.opts[OPT_HOSTNAME] == b"vm1" and OPT_CLIENT_FQDN in ack.opts
+
+
+def test_no_names_by_default_and_unencodable_fqdn_left_out() -> None:
+    reply = Reply(handle_dhcp(CTX, GUEST_MAC, request(DHCPDISCOVER)))
+    assert OPT_HOSTNAME not in reply.opts and OPT_CLIENT_FQDN not in reply.opts
+    ctx = dataclasses.replace(CTX, hostname="h", fqdn="a" * 64 + ".example")  # a label over 63 octets
+    reply = Reply(handle_dhcp(ctx, GUEST_MAC, request(DHCPDISCOVER)))
+    assert reply.opts[OPT_HOSTNAME] == b"h" and OPT_CLIENT_FQDN not in reply.opts
+
+
+def test_names_dropped_last_when_the_reply_does_not_fit() -> None:
+    """Long names on a 576-byte client: search and extra DNS go first, then option 81, then option 12."""
+    fqdn = ".".join(["l" * 60] * 4)  # 248 characters, 250 octets in wire form
+    ctx = dataclasses.replace(CTX, hostname="h" * 200, fqdn=fqdn)
+    reply = Reply(handle_dhcp(ctx, GUEST_MAC, request(DHCPDISCOVER)))
+    assert len(reply.payload) <= 576 - 28
+    assert OPT_CLIENT_FQDN not in reply.opts and reply.opts[OPT_HOSTNAME] == b"h" * 200
+    assert OPT_DOMAIN_SEARCH not in reply.opts and reply.opts[OPT_DNS] == DNS[0].packed
+    big = [(OPT_MAX_MESSAGE_SIZE, (1500).to_bytes(2, "big")), (OPT_PARAM_REQUEST, DHCLIENT_PRL)]
+    reply = Reply(handle_dhcp(ctx, GUEST_MAC, request(DHCPDISCOVER, opts=big)))
+    assert reply.opts[OPT_CLIENT_FQDN][3:] == encode_dns_name(fqdn) and OPT_DOMAIN_SEARCH in reply.opts
+
+
+def test_no_dhcp_dns_and_no_dhcp_search() -> None:
+    reply = Reply(handle_dhcp(dataclasses.replace(CTX, dhcp_dns=False), GUEST_MAC, request(DHCPDISCOVER)))
+    assert OPT_DNS not in reply.opts and OPT_DOMAIN_SEARCH in reply.opts
+    reply = Reply(handle_dhcp(dataclasses.replace(CTX, dhcp_search=False), GUEST_MAC, request(DHCPDISCOVER)))
+    assert reply.opts[OPT_DNS] == b"".join(a.packed for a in DNS)
+    assert OPT_DOMAIN_SEARCH not in reply.opts and OPT_DOMAIN_NAME not in reply.opts
+    ctx = dataclasses.replace(CTX, dhcp_dns=False, dhcp_search=False)
+    reply = Reply(handle_dhcp(ctx, GUEST_MAC, request(DHCPINFORM)))
+    assert {OPT_DNS, OPT_DOMAIN_SEARCH, OPT_DOMAIN_NAME}.isdisjoint(reply.opts)
+    assert reply.opts[OPT_ROUTER] == GW.packed

@@ -15,7 +15,10 @@ from hypothesis import strategies as st
 from passtd.dataplane.core.context import Context, Ip6Net, link_local_from_mac
 from passtd.dataplane.core.services.dhcpv6 import handle_dhcpv6
 from passtd.dataplane.packets.dhcpv6 import (
+    FQDN_FLAG_O,
+    ClientFqdn6,
     Dhcpv6Message,
+    parse_client_fqdn,
     parse_dhcpv6,
     parse_ia,
     parse_ia_address,
@@ -208,6 +211,53 @@ def test_extra_ias_get_no_addrs_and_no_prefix() -> None:
     assert (ta_ia.iaid, parse_status_code(ta_ia.options[0].data)[0]) == (9, 2)
     pd_ia = parse_ia(25, msg.get(25) or b"")
     assert (pd_ia.iaid, parse_status_code(pd_ia.options[0].data)[0]) == (7, 6)
+
+
+def test_no_dhcp_dns_and_no_dhcp_search_flags() -> None:
+    """--no-dhcp-dns / --no-dhcp-search: the lists exist but are not offered, each on its own."""
+    msg = decode(ask(client_msg(SOLICIT, ia_na()), ctx=dataclasses.replace(CTX, dhcp_dns=False))).msg
+    assert msg.get(23) is None and msg.get(24) == b"\x07example\x03com\x00"
+    msg = decode(ask(client_msg(INFORMATION_REQUEST), ctx=dataclasses.replace(CTX, dhcp_search=False))).msg
+    assert msg.get(23) == DNS[0].packed + DNS[1].packed and msg.get(24) is None
+
+
+def test_client_fqdn_option_39() -> None:
+    """RFC 4704: flags 0, or O when the client set S (we update no DNS), then the name in wire form; in
+    Advertise, Reply and Information-request replies, whether asked or not (passt's dhcpv6.c)."""
+    ctx = dataclasses.replace(CTX, fqdn="vm.example.com")
+    name = b"\x02vm\x07example\x03com\x00"
+    assert decode(ask(client_msg(SOLICIT, ia_na()), ctx=ctx)).msg.get(39) == b"\x00" + name
+    asked = client_msg(REQUEST, opt(2, SERVER_DUID), ia_na(), opt(39, b"\x01\x02vm\x00"))
+    msg = decode(ask(asked, ctx=ctx)).msg
+    assert msg.get(39) == b"\x02" + name
+    assert parse_client_fqdn(msg.get(39) or b"") == ClientFqdn6(FQDN_FLAG_O, "vm.example.com")
+    assert decode(ask(client_msg(INFORMATION_REQUEST), ctx=ctx)).msg.get(39) == b"\x00" + name
+    assert decode(ask(client_msg(SOLICIT, ia_na()))).msg.get(39) is None  # not configured
+    bad = dataclasses.replace(CTX, fqdn="x" * 64)  # a label too long to encode: left out
+    assert decode(ask(client_msg(SOLICIT, ia_na()), ctx=bad)).msg.get(39) is None
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"\x01", ClientFqdn6(1, "")),
+        (b"\x00\x02vm", ClientFqdn6(0, "vm")),  # a partial name: no root label (RFC 4704 §4.2)
+        (b"\x04\x01a\x01b\x00", ClientFqdn6(4, "a.b")),
+    ],
+)
+def test_parse_client_fqdn(data: bytes, expected: ClientFqdn6) -> None:
+    assert parse_client_fqdn(data) == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [(b"", "dhcpv6.fqdn_truncated"), (b"\x00\x05ab", "dhcpv6.bad_fqdn"), (b"\x00\x00\x01", "dhcpv6.bad_fqdn"),
+     (b"\x00\x40" + bytes(64), "dhcpv6.bad_fqdn")],
+)  # fmt: skip
+def test_parse_client_fqdn_malformed(data: bytes, reason: str) -> None:
+    with pytest.raises(MalformedFrame) as exc:
+        parse_client_fqdn(data)
+    assert exc.value.reason == reason
 
 
 def test_no_dns_no_search() -> None:

@@ -182,6 +182,17 @@ def test_no_dns_no_search_no_dns_options() -> None:
     assert set(opts) == {1, 3, 5}
 
 
+def test_no_dhcp_dns_and_no_dhcp_search_leave_out_rdnss_and_dnssl() -> None:
+    opts = ra_options(
+        decode(responder(dataclasses.replace(CTX, dhcp_dns=False)).handle_icmp6(GUEST_MAC, rs(), 0.0)).icmp
+    )
+    assert 25 not in opts and len(opts[31]) == 1
+    opts = ra_options(
+        decode(responder(dataclasses.replace(CTX, dhcp_search=False)).handle_icmp6(GUEST_MAC, rs(), 0.0)).icmp
+    )
+    assert 31 not in opts and len(opts[25]) == 1
+
+
 def test_ra_disabled_still_answers_ns() -> None:
     r = responder(dataclasses.replace(CTX, ra=False))
     assert r.handle_icmp6(GUEST_MAC, rs(), 0.0) is None

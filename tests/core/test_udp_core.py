@@ -50,7 +50,8 @@ def test_host_peers_as_seen_by_the_guest() -> None:
     assert remote_as_seen(CTX, LOOP4) == GW4
     assert remote_as_seen(CTX, bytes(15) + b"\x01") == IPv6Address("fd77::2").packed
     assert remote_as_seen(CTX, FAR4) == FAR4
-    assert remote_as_seen(Context(ip4=CTX.ip4, map_gw=False), LOOP4) == LOOP4
+    # --no-map-gw: a loopback source still cannot reach the guest as it is; passt shows it as the gateway.
+    assert remote_as_seen(Context(ip4=CTX.ip4, map_gw=False), LOOP4) == CTX.ip4.gateway.packed
 
 
 def test_reply_to_guest_comes_from_the_address_it_asked() -> None:

@@ -15,6 +15,9 @@ from passtd.dataplane.packets.dhcp import (
     BOOTREQUEST,
     DHCP_OPTIONS_OFFSET,
     DHCPDISCOVER,
+    FQDN_FLAG_E,
+    FQDN_FLAG_S,
+    OPT_CLIENT_FQDN,
     OPT_CLIENT_ID,
     OPT_DNS,
     OPT_DOMAIN_SEARCH,
@@ -24,6 +27,7 @@ from passtd.dataplane.packets.dhcp import (
     OPT_PARAM_REQUEST,
     OPT_REQUESTED_IP,
     OPTIONS,
+    ClientFqdn,
     DhcpMessage,
     build_dhcp,
     build_options,
@@ -375,3 +379,32 @@ def test_fuzz_build_parse_round_trip(
     for code, value in oracle.opts:
         joined[code] = joined.get(code, b"") + value
     assert joined == options
+
+
+# --- RFC 4702 Client FQDN (option 81) ----------------------------------------------------------------------
+
+
+def test_client_fqdn_wire_form_round_trip() -> None:
+    value = ClientFqdn(FQDN_FLAG_E, 255, 255, "vm.example.org")
+    raw = encode_option(OPT_CLIENT_FQDN, value)
+    assert raw == b"\x04\xff\xff\x02vm\x07example\x03org\x00"
+    assert decode_option(OPT_CLIENT_FQDN, raw) == value
+
+
+def test_client_fqdn_ascii_and_empty_names() -> None:
+    """Without E the name is ASCII (deprecated, RFC 4702 §2.3.2); a client may send no name at all."""
+    raw = encode_option(OPT_CLIENT_FQDN, ClientFqdn(FQDN_FLAG_S, 0, 0, "host.example."))
+    assert raw == b"\x01\x00\x00host.example"
+    assert decode_option(OPT_CLIENT_FQDN, raw + b"\x00") == ClientFqdn(FQDN_FLAG_S, 0, 0, "host.example")
+    assert decode_option(OPT_CLIENT_FQDN, b"\x05\x00\x00") == ClientFqdn(5, 0, 0, "")
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x04\xff", b"\x04\xff\xff\x03ab", b"\x04\x00\x00\x40"])
+def test_client_fqdn_malformed(raw: bytes) -> None:
+    with pytest.raises(MalformedFrame, match=r"dhcp\.bad_(option_value|domain_name)"):
+        decode_option(OPT_CLIENT_FQDN, raw)
+
+
+def test_client_fqdn_unencodable_name() -> None:
+    with pytest.raises(ValueError, match="bad label"):
+        encode_option(OPT_CLIENT_FQDN, ClientFqdn(FQDN_FLAG_E, 0, 0, "a..b"))

@@ -77,6 +77,29 @@ class Context:
     map_host_loopback6: IPv6Address | None = None
     map_guest_addr4: IPv4Address | None = None
     map_guest_addr6: IPv6Address | None = None
+    # The DNS relay (core/dns.py plan_dns): TCP and UDP to port 53 (or 853) of a `dns_forward` address go to
+    # the `dns_upstream` resolver of the same family (Config's fields of the same names; UDP reads those).
+    dns_forward: tuple[IPv4Address | IPv6Address, ...] = ()
+    dns_upstream: tuple[IPv4Address | IPv6Address, ...] = ()
+
+
+def host_loopback4(ctx: Context) -> bytes | None:
+    """The guest-side IPv4 address that means the host's loopback: --map-host-loopback, else the gateway
+    (passt's default), or None with --no-map-gw and no explicit address."""
+    if ctx.map_host_loopback4 is not None:
+        return ctx.map_host_loopback4.packed
+    if ctx.map_gw and ctx.ip4 is not None:
+        return ctx.ip4.gateway.packed
+    return None
+
+
+def host_loopback6(ctx: Context) -> bytes | None:
+    """The IPv6 twin of `host_loopback4`."""
+    if ctx.map_host_loopback6 is not None:
+        return ctx.map_host_loopback6.packed
+    if ctx.map_gw and ctx.ip6 is not None:
+        return ctx.ip6.gateway.packed
+    return None
 
 
 @dataclass(slots=True)

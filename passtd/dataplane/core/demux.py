@@ -2,7 +2,9 @@
 
 This is passt's tap.c sorting step, without I/O: `handle_frame` appends reply frames to `out` and socket
 work to `actions`. Every way a frame can be refused ends in a `MalformedFrame` (counted per reason by the
-caller) or a `Stats.drop` with a reason; nothing else escapes.
+caller) or a `Stats.drop` with a reason; nothing else escapes. With --no-tcp / --no-udp the guest's TCP
+segments / UDP datagrams are dropped and counted (`tcp.disabled`, `udp.disabled`) before any parsing; the
+DHCP and DHCPv6 servers answer regardless, as passt's do.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class Demux:
         self.stats = stats
         self.flows = flows
         self.ndp = ndp
+        self._tcp_on = ctx.tcp  # --no-tcp / --no-udp: the fast paths step aside, the general path drops
+        self._udp_on = ctx.udp and udp is not None
         self.general_frames = 0  # frames the fast paths left (a test checks the common ones never do)
         self._last4 = b""  # last source address recorded in guest.addrs4/addrs6
         self._last6 = b""
@@ -77,14 +81,14 @@ class Demux:
         n = len(frame)
         if n >= 42 and frame[12] == 8 and frame[13] == 0 and frame[14] == 0x45:
             proto = frame[23]
-            if (proto == 6 and n >= 54 and self._tcp4(frame, now)) or (
-                proto == 17 and self._udp4(frame, now)
+            if (proto == 6 and n >= 54 and self._tcp_on and self._tcp4(frame, now)) or (
+                proto == 17 and self._udp_on and self._udp4(frame, now)
             ):
                 return
         elif n >= 62 and frame[12] == 0x86 and frame[13] == 0xDD:
             proto = frame[20]
-            if (proto == 6 and n >= 74 and self._tcp6(frame, now)) or (
-                proto == 17 and self._udp6(frame, now)
+            if (proto == 6 and n >= 74 and self._tcp_on and self._tcp6(frame, now)) or (
+                proto == 17 and self._udp_on and self._udp6(frame, now)
             ):
                 return
         self.handle_general(frame, now, out, actions)
@@ -220,6 +224,9 @@ class Demux:
             out.append(reply)
 
     def _udp(self, v6: bool, src: bytes, dst: bytes, udp: UdpHeader, now: float) -> None:
+        if not self.ctx.udp:
+            self.stats.drop("udp.disabled")
+            return
         if self.udp is None or dst[0] == 0xFF or (not v6 and dst[0] >= 224):
             self.stats.drop("udp.no_flow")  # multicast and broadcast are not relayed
             return
@@ -258,6 +265,9 @@ class Demux:
                 return
             self._echo(False, ip.src, ip.dst, ip.payload, now, actions)
         elif ip.proto == IPPROTO_TCP:
+            if not self._tcp_on:
+                self.stats.drop("tcp.disabled")
+                return
             self.tcp(False, ip.src, ip.dst, parse_tcp(ip.payload), now)
         else:
             self.stats.drop("ipv4.unknown_protocol")
@@ -287,6 +297,9 @@ class Demux:
                 return
             self._udp(True, ip.src, ip.dst, udp, now)
         elif ip.proto == IPPROTO_TCP:
+            if not self._tcp_on:
+                self.stats.drop("tcp.disabled")
+                return
             self.tcp(True, ip.src, ip.dst, parse_tcp(ip.payload), now)
         else:
             self.stats.drop("ipv6.unknown_protocol")

@@ -9,8 +9,9 @@ The same id toward the same address from another guest source address takes the 
 flow is handed back in the action (`replaced`) so the shell closes its socket at once. Echo flows count
 against the ICMP flow cap; one beyond it is refused (`FlowTableFull`, counted by the caller).
 
-Echo to the gateway address goes to the host's loopback (unless --no-map-gw): a ping of the gateway must
-never leave the host.
+Addresses are mapped as for TCP and UDP (`map_target`, `remote_as_seen`, after passt's fwd.c): echo to the
+--map-host-loopback address (the gateway by default) goes to the host's loopback, so a ping of the gateway
+never leaves the host; echo to the --map-guest-addr address goes to the host's own address.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from passtd.dataplane.core.context import Context
+from passtd.dataplane.core.context import Context, host_loopback4, host_loopback6
 from passtd.dataplane.core.flowtable import PROTO_ICMP, Flow, FlowTable, key_addr
 from passtd.dataplane.packets.ethernet import ETH_P_IP, ETH_P_IPV6, build_ethernet
 from passtd.dataplane.packets.icmp import (
@@ -35,6 +36,8 @@ from passtd.dataplane.packets.icmp import (
 ECHO_TIMEOUT: Final = 60.0
 LOOPBACK4: Final = bytes((127, 0, 0, 1))
 LOOPBACK6: Final = bytes(15) + b"\x01"
+_ANY4: Final = bytes(4)
+_ANY6: Final = bytes(16)
 
 
 @dataclass(slots=True, eq=False)
@@ -57,27 +60,63 @@ class EchoToHost:
 
 
 def map_target(ctx: Context, dst: bytes) -> bytes:
-    """Destination for the host socket: the gateway (and our link-local) mean the host itself."""
-    if not ctx.map_gw:
-        return dst
+    """Guest-side destination -> host-side one (passt fwd.c nat_outbound): the --map-host-loopback address
+    (the gateway by default; on IPv6 our link-local too, unless --no-map-gw) means the host's loopback, the
+    --map-guest-addr address means the host's own address, the guest's (both are the same by default)."""
     if len(dst) == 4:
-        if ctx.ip4 is not None and dst == ctx.ip4.gateway.packed:
+        net4 = ctx.ip4
+        if net4 is None:
+            return dst
+        if dst == host_loopback4(ctx):
             return LOOPBACK4
-    elif ctx.ip6 is not None and (dst == ctx.ip6.gateway.packed or dst == ctx.ip6.our_ll.packed):
+        guest4 = ctx.map_guest_addr4
+        if guest4 is not None and dst == guest4.packed:
+            return net4.addr.packed
+        return dst
+    net6 = ctx.ip6
+    if net6 is None:
+        return dst
+    if dst == host_loopback6(ctx) or (ctx.map_gw and dst == net6.our_ll.packed):
         return LOOPBACK6
+    guest6 = ctx.map_guest_addr6
+    if guest6 is not None and dst == guest6.packed:
+        return net6.addr.packed
     return dst
 
 
 def remote_as_seen(ctx: Context, peer: bytes) -> bytes:
-    """A host-side peer as the guest sees it: the host itself (its loopback, or the address the guest
-    shares with it) appears as the gateway, unless --no-map-gw."""
-    if not ctx.map_gw:
-        return peer
+    """A host-side peer as the guest sees it (passt fwd.c nat_inbound), the inverse of `map_target`.
+
+    127.0.0.1 / ::1 appear as the --map-host-loopback address; the host's own address (the guest's) as the
+    --map-guest-addr address. Sources the guest cannot tell apart from itself or cannot route back to (other
+    loopback addresses, unmapped ones, the unspecified address) appear as the gateway (on IPv6 with
+    --no-map-gw: our link-local address, as passt does). Everything else is left alone.
+    """
     if len(peer) == 4:
-        if ctx.ip4 is not None and (peer[0] == 127 or peer == ctx.ip4.addr.packed):
-            return ctx.ip4.gateway.packed
-    elif ctx.ip6 is not None and (peer == LOOPBACK6 or peer == ctx.ip6.addr.packed):
-        return ctx.ip6.gateway.packed
+        net4 = ctx.ip4
+        if net4 is None:
+            return peer
+        if peer[0] == 127:
+            alias4 = host_loopback4(ctx)
+            return alias4 if alias4 is not None and peer == LOOPBACK4 else net4.gateway.packed
+        if peer == net4.addr.packed:
+            guest4 = ctx.map_guest_addr4
+            return guest4.packed if guest4 is not None else net4.gateway.packed
+        if peer == _ANY4:
+            return net4.gateway.packed
+        return peer
+    net6 = ctx.ip6
+    if net6 is None:
+        return peer
+    fallback = net6.gateway.packed if ctx.map_gw else net6.our_ll.packed
+    if peer == LOOPBACK6:
+        alias6 = host_loopback6(ctx)
+        return alias6 if alias6 is not None else fallback
+    if peer == net6.addr.packed:
+        guest6 = ctx.map_guest_addr6
+        return guest6.packed if guest6 is not None else fallback
+    if peer == _ANY6:
+        return fallback
     return peer
 
 

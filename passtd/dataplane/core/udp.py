@@ -69,6 +69,7 @@ class DatagramSocket(Protocol):
     def recv_into(self, buffer: memoryview, /) -> int: ...
 
     def close(self) -> None: ...
+DNS_TLS_PORT: Final = 853  # RFC 7858; passt's is_dns_flow() relays it too
 
 
 @dataclass(slots=True, eq=False)
@@ -104,8 +105,9 @@ def target_for(
     dns_forward: tuple[IPv4Address | IPv6Address, ...],
     dns_upstream: tuple[IPv4Address | IPv6Address, ...],
 ) -> bytes:
-    """Where a guest datagram to dst:dport really goes on the host."""
-    if dport == DNS_PORT and dns_upstream and any(dst == a.packed for a in dns_forward):
+    """Where a guest datagram (or connection) to dst:dport really goes on the host: the DNS relay first (passt
+    fwd.c fwd_nat_from_tap), then the address mapping."""
+    if dport in (DNS_PORT, DNS_TLS_PORT) and dns_upstream and any(dst == a.packed for a in dns_forward):
         v6 = len(dst) == 16
         same = [a for a in dns_upstream if (a.version == 6) == v6]
         return (same or list(dns_upstream))[0].packed

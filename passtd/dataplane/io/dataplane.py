@@ -44,7 +44,7 @@ from passtd.dataplane.io.forwarding import Forwarding
 from passtd.dataplane.io.limits import SpareFd, fd_pool, is_fd_exhausted
 from passtd.dataplane.io.listeners import BindResult
 from passtd.dataplane.io.pcap import PcapWriter
-from passtd.dataplane.io.sockets import Outbound
+from passtd.dataplane.io.sockets import HostSockets, Outbound
 from passtd.dataplane.io.splice import Splicer
 from passtd.dataplane.io.tap.base import OutFrame, TapBackend
 from passtd.dataplane.io.tcp import TcpIo
@@ -71,7 +71,7 @@ class Dataplane:
         dns_forward: tuple[IPv4Address | IPv6Address, ...] = (),
         dns_upstream: tuple[IPv4Address | IPv6Address, ...] = (),
         vnet: bool = False,
-        outbound: tuple[IPv4Address | IPv6Address, ...] = (),
+        sockets: HostSockets | None = None,
     ) -> None:
         self.vnet = vnet  # pasta: the tap carries virtio-net headers, TCP offloads go to the kernel
         self.ctx = ctx
@@ -108,15 +108,20 @@ class Dataplane:
             ctx, loop, self.flows, self.stats, self.guest, self._to_tap, self._after_batch, self._emit,
             self.log, dns_forward, dns_upstream, to_tap_vnet=self._to_tap_vnet if vnet else None,
         )  # fmt: skip
-        self.tcp_io.outbound = self.udp.outbound = Outbound(outbound)
-        self.echo = EchoSockets(ctx, loop, self.flows, self.stats, self.guest, self.send_to_tap, self._emit)
-        self.splicer = Splicer(loop, self.flows, self.stats, self._emit)
+        hs = self.host_sockets = sockets if sockets is not None else HostSockets()
+        outbound = Outbound(hs.outbound, hs.outbound_if4, hs.outbound_if6)
+        self.tcp_io.outbound = self.udp.outbound = outbound
+        self.echo = EchoSockets(
+            ctx, loop, self.flows, self.stats, self.guest, self.send_to_tap, self._emit, outbound
+        )
+        self.splicer = Splicer(loop, self.flows, self.stats, self._emit, ctx, self.guest, hs.host_lo_to_ns_lo)
         self.demux = Demux(
             ctx, self.guest, self.stats, self.flows, self.ndp, self.tcp.tap_segment, self.udp.from_guest
         )
         self.forwarding = Forwarding(
             loop, self.fd_pool, self._on_tcp_listener, self.udp.on_listener,
             self.splicer.on_ns_listener, self.udp.on_ns_listener,
+            freebind=hs.freebind, tcp=ctx.tcp, udp=ctx.udp,
         )  # fmt: skip
         self._spare = SpareFd()  # lets accept() shed a connection at EMFILE instead of spinning
         self.tap: TapBackend | None = None
@@ -417,7 +422,7 @@ class Dataplane:
                 break
             family_v6 = sock.family == socket.AF_INET6
             addr = socket.inet_pton(socket.AF_INET6 if family_v6 else socket.AF_INET, peer[0])
-            if self.netns_fd is not None and is_loopback(addr):
+            if self.netns_fd is not None and self.host_sockets.splice and is_loopback(addr):
                 self.splicer.splice(sock, peer, guest_port, in_netns=True, now=now, target=target)  # bypass
                 continue
             port = self.tcp_io.adopt(sock)

@@ -18,7 +18,7 @@ from passtd.dataplane.core.flowtable import Flow, FlowTable
 from passtd.dataplane.core.icmp import EchoFlow, EchoToHost, echo_to_guest
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.io.limits import is_fd_exhausted
-from passtd.dataplane.io.sockets import open_ping_socket, ping_group_hint, sockaddr
+from passtd.dataplane.io.sockets import Outbound, open_ping_socket, ping_group_hint, sockaddr
 from passtd.logging import get_logger
 
 BATCH: Final = 64
@@ -37,6 +37,7 @@ class EchoSockets:
         guest: Guest,
         send_to_tap: SendToTap,
         emit: Emit,
+        outbound: Outbound | None = None,
     ) -> None:
         self.ctx = ctx
         self.loop = loop
@@ -45,6 +46,7 @@ class EchoSockets:
         self.guest = guest
         self.send_to_tap = send_to_tap
         self.emit = emit
+        self.outbound = outbound  # --outbound, --outbound-if4/6: as for TCP and UDP toward the network
         self.log = get_logger(component="icmp")
         self._socks: dict[int, socket.socket] = {}  # flow id -> its ping socket
         self._flows: dict[int, EchoFlow] = {}
@@ -72,7 +74,7 @@ class EchoSockets:
 
     def _open(self, flow: EchoFlow) -> socket.socket | None:
         try:
-            sock = open_ping_socket(flow.v6)
+            sock = open_ping_socket(flow.v6, self.outbound, flow.target_addr)
         except PermissionError:
             self.stats.drop("icmp.ping_socket_forbidden")
             if not self._refused_logged:

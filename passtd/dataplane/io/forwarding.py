@@ -56,13 +56,20 @@ class Forwarding:
         on_udp: OnReadable,
         on_tcp_ns: OnReadable,
         on_udp_ns: OnReadable,
+        *,
+        freebind: bool = False,
+        tcp: bool = True,
+        udp: bool = True,
     ) -> None:
+        """`freebind`: --freebind on the host's listeners; `tcp`/`udp` False (--no-tcp, --no-udp): that
+        protocol is forwarded in no direction (its listener sets open nothing)."""
         self.loop = loop
         self.pool = pool
         self.log = get_logger(component="forward")
         self.tables = ForwardTables("passt")
-        self.tcp = ListenerSet("tcp", loop, on_tcp, pool=pool)
-        self.udp = ListenerSet("udp", loop, on_udp, pool=pool)
+        self._enabled = {"tcp": tcp, "udp": udp}
+        self.tcp = ListenerSet("tcp", loop, on_tcp, pool=pool, freebind=freebind, enabled=tcp)
+        self.udp = ListenerSet("udp", loop, on_udp, pool=pool, freebind=freebind, enabled=udp)
         self._on_ns = {"tcp": on_tcp_ns, "udp": on_udp_ns}
         self.netns_fd: int | None = None  # pasta: the namespace, for -T/-U and `auto`
         self.tcp_ns: ListenerSet | None = None
@@ -126,7 +133,7 @@ class Forwarding:
         netns_fd = self.netns_fd
         assert netns_fd is not None
         created = ListenerSet(
-            proto, self.loop, self._on_ns[proto], pool=self.pool,
+            proto, self.loop, self._on_ns[proto], pool=self.pool, enabled=self._enabled[proto],
             socket_factory=lambda family, kind: run_in_netns(netns_fd, socket.socket, family, kind),
         )  # fmt: skip
         if proto == "tcp":

@@ -17,6 +17,8 @@ room for listeners is spent and reports each port past it as failed (EMFILE, "li
 rather than binding until the process has no descriptor left for its flows and its control socket.
 `apply_async` binds in slices of `BIND_SLICE` sockets, yielding to the loop between slices, so a large range
 does not stall the data path.
+`freebind` (--freebind) sets IP_FREEBIND/IPV6_FREEBIND, so a listener on an address the host does not have yet
+binds. A set made with `enabled=False` (--no-tcp, --no-udp) opens nothing: that protocol is not forwarded.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Final, Literal
 
 from passtd.dataplane.core.fwd import Listener
 from passtd.dataplane.core.limits import FdPool
+from passtd.dataplane.io.sockets import set_freebind
 
 BACKLOG: Final = 128
 BIND_SLICE: Final = 128  # sockets bound per loop iteration by apply_async
@@ -84,6 +87,8 @@ class ListenerSet:
         backlog: int = BACKLOG,
         socket_factory: SocketFactory | None = None,
         pool: FdPool | None = None,
+        freebind: bool = False,
+        enabled: bool = True,
     ) -> None:
         if proto not in ("tcp", "udp"):
             raise ValueError(f"proto must be 'tcp' or 'udp', not {proto!r}")
@@ -91,6 +96,8 @@ class ListenerSet:
         self._loop = loop
         self._on_readable = on_readable
         self._backlog = backlog
+        self._freebind = freebind
+        self.enabled = enabled
         self._factory: SocketFactory = socket_factory or socket.socket
         self._type = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
         self.pool = pool if pool is not None else FdPool(0, 0, 1 << 30, 0)  # alone: no limit
@@ -148,8 +155,9 @@ class ListenerSet:
         return results
 
     def _close_then_order(self, to_close: Iterable[Listener], to_open: Iterable[Listener]) -> list[Listener]:
-        """Close what goes (except keys retargeted), and the listeners to open, by port."""
-        opening = {listener.key: listener for listener in to_open}
+        """Close what goes (except keys retargeted), and the listeners to open, by port (none when the set is
+        disabled: --no-tcp, --no-udp)."""
+        opening = {listener.key: listener for listener in to_open} if self.enabled else {}
         for listener in to_close:
             key = listener.key
             if key in opening or self._current.get(key) != listener:
@@ -208,6 +216,8 @@ class ListenerSet:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if self.proto == "tcp":
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self._freebind:
+                set_freebind(sock, family)
             scope_id = 0
             if listener.ifname is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, listener.ifname.encode())

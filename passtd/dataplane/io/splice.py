@@ -14,13 +14,14 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final
 
+from passtd.dataplane.core.context import Context, Guest
 from passtd.dataplane.core.flowtable import PROTO_TCP, Flow, FlowTable, FlowTableFull, key_addr
 from passtd.dataplane.core.fwd import Listener
 from passtd.dataplane.core.splice import SpliceFlow
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.io.limits import is_fd_exhausted
 from passtd.dataplane.io.netns import run_in_netns
-from passtd.dataplane.io.sockets import reset_socket
+from passtd.dataplane.io.sockets import reset_socket, splice_target_ns
 from passtd.logging import get_logger
 
 BUF: Final = 1 << 20
@@ -140,8 +141,9 @@ class SplicedPair:
 
 class Splicer:
     """Loopback-to-loopback TCP through passtd without the tap: pasta's splice bypass (a host-loopback
-    connection to a forwarded port, joined to the namespace's loopback) and -T (the namespace's loopback
-    joined to the host's). Each joined pair is a SpliceFlow in the flow table, holding two descriptors."""
+    connection to a forwarded port, joined inside the namespace to its own address, or to its loopback with
+    --host-lo-to-ns-lo: io/sockets.splice_target_ns) and -T (the namespace's loopback joined to the host's).
+    Each joined pair is a SpliceFlow in the flow table, holding two descriptors."""
 
     def __init__(
         self,
@@ -149,7 +151,13 @@ class Splicer:
         flows: FlowTable,
         stats: Stats,
         emit: Callable[[str, Flow, str, str], None],
+        ctx: Context | None = None,
+        guest: Guest | None = None,
+        host_lo_to_ns_lo: bool = True,
     ) -> None:
+        self.ctx = ctx if ctx is not None else Context()
+        self.guest = guest if guest is not None else Guest()
+        self.host_lo_to_ns_lo = host_lo_to_ns_lo
         self.loop = loop
         self.flows = flows
         self.stats = stats
@@ -180,7 +188,12 @@ class Splicer:
         """Join `accepted` to a new connection to loopback:port (inside the namespace when `in_netns`), or to
         target:port when the forwarding rule names a target address."""
         v6 = accepted.family == socket.AF_INET6
-        loopback = str(target) if target is not None else "::1" if v6 else "127.0.0.1"
+        if target is not None:
+            loopback = str(target)
+        elif in_netns:
+            loopback = splice_target_ns(self.ctx, self.guest, v6, self.host_lo_to_ns_lo)
+        else:
+            loopback = "::1" if v6 else "127.0.0.1"
         family = socket.AF_INET6 if v6 else socket.AF_INET
         addr = socket.inet_pton(family, loopback)
         flow = SpliceFlow(

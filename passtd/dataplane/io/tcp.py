@@ -207,12 +207,13 @@ class TcpIo:
         # syscalls behind them, once per connection each; nothing here needs its file-object support.
         sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         source = self.outbound.source(conn.target_addr)
-        if source is not None:
-            try:
+        try:
+            self.outbound.bind_device(sock, conn.target_addr)
+            if source is not None:
                 sock.bind((source, 0))
-            except OSError:
-                sock.close()
-                raise
+        except OSError:
+            sock.close()
+            raise
         if not conn.local:  # toward the network the guest's MSS is mirrored; on loopback it only costs
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, max(conn.mss_to_tap, 88))

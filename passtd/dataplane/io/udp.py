@@ -238,6 +238,7 @@ class UdpRelay:
             return None
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.outbound.bind_device(sock, target)
             source = self.outbound.source(target) or ("::" if family == socket.AF_INET6 else "0.0.0.0")
             try:
                 sock.bind((source, sport))  # the remote sees the guest's own port when the host has it free

@@ -1,4 +1,4 @@
-"""DHCPv4 / BOOTP messages (RFC 2131 §2, §3) and the options we use (RFC 2132, RFC 3397, RFC 3396).
+"""DHCPv4 / BOOTP messages (RFC 2131 §2, §3) and the options we use (RFC 2132, RFC 3397, RFC 3396, RFC 4702).
 
 The fixed BOOTP header is 236 bytes, then the magic cookie and the options. Options are kept as raw bytes in
 a `dict[int, bytes]` in order of first appearance; repeated instances of one code are concatenated, which is
@@ -59,10 +59,19 @@ OPT_MAX_MESSAGE_SIZE: Final = 57
 OPT_RENEWAL_TIME: Final = 58
 OPT_REBINDING_TIME: Final = 59
 OPT_CLIENT_ID: Final = 61
+OPT_CLIENT_FQDN: Final = 81  # RFC 4702
 OPT_DOMAIN_SEARCH: Final = 119  # RFC 3397
 OPT_END: Final = 255
 
 ZERO_ADDR: Final = bytes(4)
+
+# RFC 4702 §2.1 Client FQDN flags: S (server updates A), O (server overrode S), E (canonical wire encoding),
+# N (no server updates).
+FQDN_FLAG_S: Final = 0x01
+FQDN_FLAG_O: Final = 0x02
+FQDN_FLAG_E: Final = 0x04
+FQDN_FLAG_N: Final = 0x08
+FQDN_RCODE_SERVER: Final = 0xFF  # RFC 4702 §2.2: what a server sends in RCODE1/RCODE2
 
 _BOOTP = struct.Struct("!BBBBIHH4s4s4s4s16s64s128sI")
 _U16 = struct.Struct("!H")
@@ -328,6 +337,37 @@ def unpack_domain_search(raw: bytes) -> tuple[str, ...]:
     return tuple(names)
 
 
+class ClientFqdn(NamedTuple):
+    """RFC 4702 §2 Client FQDN option: flags, the two deprecated RCODE bytes, the name (no trailing dot)."""
+
+    flags: int
+    rcode1: int
+    rcode2: int
+    name: str
+
+
+def pack_client_fqdn(value: ClientFqdn) -> bytes:
+    """RFC 4702 §2: with the E flag the name is in DNS wire form (§2.3.1), else ASCII (deprecated)."""
+    if value.flags & FQDN_FLAG_E:
+        name = encode_dns_name(value.name)
+    else:
+        name = value.name.rstrip(".").encode("ascii")
+    return bytes((value.flags, value.rcode1, value.rcode2)) + name
+
+
+def unpack_client_fqdn(raw: bytes) -> ClientFqdn:
+    """RFC 4702 §2; a client may send an empty name (§3.1: it wants the server to provide one)."""
+    if len(raw) < 3:
+        raise MalformedFrame("dhcp.bad_option_value")
+    flags, body = raw[0], raw[3:]
+    if not flags & FQDN_FLAG_E:
+        return ClientFqdn(flags, raw[1], raw[2], body.rstrip(b"\x00").decode("ascii", "replace"))
+    if not body:
+        return ClientFqdn(flags, raw[1], raw[2], "")
+    names = unpack_domain_search(body)
+    return ClientFqdn(flags, raw[1], raw[2], names[0])
+
+
 def _identity(raw: bytes) -> bytes:
     return raw
 
@@ -356,6 +396,7 @@ OPTIONS: Final[dict[int, OptionSpec]] = {
     OPT_RENEWAL_TIME: OptionSpec("renewal_time", pack_u32, unpack_u32),
     OPT_REBINDING_TIME: OptionSpec("rebinding_time", pack_u32, unpack_u32),
     OPT_CLIENT_ID: OptionSpec("client_id", bytes, _identity),
+    OPT_CLIENT_FQDN: OptionSpec("client_fqdn", pack_client_fqdn, unpack_client_fqdn),
     OPT_DOMAIN_SEARCH: OptionSpec("domain_search", pack_domain_search, unpack_domain_search),
 }
 

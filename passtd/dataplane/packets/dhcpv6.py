@@ -49,6 +49,12 @@ OPT_DNS_SERVERS: Final = 23
 OPT_DOMAIN_LIST: Final = 24
 OPT_IA_PD: Final = 25
 OPT_IAPREFIX: Final = 26
+OPT_CLIENT_FQDN: Final = 39  # RFC 4704 §4
+
+# RFC 4704 §4.1 Client FQDN flags: S (server should update AAAA), O (server overrode S), N (no updates).
+FQDN_FLAG_S: Final = 0x01
+FQDN_FLAG_O: Final = 0x02
+FQDN_FLAG_N: Final = 0x04
 
 # RFC 8415 §21.13 status codes.
 STATUS_SUCCESS: Final = 0
@@ -166,6 +172,38 @@ def parse_status_code(data: bytes) -> tuple[int, str]:
     if len(data) < _STATUS.size:
         raise MalformedFrame("dhcpv6.status_truncated")
     return _STATUS.unpack_from(data)[0], data[_STATUS.size :].decode("utf-8", "replace")
+
+
+class ClientFqdn6(NamedTuple):
+    """RFC 4704 §4 Client FQDN: flags and the name (no trailing dot; empty when the client sends none)."""
+
+    flags: int
+    name: str
+
+
+def parse_client_fqdn(data: bytes) -> ClientFqdn6:
+    """RFC 4704 §4: one flags octet, then the name in DNS wire form (§4.2; a partial name ends without
+    the root label)."""
+    if len(data) < 1:
+        raise MalformedFrame("dhcpv6.fqdn_truncated")
+    labels: list[str] = []
+    pos = 1
+    while pos < len(data):
+        length = data[pos]
+        if length == 0:
+            if pos + 1 != len(data):
+                raise MalformedFrame("dhcpv6.bad_fqdn")
+            break
+        if length > 63 or pos + 1 + length > len(data):
+            raise MalformedFrame("dhcpv6.bad_fqdn")
+        labels.append(data[pos + 1 : pos + 1 + length].decode("ascii", "replace"))
+        pos += 1 + length
+    return ClientFqdn6(data[0], ".".join(labels))
+
+
+def build_client_fqdn(flags: int, name: str) -> bytes:
+    """RFC 4704 §4 option with a fully qualified name; ValueError for a name that cannot be encoded."""
+    return build_option(OPT_CLIENT_FQDN, bytes((flags,)) + encode_dns_name(name))
 
 
 def build_option(code: int, data: bytes) -> bytes:

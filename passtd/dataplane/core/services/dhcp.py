@@ -14,6 +14,11 @@ udhcpc both accept that. Which reply a request gets is one table, `_HANDLERS`:
     no message type (BOOTP)     -> BOOTREPLY with the lease (RFC 1534)
     anything else               -> nothing
 
+What a lease carries besides address, mask and router: the MTU, the nameservers and search list (unless
+--no-dhcp-dns / --no-dhcp-search), and the guest's name when configured: option 12 (-H/--hostname) as plain
+text and option 81 (--fqdn, RFC 4702) with the E flag and the name in wire form, RCODE1/2 = 255 (§2.2), as
+passt sends them whether or not the client asked.
+
 A message that does not parse raises `MalformedFrame` for the tap boundary to count, like every codec.
 """
 
@@ -37,10 +42,14 @@ from passtd.dataplane.packets.dhcp import (
     DHCPOFFER,
     DHCPRELEASE,
     DHCPREQUEST,
+    FQDN_FLAG_E,
+    FQDN_RCODE_SERVER,
     INFINITE_LEASE,
+    OPT_CLIENT_FQDN,
     OPT_DNS,
     OPT_DOMAIN_NAME,
     OPT_DOMAIN_SEARCH,
+    OPT_HOSTNAME,
     OPT_LEASE_TIME,
     OPT_MAX_MESSAGE_SIZE,
     OPT_MESSAGE,
@@ -52,9 +61,11 @@ from passtd.dataplane.packets.dhcp import (
     OPT_SERVER_ID,
     OPT_SUBNET_MASK,
     ZERO_ADDR,
+    ClientFqdn,
     DhcpMessage,
     build_dhcp,
     encode_dns_name,
+    pack_client_fqdn,
     parse_dhcp,
     unpack_u16,
 )
@@ -170,6 +181,22 @@ def _search_names(search: tuple[str, ...]) -> list[tuple[str, bytes]]:
     return names
 
 
+def _name_options(ctx: Context) -> dict[int, bytes]:
+    """Options 12 and 81 for the configured names; a name that cannot be encoded is left out."""
+    out: dict[int, bytes] = {}
+    hostname = ctx.hostname.encode("ascii", "replace")
+    if 0 < len(hostname) <= 255:  # RFC 2132 §3.14: at least one octet
+        out[OPT_HOSTNAME] = hostname
+    if ctx.fqdn:
+        try:
+            value = pack_client_fqdn(ClientFqdn(FQDN_FLAG_E, FQDN_RCODE_SERVER, FQDN_RCODE_SERVER, ctx.fqdn))
+        except ValueError:
+            return out
+        if len(value) <= 255:
+            out[OPT_CLIENT_FQDN] = value
+    return out
+
+
 def _max_message_size(ctx: Context, req: DhcpMessage) -> int:
     """Largest DHCP message the client takes: option 57 (RFC 2132 §9.10), never below 576, within the MTU."""
     size = DHCP_MIN_MAX_SIZE
@@ -196,7 +223,8 @@ def _lease_reply(
     """OFFER/ACK (or a BOOTP reply when `msg_type` is None) carrying the lease and the network parameters.
 
     If the message would exceed what the client accepts, we drop search domains (but the first), then DNS
-    servers (but the first), then the search option, until it fits; address, mask, router, domain name stay.
+    servers (but the first), then the search option, then options 81 and 12, until it fits; address, mask,
+    router, domain name stay.
     """
     head: dict[int, bytes] = {}
     if msg_type is not None:
@@ -204,13 +232,14 @@ def _lease_reply(
         head[OPT_SERVER_ID] = ip4.gateway.packed
         if lease:
             head[OPT_LEASE_TIME] = INFINITE_LEASE.to_bytes(4, "big")
-    names = _search_names(ctx.search)
-    dns = list(ip4.dns)
+    names = _search_names(ctx.search) if ctx.dhcp_search else []
+    dns = list(ip4.dns) if ctx.dhcp_dns else []
     fixed = {OPT_SUBNET_MASK: ip4.netmask.packed, OPT_ROUTER: ip4.gateway.packed}
     if names:
         fixed[OPT_DOMAIN_NAME] = names[0][0].encode("ascii")
     if _MTU_MIN <= ctx.mtu <= _MTU_MAX:
         fixed[OPT_MTU] = ctx.mtu.to_bytes(2, "big")
+    fixed.update(_name_options(ctx))
     requested = req.options.get(OPT_PARAM_REQUEST, b"")
     limit = _max_message_size(ctx, req)
     yiaddr = ip4.addr.packed if lease else ZERO_ADDR
@@ -224,10 +253,17 @@ def _lease_reply(
         message = build_dhcp(
             _reply_header(req, head | _order(params, requested), yiaddr=yiaddr, ciaddr=ciaddr)
         )
-        # With no search list and one DNS server the message is at most 539 bytes, so it fits 576.
-        if len(message) <= limit or not (names or dns[1:]):
+        # With no search list, one DNS server and no names the message is at most 539 bytes, so it fits 576.
+        if len(message) <= limit:
             return message
-        if len(names) > 1 or not dns[1:]:
-            names.pop()
+        if names or dns[1:]:
+            if len(names) > 1 or not dns[1:]:
+                names.pop()
+            else:
+                dns.pop()
+        elif OPT_CLIENT_FQDN in fixed:
+            del fixed[OPT_CLIENT_FQDN]
+        elif OPT_HOSTNAME in fixed:
+            del fixed[OPT_HOSTNAME]
         else:
-            dns.pop()
+            return message

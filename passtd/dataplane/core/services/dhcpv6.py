@@ -8,6 +8,10 @@ Which messages must or must not carry our Server Identifier follows RFC 8415 §1
 rules are ignored, as the RFC asks. Addresses other than ours that a client asks to keep are returned with
 zero lifetimes (§18.3.4), so it drops them; extra IA_NA, IA_TA and IA_PD get a NoAddrsAvail or
 NoPrefixAvail status.
+
+Nameservers and search list follow --no-dhcp-dns / --no-dhcp-search. With --fqdn every Advertise and Reply
+that carries configuration also carries option 39 (RFC 4704): the name, flags 0, or O when the client asked
+us to do its AAAA update (S), since we update no DNS: what passt's dhcpv6.c sends.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Final
 from passtd.dataplane.core.context import Context, Ip6Net
 from passtd.dataplane.packets.dhcpv6 import (
     DHCPV6_SERVER_PORT,
+    FQDN_FLAG_O,
+    FQDN_FLAG_S,
     INFINITY,
     MSG_ADVERTISE,
     MSG_CONFIRM,
@@ -28,6 +34,7 @@ from passtd.dataplane.packets.dhcpv6 import (
     MSG_REPLY,
     MSG_REQUEST,
     MSG_SOLICIT,
+    OPT_CLIENT_FQDN,
     OPT_CLIENTID,
     OPT_IA_NA,
     OPT_IA_PD,
@@ -41,6 +48,7 @@ from passtd.dataplane.packets.dhcpv6 import (
     STATUS_NOT_ON_LINK,
     STATUS_SUCCESS,
     Dhcpv6Message,
+    build_client_fqdn,
     build_dhcpv6,
     build_dns_servers,
     build_domain_list,
@@ -113,10 +121,10 @@ def handle_dhcpv6(ctx: Context, guest_mac: bytes, ip6: Ip6Header, udp: UdpHeader
             reply_type = MSG_ADVERTISE
             options.append(build_option(OPT_PREFERENCE, _PREFERENCE_MAX))
         options += _ia_options(msg, net, release_others=False)
-        options += _dns_options(ctx, net)
+        options += _dns_options(ctx, net, msg)
     elif kind in (MSG_REQUEST, MSG_RENEW, MSG_REBIND):
         options += _ia_options(msg, net, release_others=True)
-        options += _dns_options(ctx, net)
+        options += _dns_options(ctx, net, msg)
     elif kind == MSG_CONFIRM:
         status = _confirm_status(msg, net)
         if status is None:  # §18.3.3: no addresses to confirm, no Reply
@@ -125,7 +133,7 @@ def handle_dhcpv6(ctx: Context, guest_mac: bytes, ip6: Ip6Header, udp: UdpHeader
     elif kind == MSG_INFORMATION_REQUEST:
         if any(msg.get(code) is not None for code in _IA_CODES):  # §16.12
             return None
-        options += _dns_options(ctx, net)
+        options += _dns_options(ctx, net, msg)
     else:  # Release, Decline: nothing to free or mark, the address is the guest's anyway (§18.3.7-8)
         options.append(build_status_code(STATUS_SUCCESS))
 
@@ -173,13 +181,22 @@ def _confirm_status(msg: Dhcpv6Message, net: Ip6Net) -> int | None:
     return STATUS_SUCCESS if all(a == net.addr for a in addrs) else STATUS_NOT_ON_LINK
 
 
-def _dns_options(ctx: Context, net: Ip6Net) -> list[bytes]:
-    """RFC 3646 DNS servers and search list, when we have any."""
+def _dns_options(ctx: Context, net: Ip6Net, msg: Dhcpv6Message) -> list[bytes]:
+    """RFC 3646 DNS servers and search list when we have any and may send them; RFC 4704 client FQDN."""
     out: list[bytes] = []
-    if net.dns:
+    if net.dns and ctx.dhcp_dns:
         out.append(build_dns_servers(net.dns))
-    if ctx.search:
+    if ctx.search and ctx.dhcp_search:
         domains = build_domain_list(ctx.search)
         if domains:
             out.append(domains)
+    if ctx.fqdn:
+        flags = 0
+        asked = msg.get(OPT_CLIENT_FQDN)
+        if asked and asked[0] & FQDN_FLAG_S:  # RFC 4704 §5.2; only the flags matter to us
+            flags = FQDN_FLAG_O
+        try:
+            out.append(build_client_fqdn(flags, ctx.fqdn))
+        except ValueError:
+            pass
     return out

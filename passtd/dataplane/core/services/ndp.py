@@ -1,7 +1,8 @@
 """NDP responder (passt ndp.c): we are the guest's only router and the owner of every other address.
 
-- Router Solicitation → Router Advertisement: prefix (SLAAC only for a /64), MTU, DNS, M/O flags when DHCPv6
-  runs, source = our link-local address, so the guest's default route points at us.
+- Router Solicitation → Router Advertisement: prefix (SLAAC only for a /64), MTU, DNS (RDNSS and DNSSL
+  unless --no-dhcp-dns / --no-dhcp-search), M/O flags when DHCPv6 runs, source = our link-local address,
+  so the guest's default route points at us.
 - Neighbor Solicitation → Neighbor Advertisement with our MAC for any target except the guest's own addresses,
   so all the guest's traffic, on-link or not, comes to passtd (the IPv6 twin of the ARP proxy).
 - Duplicate address detection (source ::) is answered only for addresses that are ours (our link-local, the
@@ -203,9 +204,9 @@ class NdpResponder:
             )
         if _IPV6_MIN_MTU <= ctx.mtu <= 0xFFFF:
             options.append(build_option_mtu(ctx.mtu))
-        if ip6.dns:
+        if ip6.dns and ctx.dhcp_dns:
             options.append(build_option_rdnss(ip6.dns, self._dns_lifetime))
-        if ctx.search:
+        if ctx.search and ctx.dhcp_search:
             options.append(build_option_dnssl(ctx.search, self._dns_lifetime))
         options.append(build_option_lladdr(ND_OPT_SOURCE_LLADDR, ctx.our_mac))
         message = build_router_advertisement(

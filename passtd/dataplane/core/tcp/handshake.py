@@ -7,7 +7,8 @@ from typing import Final
 
 from passtd.dataplane.core.context import is_loopback
 from passtd.dataplane.core.flowtable import PROTO_TCP, FlowKey, FlowTableFull, key_addr
-from passtd.dataplane.core.icmp import map_target, remote_as_seen
+from passtd.dataplane.core.icmp import remote_as_seen
+from passtd.dataplane.core.udp import target_for
 from passtd.dataplane.core.tcp import states as st
 from passtd.dataplane.core.tcp.base import PRESSURE_SYN_TIMEOUT
 from passtd.dataplane.core.tcp.conn import SockPort, TcpConn
@@ -24,8 +25,10 @@ class TcpHandshake(TcpData):
     # ------------------------------------------------------------------------------- guest → host flows
 
     def _tap_syn(self, v6: bool, src: bytes, dst: bytes, tcp: TcpHeader, key: FlowKey, now: float) -> None:
-        """Guest → host: open a host socket toward the destination (the gateway means loopback)."""
-        if (v6 and self.ctx.ip6 is None) or (not v6 and self.ctx.ip4 is None):
+        """Guest → host: open a host socket toward the destination (mapped: core/icmp.map_target, and DNS to
+        a --dns-forward address goes to the host's resolver, core/udp.target_for)."""
+        ctx = self.ctx
+        if (v6 and ctx.ip6 is None) or (not v6 and ctx.ip4 is None):
             self.stats.drop("tcp.family_disabled")
             self._rst_unknown(v6, src, dst, tcp)
             return
@@ -41,7 +44,7 @@ class TcpHandshake(TcpData):
         conn = TcpConn(
             self.flows.new_id(), PROTO_TCP, key, now, now, guest_initiated=True, v6=v6,
             guest_addr=bytes(src), guest_port=tcp.sport, remote_addr=bytes(dst), remote_port=tcp.dport,
-            target_addr=map_target(self.ctx, bytes(dst)),
+            target_addr=target_for(ctx, bytes(dst), tcp.dport, ctx.dns_forward, ctx.dns_upstream),
         )  # fmt: skip
         conn.local = is_loopback(conn.target_addr)
         conn.seg = SegmentBuilder(conn.remote_addr, conn.guest_addr, conn.remote_port, conn.guest_port,
