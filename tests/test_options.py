@@ -590,7 +590,12 @@ DROP_IN: list[tuple[list[str], HostView, dict[str, Any]]] = [
     (["passt"], HOST, {"ctx.map_host_loopback4": ip("192.0.2.1"), "ctx.map_guest_addr4": None}),
     (["passt", "--no-map-gw"], HOST, {"ctx.map_host_loopback4": None, "ctx.map_gw": False}),
     (["passt", "--map-host-loopback", "none"], HOST, {"ctx.map_host_loopback6": None, "ctx.map_gw": False}),
-    (["passt", "--dns-host", "127.0.0.1"], HOST, {"dns_upstream": (ip("127.0.0.1"), *HOST.nameservers)}),
+    # one resolver per family receives the relayed queries: --dns-host replaces the host's of its family
+    (
+        ["passt", "--dns-host", "127.0.0.1"],
+        HOST,
+        {"dns_upstream": (ip("127.0.0.1"), *(n for n in HOST.nameservers if n.version == 6))},
+    ),  # fmt: skip
     (["passt", "--freebind", "--no-splice"], HOST, {"freebind": True, "splice": False}),
     (["pasta", "1"], HOST, {"splice": True, "host_lo_to_ns_lo": False}),
     (["pasta", "--host-lo-to-ns-lo", "1"], HOST, {"host_lo_to_ns_lo": True}),
@@ -637,13 +642,14 @@ DROP_IN: list[tuple[list[str], HostView, dict[str, Any]]] = [
     (["passt", "--search", "a.example b.example"], HOST, {"ctx.search": ("a.example", "b.example")}),
     (["passt", "-t", "2222:22", "-t", "8080"], HOST, {"forward.tcp_in.to_spec": None}),
     # a host whose only resolver is on loopback (systemd-resolved): the guest asks the gateway, relayed there
+    # (per family, as passt's get_dns: an IPv4 loopback resolver is offered as the IPv4 gateway only)
     (
         ["passt"],
         LOOPBACK_ONLY,
         {
             "ctx.ip4.dns": (ip("192.0.2.1"),),
-            "ctx.ip6.dns": (ip("fe80::1"),),
-            "dns_forward": (ip("192.0.2.1"), ip("fe80::1")),
+            "ctx.ip6.dns": (),
+            "dns_forward": (ip("192.0.2.1"),),
             "dns_upstream": (ip("127.0.0.53"),),
         },
     ),

@@ -124,7 +124,13 @@ def test_light_modules_stay_light(module: str, forbidden: tuple[str, ...]) -> No
 
 # Which layer may import which (ARCHITECTURE.md draws the same picture). A module matches the first prefix
 # that names it; its imports may only reach the layers listed for it (and passtd's leaf modules below).
-LEAVES = ("passtd", "passtd.errors", "passtd.limits", "passtd.dataplane", "passtd.control")  # packages: no code
+LEAVES = (
+    "passtd",
+    "passtd.errors",
+    "passtd.limits",
+    "passtd.dataplane",
+    "passtd.control",
+)  # packages: no code
 LAYERS: dict[str, tuple[str, ...]] = {
     "passtd.dataplane.packets": ("passtd.dataplane.packets",),
     "passtd.dataplane.core": ("passtd.dataplane.packets", "passtd.dataplane.core"),

@@ -62,7 +62,8 @@ def dhclient(topo: Topology, *args: str) -> str:
 
 
 def test_dhclient_gets_the_hosts_configuration(topo: Topology) -> None:
-    topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, wait_tap=IF)
+    # pasta offers nameservers and search domains by DHCP only when asked (upstream: --dhcp-dns/--dhcp-search)
+    topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, "--dhcp-dns", "--dhcp-search", wait_tap=IF)
     lease = dhclient(topo, "-4")
     assert addrs(topo, "-4") == [(HOST4, 24)]
     assert [(r["gateway"], r["dev"]) for r in routes(topo, "-4")] == [(REMOTE4, IF)]
@@ -75,11 +76,19 @@ def test_dhclient_gets_the_hosts_configuration(topo: Topology) -> None:
     assert f"nameserver {HOST_DNS}" in resolv and HOST_SEARCH in resolv
 
 
+def test_pasta_offers_no_dns_by_dhcp_unless_asked(topo: Topology) -> None:
+    """As upstream pasta: the namespace usually shares the host's resolv.conf, so DHCP carries no DNS."""
+    topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, wait_tap=IF)
+    lease = dhclient(topo, "-4")
+    assert addrs(topo, "-4") == [(HOST4, 24)]
+    assert "domain-name-servers" not in lease and "domain-search" not in lease
+
+
 def test_dhclient_with_explicit_addresses(topo: Topology) -> None:
     topo.passtd(
         "pasta", "-f", "-I", IF, "--netns", topo.guest,
         "-a", "10.99.0.5", "-n", "16", "-g", "10.99.0.1", "-D", "10.99.0.53", "-D", "10.99.0.54",
-        "-S", "one.test", "-S", "two.test", "-m", "9000",
+        "-S", "one.test", "-S", "two.test", "-m", "9000", "--dhcp-dns", "--dhcp-search",
         wait_tap=IF,
     )  # fmt: skip
     lease = dhclient(topo, "-4")
@@ -91,7 +100,7 @@ def test_dhclient_with_explicit_addresses(topo: Topology) -> None:
 
 
 def test_busybox_udhcpc(topo: Topology) -> None:
-    topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, wait_tap=IF)
+    topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, "--dhcp-dns", "--dhcp-search", wait_tap=IF)
     dump = topo.tmp / "udhcpc.env"
     script = topo.tmp / "udhcpc.sh"
     script.write_text(f'#!/bin/sh\n[ "$1" = bound ] && env > {dump}\nexit 0\n')
@@ -122,7 +131,7 @@ def test_slaac_and_router_advertisement(topo: Topology) -> None:
 
 
 def test_dhclient6_gets_the_128(topo: Topology) -> None:
-    topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, "-D", "fd77::53", wait_tap=IF)
+    topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, "-D", "fd77::53", "--dhcp-dns", wait_tap=IF)
     sh("sysctl", "-qw", f"net.ipv6.conf.{IF}.accept_ra=0", ns=topo.guest)
     topo.wait_link_local(IF)
     lease = dhclient(topo, "-6")

@@ -69,6 +69,8 @@ class DatagramSocket(Protocol):
     def recv_into(self, buffer: memoryview, /) -> int: ...
 
     def close(self) -> None: ...
+
+
 DNS_TLS_PORT: Final = 853  # RFC 7858; passt's is_dns_flow() relays it too
 
 

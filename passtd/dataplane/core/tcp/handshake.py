@@ -8,13 +8,13 @@ from typing import Final
 from passtd.dataplane.core.context import is_loopback
 from passtd.dataplane.core.flowtable import PROTO_TCP, FlowKey, FlowTableFull, key_addr
 from passtd.dataplane.core.icmp import remote_as_seen
-from passtd.dataplane.core.udp import target_for
 from passtd.dataplane.core.tcp import states as st
 from passtd.dataplane.core.tcp.base import PRESSURE_SYN_TIMEOUT
 from passtd.dataplane.core.tcp.conn import SockPort, TcpConn
 from passtd.dataplane.core.tcp.datapath import TcpData
 from passtd.dataplane.core.tcp.seq import seq_add
 from passtd.dataplane.core.tcp.window import MAX_WINDOW
+from passtd.dataplane.core.udp import target_for
 from passtd.dataplane.packets.tcp import ACK, SYN, SegmentBuilder, TcpHeader, syn_options
 
 OUR_WS: Final = 8  # window scale we offer: windows up to 16 MiB
