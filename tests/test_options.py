@@ -595,7 +595,7 @@ DROP_IN: list[tuple[list[str], HostView, dict[str, Any]]] = [
         ["passt", "--dns-host", "127.0.0.1"],
         HOST,
         {"dns_upstream": (ip("127.0.0.1"), *(n for n in HOST.nameservers if n.version == 6))},
-    ),  # fmt: skip
+    ),
     (["passt", "--freebind", "--no-splice"], HOST, {"freebind": True, "splice": False}),
     (["pasta", "1"], HOST, {"splice": True, "host_lo_to_ns_lo": False}),
     (["pasta", "--host-lo-to-ns-lo", "1"], HOST, {"host_lo_to_ns_lo": True}),
