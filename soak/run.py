@@ -795,6 +795,7 @@ def phase_nofile(t: Topo, root: Path, r: Report, seconds: float, rate: float) ->
         start_iperf_server(t)
         d.ctl.set_timeouts(udp_idle=2.0)
         sh("prlimit", "--pid", str(d.pid), "--nofile=300:300")
+        time.sleep(1.2)  # passtd re-shares its descriptors on its next one-second tick
         fds0 = d.fds()
         link = link_of(d, guest_mac(t))
         result: dict[str, Any] = {}

@@ -151,6 +151,19 @@ def test_flow_table_caps_per_protocol_and_descriptors() -> None:
     assert table.refused == {"limit.icmp_flows": 1, "limit.fds": 1, "limit.flows": 1}
 
 
+def test_fd_pool_follows_a_limit_lowered_at_run_time() -> None:
+    """prlimit --pid on a running daemon: the caps shrink to the new limit, what is held stays counted."""
+    pool = plan_fd_pool(20000, 24)
+    table = FlowTable(pool=pool)
+    before = table.cap(17)
+    pool.replan(300)
+    assert (pool.open_files, pool.reserved, pool.total) == (300, 64, 300 - 24 - 64)
+    assert table.cap(17) == pool.total // 2 < before  # UDP still gets at most half: TCP keeps the rest
+    assert table.cap(PROTO_TCP) > table.cap(17)
+    pool.replan(20000)
+    assert table.cap(17) == before
+
+
 def test_fd_pool_keeps_room_for_tcp_and_the_control_socket() -> None:
     pool = plan_fd_pool(20000, 40)
     assert pool.reserved == 128 and pool.total == 20000 - 40 - 128

@@ -797,7 +797,7 @@ def test_the_guests_fin_is_acked_even_when_the_peer_has_not_acknowledged_its_dat
     assert rig.take()[-1].tcp.ack == G_ISN + 6
 
 
-def test_syn_flood_is_capped_and_old_half_open_flows_expire_early_under_pressure() -> None:
+def test_syn_flood_is_capped_the_oldest_gives_way_and_old_half_open_flows_expire_early() -> None:
     rig = Rig()
     rig.handler.set_half_open_limits(cap=8, pressure=4)
     assert rig.stats.limits["tcp.half_open"] == 8 and rig.stats.limits["tcp.half_open_pressure"] == 4
@@ -807,9 +807,11 @@ def test_syn_flood_is_capped_and_old_half_open_flows_expire_early_under_pressure
         rig.guest(SYN, G_ISN, sport=50000 + i, dst=FAR4, now=0.5)
     assert rig.handler.half_open == 8
     rsts = rig.take()
-    assert len(rsts) == 12 and all(s.flags & RST for s in rsts)
-    assert rig.stats.dropped["tcp.half_open_full"] == 12
-    assert len(rig.factory.socks) == 1 + 8  # a refused SYN costs no socket
+    assert len(rsts) == 12 and all(s.flags & RST for s in rsts)  # the 12 oldest, evicted
+    assert {s.tcp.dport for s in rsts} == set(range(50000, 50012))
+    assert rig.stats.dropped["tcp.half_open_evicted"] == 12
+    live = [s for s in rig.factory.socks if not s.was_reset and not s.closed]
+    assert len(live) == 1 + 8  # the flood never holds more than the cap, and the newest SYN got in
     # Under pressure the half-open flows go after PRESSURE_SYN_TIMEOUT, not after tcp_syn (240 s).
     deadline = rig.handler.next_deadline()
     assert deadline <= 0.5 + base_mod.PRESSURE_SYN_TIMEOUT

@@ -40,15 +40,22 @@ class FdPool:
     """The descriptors listeners and flows share (see the module docstring); plain ints, updated by the
     flow table and the listener sets."""
 
-    __slots__ = ("floor", "flows", "listeners", "open_files", "reserved", "total")
+    __slots__ = ("base", "floor", "flows", "listeners", "open_files", "reserved", "total")
 
-    def __init__(self, open_files: int, reserved: int, total: int, floor: int) -> None:
+    def __init__(self, open_files: int, reserved: int, total: int, floor: int, base: int = 0) -> None:
         self.open_files = open_files
         self.reserved = reserved
         self.total = total
         self.floor = floor
+        self.base = base  # descriptors open before any flow or listener (the interpreter, the loop)
         self.listeners = 0  # held by listening sockets
         self.flows = 0  # held by flows
+
+    def replan(self, open_files: int) -> None:
+        """The limit changed under the running process (`prlimit --pid`): share the new one the same way.
+        What is held stays held; with a lower limit new flows and listeners are refused until enough went."""
+        self.open_files = open_files
+        self.reserved, self.total, self.floor = _shares(open_files, self.base)
 
     def flow_room(self) -> int:
         """Descriptors flows may hold together now."""
@@ -59,11 +66,17 @@ class FdPool:
         return max(0, self.total - self.listeners - max(self.flows, self.floor))
 
 
-def plan_fd_pool(open_files: int, in_use: int) -> FdPool:
-    """Share `open_files` descriptors, `in_use` of which are already open (the interpreter, the loop)."""
+def _shares(open_files: int, in_use: int) -> tuple[int, int, int]:
+    """(reserved, total, floor) of `open_files` descriptors when `in_use` are open before any flow."""
     reserved = max(RESERVE_MIN, min(RESERVE_MAX, open_files // 16))
     total = max(0, open_files - in_use - reserved)
-    return FdPool(open_files, reserved, total, min(FLOW_FLOOR, total // 4))
+    return reserved, total, min(FLOW_FLOOR, total // 4)
+
+
+def plan_fd_pool(open_files: int, in_use: int) -> FdPool:
+    """Share `open_files` descriptors, `in_use` of which are already open (the interpreter, the loop)."""
+    reserved, total, floor = _shares(open_files, in_use)
+    return FdPool(open_files, reserved, total, floor, in_use)
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ from passtd.dataplane.core.timeouts import Timeouts
 from passtd.dataplane.core.udp import UdpFlow
 from passtd.dataplane.io.echo import EchoSockets
 from passtd.dataplane.io.forwarding import Forwarding
-from passtd.dataplane.io.limits import SpareFd, fd_pool, is_fd_exhausted
+from passtd.dataplane.io.limits import SpareFd, fd_pool, follow_limit, is_fd_exhausted
 from passtd.dataplane.io.listeners import BindResult
 from passtd.dataplane.io.pcap import PcapWriter
 from passtd.dataplane.io.sockets import HostSockets, Outbound
@@ -459,6 +459,8 @@ class Dataplane:
                 self.send_to_tap([ra])
         self.udp.expire(now, self.timeouts.udp_idle)
         self.echo.expire(now, self.timeouts.icmp_idle)
+        if follow_limit(self.fd_pool):
+            self.log.info("limits.nofile.changed", open_files=self.fd_pool.open_files)
         if self.pcap is not None:
             self.pcap.flush()
         if self.netns_fd is not None:

@@ -45,6 +45,16 @@ def fd_pool() -> FdPool:
     return plan_fd_pool(raise_nofile_limit(), open_fd_count())
 
 
+def follow_limit(pool: FdPool) -> bool:
+    """Re-share the pool when RLIMIT_NOFILE was changed from outside (one getrlimit, from the periodic
+    tick); True when it had changed."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft == pool.open_files:
+        return False
+    pool.replan(soft)
+    return True
+
+
 def is_fd_exhausted(exc: OSError) -> bool:
     return exc.errno in FD_EXHAUSTED
 

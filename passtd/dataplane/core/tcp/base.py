@@ -32,9 +32,9 @@ from passtd.dataplane.packets.tcp import ACK, FIN, RST, SYN, SegmentBuilder, Tcp
 TapOut = Callable[[int, bytes, int, bytes | memoryview], None]
 COMPLETE: Final = -1
 
-# Half-open guest-initiated connections (connect in progress or SYN-ACK sent): at most HALF_OPEN_MAX (more
-# SYNs are refused with RST); from HALF_OPEN_PRESSURE on, those older than PRESSURE_SYN_TIMEOUT are given up
-# (three SYN-ACK retransmissions fit in it) instead of being held for the full tcp_syn timeout.
+# Half-open guest-initiated connections (connect in progress or SYN-ACK sent): at most HALF_OPEN_MAX (a new
+# SYN then evicts the oldest, with RST); from HALF_OPEN_PRESSURE on, those older than PRESSURE_SYN_TIMEOUT
+# are given up (three SYN-ACK retransmissions fit in it) instead of being held for the full tcp_syn timeout.
 HALF_OPEN_MAX: Final = 4096
 HALF_OPEN_PRESSURE: Final = 1024
 PRESSURE_SYN_TIMEOUT: Final = 10.0

@@ -36,11 +36,17 @@ class TcpHandshake(TcpData):
         if len(half_open) >= self.half_open_pressure:
             self._expire_half_open(now)
         if len(half_open) >= self.half_open_max:
-            # A SYN flood (or a burst the host cannot connect fast enough): refuse beyond the cap rather
-            # than hold a socket for each SYN.
-            self.stats.drop("tcp.half_open_full")
-            self._rst_unknown(v6, src, dst, tcp)
-            return
+            # A SYN flood (or a burst the host cannot connect fast enough): the oldest handshake gives way,
+            # as in a SYN cache. Refusing the newest instead would refuse every genuine connection for as
+            # long as the flood lasts; this way one that completes (in milliseconds, against the flood's
+            # cap / rate) still gets through, and the flood only ever holds `half_open_max` sockets.
+            if not half_open:  # a cap of 0: no handshake at all
+                self.stats.drop("tcp.half_open_full")
+                self._rst_unknown(v6, src, dst, tcp)
+                return
+            oldest = next(iter(half_open.values()))
+            self.stats.drop("tcp.half_open_evicted")
+            self._close(oldest, "half_open_evicted", reset_sock=True, rst_tap=True)
         conn = TcpConn(
             self.flows.new_id(), PROTO_TCP, key, now, now, guest_initiated=True, v6=v6,
             guest_addr=bytes(src), guest_port=tcp.sport, remote_addr=bytes(dst), remote_port=tcp.dport,

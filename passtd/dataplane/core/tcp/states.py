@@ -160,7 +160,12 @@ _S = TcpState
 TRANSITIONS: Final = (
     # Guest-initiated handshake
     Transition(_S.CLOSED, "guest SYN", "connect() on a host socket", _S.TAP_SYN_SENT),
-    Transition(_S.CLOSED, "guest SYN, half-open cap reached", "RST to the guest", _S.CLOSED),
+    Transition(
+        _S.CLOSED,
+        "guest SYN, half-open cap reached",
+        "RST to the guest (cap 0), else the oldest handshake is reset and this one connects",
+        _S.CLOSED,
+    ),
     Transition(_S.TAP_SYN_SENT, "connect() completed", "SYN-ACK to the guest, RTO armed", _S.TAP_SYN_RCVD),
     Transition(_S.TAP_SYN_SENT, "connect() failed", "RST to the guest", _S.CLOSED),
     Transition(_S.TAP_SYN_RCVD, "guest ACK of our SYN", "send what the host sent meanwhile", _S.ESTABLISHED),
