@@ -339,6 +339,11 @@ def _policy_summary(config: Config) -> dict[str, str]:
     return {"tcp_ports": forward.tcp_in.to_spec(), "udp_ports": forward.udp_in.to_spec()}
 
 
+def _hostport(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _status(config: Config, what: str) -> str:
     where = config.socket_path if config.mode == "passt" else f"tap {config.ns_ifname}"
     control = f", control {config.control_path}" if config.control_path else ""
@@ -376,6 +381,21 @@ async def _serve(
         dp.set_forwarding(config.forward)
     if config.timeouts != Timeouts():
         dp.set_timeouts(config.timeouts)
+    metrics = rpcs = None
+    if config.metrics_listen is not None:
+        from passtd.control.metrics import FlowCounters, MetricsServer, RpcCounters
+        from passtd.daemon_api import DaemonControl
+
+        flows, rpcs = FlowCounters(), RpcCounters()
+        dp.watchers.append(flows)  # only with metrics on: each watcher costs the data path an event object
+        metrics = MetricsServer(DaemonControl(config, dp), flows, rpcs)
+        try:
+            bound = await metrics.start(*config.metrics_listen)
+        except OSError as exc:
+            dp.close()
+            raise StartError(f"--metrics-listen: cannot listen on {_hostport(config.metrics_listen)}: "
+                             f"{exc.strerror or exc}") from None  # fmt: skip
+        log.info("metrics.listening", address=_hostport(bound))
     control = None
     if config.control_path is not None or config.control_listen is not None:
         from passtd.control.server import TcpListen, start_control_server
@@ -391,9 +411,11 @@ async def _serve(
                             config.control_insecure)  # fmt: skip
         try:
             control = await start_control_server(
-                DaemonControl(config, dp), config.control_path, group=config.control_group, tcp=tcp
+                DaemonControl(config, dp), config.control_path, group=config.control_group, tcp=tcp, rpcs=rpcs
             )
         except (BackendError, ConfigError) as exc:
+            if metrics is not None:
+                await metrics.close()
             dp.close()
             raise StartError(str(exc)) from None
         log.info("control.listening", socket=config.control_path, tcp=config.control_listen)
@@ -409,6 +431,8 @@ async def _serve(
                 from passtd.control.server import stop_control_server
 
                 await stop_control_server(control, 0)
+            if metrics is not None:
+                await metrics.close()
             dp.close()
             raise StartError(f"-c/--conf-path: {exc}") from None
         log.info("pesto.listening", socket=config.pesto_path)
@@ -546,6 +570,8 @@ async def _serve(
             from passtd.control.server import stop_control_server
 
             await stop_control_server(control, CONTROL_GRACE)
+        if metrics is not None:
+            await metrics.close()
         dp.close()
         log.info("passtd.stopped")
         notifier.close()

@@ -239,6 +239,21 @@ class DaemonControl:
         self.share = LoopShare(CONTROL_SHARE)
         self._walk = asyncio.Lock()
 
+    # -- what a metrics scrape reads besides the status (passtd.control.metrics.MetricsSource) ---------------
+
+    def listening_sockets(self) -> Mapping[str, int]:
+        fwd = self.dp.forwarding
+        sets = ((fwd.tcp, "tcp_in"), (fwd.udp, "udp_in"), (fwd.tcp_ns, "tcp_out"), (fwd.udp_ns, "udp_out"))
+        return {name: len(sockets) if sockets is not None else 0 for sockets, name in sets}
+
+    def bind_failures(self) -> Mapping[str, int]:
+        """Counted by the forwarding for every change: start-up, reload, control calls, pesto, `auto`."""
+        return dict(self.dp.forwarding.bind_failures)
+
+    def tap_backlog(self) -> int:
+        tap = self.dp.tap
+        return tap.backlog if tap is not None else 0
+
     # -- views of flows ---------------------------------------------------------------------------------
 
     def _wall(self, loop_time: float) -> float:
