@@ -431,15 +431,20 @@ class DaemonControl:
             raise ResourceExhausted(f"too many connection watchers (limit {MAX_WATCHERS})")
         watchers = self.dp.watchers
 
+        last = [0.0]  # the previous stamp: wall-clock stamps never go back within one stream
+
         def on_event(event: FlowEvent) -> None:
             view = self.view(event.flow, full=False, state=event.state)
             if not flt.matches(view):
                 return
             kind = event.kind if event.kind in ("opened", "state", "closed") else "state"
+            # Events are offered in the order the data path emitted them; the stamp follows that order
+            # even if the wall clock steps back (NTP) between two of them.
+            stamp = last[0] = max(last[0], self._wall(event.time))
             queue.offer(
                 ConnectionEventView(
                     kind=kind,  # type: ignore[arg-type]
-                    time=self._wall(event.time),
+                    time=stamp,
                     connection=view,
                     reason=event.reason,
                 )
