@@ -277,6 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--for", dest="duration", type=_positive_seconds, metavar="SECONDS", help="stop after this long"
     )
     watch.set_defaults(run=_conns_watch)
+    top = conns_cmds.add_parser(
+        "top",
+        help="live view of flows sorted by throughput (q or Ctrl-C quits)",
+        description="Flows sorted by throughput, refreshed in place; rates from successive byte counters.",
+    )
+    _filter_options(top)
+    top.add_argument(
+        "-d", "--delay", dest="interval", type=_positive_seconds, default=1.0, metavar="SECONDS",
+        help="seconds between refreshes (default 1)",
+    )  # fmt: skip
+    top.add_argument("-n", "--iterations", type=_count, metavar="N", help="stop after N refreshes")
+    top.set_defaults(run=_conns_top)
     reset = conns_cmds.add_parser(
         "reset",
         help="reset connections: RST to both sides",
@@ -410,6 +422,13 @@ def _wait_for_daemon(client: ControlClient, deadline: float | None) -> bool:
         except ControlError:
             pass
     return False
+
+
+def _conns_top(client: ControlClient, args: argparse.Namespace) -> int:
+    from passtctl.top import run_top
+
+    flt = _filter(args)
+    return run_top(lambda: list(client.connections(flt)), interval=args.interval, iterations=args.iterations)
 
 
 def _conns_reset(client: ControlClient, args: argparse.Namespace) -> int:
