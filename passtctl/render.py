@@ -409,9 +409,33 @@ DIRECTION_OPTION: Final = {
 }
 
 
+def _port_list(ports: Sequence[int]) -> str:
+    """Ascending ports with runs folded: 22,80,8000-8002."""
+    out: list[str] = []
+    i = 0
+    while i < len(ports):
+        j = i
+        while j + 1 < len(ports) and ports[j + 1] == ports[j] + 1:
+            j += 1
+        out.append(str(ports[i]) if i == j else f"{ports[i]}-{ports[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
 def render_port_policy(policy: passt_pb2.PortPolicy) -> str:
-    rows = [[*DIRECTION_OPTION.get(t.direction, ("?", "?")), t.spec] for t in policy.tables]
-    return render_columns(("DIRECTION", "OPTION", "SPEC"), rows)
+    """One row per table; with an `auto` table, a BOUND column shows the ports auto has bound now."""
+    if not any(t.mode == "auto" for t in policy.tables):
+        rows = [[*DIRECTION_OPTION.get(t.direction, ("?", "?")), t.spec] for t in policy.tables]
+        return render_columns(("DIRECTION", "OPTION", "SPEC"), rows)
+    rows = [
+        [
+            *DIRECTION_OPTION.get(t.direction, ("?", "?")),
+            t.spec,
+            (_port_list(list(t.auto_bound)) or _NONE) if t.mode == "auto" else "",
+        ]
+        for t in policy.tables
+    ]
+    return render_columns(("DIRECTION", "OPTION", "SPEC", "BOUND"), rows)
 
 
 def render_policy_change(change: passt_pb2.PortPolicyChange) -> str:

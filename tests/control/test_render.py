@@ -295,3 +295,22 @@ def test_timeouts_table() -> None:
 )
 def test_format_seconds(seconds: float, text: str) -> None:
     assert format_seconds(seconds) == text
+
+
+def test_port_policy_shows_what_auto_bound() -> None:
+    tcp_in = passt_pb2.ForwardTable(
+        direction=passt_pb2.FORWARD_DIRECTION_TCP_IN,
+        spec="auto",
+        mode="auto",
+        auto_bound=[22, 8000, 8001, 8002],
+    )
+    udp_in = passt_pb2.ForwardTable(direction=passt_pb2.FORWARD_DIRECTION_UDP_IN, spec="auto", mode="auto")
+    tcp_out = passt_pb2.ForwardTable(direction=passt_pb2.FORWARD_DIRECTION_TCP_OUT, spec="none", mode="none")
+    policy = passt_pb2.PortPolicy(tables=[tcp_in, udp_in, tcp_out])
+    assert render_port_policy(policy) == (
+        "DIRECTION  OPTION  SPEC  BOUND\n"
+        "tcp_in     -t      auto  22,8000-8002\n"
+        "udp_in     -u      auto  -\n"
+        "tcp_out    -T      none\n"
+    )
+    assert json.loads(render_json(policy))["tables"][0]["auto_bound"] == [22, 8000, 8001, 8002]

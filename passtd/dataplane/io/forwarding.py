@@ -187,9 +187,17 @@ class Forwarding:
             self._auto_task = self.loop.create_task(self._apply_work(work))
 
     async def _apply_work(self, work: list[tuple[ListenerSet, set[Listener]]]) -> None:
+        """Apply one scan's changes; each port `auto` starts or stops forwarding is one info line."""
         results: list[BindResult] = []
         for listeners, wanted in work:
-            results += await listeners.apply_async(wanted)
+            before = {lst.port for lst in listeners.listeners}
+            results += self._bound(listeners, await listeners.apply_async(wanted))
+            after = {lst.port for lst in listeners.listeners}
+            direction = self.direction(listeners)
+            for port in sorted(after - before):
+                self.log.info("forward.auto.bound", direction=direction, port=port)
+            for port in sorted(before - after):
+                self.log.info("forward.auto.unbound", direction=direction, port=port)
         self._report(results)
 
     def close(self) -> None:
