@@ -146,7 +146,6 @@ class FlowLog:
         self.log = log
         self.local: dict[int, str] = {}  # flow id → its host socket's address, kept from open to close
 
-
     def __call__(self, event: FlowEvent) -> None:
         flow = event.flow
         if event.kind != "closed" and flow.flow_id not in self.local:
