@@ -91,8 +91,17 @@ for _ in range(3):  # ethertype 0x88b5 (IEEE local experimental): nothing passtd
 """
 
 
-def test_drops_by_reason_and_listening_sockets(topo: Topology) -> None:
-    start(topo, "--metrics-listen", f"127.0.0.1:{PORT}", "-t", "5141")
+HOLD = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET6); s.bind(("::", int(sys.argv[1]))); s.listen()
+print("ready", flush=True); time.sleep(30)
+"""
+
+
+def test_drops_by_reason_listening_sockets_and_bind_failures(topo: Topology) -> None:
+    holder = spawn(topo, topo.host, sys.executable, "-c", HOLD, "5142")  # port 5142 taken: -t 5142 fails
+    assert line(holder) == "ready"
+    start(topo, "--metrics-listen", f"127.0.0.1:{PORT}", "-t", "5141,5142")
     sh(sys.executable, "-c", RAW_FRAME, "eth0", ns=topo.guest)
 
     def dropped() -> float:
@@ -101,4 +110,5 @@ def test_drops_by_reason_and_listening_sockets(topo: Topology) -> None:
 
     assert wait_for(dropped, 10, "the drops counted") == 3
     got = samples(scrape(topo)[1])
-    assert got[("passtd_forward_listening_sockets", (("direction", "tcp_in"),))] == 2  # 0.0.0.0 and ::
+    assert got[("passtd_forward_listening_sockets", (("direction", "tcp_in"),))] == 2  # 5141: 0.0.0.0, ::
+    assert got[("passtd_forward_bind_failures_total", (("direction", "tcp_in"),))] == 2  # both of 5142
