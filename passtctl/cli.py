@@ -74,6 +74,12 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1: {text!r}")
+    return int(text)
+
+
 def _conn_id(text: str) -> int:
     if not text.isdigit() or int(text) == 0:
         raise argparse.ArgumentTypeError(f"not a connection id: {text!r}")
@@ -123,9 +129,34 @@ _FORWARD_DIRECTIONS: Final = {
 }
 
 
+# The states a flow can show (passtd.dataplane.core.tcp.states.TcpState, then SPLICED/CONNECTING for
+# socket-to-socket flows and ACTIVE for datagram flows); tests/control/test_cli.py checks the list stays so.
+STATES: Final = (
+    "CLOSED", "TAP_SYN_SENT", "SOCK_SYN_SENT", "TAP_SYN_RCVD", "ESTABLISHED", "ESTABLISHED_SOCK_FIN",
+    "CLOSE_WAIT", "FIN_WAIT_1", "LAST_ACK", "SPLICED", "CONNECTING", "ACTIVE",
+)  # fmt: skip
+
+
+def _state(text: str) -> str:
+    """A flow state in any case (`established`, as JSON shows it, or ESTABLISHED); refused by name."""
+    if text.upper() not in STATES:
+        raise argparse.ArgumentTypeError(
+            f"unknown state {text!r} (known: {', '.join(s.lower() for s in STATES)})"
+        )
+    return text.upper()
+
+
+def _proto(text: str) -> str:
+    if text.lower() not in _PROTOCOLS:
+        raise argparse.ArgumentTypeError(f"unknown protocol {text!r} (known: {', '.join(_PROTOCOLS)})")
+    return text.lower()
+
+
 def _filter_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--proto", choices=tuple(_PROTOCOLS), help="only this protocol")
-    parser.add_argument("--state", metavar="STATE", help="only flows in this state, e.g. ESTABLISHED")
+    parser.add_argument("--proto", type=_proto, metavar="PROTO", help="only this protocol: tcp, udp or icmp")
+    parser.add_argument(
+        "--state", type=_state, metavar="STATE", help="only flows in this state, e.g. established, fin_wait_1"
+    )
     parser.add_argument(
         "--port", type=_port, metavar="N", help="only flows with this guest, remote or local port"
     )
@@ -141,9 +172,24 @@ def _filter(args: argparse.Namespace) -> passt_pb2.ConnectionFilter:
     )
 
 
+JSON_HELP: Final = """\
+-o json is for scripts: field names as in passt.proto, every field present, counters and ids as JSON numbers
+(never strings), enums and states as the lower-case words the options take (protocol "tcp", state
+"established", direction "tcp_in", event kind "closed", reason "fin"); `conns watch -o json` prints one
+object a line.
+
+Exit status: 0 success, 1 the call failed (or the daemon went away during `conns watch`), 2 a mistake in
+the command line (an unknown --state or --proto value among them). Errors are one line on stderr."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     default = os.environ.get(ADDRESS_ENV) or default_control_address(os.environ)
-    parser = _Parser(prog=PROG, description="Query a running passtd over its control socket.")
+    parser = _Parser(
+        prog=PROG,
+        description="Query a running passtd over its control socket.",
+        epilog=JSON_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
         "-c",
@@ -221,11 +267,28 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", choices=("text", "json"), default="text", help="text, or one JSON object a line"
     )
     watch.add_argument("--existing", action="store_true", help="first list the connections open now")
-    watch.add_argument("--count", type=int, metavar="N", help="stop after N events")
+    watch.add_argument("--count", type=_count, metavar="N", help="stop after N events")
+    watch.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="when the daemon goes away, wait for it to come back and watch again (else exit 1)",
+    )
     watch.add_argument(
         "--for", dest="duration", type=_positive_seconds, metavar="SECONDS", help="stop after this long"
     )
     watch.set_defaults(run=_conns_watch)
+    top = conns_cmds.add_parser(
+        "top",
+        help="live view of flows sorted by throughput (q or Ctrl-C quits)",
+        description="Flows sorted by throughput, refreshed in place; rates from successive byte counters.",
+    )
+    _filter_options(top)
+    top.add_argument(
+        "-d", "--delay", dest="interval", type=_positive_seconds, default=1.0, metavar="SECONDS",
+        help="seconds between refreshes (default 1)",
+    )  # fmt: skip
+    top.add_argument("-n", "--iterations", type=_count, metavar="N", help="stop after N refreshes")
+    top.set_defaults(run=_conns_top)
     reset = conns_cmds.add_parser(
         "reset",
         help="reset connections: RST to both sides",
@@ -303,28 +366,69 @@ def _conns_list(client: ControlClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+RECONNECT_POLL: Final = 0.5
+
+
 def _conns_watch(client: ControlClient, args: argparse.Namespace) -> int:
-    if args.count is not None and args.count < 1:
-        raise ControlError("--count: must be at least 1")
+    """Events until --count or --for; the daemon going away is an error (exit 1) unless --reconnect, which
+    waits for it to serve again and subscribes anew (what happened meanwhile is missed, and said so)."""
+    deadline = None if args.duration is None else time.monotonic() + args.duration
+    seen = 0
+    existing = args.existing
 
     def ready() -> None:
         sys.stderr.write(f"{PROG}: watching connections (Ctrl-C to stop)\n")
         sys.stderr.flush()
 
-    events = client.watch(_filter(args), existing=args.existing, duration=args.duration, on_ready=ready)
-    seen = 0
     try:
-        for event in events:
-            sys.stdout.write(render_json_line(event) if args.output == "json" else render_event(event))
-            sys.stdout.flush()
-            seen += 1
-            if args.count is not None and seen >= args.count:
-                break
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return EXIT_OK
+            events = client.watch(_filter(args), existing=existing, duration=left, on_ready=ready)
+            try:
+                for event in events:
+                    sys.stdout.write(
+                        render_json_line(event) if args.output == "json" else render_event(event)
+                    )
+                    sys.stdout.flush()
+                    seen += 1
+                    if args.count is not None and seen >= args.count:
+                        return EXIT_OK
+                return EXIT_OK  # --for elapsed
+            except ControlError as exc:
+                if not args.reconnect:
+                    raise
+                sys.stderr.write(f"{PROG}: {exc}; waiting for the daemon to come back (--reconnect)\n")
+                sys.stderr.flush()
+            finally:
+                events.close()
+            if not _wait_for_daemon(client, deadline):
+                return EXIT_OK  # --for elapsed while waiting
+            sys.stderr.write(f"{PROG}: reconnected; events while the daemon was away were missed\n")
+            existing = True  # what opened meanwhile is listed first, so nothing open goes unseen
     except KeyboardInterrupt:
-        pass
-    finally:
-        events.close()
-    return EXIT_OK
+        return EXIT_OK
+
+
+def _wait_for_daemon(client: ControlClient, deadline: float | None) -> bool:
+    """Poll the health service on a fresh channel until SERVING; False when the deadline passes first."""
+    while deadline is None or time.monotonic() < deadline:
+        time.sleep(RECONNECT_POLL)
+        client.reconnect()
+        try:
+            if client.health() == "SERVING":
+                return True
+        except ControlError:
+            pass
+    return False
+
+
+def _conns_top(client: ControlClient, args: argparse.Namespace) -> int:
+    from passtctl.top import run_top
+
+    flt = _filter(args)
+    return run_top(lambda: list(client.connections(flt)), interval=args.interval, iterations=args.iterations)
 
 
 def _conns_reset(client: ControlClient, args: argparse.Namespace) -> int:
@@ -392,6 +496,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.pid_file is not None or args.guest_socket is not None:
         args.control = derived_control_path(args.guest_socket, args.pid_file)
     tls = Tls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, insecure=args.insecure)
+    if bool(tls.cert) != bool(tls.key):
+        sys.stderr.write(f"{PROG}: error: --tls-cert and --tls-key go together (a certificate and its key)\n")
+        return EXIT_USAGE
+    if tls.insecure and (tls.ca or tls.cert):
+        sys.stderr.write(f"{PROG}: error: --insecure is plaintext: it cannot be combined with --tls-*\n")
+        return EXIT_USAGE
     try:
         with ControlClient(args.control, timeout=args.timeout, tls=tls) as client:
             return run(client, args)

@@ -108,14 +108,55 @@ def _channel(address: str, tls: Tls | None) -> grpc.Channel:
         return grpc.insecure_channel(f"unix:{socket_path(address)}")
     if tls is None or tls.insecure:
         return grpc.insecure_channel(target)
-    if not (tls.cert and tls.key):
-        raise ControlError(f"{target}: the server requires a client certificate (--tls-cert and --tls-key)")
+    if bool(tls.cert) != bool(tls.key):
+        raise ControlError("--tls-cert and --tls-key go together (a certificate and its private key)")
     credentials = grpc.ssl_channel_credentials(
         root_certificates=_read(tls.ca) if tls.ca else None,
-        private_key=_read(tls.key),
-        certificate_chain=_read(tls.cert),
+        private_key=_read(tls.key) if tls.key else None,
+        certificate_chain=_read(tls.cert) if tls.cert else None,
     )
     return grpc.secure_channel(target, credentials)
+
+
+# What grpc says when a TLS handshake fails, and who is to blame. The server closing the connection during
+# the handshake ("Socket closed") is how a refused client certificate shows on the client's side.
+_VERIFY_FAILED: Final = "CERTIFICATE_VERIFY_FAILED"
+_NOT_TLS: Final = ("WRONG_VERSION_NUMBER", "Tls handshake failed")
+_CLOSED: Final = "Socket closed"
+
+
+def describe_tls_error(details: str, target: str, tls: Tls | None) -> str | None:
+    """One line naming which side lacks what, for a failed connection over TCP; None if not a TLS matter."""
+    if _VERIFY_FAILED in details:
+        trusted = (
+            f"the CA in --tls-ca {tls.ca}" if tls is not None and tls.ca else "the system's CAs (no --tls-ca)"
+        )
+        return (
+            f"cannot connect to {target}: the server's certificate does not chain to {trusted}: "
+            "give the CA that signed the server's --control-cert"
+        )
+    if tls is None or tls.insecure:
+        if _CLOSED in details:
+            return (
+                f"cannot connect to {target}: the server closed the connection: it speaks TLS, and "
+                "--insecure is plaintext (give --tls-ca, --tls-cert and --tls-key)"
+            )
+        return None
+    if any(word in details for word in _NOT_TLS):
+        return (
+            f"cannot connect to {target}: TLS handshake failed (is the server plaintext, --control-insecure?)"
+        )
+    if _CLOSED in details:
+        if not tls.cert:
+            return (
+                f"cannot connect to {target}: the server refused the TLS handshake: passtctl sent no client "
+                "certificate (give --tls-cert and --tls-key) and the server requires one"
+            )
+        return (
+            f"cannot connect to {target}: the server refused our client certificate --tls-cert {tls.cert}: "
+            "it does not chain to the server's --control-client-ca"
+        )
+    return None
 
 
 class ControlClient:
@@ -124,9 +165,28 @@ class ControlClient:
     def __init__(self, address: str, *, timeout: float = DEFAULT_TIMEOUT, tls: Tls | None = None) -> None:
         self.path = socket_path(address)
         self.timeout = timeout
-        self._channel = _channel(address, tls)
+        self._address = address
+        self._tls = tls
+        self._tcp = tcp_target(address) is not None
+        self._open()
+
+    def _open(self) -> None:
+        self._channel = _channel(self._address, self._tls)
         self._control = passt_pb2_grpc.ControlStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def reconnect(self) -> None:
+        """A fresh channel: grpc's own reconnect backs off for up to minutes, a restarted daemon is there
+        at once."""
+        self._channel.close()
+        self._open()
+
+    def _describe(self, exc: grpc.RpcError) -> str:
+        if self._tcp and exc.code() == grpc.StatusCode.UNAVAILABLE:
+            tls_text = describe_tls_error(exc.details() or "", self.path, self._tls)
+            if tls_text is not None:
+                return tls_text
+        return describe_rpc_error(exc, self.path, self.timeout)
 
     def __enter__(self) -> Self:
         return self
@@ -143,7 +203,7 @@ class ControlClient:
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as exc:
-            raise ControlError(describe_rpc_error(exc, self.path, self.timeout)) from None
+            raise ControlError(self._describe(exc)) from None
 
     def status(self) -> passt_pb2.Status:
         reply: passt_pb2.Status = self._unary(self._control.GetStatus, passt_pb2.GetStatusRequest())
@@ -170,22 +230,29 @@ class ControlClient:
         duration: float | None = None,
         on_ready: Callable[[], None] | None = None,
     ) -> Generator[passt_pb2.ConnectionEvent, None, None]:
-        """Events until `duration` seconds have passed (then it just ends), the server ends the stream, or
-        the caller stops iterating (the call is cancelled)."""
+        """Events until `duration` seconds have passed (then it just ends) or the caller stops iterating
+        (the call is cancelled). The daemon ending the stream (it is stopping) or dropping the connection is a
+        ControlError: a script watching must learn that it no longer sees anything."""
+        subscribed = False
         call = self._control.WatchConnections(
             passt_pb2.WatchConnectionsRequest(filter=flt, include_existing=existing), timeout=duration
         )
         try:
             call.initial_metadata()  # the server sends it once subscribed: nothing after this is missed
+            subscribed = True
             if on_ready is not None:
                 on_ready()
             yield from call
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and subscribed:
+                raise ControlError(f"{self.path}: the daemon went away (connection lost)") from None
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and duration is not None:
                 return
-            raise ControlError(describe_rpc_error(exc, self.path, self.timeout)) from None
+            raise ControlError(self._describe(exc)) from None
         finally:
             call.cancel()
+        # The server ended the stream by itself: it does that only when it stops (stop_control_server).
+        raise ControlError(f"{self.path}: the daemon ended the watch (it is stopping)")
 
     def reset(self, connection_id: int) -> list[passt_pb2.Connection]:
         reply = self._unary(self._control.ResetConnection, passt_pb2.ResetConnectionRequest(id=connection_id))
@@ -236,6 +303,6 @@ class ControlClient:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise ControlError(f"unknown service {service!r}") from None
-            raise ControlError(describe_rpc_error(exc, self.path, self.timeout)) from None
+            raise ControlError(self._describe(exc)) from None
         name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         return name

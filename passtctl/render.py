@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, cast
 
 from google.protobuf import json_format
-from google.protobuf.descriptor import Descriptor
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from passtd.control.pb import passt_pb2
@@ -172,8 +172,45 @@ def render_status_table(status: passt_pb2.Status) -> str:
     return render_table(status_rows(status))
 
 
-def _in_field_order(descriptor: Descriptor, data: dict[str, Any]) -> dict[str, Any]:
-    """json_format puts set fields before unset ones; people read fields in .proto order, maps sorted."""
+_INT64_TYPES: Final = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+# String fields and map keys that hold a flow state: shown lower-case, as `--state` takes them.
+_STATE_FIELDS: Final = frozenset({"state"})
+_STATE_MAPS: Final = frozenset({"states"})
+
+
+def enum_word(enum: EnumDescriptor, number: int) -> str:
+    """An enum value as the lower-case word the CLI's options take: PROTOCOL_TCP → tcp,
+    FORWARD_DIRECTION_TCP_IN → tcp_in, EVENT_KIND_CLOSED → closed (the type's prefix dropped)."""
+    value = enum.values_by_number.get(number)
+    if value is None:
+        return str(number)
+    prefix = enum.values[0].name.removesuffix("UNSPECIFIED") if enum.values else ""
+    name = value.name
+    return (name[len(prefix) :] if prefix and name.startswith(prefix) else name).lower()
+
+
+def _scalar(field: FieldDescriptor, value: Any) -> Any:
+    if field.enum_type is not None:
+        return enum_word(field.enum_type, value)
+    if field.type in _INT64_TYPES:
+        return int(value)
+    if field.name in _STATE_FIELDS and isinstance(value, str):
+        return value.lower()
+    return value
+
+
+def _script_form(descriptor: Descriptor, data: dict[str, Any]) -> dict[str, Any]:
+    """json_format's dict in .proto field order, maps sorted by key, made safe to parse: 64-bit integers
+    as JSON numbers (not the proto3 mapping's strings), enums and flow states as the lower-case words the
+    filters take (`tcp`, `established`, `tcp_in`)."""
     out: dict[str, Any] = {}
     for field in descriptor.fields:
         if field.name not in data:
@@ -181,25 +218,44 @@ def _in_field_order(descriptor: Descriptor, data: dict[str, Any]) -> dict[str, A
         value = data[field.name]
         kind = field.message_type
         if kind is not None and kind.GetOptions().map_entry:
-            value = dict(sorted(value.items()))
+            value_field = kind.fields_by_name["value"]
+            lower = field.name in _STATE_MAPS
+            items = {
+                (k.lower() if lower else k): (
+                    _script_form(value_field.message_type, v)
+                    if value_field.message_type is not None and isinstance(v, dict)
+                    else _scalar(value_field, v)
+                )
+                for k, v in value.items()
+            }
+            value = dict(sorted(items.items()))
         elif kind is not None and isinstance(value, dict):
-            value = _in_field_order(kind, value)
+            value = _script_form(kind, value)
         elif kind is not None and isinstance(value, list):
-            value = [_in_field_order(kind, item) if isinstance(item, dict) else item for item in value]
+            value = [_script_form(kind, item) if isinstance(item, dict) else item for item in value]
+        elif isinstance(value, list):
+            value = [_scalar(field, item) for item in value]
+        else:
+            value = _scalar(field, value)
         out[field.name] = value
     return out
 
 
-def render_json(message: Message) -> str:
-    """The canonical proto3 JSON mapping with proto field names and every field present, in .proto order.
-
-    As that mapping prescribes, 64-bit integers (the uint64 counters) are JSON strings and enums are names.
-    """
+def _json_data(message: Message) -> dict[str, Any]:
     data = json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        message,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+        use_integers_for_enums=True,
     )
     descriptor = cast(Descriptor, message.DESCRIPTOR)  # the stubs also allow upb's twin class
-    return json.dumps(_in_field_order(descriptor, data), indent=2) + "\n"
+    return _script_form(descriptor, data)
+
+
+def render_json(message: Message) -> str:
+    """JSON for scripts: proto field names, every field present, in .proto order. Unlike the proto3 JSON
+    mapping, 64-bit counters are numbers and enums the lower-case words the options take (see --help)."""
+    return json.dumps(_json_data(message), indent=2) + "\n"
 
 
 # -- tables with columns -------------------------------------------------------------------------------
@@ -339,12 +395,8 @@ def render_event(event: passt_pb2.ConnectionEvent) -> str:
 
 
 def render_json_line(message: Message) -> str:
-    """The same mapping as render_json, on one line: for streams (`conns watch -o json`)."""
-    data = json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    descriptor = cast(Descriptor, message.DESCRIPTOR)
-    return json.dumps(_in_field_order(descriptor, data), separators=(",", ":")) + "\n"
+    """The same form as render_json, on one line: for streams (`conns watch -o json`)."""
+    return json.dumps(_json_data(message), separators=(",", ":")) + "\n"
 
 
 # -- port policy and timeouts ----------------------------------------------------------------------------
@@ -357,9 +409,33 @@ DIRECTION_OPTION: Final = {
 }
 
 
+def _port_list(ports: Sequence[int]) -> str:
+    """Ascending ports with runs folded: 22,80,8000-8002."""
+    out: list[str] = []
+    i = 0
+    while i < len(ports):
+        j = i
+        while j + 1 < len(ports) and ports[j + 1] == ports[j] + 1:
+            j += 1
+        out.append(str(ports[i]) if i == j else f"{ports[i]}-{ports[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
 def render_port_policy(policy: passt_pb2.PortPolicy) -> str:
-    rows = [[*DIRECTION_OPTION.get(t.direction, ("?", "?")), t.spec] for t in policy.tables]
-    return render_columns(("DIRECTION", "OPTION", "SPEC"), rows)
+    """One row per table; with an `auto` table, a BOUND column shows the ports auto has bound now."""
+    if not any(t.mode == "auto" for t in policy.tables):
+        rows = [[*DIRECTION_OPTION.get(t.direction, ("?", "?")), t.spec] for t in policy.tables]
+        return render_columns(("DIRECTION", "OPTION", "SPEC"), rows)
+    rows = [
+        [
+            *DIRECTION_OPTION.get(t.direction, ("?", "?")),
+            t.spec,
+            (_port_list(list(t.auto_bound)) or _NONE) if t.mode == "auto" else "",
+        ]
+        for t in policy.tables
+    ]
+    return render_columns(("DIRECTION", "OPTION", "SPEC", "BOUND"), rows)
 
 
 def render_policy_change(change: passt_pb2.PortPolicyChange) -> str:

@@ -76,6 +76,7 @@ class Config:
     control_key: str | None = None
     control_client_ca: str | None = None
     control_insecure: bool = False  # plaintext TCP, refused off loopback
+    metrics_listen: tuple[str, int] | None = None  # --metrics-listen: Prometheus text over HTTP
     forward: ForwardTables | None = None  # -t/-u/-T/-U; None: nothing forwarded
     max_flows: int = 256 * 1024
     dns_forward: tuple[IPv4Address | IPv6Address, ...] = ()  # guest-side DNS addresses we relay

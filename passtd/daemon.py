@@ -41,7 +41,7 @@ from passtd.dataplane.io.sockets import HostSockets
 from passtd.dataplane.io.tap.base import TapBackend
 from passtd.dataplane.io.tap.qemu_stream import QemuStreamBackend
 from passtd.errors import BackendError, ConfigError
-from passtd.logging import get_logger, setup_logging
+from passtd.logging import debug_enabled, get_logger, setup_logging
 from passtd.notify import Notifier
 
 Reparse: TypeAlias = Callable[[Sequence[str], HostView | None], Config]
@@ -187,7 +187,8 @@ def run(
 
 def _run(config: Config, reparse: Reparse | None, listener: GuestListener | None, starter: Starter) -> int:
     try:
-        setup_logging(config.debug, config.quiet, config.log_format, None, config.log_file, config.log_size)
+        setup_logging(config.debug, config.quiet, config.log_format, None, config.log_file, config.log_size,
+                      errors_only=_interactive_pasta(config))  # fmt: skip
     except OSError as exc:
         raise StartError(f"--log-file: cannot open {config.log_file}: {exc.strerror}") from None
     log = get_logger()
@@ -233,6 +234,18 @@ def _run(config: Config, reparse: Reparse | None, listener: GuestListener | None
                 pass
         log.info("passtd.exited")
     return code
+
+
+def _interactive_pasta(config: Config) -> bool:
+    """pasta running a command in the foreground on the user's terminal: our lines would land in their
+    shell. Only errors go there then; -d, --log-file or the journal ($JOURNAL_STREAM) bring the rest."""
+    return (
+        config.mode == "pasta"
+        and config.command is not None
+        and config.log_file is None
+        and not os.environ.get("JOURNAL_STREAM")
+        and os.isatty(2)
+    )
 
 
 def _setup_passt(config: Config) -> GuestListener:
@@ -329,15 +342,88 @@ def _reload(current: Config, dp: Dataplane, notifier: Notifier, reparse: Reparse
         if name not in _LIVE_FIELDS and getattr(new, name) != getattr(current, name)
     )
     if fixed:
-        log.warning("config.reload.restart_needed", fields=fixed)
+        log.warning("config.reload.restart_needed", options=changed_options(current, new, fixed))
     log.info("config.reloaded", file=new.config_file, **_policy_summary(new))
     notifier.ready(_status(new, "configuration reloaded"))
     return new
 
 
+# Config and Context fields → the options that set them, for reload messages (the rest: --field-name).
+_OPTION_OF_FIELD: Final = {
+    "socket_path": "--socket", "pid_file": "--pid", "pcap": "--pcap", "control_path": "--control",
+    "netns_pid": "PID", "command": "the command", "ns_ifname": "--ns-ifname", "debug": "--debug",
+    "log_format": "--log-format", "pesto_path": "--conf-path", "ns_mac": "--ns-mac-addr",
+    "netns_quit": "--no-netns-quit", "splice": "--no-splice", "dns_upstream": "the host's nameservers",
+    "one_off": "--one-off", "runas": "--runas", "fd": "--fd",
+    # ctx
+    "our_mac": "--mac-addr", "mtu": "--mtu", "ip4": "IPv4 (-a/-n/-g/--dns)", "ip6": "IPv6 (-a/-g/--dns)",
+    "search": "--search", "dhcp": "--no-dhcp", "ndp": "--no-ndp", "dhcpv6": "--no-dhcpv6", "ra": "--no-ra",
+    "icmp": "--no-icmp", "map_gw": "--no-map-gw", "tcp": "--no-tcp", "udp": "--no-udp",
+    "hostname": "--hostname", "fqdn": "--fqdn", "dhcp_dns": "--dhcp-dns", "dhcp_search": "--dhcp-search",
+    "map_host_loopback4": "--map-host-loopback", "map_host_loopback6": "--map-host-loopback",
+    "map_guest_addr4": "--map-guest-addr", "map_guest_addr6": "--map-guest-addr",
+}  # fmt: skip
+
+
+def changed_options(old: Config, new: Config, fields: Sequence[str]) -> list[str]:
+    """The options behind changed Config fields, as a user wrote them (`--mtu`, not `ctx`): the guest's
+    settings live in one `ctx` field, which is looked into."""
+    names: list[str] = []
+    for name in fields:
+        if name == "ctx":
+            inner = [
+                f for f in type(old.ctx).__dataclass_fields__ if getattr(old.ctx, f) != getattr(new.ctx, f)
+            ]
+            names += [_OPTION_OF_FIELD.get(f, "--" + f.replace("_", "-")) for f in inner]
+        else:
+            names.append(_OPTION_OF_FIELD.get(name, "--" + name.replace("_", "-")))
+    return sorted(dict.fromkeys(names))
+
+
+def startup_summary(config: Config) -> dict[str, object]:
+    """What the guest is given and how to reach us, for one info line at start (as passt prints it)."""
+    ctx = config.ctx
+    forward = config.forward or ForwardTables(config.mode)
+    if config.mode == "pasta":
+        backend = f"tap {config.ns_ifname}"
+    else:
+        where = f"fd {config.fd}" if config.fd is not None else config.socket_path
+        backend = f"{'vhost-user' if config.vhost_user else 'qemu stream'} {where}"
+    out: dict[str, object] = {"mode": config.mode, "backend": backend, "mtu": ctx.mtu}
+    if ctx.ip4 is not None:
+        out.update(address4=f"{ctx.ip4.addr}/{ctx.ip4.prefix_len}", gateway4=str(ctx.ip4.gateway),
+                   dns4=[str(a) for a in ctx.ip4.dns])  # fmt: skip
+    else:
+        out["ipv4"] = "disabled"
+    if ctx.ip6 is not None:
+        out.update(address6=f"{ctx.ip6.addr}/{ctx.ip6.prefix_len}", gateway6=str(ctx.ip6.gateway),
+                   dns6=[str(a) for a in ctx.ip6.dns])  # fmt: skip
+    else:
+        out["ipv6"] = "disabled"
+    out["search"] = list(ctx.search)
+    v4, v6 = ctx.ip4 is not None, ctx.ip6 is not None
+    services = (("dhcp", ctx.dhcp and v4), ("ndp", ctx.ndp and v6), ("dhcpv6", ctx.dhcpv6 and v6),
+                ("ra", ctx.ra and v6))  # fmt: skip
+    out["services"] = ",".join(name for name, on in services if on) or "none"
+    out["tcp_in"], out["udp_in"] = forward.tcp_in.to_spec(), forward.udp_in.to_spec()
+    if config.mode == "pasta":
+        out["tcp_out"], out["udp_out"] = forward.tcp_out.to_spec(), forward.udp_out.to_spec()
+    out["control"] = config.control_path or "none"
+    if config.control_listen is not None:
+        out["control_tcp"] = _hostport(config.control_listen)
+    if config.metrics_listen is not None:
+        out["metrics"] = _hostport(config.metrics_listen)
+    return out
+
+
 def _policy_summary(config: Config) -> dict[str, str]:
     forward = config.forward or ForwardTables(config.mode)
     return {"tcp_ports": forward.tcp_in.to_spec(), "udp_ports": forward.udp_in.to_spec()}
+
+
+def _hostport(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _status(config: Config, what: str) -> str:
@@ -379,6 +465,25 @@ async def _serve(
         dp.set_forwarding(config.forward)
     if config.timeouts != Timeouts():
         dp.set_timeouts(config.timeouts)
+    if debug_enabled():  # -d: every flow's open and close (a watcher only then: none costs nothing)
+        from passtd.daemon_api import FlowLog
+
+        dp.watchers.append(FlowLog(get_logger(component="flow")))
+    metrics = rpcs = None
+    if config.metrics_listen is not None:
+        from passtd.control.metrics import FlowCounters, MetricsServer, RpcCounters
+        from passtd.daemon_api import DaemonControl
+
+        flows, rpcs = FlowCounters(), RpcCounters()
+        dp.watchers.append(flows)  # only with metrics on: each watcher costs the data path an event object
+        metrics = MetricsServer(DaemonControl(config, dp), flows, rpcs)
+        try:
+            bound = await metrics.start(*config.metrics_listen)
+        except OSError as exc:
+            dp.close()
+            raise StartError(f"--metrics-listen: cannot listen on {_hostport(config.metrics_listen)}: "
+                             f"{exc.strerror or exc}") from None  # fmt: skip
+        log.info("metrics.listening", address=_hostport(bound))
     control = None
     if config.control_path is not None or config.control_listen is not None:
         from passtd.control.server import TcpListen, start_control_server
@@ -394,9 +499,11 @@ async def _serve(
                             config.control_insecure)  # fmt: skip
         try:
             control = await start_control_server(
-                DaemonControl(config, dp), config.control_path, group=config.control_group, tcp=tcp
+                DaemonControl(config, dp), config.control_path, group=config.control_group, tcp=tcp, rpcs=rpcs
             )
         except (BackendError, ConfigError) as exc:
+            if metrics is not None:
+                await metrics.close()
             dp.close()
             raise StartError(str(exc)) from None
         log.info("control.listening", socket=config.control_path, tcp=config.control_listen)
@@ -412,6 +519,8 @@ async def _serve(
                 from passtd.control.server import stop_control_server
 
                 await stop_control_server(control, 0)
+            if metrics is not None:
+                await metrics.close()
             dp.close()
             raise StartError(f"-c/--conf-path: {exc}") from None
         log.info("pesto.listening", socket=config.pesto_path)
@@ -526,6 +635,7 @@ async def _serve(
     # root: drop to --runas now, then tell the starter.
     if config.runas is not None:
         _drop_privileges(config.runas)
+    log.info("passtd.started", **startup_summary(config))
     starter.ready()
     notifier.ready(_status(current, "serving" if pasta is not None else "waiting for a guest"))
     try:
@@ -549,6 +659,8 @@ async def _serve(
             from passtd.control.server import stop_control_server
 
             await stop_control_server(control, CONTROL_GRACE)
+        if metrics is not None:
+            await metrics.close()
         dp.close()
         log.info("passtd.stopped")
         notifier.close()

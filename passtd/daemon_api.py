@@ -131,6 +131,55 @@ def _local(flow: Flow) -> tuple[str, int]:
     return _sockname_text(name[0]), int(name[1])
 
 
+def _endpoint(address: str, port: int) -> str:
+    if not address:
+        return "-"
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+class FlowLog:
+    """`-d`: one debug line per flow opened and closed, with both sides' addresses and ports (the host
+    socket's own too), the reason and the byte counts. A dataplane watcher registered only at debug level,
+    so without -d the data path builds no event for it."""
+
+    def __init__(self, log: Any) -> None:
+        self.log = log
+        self.local: dict[int, str] = {}  # flow id → its host socket's address, kept from open to close
+
+    def __call__(self, event: FlowEvent) -> None:
+        flow = event.flow
+        if event.kind != "closed" and flow.flow_id not in self.local:
+            address, port = _local(flow)  # the host socket may be connected only after the open
+            if address:
+                self.local[flow.flow_id] = _endpoint(address, port)
+        if event.kind not in ("opened", "closed"):
+            return
+        guest_port: Any = getattr(flow, "guest_port", None) or getattr(flow, "guest_ident", 0)
+        fields: dict[str, Any] = {
+            "flow_id": flow.flow_id,
+            "proto": PROTO_NAMES.get(flow.proto, f"ip{flow.proto}"),
+            "initiated_by": "guest" if flow.guest_initiated else "host",
+            "guest": _endpoint(_addr(getattr(flow, "guest_addr", b"")), int(guest_port)),
+            "remote": _endpoint(
+                _addr(getattr(flow, "remote_addr", b"")), int(getattr(flow, "remote_port", 0))
+            ),
+        }
+        if event.kind == "opened":
+            local = self.local.get(flow.flow_id, "")
+        else:  # the socket is closed by now: the address it had
+            local = self.local.pop(flow.flow_id, "")
+        if local:
+            fields["local"] = local
+        if event.kind == "closed":
+            fields.update(
+                reason=event.reason or "unknown",
+                bytes_from_guest=flow.bytes_from_guest,
+                bytes_to_guest=flow.bytes_to_guest,
+                seconds=round(max(0.0, event.time - flow.created), 3),
+            )
+        self.log.debug("flow.opened" if event.kind == "opened" else "flow.closed", **fields)
+
+
 def _bind_view(result: BindResult) -> BindResultView:
     return BindResultView(
         address=result.address,
@@ -143,8 +192,13 @@ def _bind_view(result: BindResult) -> BindResultView:
     )
 
 
-def table_view(direction: ForwardDirection, policy: PortPolicy) -> ForwardTableView:
+def table_view(
+    direction: ForwardDirection, policy: PortPolicy, listening: ListenerSet | None = None
+) -> ForwardTableView:
+    """One direction's policy; in `auto` mode with its `listening` set, the ports auto has bound now."""
+    bound = sorted({lst.port for lst in listening.listeners}) if listening and policy.mode == "auto" else []
     return ForwardTableView(
+        auto_bound=tuple(bound),
         direction=direction,
         spec=policy.to_spec(),
         mode=policy.mode,
@@ -238,6 +292,21 @@ class DaemonControl:
         # clients looping ListConnections cost a transfer no more than one does.
         self.share = LoopShare(CONTROL_SHARE)
         self._walk = asyncio.Lock()
+
+    # -- what a metrics scrape reads besides the status (passtd.control.metrics.MetricsSource) ---------------
+
+    def listening_sockets(self) -> Mapping[str, int]:
+        fwd = self.dp.forwarding
+        sets = ((fwd.tcp, "tcp_in"), (fwd.udp, "udp_in"), (fwd.tcp_ns, "tcp_out"), (fwd.udp_ns, "udp_out"))
+        return {name: len(sockets) if sockets is not None else 0 for sockets, name in sets}
+
+    def bind_failures(self) -> Mapping[str, int]:
+        """Counted by the forwarding for every change: start-up, reload, control calls, pesto, `auto`."""
+        return dict(self.dp.forwarding.bind_failures)
+
+    def tap_backlog(self) -> int:
+        tap = self.dp.tap
+        return tap.backlog if tap is not None else 0
 
     # -- views of flows ---------------------------------------------------------------------------------
 
@@ -416,15 +485,20 @@ class DaemonControl:
             raise ResourceExhausted(f"too many connection watchers (limit {MAX_WATCHERS})")
         watchers = self.dp.watchers
 
+        last = [0.0]  # the previous stamp: wall-clock stamps never go back within one stream
+
         def on_event(event: FlowEvent) -> None:
             view = self.view(event.flow, full=False, state=event.state)
             if not flt.matches(view):
                 return
             kind = event.kind if event.kind in ("opened", "state", "closed") else "state"
+            # Events are offered in the order the data path emitted them; the stamp follows that order
+            # even if the wall clock steps back (NTP) between two of them.
+            stamp = last[0] = max(last[0], self._wall(event.time))
             queue.offer(
                 ConnectionEventView(
                     kind=kind,  # type: ignore[arg-type]
-                    time=self._wall(event.time),
+                    time=stamp,
                     connection=view,
                     reason=event.reason,
                 )
@@ -472,7 +546,9 @@ class DaemonControl:
 
     def port_policy(self) -> tuple[ForwardTableView, ...]:
         tables = self._tables()
-        return tuple(table_view(d, tables.policy(d)) for d in FORWARD_DIRECTIONS)
+        fwd = self.dp.forwarding
+        sets = {"tcp_in": fwd.tcp, "udp_in": fwd.udp, "tcp_out": fwd.tcp_ns, "udp_out": fwd.udp_ns}
+        return tuple(table_view(d, tables.policy(d), sets[d]) for d in FORWARD_DIRECTIONS)
 
     async def change_forward(
         self, op: ForwardOp, direction: ForwardDirection, spec: str

@@ -66,10 +66,14 @@ def setup_logging(
     stream: TextIO | None = None,
     log_file: str | None = None,
     log_size: int = 1024 * 1024,
+    errors_only: bool = False,
 ) -> None:
-    """Configure structlog; `log_file` (opened here, OSError on failure) replaces stderr."""
+    """Configure structlog; `log_file` (opened here, OSError on failure) replaces stderr. `errors_only`
+    keeps a terminal someone is typing into clean (interactive pasta) unless debug was asked for."""
     global _open_file
     level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
+    if errors_only and not debug:
+        level = logging.ERROR
     renderer: Any
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
@@ -94,6 +98,11 @@ def setup_logging(
         logger_factory=factory,
         cache_logger_on_first_use=False,
     )
+
+
+def debug_enabled() -> bool:
+    """True when debug lines are written: callers skip building what only a debug line would show."""
+    return bool(structlog.get_config()["wrapper_class"](None, [], {}).is_enabled_for(logging.DEBUG))
 
 
 def get_logger(**bound: Any) -> Any:

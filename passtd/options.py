@@ -188,6 +188,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     a("--control-key", metavar="FILE", help="PEM private key for --control-listen")
     a("--control-client-ca", metavar="FILE", help="CA bundle that client certificates must chain to")
     a("--control-insecure", action="store_true", help="plaintext --control-listen, loopback only")
+    a("--metrics-listen", metavar="[ADDR:]PORT",
+      help="serve Prometheus metrics on http://ADDR:PORT/metrics (ADDR defaults to 127.0.0.1; a "
+           "non-loopback ADDR exposes them to that network)")  # fmt: skip
     a("--config", metavar="FILE", help="TOML file with long options as keys; the command line wins")
     a("-l", "--log-file", metavar="PATH", help="log to PATH instead of stderr")
     a(

@@ -374,6 +374,7 @@ def resolve(ns: argparse.Namespace, host: HostView | None, env: Mapping[str, str
         control_key=ns.control_key,
         control_client_ca=ns.control_client_ca,
         control_insecure=ns.control_insecure,
+        metrics_listen=_parse_metrics_listen(ns.metrics_listen),
         forward=_resolve_forward(ns, mode),
         max_flows=_parse_max_flows(ns.max_flows),
         dns_forward=dns_forward,
@@ -545,6 +546,35 @@ def _resolve_guest_socket(ns: argparse.Namespace, env: Mapping[str, str]) -> tup
     return check_socket(ns.socket if ns.socket is not None else default_socket_path(env)), None
 
 
+def _loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_metrics_listen(text: str | None) -> tuple[str, int] | None:
+    """`PORT`, `:PORT` (both on 127.0.0.1), `ADDR:PORT` or `[IPV6]:PORT`. A non-loopback ADDR is allowed:
+    binding it is the operator's explicit choice to expose the metrics to that network."""
+    if text is None:
+        return None
+    from passtd.control.server import parse_listen  # import-light: no grpc here
+
+    if text.isascii() and text.isdigit():
+        text = f":{text}"
+    if text.startswith(":"):
+        text = "127.0.0.1" + text
+    host, port = parse_listen(text, "--metrics-listen")
+    try:
+        ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ConfigError(f"--metrics-listen: {host!r} is not an IP address") from None
+    return host, port
+
+
 def _resolve_control(
     ns: argparse.Namespace, mode: str, socket_path: str | None, env: Mapping[str, str]
 ) -> tuple[str | None, tuple[str, int] | None]:
@@ -553,6 +583,11 @@ def _resolve_control(
         from passtd.control.server import parse_listen  # import-light: no grpc here
 
         control_listen = parse_listen(ns.control_listen)
+        if ns.control_insecure and not _loopback_host(control_listen[0]):
+            raise ConfigError(
+                f"--control-insecure: only allowed on a loopback address, not {control_listen[0]!r} "
+                "(use --control-cert, --control-key and --control-client-ca)"
+            )
         if not ns.control_insecure and not (ns.control_cert and ns.control_key and ns.control_client_ca):
             raise ConfigError(
                 "--control-listen: needs --control-cert, --control-key and --control-client-ca "

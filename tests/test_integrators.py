@@ -182,7 +182,7 @@ def test_libvirt_line_starter_pid_file_and_control(workdir: Path) -> None:
         capture_output=True, text=True, timeout=TIMEOUT, check=False,
     )  # fmt: skip
     assert ctl.returncode == 0, ctl.stderr
-    tcp_in = next(t for t in json.loads(ctl.stdout)["tables"] if t["direction"].endswith("TCP_IN"))
+    tcp_in = next(t for t in json.loads(ctl.stdout)["tables"] if t["direction"] == "tcp_in")
     assert tcp_in["spec"].startswith("127.0.0.1/")
     assert f"{port1}:22" in tcp_in["spec"] and f"{port2}:80" in tcp_in["spec"]
     for port in (port1, port2):  # both repeated --tcp-ports are listening

@@ -392,6 +392,7 @@ class ForwardTableView:
     mode: str  # none, auto, all, spec
     rules: tuple[ForwardRuleView, ...] = ()
     excluded: tuple[int, ...] = ()
+    auto_bound: tuple[int, ...] = ()  # mode auto: ports bound now, following the other side's listeners
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -286,6 +286,7 @@ def forward_table_to_pb(view: ForwardTableView) -> passt_pb2.ForwardTable:
             for r in view.rules
         ],
         excluded=view.excluded,
+        auto_bound=view.auto_bound,
     )
 
 

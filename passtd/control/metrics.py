@@ -169,8 +169,16 @@ class _SnapshotCollector(Collector):
              _each(s.bind_failures)),
             (counter, "passtd_control_calls", "Control (gRPC) calls by method and status code.",
              ("method", "code"), _each2(s.rpc_calls)),
-            (gauge, "passtd_tap_backlog", "Frames waiting to be written to the guest.", (),
+            (gauge, "passtd_tap_backlog_bytes", "Bytes queued toward the guest, not yet written.", (),
              [((), s.tap_backlog)]),
+            (gauge, "passtd_flows_limit", "Flow cap per protocol.", ("protocol",),
+             [((p,), lim.max) for p, lim in sorted(st.limits.flows_by_protocol.items())]),
+            (gauge, "passtd_descriptors_limit", "The soft RLIMIT_NOFILE (0: unlimited).", (),
+             [((), st.limits.descriptors.soft_limit)]),
+            (gauge, "passtd_descriptors_reserved", "Descriptors kept free for control and the tap.", (),
+             [((), st.limits.descriptors.reserved)]),
+            (gauge, "passtd_descriptors_in_use", "Descriptors open now.", (),
+             [((), st.limits.descriptors.in_use)]),
         ]  # fmt: skip
         for kind, name, doc, labels, rows in families:
             yield _family(kind, name, doc, labels, rows)

@@ -19,6 +19,7 @@ probes work without the .proto file.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import grp
 import ipaddress
@@ -26,8 +27,9 @@ import os
 import socket
 import stat
 import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -38,6 +40,9 @@ from passtd.control.pb import passt_pb2_grpc
 from passtd.control.service import MAX_RPCS, SERVICE_NAME, ControlServicer
 from passtd.errors import BackendError, ConfigError
 from passtd.limits import SUN_PATH_MAX
+
+if TYPE_CHECKING:
+    from passtd.control.metrics import RpcCounters
 
 HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 MODE_PRIVATE: Final = 0o600
@@ -199,14 +204,88 @@ def tcp_credentials(tcp: TcpListen) -> grpc.ServerCredentials | None:
     )
 
 
+def _code_name(context: Any, default: str) -> str:
+    """The status the call ended with, as its name (OK, INVALID_ARGUMENT, ...)."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    if isinstance(code, int):
+        for member in grpc.StatusCode:
+            if member.value[0] == code:
+                return str(member.name)
+    return default
+
+
+class _CountingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Counts every call by method and final status code into RpcCounters (the metrics' control_calls):
+    one wrapper per handler, so the servicer's own error mapping stays the one place that picks codes."""
+
+    def __init__(self, rpcs: RpcCounters) -> None:
+        self.rpcs = rpcs
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = str(details.method).rsplit("/", 1)[-1]
+        record = self.rpcs.record
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: Any) -> Any:
+                try:
+                    reply = await inner(request, context)
+                except asyncio.CancelledError:
+                    record(method, "CANCELLED")
+                    raise
+                except BaseException:
+                    record(method, _code_name(context, "UNKNOWN"))
+                    raise
+                record(method, _code_name(context, "OK"))
+                return reply
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            stream = handler.unary_stream
+
+            async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+                try:
+                    async for reply in stream(request, context):
+                        yield reply
+                except (asyncio.CancelledError, GeneratorExit):
+                    record(method, "CANCELLED")
+                    raise
+                except BaseException:
+                    record(method, _code_name(context, "UNKNOWN"))
+                    raise
+                record(method, _code_name(context, "OK"))
+
+            return grpc.unary_stream_rpc_method_handler(
+                streaming, handler.request_deserializer, handler.response_serializer
+            )
+        return handler  # stream-stream (reflection): not counted
+
+
 async def start_control_server(
-    api: ControlAPI, path: str | None, *, group: str | None = None, tcp: TcpListen | None = None
+    api: ControlAPI,
+    path: str | None,
+    *,
+    group: str | None = None,
+    tcp: TcpListen | None = None,
+    rpcs: RpcCounters | None = None,
 ) -> grpc.aio.Server:
     """Serve passt.v1.Control, health and reflection on `unix:{path}` and/or TCP; BackendError (or
     ConfigError for a TLS setup that is not allowed) if it cannot.
 
     The socket file gets mode 0600, or 0660 and the given group (name or gid). A stale socket file is
     replaced; a live one (something accepts connections on it) is left alone and the start refused.
+    With `rpcs`, every call is counted by method and status code (for --metrics-listen).
     """
     if path is None and tcp is None:
         raise ConfigError("control server: neither a socket path nor a TCP address")
@@ -217,7 +296,8 @@ async def start_control_server(
         _claim_path(path)
 
     # grpc's own cap is the backstop for calls the servicer does not count (health, reflection).
-    server = grpc.aio.server(maximum_concurrent_rpcs=MAX_RPCS + 32)
+    interceptors = [_CountingInterceptor(rpcs)] if rpcs is not None else []
+    server = grpc.aio.server(maximum_concurrent_rpcs=MAX_RPCS + 32, interceptors=interceptors)
     servicer = ControlServicer(api)
     passt_pb2_grpc.add_ControlServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

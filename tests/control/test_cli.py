@@ -103,19 +103,19 @@ def test_status_json(server: ServerThread) -> None:
     assert done.stderr == ""
     data = json.loads(done.stdout)
     assert data["version"] == SAMPLE.version
-    assert data["mode"] == "MODE_PASST"
+    assert data["mode"] == "passt"
     assert data["backend"]["guest_mac"] == "52:54:00:12:34:56"
-    assert data["counters"]["dropped"] == {"arp.truncated": "1", "ipv4.bad_checksum": "2"}
+    assert data["counters"]["dropped"] == {"arp.truncated": 1, "ipv4.bad_checksum": 2}
     assert data["flows"] == {"tcp": 3, "udp": 2}
     limits = data["limits"]
     assert limits["max_flows"] == 4096
-    assert limits["flows"] == {"max": "4096", "in_use": "5"}  # uint64 is a string in proto JSON
-    assert limits["flows_by_protocol"]["tcp"] == {"max": "2048", "in_use": "3"}
-    assert limits["pending_syns"] == {"max": "512", "in_use": "0"}
-    assert limits["watch_streams"] == {"max": "32", "in_use": "1"}
-    assert limits["concurrent_rpcs"]["max"] == "128"  # the server's own count replaces the sample's
+    assert limits["flows"] == {"max": 4096, "in_use": 5}  # numbers, not the proto3 mapping's strings
+    assert limits["flows_by_protocol"]["tcp"] == {"max": 2048, "in_use": 3}
+    assert limits["pending_syns"] == {"max": 512, "in_use": 0}
+    assert limits["watch_streams"] == {"max": 32, "in_use": 1}
+    assert limits["concurrent_rpcs"]["max"] == 128  # the server's own count replaces the sample's
     assert limits["descriptors"] == {
-        "soft_limit": "1048576", "hard_limit": "1048576", "reserved": "256", "in_use": "40"
+        "soft_limit": 1048576, "hard_limit": 1048576, "reserved": 256, "in_use": 40
     }  # fmt: skip
 
 
@@ -230,7 +230,7 @@ def test_conns_list_json_and_filter(server: ServerThread) -> None:
     done = passtctl("-c", str(server.path), "conns", "list", "-o", "json")
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
-    assert [c["id"] for c in data["connections"]] == ["7", "9", "12"]
+    assert [c["id"] for c in data["connections"]] == [7, 9, 12]
     assert data["connections"][0]["tcp"]["mss_to_guest"] == 65480
     done = passtctl("-c", str(server.path), "conns", "list", "--proto", "udp")
     assert done.returncode == 0, done.stderr
@@ -314,7 +314,7 @@ def test_watch_ends_after_duration(server: ServerThread) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stderr == "passtctl: watching connections (Ctrl-C to stop)\n"
     kinds = [json.loads(line)["kind"] for line in done.stdout.splitlines()]
-    assert kinds == ["EVENT_KIND_EXISTING"] * 3
+    assert kinds == ["existing"] * 3
     done = passtctl("-c", str(server.path), "conns", "watch", "--existing", "--count", "2")
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.splitlines()) == 2

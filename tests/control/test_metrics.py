@@ -100,7 +100,7 @@ def test_classic_text_parses_and_carries_the_figures() -> None:
     assert samples[("passtd_control_calls_total", (("code", "OK"), ("method", "GetStatus")))] == 1
     assert samples[("passtd_forward_listening_sockets", (("direction", "tcp_in"),))] == 2
     assert samples[("passtd_forward_bind_failures_total", (("direction", "tcp_in"),))] == 1
-    assert samples[("passtd_tap_backlog", ())] == 3
+    assert samples[("passtd_tap_backlog_bytes", ())] == 3
     assert samples[("passtd_process_open_fds", ())] > 0
     assert samples[("passtd_process_resident_memory_bytes", ())] > 1 << 20
 

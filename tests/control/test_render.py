@@ -8,7 +8,6 @@ import json
 import time
 
 import pytest
-from google.protobuf import json_format
 
 from passtctl.render import (
     format_bytes,
@@ -161,18 +160,21 @@ def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
 
 
-def test_json_round_trips_and_is_in_proto_order() -> None:
+def test_json_is_in_proto_order_with_numbers_and_words() -> None:
     status = status_to_pb(SAMPLE)
     text = render_json(status)
     assert text.endswith("}\n")
     data = json.loads(text)
     assert list(data) == [f.name for f in passt_pb2.Status.DESCRIPTOR.fields]
     assert list(data["config"]) == [f.name for f in passt_pb2.Config.DESCRIPTOR.fields]
-    assert data["mode"] == "MODE_PASST"
-    assert data["counters"]["bytes_from_guest"] == "1572864"  # proto3 JSON: 64-bit integers are strings
+    assert data["mode"] == "passt"  # the word the options take, not MODE_PASST
+    assert data["counters"]["bytes_from_guest"] == 1572864  # a number, not the proto3 mapping's string
     assert list(data["counters"]["dropped"]) == ["arp.truncated", "ipv4.bad_checksum"]
     assert data["flows"] == {"tcp": 3, "udp": 2}
-    assert json_format.Parse(text, passt_pb2.Status()) == status
+    # Every state word is what `--state` takes; the numbers are exact integers however large.
+    assert data["flow_states"]["tcp"]["states"] == {"established": 2, "fin_wait_1": 1}
+    big = passt_pb2.Counters(bytes_from_guest=2**64 - 1)
+    assert json.loads(render_json(big))["bytes_from_guest"] == 2**64 - 1
 
 
 def test_json_prints_default_fields() -> None:
@@ -251,7 +253,7 @@ def test_event_json_line() -> None:
     assert text.count("\n") == 1 and text.endswith("}\n")
     data = json.loads(text)
     assert (data["kind"], data["connection"]["id"], data["connection"]["protocol"]) == (
-        "EVENT_KIND_OPENED", "12", "PROTOCOL_ICMP"
+        "opened", 12, "icmp"
     )  # fmt: skip
 
 
@@ -293,3 +295,22 @@ def test_timeouts_table() -> None:
 )
 def test_format_seconds(seconds: float, text: str) -> None:
     assert format_seconds(seconds) == text
+
+
+def test_port_policy_shows_what_auto_bound() -> None:
+    tcp_in = passt_pb2.ForwardTable(
+        direction=passt_pb2.FORWARD_DIRECTION_TCP_IN,
+        spec="auto",
+        mode="auto",
+        auto_bound=[22, 8000, 8001, 8002],
+    )
+    udp_in = passt_pb2.ForwardTable(direction=passt_pb2.FORWARD_DIRECTION_UDP_IN, spec="auto", mode="auto")
+    tcp_out = passt_pb2.ForwardTable(direction=passt_pb2.FORWARD_DIRECTION_TCP_OUT, spec="none", mode="none")
+    policy = passt_pb2.PortPolicy(tables=[tcp_in, udp_in, tcp_out])
+    assert render_port_policy(policy) == (
+        "DIRECTION  OPTION  SPEC  BOUND\n"
+        "tcp_in     -t      auto  22,8000-8002\n"
+        "udp_in     -u      auto  -\n"
+        "tcp_out    -T      none\n"
+    )
+    assert json.loads(render_json(policy))["tables"][0]["auto_bound"] == [22, 8000, 8001, 8002]

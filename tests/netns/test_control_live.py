@@ -41,11 +41,11 @@ def test_status_health_and_exclusive_socket(topo: Topology) -> None:
     out = passtctl("-c", ctl, "status", "-o", "json")
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)
-    assert status["mode"] == "MODE_PASTA"
+    assert status["mode"] == "pasta"
     assert status["backend"]["guest_connected"] is True
     assert status["config"]["ipv4_address"] == HOST4
     assert status["config"]["mtu"] == 65520
-    assert int(status["counters"]["frames_from_guest"]) > 0
+    assert status["counters"]["frames_from_guest"] > 0  # a number
     # A second passtd on the same control path refuses to start and the first keeps serving.
     second = subprocess.run(
         ["ip", "netns", "exec", topo.host, sys.executable, "-m", "passtd", "passt", "-f",
@@ -157,17 +157,17 @@ def test_list_then_reset_a_real_connection(topo: Topology) -> None:
 
     def settled() -> list[dict[str, Any]]:
         found = conns(ctl, "--port", "5101")
-        return found if found and found[0]["bytes_to_guest"] == "70000" else []
+        return found if found and found[0]["bytes_to_guest"] == 70000 else []
 
     (conn,) = wait_for(settled, 10, "the connection with all bytes counted")
-    assert conn["protocol"] == "PROTOCOL_TCP"
-    assert conn["state"] == "ESTABLISHED"
-    assert conn["direction"] == "DIRECTION_GUEST_INITIATED"
+    assert conn["protocol"] == "tcp"
+    assert conn["state"] == "established"
+    assert conn["direction"] == "guest_initiated"
     assert (conn["guest_address"], conn["remote_address"], conn["remote_port"]) == (HOST4, REMOTE4, 5101)
     assert conn["local_address"] == "127.0.0.1"
     assert conn["local_port"] > 0
-    assert (conn["bytes_from_guest"], conn["bytes_to_guest"]) == ("3000", "70000")
-    assert int(conn["packets_from_guest"]) >= 1 and int(conn["packets_to_guest"]) >= 2
+    assert (conn["bytes_from_guest"], conn["bytes_to_guest"]) == (3000, 70000)
+    assert conn["packets_from_guest"] >= 1 and conn["packets_to_guest"] >= 2
     assert conn["tcp"]["mss_to_guest"] > 0
     assert conn["created_time"] <= conn["last_activity_time"] <= time.time() + 1
     # Filters: the wrong protocol or state finds nothing; the table and wide outputs show the flow.
@@ -177,13 +177,13 @@ def test_list_then_reset_a_real_connection(topo: Topology) -> None:
     assert table.returncode == 0
     assert f"{REMOTE4}:5101" in table.stdout and "68.4 KiB" in table.stdout, table.stdout
 
-    reset = passtctl("-c", ctl, "conns", "reset", conn["id"])
+    reset = passtctl("-c", ctl, "conns", "reset", str(conn["id"]))
     assert reset.returncode == 0, reset.stderr
     assert reset.stdout == f"reset 1 connection: {conn['id']}\n"
     assert line(client) == "ECONNRESET"
     assert line(server) == "ECONNRESET"
     assert conns(ctl, "--port", "5101") == []
-    again = passtctl("-c", ctl, "conns", "reset", conn["id"])
+    again = passtctl("-c", ctl, "conns", "reset", str(conn["id"]))
     assert again.returncode == 1
     assert again.stderr == f"passtctl: error: no connection with id {conn['id']}\n"
 
@@ -206,16 +206,13 @@ def test_watch_shows_open_and_close(topo: Topology) -> None:
     assert watch.returncode == 0, stderr
     events = [json.loads(x) for x in stdout.splitlines()]
     kinds = [e["kind"] for e in events]
-    assert kinds[0] == "EVENT_KIND_OPENED", kinds
-    assert kinds[-1] == "EVENT_KIND_CLOSED", kinds
+    assert kinds[0] == "opened", kinds
+    assert kinds[-1] == "closed", kinds
     assert len({e["connection"]["id"] for e in events}) == 1
     closed = events[-1]
-    assert closed["reason"] == "CLOSE_REASON_FIN"
+    assert closed["reason"] == "fin"
     assert closed["connection"]["remote_port"] == 5102
-    assert (closed["connection"]["bytes_from_guest"], closed["connection"]["bytes_to_guest"]) == (
-        "5000",
-        "1000",
-    )
+    assert (closed["connection"]["bytes_from_guest"], closed["connection"]["bytes_to_guest"]) == (5000, 1000)
 
 
 UDP_ECHO = """
@@ -258,7 +255,7 @@ def test_timeouts_set_and_refused(topo: Topology) -> None:
     out = sh(sys.executable, "-c", UDP_CLIENT, REMOTE4, "5103", ns=topo.guest)
     assert out.stdout.strip() == "hello"
     udp = conns(ctl, "--proto", "udp", "--port", "5103")
-    assert len(udp) == 1 and udp[0]["state"] == "ACTIVE"
+    assert len(udp) == 1 and udp[0]["state"] == "active"
     t0 = time.monotonic()
     wait_for(lambda: not conns(ctl, "--proto", "udp", "--port", "5103"), 5, "the idle UDP flow to expire")
     assert time.monotonic() - t0 < 3.5
@@ -336,7 +333,7 @@ def test_status_counts_flows_by_state_and_reflection(topo: Topology) -> None:
     assert line(client) == "received"
     status = json.loads(passtctl("-c", ctl, "status", "-o", "json").stdout)
     assert status["flows"]["tcp"] >= 1
-    assert status["flow_states"]["tcp"]["states"]["ESTABLISHED"] >= 1
+    assert status["flow_states"]["tcp"]["states"]["established"] >= 1
     with grpc.insecure_channel(f"unix:{ctl}") as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
@@ -387,12 +384,43 @@ def test_port_range_beyond_the_descriptors_is_refused_and_control_stays_usable(t
     status = passtctl("-c", ctl, "status", "-o", "json")
     assert status.returncode == 0, status.stderr
     limits = json.loads(status.stdout)["limits"]
-    assert limits["descriptors"]["soft_limit"] == "700"
-    assert 0 < int(limits["descriptors"]["in_use"]) < 200
-    assert limits["watch_streams"]["max"] == "32" and limits["concurrent_rpcs"]["in_use"] == "1"
+    assert limits["descriptors"]["soft_limit"] == 700
+    assert 0 < limits["descriptors"]["in_use"] < 200
+    assert limits["watch_streams"]["max"] == 32 and limits["concurrent_rpcs"]["in_use"] == 1
     table = passtctl("-c", ctl, "status")
     assert "descriptors" in table.stdout and "limit 700" in table.stdout, table.stdout
     small = passtctl("-c", ctl, "ports", "set", "20001-20010")
     assert small.returncode == 0, small.stdout + small.stderr
     assert small.stdout.startswith("tcp_in (-t): auto -> 20001-20010\n"), small.stdout
     assert passtctl("-c", ctl, "ports", "set", "none").returncode == 0
+
+
+def test_watch_in_order_then_fails_when_the_daemon_stops(topo: Topology) -> None:
+    """Events of real flows arrive in the order they happened (each flow: opened first, closed last, stamps
+    never going back); stopping the daemon ends `conns watch` with exit 1 and a line saying so."""
+    ctl = start(topo)
+    daemon = topo.daemons[-1]
+    watch = popen(topo, [*PASSTCTL, "-c", ctl, "conns", "watch", "-o", "json", "--port", "5103"])
+    assert watch.stderr is not None
+    assert "watching" in watch.stderr.readline()
+    for _ in range(3):  # one connection per server: three flows one after the other
+        server = spawn(topo, topo.host, sys.executable, TOOL, "serve", "127.0.0.1", "5103", "--first", "read",
+                       "--size", "1000", "--timeout", "20")  # fmt: skip
+        assert line(server) == "ready"
+        sh(sys.executable, TOOL, "connect", REMOTE4, "5103", "--size", "2000", "--timeout", "20",
+           ns=topo.guest)  # fmt: skip
+    wait_for(lambda: conns(ctl, "--port", "5103") == [], 10, "the three flows gone")
+    assert daemon.stop() == 0
+    out, err = watch.communicate(timeout=15)
+    assert watch.returncode == 1
+    assert err == f"passtctl: error: {ctl}: the daemon ended the watch (it is stopping)\n"
+    events = [json.loads(x) for x in out.splitlines()]
+    times = [e["time"] for e in events]
+    assert times == sorted(times), events
+    by_flow: dict[int, list[str]] = {}
+    for event in events:
+        by_flow.setdefault(event["connection"]["id"], []).append(event["kind"])
+    assert len(by_flow) == 3
+    for kinds in by_flow.values():
+        assert kinds[0] == "opened" and kinds[-1] == "closed" and kinds.count("closed") == 1, kinds
+    assert all(e["reason"] == "fin" for e in events if e["kind"] == "closed")

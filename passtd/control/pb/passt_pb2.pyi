@@ -1121,6 +1121,7 @@ class ForwardTable(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     RULES_FIELD_NUMBER: _builtins.int
     EXCLUDED_FIELD_NUMBER: _builtins.int
+    AUTO_BOUND_FIELD_NUMBER: _builtins.int
     direction: Global___ForwardDirection.ValueType
     spec: _builtins.str
     """The canonical passt spec: "none", "auto", "all", "22,80:8080", "127.0.0.1/8000-8010", "~22"..."""
@@ -1134,6 +1135,10 @@ class ForwardTable(_message.Message):
     def excluded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """mode "all": ports left out."""
 
+    @_builtins.property
+    def auto_bound(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """mode "auto" (pasta): the ports bound now because the other side listens on them, ascending."""
+
     def __init__(
         self,
         *,
@@ -1142,10 +1147,11 @@ class ForwardTable(_message.Message):
         mode: _builtins.str = ...,
         rules: _abc.Iterable[Global___ForwardRule] | None = ...,
         excluded: _abc.Iterable[_builtins.int] | None = ...,
+        auto_bound: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "excluded", b"excluded", "mode", b"mode", "rules", b"rules", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_bound", b"auto_bound", "direction", b"direction", "excluded", b"excluded", "mode", b"mode", "rules", b"rules", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections import Counter
 from ipaddress import IPv4Address, IPv6Address
 from typing import Literal
 
@@ -76,10 +77,22 @@ class Forwarding:
         self.udp_ns: ListenerSet | None = None
         self._auto_last: dict[str, frozenset[int]] = {}
         self._auto_task: asyncio.Task[None] | None = None
+        self.bind_failures: Counter[str] = Counter()  # direction → binds that failed since start (metrics)
 
     def __len__(self) -> int:
         """Listening sockets open."""
         return self.pool.listeners
+
+    def direction(self, listeners: ListenerSet) -> str:
+        """tcp_in/udp_in for the host-side sets, tcp_out/udp_out for the namespace's loopback ones."""
+        inside = listeners is self.tcp_ns or listeners is self.udp_ns
+        return f"{listeners.proto}_{'out' if inside else 'in'}"
+
+    def _bound(self, listeners: ListenerSet, results: list[BindResult]) -> list[BindResult]:
+        failed = sum(1 for r in results if not r.ok)
+        if failed:
+            self.bind_failures[self.direction(listeners)] += failed
+        return results
 
     # -- policy ---------------------------------------------------------------------------------------------
 
@@ -115,14 +128,14 @@ class Forwarding:
         """Replace the port policy at once: diff the listeners, report each bind; flows are never touched."""
         results: list[BindResult] = []
         for listeners, wanted in self._plan(tables):
-            results += listeners.apply(wanted)
+            results += self._bound(listeners, listeners.apply(wanted))
         return self._report(results)
 
     async def apply_async(self, tables: ForwardTables) -> list[BindResult]:
         """As `apply`, binding in slices with the loop running between them (large ranges, `-t all`)."""
         results: list[BindResult] = []
         for listeners, wanted in self._plan(tables):
-            results += await listeners.apply_async(wanted)
+            results += self._bound(listeners, await listeners.apply_async(wanted))
         return self._report(results)
 
     def ns_listeners(self, proto: Literal["tcp", "udp"]) -> ListenerSet:
@@ -181,9 +194,17 @@ class Forwarding:
             self._auto_task = self.loop.create_task(self._apply_work(work))
 
     async def _apply_work(self, work: list[tuple[ListenerSet, set[Listener]]]) -> None:
+        """Apply one scan's changes; each port `auto` starts or stops forwarding is one info line."""
         results: list[BindResult] = []
         for listeners, wanted in work:
-            results += await listeners.apply_async(wanted)
+            before = {lst.port for lst in listeners.listeners}
+            results += self._bound(listeners, await listeners.apply_async(wanted))
+            after = {lst.port for lst in listeners.listeners}
+            direction = self.direction(listeners)
+            for port in sorted(after - before):
+                self.log.info("forward.auto.bound", direction=direction, port=port)
+            for port in sorted(before - after):
+                self.log.info("forward.auto.unbound", direction=direction, port=port)
         self._report(results)
 
     def close(self) -> None:
