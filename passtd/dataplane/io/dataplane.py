@@ -351,8 +351,7 @@ class Dataplane:
         self._after_batch(self.loop.time())
 
     def _on_tcp_close(self, conn: TcpConn, reason: str) -> None:
-        self.log.debug("tcp.flow.closed", flow_id=conn.flow_id, reason=reason)
-        self._emit("closed", conn, "CLOSED", reason)
+        self._emit("closed", conn, "CLOSED", reason)  # logged with both sides at -d by the flow log watcher
 
     def _on_tcp_state(self, conn: TcpConn, before: str, after: str) -> None:
         self._emit("opened" if before == "CLOSED" else "state", conn, after)
