@@ -17,8 +17,11 @@ flow is created, so the control views read fields and never probe for attributes
 - host side: `target_addr` (where the host socket sends or connects: loopback for the gateway, the resolver
   for DNS), and the host socket itself through `host_socket()`, whose local name the io layer reads on demand
   (io/sockets.py `local_name`: a system call, so only a control view asks, never the per-frame path).
-Addresses are packed, 4 or 16 bytes by family (keys use the 16-byte form of `key_addr`). These are plain
-slots of a compiled class: the per-frame path pays nothing for them being declared here.
+Addresses are packed, 4 or 16 bytes by family (keys use the 16-byte form of `key_addr`). A splice flow's
+guest side is the namespace's end of the pair. Plain slots rather than a `Side` object per side: no extra
+object per flow and no extra indirection on the per-frame path, which reads them. The host socket's local
+name is asked for, not stored: a getsockname() per connection would cost the connection rate, and a UDP
+socket's name is only fixed by its first send.
 """
 
 from __future__ import annotations
