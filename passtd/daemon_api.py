@@ -9,7 +9,6 @@ view and offer it to a bounded queue.
 
 from __future__ import annotations
 
-import _socket
 import asyncio
 import errno
 import functools
@@ -20,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
-from typing import Any, Final
+from typing import Final, Protocol
 
 from passtd import __version__
 from passtd.config import Config
@@ -53,13 +52,14 @@ from passtd.control.api import (
     clip,
     quote,
 )
-from passtd.dataplane.core.flowtable import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Flow, FlowEvent
+from passtd.dataplane.core.flowtable import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Flow, FlowEvent, key_addr
 from passtd.dataplane.core.fwd import OPTION_OF, ForwardTables, Listener, PortPolicy
 from passtd.dataplane.core.tcp.conn import TcpConn
 from passtd.dataplane.core.timeouts import RANGES, Timeouts
 from passtd.dataplane.io.dataplane import Dataplane, flow_state
 from passtd.dataplane.io.forwarding import local_port_range, on_loopback
 from passtd.dataplane.io.listeners import BindResult, ListenerSet
+from passtd.dataplane.io.sockets import local_name
 from passtd.errors import ConfigError
 
 PROTO_NAMES: Final = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp"}
@@ -80,11 +80,11 @@ def _mac(mac: bytes) -> str:
     return mac.hex(":")
 
 
-def _addr(packed: Any) -> str:
+def _addr(packed: bytes) -> str:
     """A 4- or 16-byte packed address as text (IPv4-mapped IPv6 shown as IPv4); "" when absent."""
-    if not isinstance(packed, bytes | bytearray) or len(packed) not in (4, 16):
+    if len(packed) not in (4, 16):
         return ""
-    return _addr_text(bytes(packed))
+    return _addr_text(packed)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -106,29 +106,14 @@ def _packed_forms(text: str) -> tuple[bytes, ...]:
     """An address as the flows may store it: 4 bytes, 16 bytes, and IPv4-mapped IPv6 for IPv4."""
     addr = ipaddress.ip_address(text)
     if isinstance(addr, ipaddress.IPv4Address):
-        return (addr.packed, b"\0" * 10 + b"\xff\xff" + addr.packed)
+        return (addr.packed, key_addr(addr.packed))
     return (addr.packed,)
 
 
-def _raw_socket(flow: Flow) -> _socket.socket | None:
-    """The flow's host socket: TcpConn keeps a SockPort wrapping it (`.sock`, the C socket type for the
-    connections passtd opens), UDP flows the socket itself."""
-    sock = getattr(flow, "sock", None)
-    raw = getattr(sock, "sock", sock)
-    return raw if isinstance(raw, _socket.socket) else None
-
-
 def _local(flow: Flow) -> tuple[str, int]:
-    raw = _raw_socket(flow)
-    if raw is None:
-        return "", 0
-    try:
-        name = raw.getsockname()
-    except OSError:
-        return "", 0
-    if not isinstance(name, tuple):
-        return "", 0
-    return _sockname_text(name[0]), int(name[1])
+    """The host socket's local address and port as the API shows them ("", 0 when it has none)."""
+    host, port = local_name(flow.host_socket())
+    return (_sockname_text(host), port) if host else ("", 0)
 
 
 def _endpoint(address: str, port: int) -> str:
@@ -137,12 +122,18 @@ def _endpoint(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
+class FlowLogger(Protocol):
+    """What FlowLog needs of a structlog logger."""
+
+    def debug(self, event: str, **fields: object) -> object: ...
+
+
 class FlowLog:
     """`-d`: one debug line per flow opened and closed, with both sides' addresses and ports (the host
     socket's own too), the reason and the byte counts. A dataplane watcher registered only at debug level,
     so without -d the data path builds no event for it."""
 
-    def __init__(self, log: Any) -> None:
+    def __init__(self, log: FlowLogger) -> None:
         self.log = log
         self.local: dict[int, str] = {}  # flow id → its host socket's address, kept from open to close
 
@@ -154,15 +145,12 @@ class FlowLog:
                 self.local[flow.flow_id] = _endpoint(address, port)
         if event.kind not in ("opened", "closed"):
             return
-        guest_port: Any = getattr(flow, "guest_port", None) or getattr(flow, "guest_ident", 0)
-        fields: dict[str, Any] = {
+        fields: dict[str, object] = {
             "flow_id": flow.flow_id,
             "proto": PROTO_NAMES.get(flow.proto, f"ip{flow.proto}"),
             "initiated_by": "guest" if flow.guest_initiated else "host",
-            "guest": _endpoint(_addr(getattr(flow, "guest_addr", b"")), int(guest_port)),
-            "remote": _endpoint(
-                _addr(getattr(flow, "remote_addr", b"")), int(getattr(flow, "remote_port", 0))
-            ),
+            "guest": _endpoint(_addr(flow.guest_addr), flow.guest_port),
+            "remote": _endpoint(_addr(flow.remote_addr), flow.remote_port),
         }
         if event.kind == "opened":
             local = self.local.get(flow.flow_id, "")
@@ -326,9 +314,6 @@ class DaemonControl:
         with `local`) and TCP_INFO. `wall_offset` (wall minus loop clock) may be read once per listing."""
         if wall_offset is None:
             wall_offset = time.time() - self.dp.loop.time()
-        # ICMP echo has no port: its identifier stands in.
-        port: Any = getattr(flow, "guest_port", None) or getattr(flow, "guest_ident", 0)
-        guest_port = int(port)
         local_address, local_port = _local(flow) if (full if local is None else local) else ("", 0)
         tcp = None
         if isinstance(flow, TcpConn):
@@ -354,10 +339,10 @@ class DaemonControl:
             protocol=PROTO_NAMES.get(flow.proto, f"ip{flow.proto}"),
             state=state if state is not None else flow_state(flow),
             direction="guest" if flow.guest_initiated else "host",
-            guest_address=_addr(getattr(flow, "guest_addr", b"")),
-            guest_port=int(guest_port),
-            remote_address=_addr(getattr(flow, "remote_addr", b"")),
-            remote_port=int(getattr(flow, "remote_port", 0)),
+            guest_address=_addr(flow.guest_addr),
+            guest_port=flow.guest_port,  # ICMP echo: the echo identifier
+            remote_address=_addr(flow.remote_addr),
+            remote_port=flow.remote_port,
             local_address=local_address,
             local_port=local_port,
             bytes_from_guest=flow.bytes_from_guest,
@@ -376,16 +361,10 @@ class DaemonControl:
             return False
         if flt.direction and flow.guest_initiated != (flt.direction == "guest"):
             return False
-        if (
-            packed
-            and getattr(flow, "guest_addr", None) not in packed
-            and getattr(flow, "remote_addr", None) not in packed
-        ):
+        if packed and flow.guest_addr not in packed and flow.remote_addr not in packed:
             return False
-        if flt.port:
-            port: Any = getattr(flow, "guest_port", None) or getattr(flow, "guest_ident", 0)
-            if flt.port not in (port, getattr(flow, "remote_port", 0)) and _local(flow)[1] != flt.port:
-                return False
+        if flt.port and flt.port not in (flow.guest_port, flow.remote_port) and _local(flow)[1] != flt.port:
+            return False
         return not flt.state or flow_state(flow) == flt.state
 
     async def _matching(self, flt: ConnectionFilter, after_id: int = 0) -> list[Flow]:

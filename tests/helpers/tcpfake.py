@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
@@ -86,6 +87,9 @@ class FakeSock:
     def reset(self) -> None:
         self.was_reset = True
         self.closed = True
+
+    def getsockname(self) -> object:
+        raise OSError(errno.ENOTSOCK, "a fake has no local name")
 
 
 class FakeFactory:

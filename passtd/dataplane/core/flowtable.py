@@ -7,13 +7,28 @@ guest's echo identifier and 0. The table only indexes flows; each protocol modul
 It also enforces the limits of core/limits.py: a cap on the flows of each protocol, on all flows, and on the
 host descriptors they hold together (`Flow.host_fds`). `add` raises `FlowTableFull` naming the cap reached;
 the caller refuses the flow (RST, ICMP unreachable, drop) and counts it under that name.
+
+The two sides of a flow are typed fields of the base `Flow`, filled the same way by every protocol when the
+flow is created, so the control views read fields and never probe for attributes:
+- guest side: `guest_addr`, `guest_port` (the guest's own endpoint; for ICMP echo the port is the echo
+  identifier);
+- remote as the guest sees it: `remote_addr`, `remote_port` (the gateway address for the host's loopback; 0
+  for echo);
+- host side: `target_addr` (where the host socket sends or connects: loopback for the gateway, the resolver
+  for DNS), and the host socket itself through `host_socket()`, whose local name the io layer reads on demand
+  (io/sockets.py `local_name`: a system call, so only a control view asks, never the per-frame path).
+Addresses are packed, 4 or 16 bytes by family (keys use the 16-byte form of `key_addr`). A splice flow's
+guest side is the namespace's end of the pair. Plain slots rather than a `Side` object per side: no extra
+object per flow and no extra indirection on the per-frame path, which reads them. The host socket's local
+name is asked for, not stored: a getsockname() per connection would cost the connection rate, and a UDP
+socket's name is only fixed by its first send.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Final, TypeAlias
+from typing import Final, Protocol, TypeAlias
 
 from passtd.dataplane.core.limits import ICMP_SHARE, UDP_SHARE, FdPool
 
@@ -22,12 +37,24 @@ PROTO_UDP: Final = 17
 PROTO_ICMP: Final = 1  # ICMP and ICMPv6 echo share one protocol number in the key space
 
 FlowKey: TypeAlias = tuple[int, bytes, int, int]
-_V4_MAPPED: Final = b"\x00" * 10 + b"\xff\xff"
+V4_MAPPED: Final = b"\x00" * 10 + b"\xff\xff"  # the prefix of IPv4-mapped IPv6 (::ffff:a.b.c.d)
 
 
 def key_addr(addr: bytes) -> bytes:
     """4- or 16-byte packed address → the 16-byte form used in keys."""
-    return _V4_MAPPED + addr if len(addr) == 4 else addr
+    return V4_MAPPED + addr if len(addr) == 4 else addr
+
+
+def unmap(addr: bytes) -> bytes:
+    """IPv4-mapped IPv6 (16 bytes) → the 4-byte IPv4 address; anything else unchanged."""
+    return addr[12:] if len(addr) == 16 and addr[:12] == V4_MAPPED else addr
+
+
+class NamedSocket(Protocol):
+    """A flow's host socket as the control views see it: it can tell its local name (io/sockets.py
+    `local_name` reads it)."""
+
+    def getsockname(self) -> object: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -45,6 +72,16 @@ class Flow:
     packets_from_guest: int = 0
     packets_to_guest: int = 0
     host_fds: int = 1  # descriptors the flow holds (a spliced pair 2, a flow on a forwarded port's socket 0)
+    # The two sides (see the module's docstring).
+    guest_addr: bytes = b""
+    guest_port: int = 0  # ICMP echo: the guest's echo identifier
+    remote_addr: bytes = b""  # as the guest sees it (the gateway for the host's loopback)
+    remote_port: int = 0
+    target_addr: bytes = b""  # where the host socket sends or connects (loopback for the gateway)
+
+    def host_socket(self) -> NamedSocket | None:
+        """The host socket whose local name the views show; None when the flow has none of its own."""
+        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,11 +42,10 @@ _ANY6: Final = bytes(16)
 
 @dataclass(slots=True, eq=False)
 class EchoFlow(Flow):
+    """guest_addr is where replies go, guest_port the guest's echo identifier, remote_addr what the guest
+    pinged (the source of the replies it sees); the echo socket is the shell's, shared, so no host socket."""
+
     v6: bool = False
-    guest_addr: bytes = b""  # the guest's source address, where replies go
-    remote_addr: bytes = b""  # what the guest pinged, the source of replies it sees
-    target_addr: bytes = b""  # where the host socket sends (loopback for the gateway)
-    guest_ident: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +136,7 @@ def echo_from_guest(
         flow = EchoFlow(
             table.new_id(), PROTO_ICMP, key, now, now,
             v6=v6, guest_addr=bytes(src), remote_addr=bytes(dst),
-            target_addr=map_target(ctx, bytes(dst)), guest_ident=icmp.ident,
+            target_addr=map_target(ctx, bytes(dst)), guest_port=icmp.ident,
         )  # fmt: skip
         if found is not None:  # a takeover: one flow for another, never refused
             table.replace(found, flow)
@@ -156,7 +155,7 @@ def echo_to_guest(ctx: Context, guest_mac: bytes, flow: EchoFlow, message: bytes
     icmp = parse_icmp(memoryview(message))
     if icmp.type != (ICMPV6_ECHO_REPLY if flow.v6 else ICMP_ECHO_REPLY):
         return None
-    reply = build_echo(icmp.type, flow.guest_ident, icmp.seq, icmp.body)
+    reply = build_echo(icmp.type, flow.guest_port, icmp.seq, icmp.body)
     flow.last_active = now
     flow.packets_to_guest += 1
     flow.bytes_to_guest += len(reply)

@@ -22,8 +22,4 @@ class SpliceFlow(Flow):
     """guest_* is the namespace-side endpoint, remote_* the host-side one, as for tap flows."""
 
     v6: bool = False
-    guest_addr: bytes = b""
-    guest_port: int = 0
-    remote_addr: bytes = b""
-    remote_port: int = 0
     pair: SplicePair | None = None  # once both sockets are connected (host_fds is 2: both sockets)

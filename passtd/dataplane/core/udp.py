@@ -30,7 +30,15 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Final, Protocol, TypeAlias
 
 from passtd.dataplane.core.context import Context, Guest
-from passtd.dataplane.core.flowtable import PROTO_UDP, Flow, FlowKey, FlowTable, FlowTableFull, key_addr
+from passtd.dataplane.core.flowtable import (
+    PROTO_UDP,
+    Flow,
+    FlowKey,
+    FlowTable,
+    FlowTableFull,
+    NamedSocket,
+    key_addr,
+)
 from passtd.dataplane.core.icmp import LOOPBACK4, LOOPBACK6, map_target, remote_as_seen
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.packets.icmp import build_icmp4_packet, build_icmp6_packet
@@ -68,6 +76,8 @@ class DatagramSocket(Protocol):
 
     def recv_into(self, buffer: memoryview, /) -> int: ...
 
+    def getsockname(self) -> object: ...
+
     def close(self) -> None: ...
 
 
@@ -76,12 +86,9 @@ DNS_TLS_PORT: Final = 853  # RFC 7858; passt's is_dns_flow() relays it too
 
 @dataclass(slots=True, eq=False)
 class UdpFlow(Flow):
+    """target_addr (Flow) is the resolver for DNS; target_port where the host socket sends."""
+
     v6: bool = False
-    guest_addr: bytes = b""
-    guest_port: int = 0
-    remote_addr: bytes = b""  # as the guest sees it
-    remote_port: int = 0
-    target_addr: bytes = b""  # where the host socket sends (loopback for the gateway, the resolver for DNS)
     target_port: int = 0
     sock: DatagramSocket | None = (
         None  # the shell's socket; shared with the listener for host-initiated flows
@@ -94,6 +101,9 @@ class UdpFlow(Flow):
     # through `back` (the namespace-side listening socket) to `back_addr` (the peer as recvfrom gave it).
     back: DatagramSocket | None = None
     back_addr: SockAddr | None = None
+
+    def host_socket(self) -> NamedSocket | None:
+        return self.sock
 
 
 def udp_key(remote: bytes, remote_port: int, guest_port: int) -> FlowKey:

@@ -33,7 +33,7 @@ from typing import Final, Literal
 
 from passtd.dataplane.core.fwd import Listener
 from passtd.dataplane.core.limits import FdPool
-from passtd.dataplane.io.sockets import set_freebind
+from passtd.dataplane.io.sockets import errno_name, set_freebind
 
 BACKLOG: Final = 128
 BIND_SLICE: Final = 128  # sockets bound per loop iteration by apply_async
@@ -55,7 +55,7 @@ class BindResult:
 
 
 def _errno_name(exc: OSError) -> str:
-    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return errno_name(exc.errno)
 
 
 def _hint(code: int | None) -> str:

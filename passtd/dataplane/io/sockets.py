@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _socket
+import errno
 import socket
 import struct
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Final
 
 from passtd.dataplane.core.context import Context, Guest, is_loopback
+from passtd.dataplane.core.flowtable import NamedSocket
 
 # linux/in.h and linux/in6.h; Python's socket module exports neither.
 IP_FREEBIND: Final = 15
@@ -18,7 +20,7 @@ IPV6_FREEBIND: Final = 78
 _LINGER0: Final = struct.pack("ii", 1, 0)
 
 
-def reset_socket(sock: socket.socket) -> None:
+def reset_socket(sock: _socket.socket) -> None:
     """Close with SO_LINGER 0: the peer gets an RST, and no TIME_WAIT is left behind."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
@@ -53,6 +55,32 @@ def set_freebind(sock: socket.socket, family: int) -> None:
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
     else:
         sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+
+
+def errno_name(code: int | None, unknown: str | None = None) -> str:
+    """An errno as the reasons and log lines name it ("ECONNREFUSED"); `unknown` (else the number) for one
+    that has no name."""
+    name = errno.errorcode.get(code or 0)
+    if name is not None:
+        return name
+    return str(code) if unknown is None else unknown
+
+
+def local_name(sock: NamedSocket | None) -> tuple[str, int]:
+    """A flow's host socket's local (host, port) as getsockname() says it; ("", 0) when there is no socket,
+    it is closed, or it has no address. A system call: for the control views, not the per-frame path."""
+    if sock is None:
+        return "", 0
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return "", 0
+    if not isinstance(name, tuple) or len(name) < 2:
+        return "", 0
+    host, port = name[0], name[1]
+    if not isinstance(host, str) or not isinstance(port, int):
+        return "", 0
+    return host, port
 
 
 def open_ping_socket(v6: bool, outbound: Outbound | None = None, target: bytes = b"") -> socket.socket:

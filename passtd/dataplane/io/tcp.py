@@ -18,14 +18,13 @@ from typing import Final
 
 from passtd.dataplane.core.tcp import states as st
 from passtd.dataplane.core.tcp.conn import TcpConn, TcpInfo
-from passtd.dataplane.io.sockets import Outbound, sockaddr
+from passtd.dataplane.io.sockets import Outbound, errno_name, reset_socket, sockaddr
 
 SO_PEEK_OFF: Final = 42
 TCP_INFO_LEN: Final = 232
 _TCPI_RTT: Final = struct.Struct("=I")
 _TCPI_U32: Final = struct.Struct("=I")
 _TCPI_U64: Final = struct.Struct("=Q")
-_LINGER0: Final = struct.pack("ii", 1, 0)
 BUF_SIZE: Final = 1 << 20
 IOV_MAX: Final = 1024  # chunks per sendmsg (Linux UIO_MAXIOV); the rest is then "not taken", and resent
 EV_CONNECTING: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
@@ -176,11 +175,10 @@ class TcpSockPort:
         self.sock.close()
 
     def reset(self) -> None:
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
-        except OSError:
-            pass
-        self.sock.close()
+        reset_socket(self.sock)
+
+    def getsockname(self) -> object:
+        return self.sock.getsockname()
 
 
 class TcpIo:
@@ -222,7 +220,7 @@ class TcpIo:
         err = sock.connect_ex(sockaddr(conn.target_addr, conn.remote_port))
         if err not in (0, errno.EINPROGRESS):
             sock.close()
-            raise OSError(err, errno.errorcode.get(err, str(err)))
+            raise OSError(err, errno_name(err))
         port = TcpSockPort(sock, self.arena, connected=True)
         self.conns[port.fd] = conn
         self.epoll.register(port.fd, EV_CONNECTING)
@@ -275,7 +273,7 @@ class TcpIo:
                 if ev & (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
                     if ev & (select.EPOLLERR | select.EPOLLHUP):  # writable alone means connected
                         err = sock.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                        self.on_error(conn, f"connect_failed:{errno.errorcode.get(err, 'EHUP')}")
+                        self.on_error(conn, f"connect_failed:{errno_name(err, 'EHUP')}")
                         continue
                     self.epoll.modify(fd, EV_ESTABLISHED)
                     self.on_connected(conn)
@@ -283,7 +281,7 @@ class TcpIo:
             if ev & select.EPOLLERR:
                 err = sock.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
-                    name = errno.errorcode.get(err, str(err))
+                    name = errno_name(err)
                     self.on_error(conn, "rst_from_host" if err == errno.ECONNRESET else f"host_error:{name}")
                     continue
             if ev & select.EPOLLOUT:

@@ -25,7 +25,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Final, Protocol
 
 from passtd.dataplane.core.context import Context, Guest
-from passtd.dataplane.core.flowtable import Flow, FlowTable
+from passtd.dataplane.core.flowtable import V4_MAPPED, Flow, FlowTable
 from passtd.dataplane.core.fwd import Listener
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.core.udp import (
@@ -414,7 +414,7 @@ class UdpRelay:
         """A flow toward the guest for `peer`; `target` (the rule's target address) replaces the guest's."""
         v6 = sock.family == socket.AF_INET6
         packed = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, peer[0])
-        if v6 and packed[:12] == bytes(10) + b"\xff\xff":
+        if v6 and packed[:12] == V4_MAPPED:
             packed, v6 = packed[12:], False
         found = self.core.host_flow(
             v6, packed, peer, guest_port, sock, now, b"" if target is None else target.packed

@@ -10,7 +10,7 @@ import builtins
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from passtd.dataplane.core.flowtable import Flow
+from passtd.dataplane.core.flowtable import Flow, NamedSocket
 from passtd.dataplane.packets.tcp import SegmentBuilder
 
 
@@ -56,15 +56,14 @@ class SockPort(Protocol):
         """Abortive close: RST to the peer (SO_LINGER 0)."""
         ...
 
+    def getsockname(self) -> object:
+        """The socket's local name, for the control views (io/sockets.py `local_name`)."""
+        ...
+
 
 @dataclass(slots=True, eq=False)
 class TcpConn(Flow):
     v6: bool = False
-    guest_addr: bytes = b""
-    guest_port: int = 0
-    remote_addr: bytes = b""  # as the guest sees it (the gateway for host loopback)
-    remote_port: int = 0
-    target_addr: bytes = b""  # where the host socket connects (loopback for the gateway)
     local: bool = False  # the host-side peer is this host itself (loopback or one of its addresses)
     events: int = 0
     sock: SockPort | None = None
@@ -118,6 +117,9 @@ class TcpConn(Flow):
     last_tap: float = 0.0
     last_sock: float = 0.0
     scheduled: float = 0.0  # deadline currently in the timer heap (0: none)
+
+    def host_socket(self) -> NamedSocket | None:
+        return self.sock
 
     @property
     def in_flight(self) -> int:

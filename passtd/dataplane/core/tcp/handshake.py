@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Final
 
 from passtd.dataplane.core.context import is_loopback
-from passtd.dataplane.core.flowtable import PROTO_TCP, FlowKey, FlowTableFull, key_addr
+from passtd.dataplane.core.flowtable import PROTO_TCP, V4_MAPPED, FlowKey, FlowTableFull, key_addr
 from passtd.dataplane.core.icmp import remote_as_seen
 from passtd.dataplane.core.tcp import states as st
 from passtd.dataplane.core.tcp.base import PRESSURE_SYN_TIMEOUT
@@ -120,7 +120,7 @@ class TcpHandshake(TcpData):
         `target` (packed, the forwarding rule's target address) replaces the guest's own address."""
         self._now = now
         v6 = len(peer) == 16
-        mapped = v6 and peer[:12] == b"\x00" * 10 + b"\xff\xff"
+        mapped = v6 and peer[:12] == V4_MAPPED
         if mapped:
             peer, v6 = peer[12:], False
         net4, net6 = self.ctx.ip4, self.ctx.ip6
