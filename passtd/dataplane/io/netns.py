@@ -520,3 +520,94 @@ class NetnsWatcher:
             else:
                 self._gone = (st.st_dev, st.st_ino) != self._ident
         return self._gone
+
+
+def _make_stream_sockets(wants: dict[int, int]) -> tuple[dict[int, list[socket.socket]], set[int], str]:
+    """In the helper thread inside the namespace: up to `wants[family]` non-blocking stream sockets per
+    family. A family the namespace lacks is reported as unsupported; any other failure (EMFILE) stops the
+    batch and is reported by its reason, with the sockets made so far."""
+    made: dict[int, list[socket.socket]] = {family: [] for family in wants}
+    unsupported: set[int] = set()
+    for family, count in wants.items():
+        for _ in range(count):
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            except OSError as exc:
+                if exc.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+                    unsupported.add(family)
+                    break
+                return made, unsupported, exc.strerror or type(exc).__name__
+            made[family].append(sock)
+    return made, unsupported, ""
+
+
+class NsSocketPool:
+    """TCP sockets created inside a namespace ahead of time, up to `size` per family (pasta's ns socket pool).
+
+    Creating a socket in another namespace costs a helper thread and two setns() (`run_in_netns`); a spliced
+    connection takes a ready one from here instead, and `refill` tops the pool up in one batch (one thread for
+    every family) off the connection's path. A socket stays in the namespace it was created in, whichever
+    thread uses it later. Idle pooled sockets are descriptors that neither flows nor listeners hold, so they
+    come out of the FdPool's reserve: keep `size` a small fraction of `FdPool.reserved`.
+    """
+
+    __slots__ = ("failures", "free", "last_error", "netns_fd", "refills", "size", "unsupported")
+
+    def __init__(self, netns_fd: int, size: int) -> None:
+        self.netns_fd = netns_fd
+        self.size = size
+        # per family, from its first take on: a daemon that never splices that family holds none
+        self.free: dict[int, list[socket.socket]] = {}
+        self.unsupported: set[int] = set()  # families the namespace cannot make sockets of
+        self.refills = 0  # batches made (each one thread, one setns)
+        self.failures = 0  # batches that failed or stopped early
+        self.last_error = ""
+
+    def __len__(self) -> int:
+        return sum(len(socks) for socks in self.free.values())
+
+    def take(self, family: int) -> socket.socket | None:
+        """A ready socket of `family` in the namespace, or None when none is left (the caller then makes one
+        the slow way). The first take of a family makes `refill` keep that family stocked."""
+        free = self.free.get(family)
+        if free is None:
+            free = self.free[family] = []
+        return free.pop() if free else None
+
+    def low(self) -> bool:
+        """Whether a family is down to half the pool: refilling then, not after every take, makes one thread
+        serve size/2 connections."""
+        half = self.size // 2
+        return any(len(socks) <= half for fam, socks in self.free.items() if fam not in self.unsupported)
+
+    def refill(self) -> int:
+        """Top every family up to `size` in one helper thread; returns the sockets added."""
+        wants = {
+            family: self.size - len(socks)
+            for family, socks in self.free.items()
+            if family not in self.unsupported and len(socks) < self.size
+        }
+        if not wants:
+            return 0
+        self.refills += 1
+        try:
+            made, unsupported, error = run_in_netns(self.netns_fd, _make_stream_sockets, wants)
+        except (OSError, BackendError) as exc:
+            self.failures += 1
+            self.last_error = str(exc)
+            return 0
+        self.unsupported |= unsupported
+        if error:
+            self.failures += 1
+            self.last_error = error
+        added = 0
+        for family, socks in made.items():
+            self.free[family].extend(socks)
+            added += len(socks)
+        return added
+
+    def close(self) -> None:
+        for socks in self.free.values():
+            for sock in socks:
+                sock.close()
+            socks.clear()
