@@ -137,6 +137,41 @@ def test_pool_refills_in_one_batch_with_sockets_of_the_namespace(netns_fd: int) 
     assert len(pool) == 0
 
 
+def is_pending(pool: NsSocketPool) -> bool:
+    return pool.pending
+
+
+def test_background_refill_comes_from_a_worker_in_the_namespace(netns_fd: int) -> None:
+    loop = asyncio.new_event_loop()
+    pool = NsSocketPool(netns_fd, 6)
+    threads = threading.active_count()
+    try:
+        assert pool.take(socket.AF_INET6) is None
+        for round_ in range(3):
+            assert pool.refill_soon(loop) and pool.pending
+            assert not pool.refill_soon(loop)  # one batch at a time
+            deadline = time.monotonic() + 10
+            while is_pending(pool):
+                assert time.monotonic() < deadline
+                loop.run_until_complete(asyncio.sleep(0.005))
+            assert len(pool.free[socket.AF_INET6]) == 6, pool.last_error
+            assert all(socket_ns(s) == ns_ident(netns_fd) for s in pool.free[socket.AF_INET6])
+            assert not pool.refill_soon(loop)  # full: nothing to do
+            for _ in range(3 + round_):
+                sock = pool.take(socket.AF_INET6)
+                assert sock is not None
+                sock.close()
+        assert threading.active_count() == threads + 1  # one worker for every batch, not one per batch
+        assert pool.refills == 3 and pool.failures == 0
+    finally:
+        pool.close()
+        loop.close()
+    deadline = time.monotonic() + 10
+    while threading.active_count() > threads:  # the worker ends with the pool
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def test_pool_size_is_a_share_of_the_reserve(env: Env) -> None:
     pool = env.flows.pool
     assert pool is not None and env.splicer.ns_pool is not None
@@ -211,6 +246,7 @@ def test_spliced_connections_relay_both_ways_with_half_close(env: Env) -> None:
             assert got == [bytes(reversed(payload))]
             client.close()
             env.run_until(lambda: not any(isinstance(f, SpliceFlow) for f in env.flows))
+            env.run_until(lambda: env.splicer.ns_pool is not None and not env.splicer.ns_pool.pending)
     assert env.splicer.pool_misses == 1  # only the first connection, before the family was stocked
     assert env.events.count(("closed", "fin")) == 6
     assert env.flows.fds == 0

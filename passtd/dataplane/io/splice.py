@@ -5,9 +5,10 @@ copying bytes between them, with a bounded buffer per direction, half-close rela
 and a reset relayed as a reset (SO_LINGER 0).
 
 What a connection costs is kept to its own sockets: the namespace-side socket comes ready from a pool made
-in the namespace ahead of time (io/netns.py `NsSocketPool`, refilled in batches after use, never a thread
-per connection), and a direction holds a relay buffer only while it has bytes in flight (`BufferPool`),
-so neither a new connection nor an idle one allocates or zero-fills a megabyte.
+in the namespace ahead of time (io/netns.py `NsSocketPool`, refilled in batches by a worker thread that
+stays in the namespace, never a thread or a setns per connection), and a direction holds a relay buffer
+only while it has bytes in flight (`BufferPool`), so neither a new connection nor an idle one allocates or
+zero-fills a megabyte.
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ class Splicer:
         self.buffers = BufferPool()
         self.ns_pool: NsSocketPool | None = None
         self._netns_fd: int | None = None
-        self._refill_pending = False
+        self._pool_failures = 0
         self.pool_misses = 0  # namespace sockets made the slow way because the pool was empty
         pool = flows.pool
         reserved = pool.reserved if pool is not None else NS_POOL_MAX * NS_POOL_RESERVE_SHARE
@@ -240,32 +241,20 @@ class Splicer:
             self.ns_pool.close()
             self.ns_pool = None
         self._netns_fd = fd
+        self._pool_failures = 0
         if fd is not None and self.ns_pool_size > 0:
             self.ns_pool = NsSocketPool(fd, self.ns_pool_size)
-
-    def _schedule_refill(self) -> None:
-        if not self._refill_pending:
-            self._refill_pending = True
-            self.loop.call_soon(self.refill)
-
-    def refill(self) -> None:
-        """Top the namespace socket pool up (one helper thread for the whole batch)."""
-        self._refill_pending = False
-        pool = self.ns_pool
-        if pool is None:
-            return
-        failures = pool.failures
-        pool.refill()
-        if pool.failures != failures:
-            self.stats.drop("tcp.splice.pool_refill_failed")
-            self.log.debug("tcp.splice.pool_refill_failed", error=pool.last_error)
 
     def _ns_socket(self, family: int) -> socket.socket:
         pool = self.ns_pool
         if pool is not None:
+            if pool.failures != self._pool_failures:
+                self._pool_failures = pool.failures
+                self.stats.drop("tcp.splice.pool_refill_failed")
+                self.log.debug("tcp.splice.pool_refill_failed", error=pool.last_error)
             sock = pool.take(family)
             if pool.low():
-                self._schedule_refill()
+                pool.refill_soon(self.loop)
             if sock is not None:
                 return sock
         self.pool_misses += 1
