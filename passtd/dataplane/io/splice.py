@@ -67,7 +67,7 @@ _EMPTY: Final = memoryview(b"")
 
 
 class _Direction:
-    __slots__ = ("dst", "eof", "len", "pos", "src", "view", "writing")
+    __slots__ = ("dst", "eof", "len", "pos", "reading", "src", "view", "writing")
 
     def __init__(self, src: socket.socket, dst: socket.socket) -> None:
         self.src = src
@@ -76,6 +76,7 @@ class _Direction:
         self.pos = 0  # first unsent byte
         self.len = 0  # bytes in the buffer
         self.eof = False
+        self.reading = True  # registered with the loop: only what is registered is unregistered at the end
         self.writing = False
 
 
@@ -113,6 +114,7 @@ class SplicedPair:
         view = d.view
         if d.len == len(view):
             if view:  # buffer full: wait for the writer to drain it
+                d.reading = False
                 self.loop.remove_reader(d.src.fileno())
                 return
             view = d.view = self.buffers.get()
@@ -126,6 +128,7 @@ class SplicedPair:
             return
         if n == 0:
             d.eof = True
+            d.reading = False
             self.loop.remove_reader(d.src.fileno())
         else:
             d.len += n
@@ -163,7 +166,8 @@ class SplicedPair:
         if d.view:
             full = d.len == len(d.view)
             self._release(d)
-            if full and not d.eof:
+            if full and not d.eof and not d.reading:
+                d.reading = True
                 self.loop.add_reader(d.src.fileno(), self._readable, d)
         if d.eof:
             try:
@@ -177,12 +181,13 @@ class SplicedPair:
         if self.done:
             return
         self.done = True
+        loop = self.loop
+        for d in (self.ab, self.ba):
+            if d.reading:
+                loop.remove_reader(d.src.fileno())
+            if d.writing:
+                loop.remove_writer(d.dst.fileno())
         for sock in (self.a, self.b):
-            try:
-                self.loop.remove_reader(sock.fileno())
-                self.loop.remove_writer(sock.fileno())
-            except (ValueError, OSError):
-                pass
             if reset:
                 reset_socket(sock)
             else:
