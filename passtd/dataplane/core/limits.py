@@ -6,7 +6,8 @@ process has (RLIMIT_NOFILE, raised to the hard limit at start) are shared out in
 
 - `reserved`: kept for what is neither a flow nor a listener: the control socket and its clients, the tap or
   qemu's socket, the pcap file, namespace handles, the spare descriptor that lets an accept() shed a
-  connection at EMFILE. A sixteenth of the limit, between `RESERVE_MIN` and `RESERVE_MAX`.
+  connection at EMFILE, the splice epoll and the idle sockets pooled in the namespace for splicing (a quarter
+  of the reserve at most). A sixteenth of the limit, between `RESERVE_MIN` and `RESERVE_MAX`.
 - the rest (`total`) is shared by listening sockets and flows. Listeners (forwarded ports) may take all of
   it but `floor` (`FLOW_FLOOR`, or a quarter when the limit is small) and what flows hold now: `-t all` binds
   until then and reports every port past it as failed, instead of binding until EMFILE. The user asked for

@@ -12,6 +12,7 @@ thread, and any lock another thread held stays locked forever in the child).
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import fcntl
@@ -21,6 +22,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Network
@@ -520,3 +522,181 @@ class NetnsWatcher:
             else:
                 self._gone = (st.st_dev, st.st_ino) != self._ident
         return self._gone
+
+
+def _make_stream_sockets(wants: dict[int, int]) -> tuple[dict[int, list[socket.socket]], set[int], str]:
+    """In the helper thread inside the namespace: up to `wants[family]` non-blocking stream sockets per
+    family. A family the namespace lacks is reported as unsupported; any other failure (EMFILE) stops the
+    batch and is reported by its reason, with the sockets made so far."""
+    made: dict[int, list[socket.socket]] = {family: [] for family in wants}
+    unsupported: set[int] = set()
+    for family, count in wants.items():
+        for _ in range(count):
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            except OSError as exc:
+                if exc.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+                    unsupported.add(family)
+                    break
+                return made, unsupported, exc.strerror or type(exc).__name__
+            made[family].append(sock)
+    return made, unsupported, ""
+
+
+def _enter_netns(netns_fd: int) -> None:
+    """A pool worker's initializer: the thread enters the namespace once and stays there for its life."""
+    _ns_syscall("setns", netns_fd, CLONE_NEWNET)
+
+
+class NsSocketPool:
+    """TCP sockets created inside a namespace ahead of time, up to `size` per family (pasta's ns socket pool).
+
+    Creating a socket in another namespace costs a helper thread and two setns() (`run_in_netns`); a spliced
+    connection takes a ready one from here instead, and the pool is topped up in batches off the
+    connection's path: `refill_soon` hands the batch to one worker thread that entered the namespace once
+    (no thread and no setns per batch either) and the loop stocks what it made; `refill` does a batch
+    synchronously with `run_in_netns`. A socket stays in the namespace it was created in, whichever thread
+    uses it later. Idle pooled sockets are descriptors that neither flows nor listeners hold, so they come
+    out of the FdPool's reserve: keep `size` a small fraction of `FdPool.reserved`.
+    """
+
+    __slots__ = (
+        "_future",
+        "_worker",
+        "closed",
+        "failures",
+        "free",
+        "last_error",
+        "netns_fd",
+        "pending",
+        "refills",
+        "size",
+        "unsupported",
+    )
+
+    def __init__(self, netns_fd: int, size: int) -> None:
+        self.netns_fd = netns_fd
+        self.size = size
+        # per family, from its first take on: a daemon that never splices that family holds none
+        self.free: dict[int, list[socket.socket]] = {}
+        self.unsupported: set[int] = set()  # families the namespace cannot make sockets of
+        self.refills = 0  # batches asked for
+        self.failures = 0  # batches that failed or stopped early
+        self.last_error = ""
+        self.pending = False  # a background batch is on its way
+        self.closed = False
+        self._worker: ThreadPoolExecutor | None = None
+        self._future: Future[tuple[dict[int, list[socket.socket]], set[int], str]] | None = None
+
+    def __len__(self) -> int:
+        return sum(len(socks) for socks in self.free.values())
+
+    def take(self, family: int) -> socket.socket | None:
+        """A ready socket of `family` in the namespace, or None when none is left (the caller then makes one
+        the slow way). The first take of a family makes the refills keep that family stocked."""
+        free = self.free.get(family)
+        if free is None:
+            free = self.free[family] = []
+        return free.pop() if free else None
+
+    def low(self) -> bool:
+        """Whether a family is down to half the pool: refilling then, not after every take, makes one batch
+        serve size/2 connections."""
+        half = self.size // 2
+        return any(len(socks) <= half for fam, socks in self.free.items() if fam not in self.unsupported)
+
+    def _wants(self) -> dict[int, int]:
+        return {
+            family: self.size - len(socks)
+            for family, socks in self.free.items()
+            if family not in self.unsupported and len(socks) < self.size
+        }
+
+    def _stock(self, made: dict[int, list[socket.socket]], unsupported: set[int], error: str) -> int:
+        if self.closed:
+            for socks in made.values():
+                for sock in socks:
+                    sock.close()
+            return 0
+        self.unsupported |= unsupported
+        if error:
+            self.failures += 1
+            self.last_error = error
+        added = 0
+        for family, socks in made.items():
+            self.free.setdefault(family, []).extend(socks)
+            added += len(socks)
+        return added
+
+    def refill(self) -> int:
+        """Top every family up to `size` now, in one helper thread; returns the sockets added."""
+        wants = self._wants()
+        if not wants or self.closed:
+            return 0
+        self.refills += 1
+        try:
+            made, unsupported, error = run_in_netns(self.netns_fd, _make_stream_sockets, wants)
+        except (OSError, BackendError) as exc:
+            self.failures += 1
+            self.last_error = str(exc)
+            return 0
+        return self._stock(made, unsupported, error)
+
+    def refill_soon(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Top every family up in the background (the worker makes the batch, `loop` stocks it); False when
+        nothing is wanted or a batch is already on its way."""
+        if self.pending or self.closed:
+            return False
+        wants = self._wants()
+        if not wants:
+            return False
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(
+                1, thread_name_prefix="passtd-nspool", initializer=_enter_netns, initargs=(self.netns_fd,)
+            )
+        self.refills += 1
+        try:
+            future = self._worker.submit(_make_stream_sockets, wants)
+        except (
+            RuntimeError
+        ) as exc:  # the worker could not enter the namespace (BrokenThreadPool), or shut down
+            self.failures += 1
+            self.last_error = str(exc)
+            return False
+        self.pending = True
+        self._future = future
+
+        def stock(done: Future[tuple[dict[int, list[socket.socket]], set[int], str]]) -> None:
+            self.pending = False
+            try:
+                self._stock(*done.result())
+            except Exception as exc:  # the initializer's setns failed: the batch never ran
+                self.failures += 1
+                self.last_error = str(exc)
+
+        def hand_over(done: Future[tuple[dict[int, list[socket.socket]], set[int], str]]) -> None:
+            try:
+                loop.call_soon_threadsafe(stock, done)
+            except RuntimeError:  # the loop is closed: nobody will take these sockets
+                if not done.cancelled() and done.exception() is None:
+                    for socks in done.result()[0].values():
+                        for sock in socks:
+                            sock.close()
+
+        future.add_done_callback(hand_over)
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        for socks in self.free.values():
+            for sock in socks:
+                sock.close()
+            socks.clear()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True, cancel_futures=True)  # a batch takes microseconds
+            self._worker = None
+        future, self._future = self._future, None
+        if future is not None and future.done() and not future.cancelled() and future.exception() is None:
+            for socks in future.result()[0].values():  # a batch the loop had not stocked yet
+                for sock in socks:
+                    sock.close()

@@ -3,12 +3,19 @@
 When both ends are local sockets there is no guest TCP to mirror: the two kernels' sockets are joined by
 copying bytes between them, with a bounded buffer per direction, half-close relayed with shutdown(SHUT_WR)
 and a reset relayed as a reset (SO_LINGER 0).
+
+What a connection costs is kept to its own sockets: the namespace-side socket comes ready from a pool made
+in the namespace ahead of time (io/netns.py `NsSocketPool`, refilled in batches by a worker thread that
+stays in the namespace, never a thread or a setns per connection), and a direction holds a relay buffer
+only while it has bytes in flight (`BufferPool`), so neither a new connection nor an idle one allocates or
+zero-fills a megabyte.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import select
 import socket
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
@@ -20,29 +27,136 @@ from passtd.dataplane.core.fwd import Listener
 from passtd.dataplane.core.splice import SpliceFlow
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.io.limits import is_fd_exhausted
-from passtd.dataplane.io.netns import run_in_netns
+from passtd.dataplane.io.netns import NsSocketPool, run_in_netns
 from passtd.dataplane.io.sockets import reset_socket, splice_target_ns
 from passtd.logging import get_logger
 
 BUF: Final = 1 << 20
+BUF_KEEP: Final = 8  # idle relay buffers kept for reuse (8 MiB at most)
+NS_POOL_MAX: Final = 16  # pooled namespace sockets per family, at most
+NS_POOL_RESERVE_SHARE: Final = 8  # ... and at most reserved/8 per family: both families take a quarter
+_STREAM: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+_LOOPBACK: Final = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
+_LOOPBACK_PACKED: Final = {family: socket.inet_pton(family, addr) for family, addr in _LOOPBACK.items()}
+
+
+class BufferPool:
+    """Relay buffers, taken when a direction reads and given back once it has written everything out.
+
+    A buffer is held only while bytes wait to be sent, so a request/response connection reuses the same
+    one or two buffers, and an idle connection holds none. Kept as memoryviews (never resized)."""
+
+    __slots__ = ("free", "keep", "made", "size")
+
+    def __init__(self, size: int = BUF, keep: int = BUF_KEEP) -> None:
+        self.size = size
+        self.keep = keep
+        self.free: list[memoryview] = []
+        self.made = 0  # buffers allocated so far
+
+    def get(self) -> memoryview:
+        if self.free:
+            return self.free.pop()
+        self.made += 1
+        return memoryview(bytearray(self.size))
+
+    def put(self, view: memoryview) -> None:
+        if len(self.free) < self.keep:
+            self.free.append(view)
+
+
+_EMPTY: Final = memoryview(b"")
 
 
 class _Direction:
-    __slots__ = ("buf", "dst", "eof", "len", "pos", "src", "view", "writing")
+    __slots__ = ("dst", "dst_fd", "eof", "len", "pos", "reading", "src", "src_fd", "view", "writing")
 
     def __init__(self, src: socket.socket, dst: socket.socket) -> None:
         self.src = src
         self.dst = dst
-        self.buf = bytearray(BUF)
-        self.view = memoryview(self.buf)
+        self.src_fd = src.fileno()
+        self.dst_fd = dst.fileno()
+        self.view = _EMPTY  # a pooled buffer while bytes are in flight
         self.pos = 0  # first unsent byte
         self.len = 0  # bytes in the buffer
         self.eof = False
+        self.reading = True  # registered with the loop: only what is registered is unregistered at the end
         self.writing = False
 
 
+_IN: Final = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+_OUT: Final = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+
+
+class SplicePoller:
+    """One epoll for every spliced socket, watched by the loop as a single reader.
+
+    Registering a new descriptor with uvloop (add_reader) costs five to seven syscalls (libuv probes the
+    descriptor with an epoll ADD and DEL, sets O_NONBLOCK again, and removes it with three DELs); here a
+    socket costs one epoll_ctl when it is first watched and none when it is closed (the kernel drops a
+    closed descriptor from the epoll set)."""
+
+    __slots__ = ("ep", "loop", "masks", "watched")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.ep = select.epoll()
+        self.masks: dict[int, int] = {}  # fd -> events registered
+        self.watched: dict[int, tuple[SplicedPair, _Direction, _Direction]] = {}  # fd -> pair, reader, writer
+        loop.add_reader(self.ep.fileno(), self._poll)
+
+    def watch(self, fd: int, pair: SplicedPair, reader: _Direction, writer: _Direction) -> None:
+        self.watched[fd] = (pair, reader, writer)
+        self.set(fd, select.EPOLLIN)
+
+    def set(self, fd: int, mask: int) -> None:
+        """Watch `fd` for `mask`; nothing (0) unregisters it, as HUP and ERR are reported even then."""
+        current = self.masks.get(fd, 0)
+        if mask == current:
+            return
+        if current == 0:
+            self.ep.register(fd, mask)
+        elif mask == 0:
+            self.ep.unregister(fd)
+        else:
+            self.ep.modify(fd, mask)
+        if mask:
+            self.masks[fd] = mask
+        else:
+            del self.masks[fd]
+
+    def forget(self, fd: int) -> None:
+        """Before `fd` is closed: the close takes it out of the epoll set."""
+        self.masks.pop(fd, None)
+        self.watched.pop(fd, None)
+
+    def _poll(self) -> None:
+        try:
+            events = self.ep.poll(0, 256)
+        except InterruptedError:
+            return
+        watched = self.watched
+        for fd, ev in events:
+            entry = watched.get(fd)
+            if entry is None:
+                continue
+            pair, reader, writer = entry
+            if ev & _IN and reader.reading:
+                pair._readable(reader)
+            if ev & _OUT and writer.writing:
+                pair._flush(writer)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.ep.fileno())
+        self.ep.close()
+
+
 class SplicedPair:
-    """Relays between `a` and `b` until both directions ended; calls `on_done(self, reason)` once."""
+    """Relays between `a` and `b` until both directions ended; calls `on_done(self, reason)` once.
+
+    Both sockets must be non-blocking already (accept4/socket with SOCK_NONBLOCK: no fcntl per socket)."""
+
+    __slots__ = ("a", "ab", "b", "ba", "buffers", "bytes_ab", "bytes_ba", "done", "loop", "on_done", "poller")
 
     def __init__(
         self,
@@ -50,37 +164,55 @@ class SplicedPair:
         a: socket.socket,
         b: socket.socket,
         on_done: Callable[[SplicedPair, str], None],
+        poller: SplicePoller,
+        buffers: BufferPool | None = None,
     ) -> None:
         self.loop = loop
         self.a = a
         self.b = b
         self.on_done = on_done
+        self.buffers = BufferPool() if buffers is None else buffers
         self.done = False
         self.bytes_ab = 0
         self.bytes_ba = 0
-        a.setblocking(False)
-        b.setblocking(False)
-        self.ab = _Direction(a, b)
-        self.ba = _Direction(b, a)
-        loop.add_reader(a.fileno(), self._readable, self.ab)
-        loop.add_reader(b.fileno(), self._readable, self.ba)
+        self.poller = poller
+        self.ab = ab = _Direction(a, b)
+        self.ba = ba = _Direction(b, a)
+        poller.watch(ab.src_fd, self, ab, ba)
+        poller.watch(ba.src_fd, self, ba, ab)
+
+    def _events(self, fd: int) -> None:
+        """Tell the poller what `fd` waits for now: reading for the direction it feeds, writing for the
+        direction it drains."""
+        ab, ba = self.ab, self.ba
+        if fd == ab.src_fd:
+            mask = (select.EPOLLIN if ab.reading else 0) | (select.EPOLLOUT if ba.writing else 0)
+        else:
+            mask = (select.EPOLLIN if ba.reading else 0) | (select.EPOLLOUT if ab.writing else 0)
+        self.poller.set(fd, mask)
 
     def _readable(self, d: _Direction) -> None:
         if self.done:
             return
-        if d.len == BUF:  # buffer full: wait for the writer to drain it
-            self.loop.remove_reader(d.src.fileno())
-            return
+        view = d.view
+        if d.len == len(view):
+            if view:  # buffer full: wait for the writer to drain it
+                d.reading = False
+                self._events(d.src_fd)
+                return
+            view = d.view = self.buffers.get()
         try:
-            n = d.src.recv_into(d.view[d.len :])
+            n = d.src.recv_into(view[d.len :])
         except (BlockingIOError, InterruptedError):
+            self._release(d)
             return
         except OSError:
             self._finish("reset", reset=True)
             return
         if n == 0:
             d.eof = True
-            self.loop.remove_reader(d.src.fileno())
+            d.reading = False
+            self._events(d.src_fd)
         else:
             d.len += n
             if d is self.ab:
@@ -88,6 +220,13 @@ class SplicedPair:
             else:
                 self.bytes_ba += n
         self._flush(d)
+
+    def _release(self, d: _Direction) -> None:
+        """Give the buffer back once everything read was sent: only bytes in flight hold one."""
+        if d.pos == d.len and d.view:
+            self.buffers.put(d.view)
+            d.view = _EMPTY
+            d.pos = d.len = 0
 
     def _flush(self, d: _Direction) -> None:
         if self.done:
@@ -98,7 +237,7 @@ class SplicedPair:
             except (BlockingIOError, InterruptedError):
                 if not d.writing:
                     d.writing = True
-                    self.loop.add_writer(d.dst.fileno(), self._flush, d)
+                    self._events(d.dst_fd)
                 return
             except OSError:
                 self._finish("reset", reset=True)
@@ -106,12 +245,14 @@ class SplicedPair:
             d.pos += sent
         if d.writing:
             d.writing = False
-            self.loop.remove_writer(d.dst.fileno())
-        if d.len == BUF or d.pos == d.len:
-            if d.len == BUF and not d.eof:
-                self.loop.add_reader(d.src.fileno(), self._readable, d)
-            d.pos = d.len = 0
-        if d.eof and d.len == 0:
+            self._events(d.dst_fd)
+        if d.view:
+            full = d.len == len(d.view)
+            self._release(d)
+            if full and not d.eof and not d.reading:
+                d.reading = True
+                self._events(d.src_fd)
+        if d.eof:
             try:
                 d.dst.shutdown(socket.SHUT_WR)
             except OSError:
@@ -123,16 +264,17 @@ class SplicedPair:
         if self.done:
             return
         self.done = True
+        self.poller.forget(self.ab.src_fd)
+        self.poller.forget(self.ba.src_fd)
         for sock in (self.a, self.b):
-            try:
-                self.loop.remove_reader(sock.fileno())
-                self.loop.remove_writer(sock.fileno())
-            except (ValueError, OSError):
-                pass
             if reset:
                 reset_socket(sock)
             else:
                 sock.close()
+        for d in (self.ab, self.ba):
+            if d.view:  # bytes still in it are dropped with the connection
+                self.buffers.put(d.view)
+                d.view = _EMPTY
         self.on_done(self, reason)
 
     def reset(self) -> None:
@@ -143,7 +285,11 @@ class Splicer:
     """Loopback-to-loopback TCP through passtd without the tap: pasta's splice bypass (a host-loopback
     connection to a forwarded port, joined inside the namespace to its own address, or to its loopback with
     --host-lo-to-ns-lo: io/sockets.splice_target_ns) and -T (the namespace's loopback joined to the host's).
-    Each joined pair is a SpliceFlow in the flow table, holding two descriptors."""
+    Each joined pair is a SpliceFlow in the flow table, holding two descriptors.
+
+    Namespace-side sockets come from `ns_pool` (made in the namespace in batches); when it is empty the
+    socket is made the slow way, with a helper thread, so a burst larger than the pool is slower, not
+    refused."""
 
     def __init__(
         self,
@@ -163,7 +309,49 @@ class Splicer:
         self.stats = stats
         self.emit = emit
         self.log = get_logger(component="splice")
-        self.netns_fd: int | None = None  # pasta: the namespace, where in_netns connections are made
+        self.buffers = BufferPool()
+        self.poller: SplicePoller | None = None  # made with the first pair
+        self.ns_pool: NsSocketPool | None = None
+        self._netns_fd: int | None = None
+        self._pool_failures = 0
+        self.pool_misses = 0  # namespace sockets made the slow way because the pool was empty
+        pool = flows.pool
+        reserved = pool.reserved if pool is not None else NS_POOL_MAX * NS_POOL_RESERVE_SHARE
+        self.ns_pool_size = min(NS_POOL_MAX, reserved // NS_POOL_RESERVE_SHARE)
+
+    @property
+    def netns_fd(self) -> int | None:
+        """pasta: the namespace, where in_netns connections are made. Setting it starts a fresh socket pool
+        there (stocked per family after that family's first spliced connection) and closes the old one."""
+        return self._netns_fd
+
+    @netns_fd.setter
+    def netns_fd(self, fd: int | None) -> None:
+        if fd == self._netns_fd:
+            return
+        if self.ns_pool is not None:
+            self.ns_pool.close()
+            self.ns_pool = None
+        self._netns_fd = fd
+        self._pool_failures = 0
+        if fd is not None and self.ns_pool_size > 0:
+            self.ns_pool = NsSocketPool(fd, self.ns_pool_size)
+
+    def _ns_socket(self, family: int) -> socket.socket:
+        pool = self.ns_pool
+        if pool is not None:
+            if pool.failures != self._pool_failures:
+                self._pool_failures = pool.failures
+                self.stats.drop("tcp.splice.pool_refill_failed")
+                self.log.debug("tcp.splice.pool_refill_failed", error=pool.last_error)
+            sock = pool.take(family)
+            if pool.low():
+                pool.refill_soon(self.loop)
+            if sock is not None:
+                return sock
+        self.pool_misses += 1
+        assert self._netns_fd is not None
+        return run_in_netns(self._netns_fd, socket.socket, family, _STREAM)
 
     def on_ns_listener(self, listener: Listener, sock: socket.socket) -> None:
         """-T: a connection inside the namespace to its loopback goes to the same port on the host's."""
@@ -187,18 +375,19 @@ class Splicer:
     ) -> None:  # fmt: skip
         """Join `accepted` to a new connection to loopback:port (inside the namespace when `in_netns`), or to
         target:port when the forwarding rule names a target address."""
-        v6 = accepted.family == socket.AF_INET6
+        family = accepted.family
         if target is not None:
             loopback = str(target)
-        elif in_netns:
-            loopback = splice_target_ns(self.ctx, self.guest, v6, self.host_lo_to_ns_lo)
+            addr = target.packed
+        elif in_netns and not self.host_lo_to_ns_lo:  # the namespace's own address (passt fwd.c)
+            loopback = splice_target_ns(self.ctx, self.guest, family == socket.AF_INET6, False)
+            addr = socket.inet_pton(family, loopback)
         else:
-            loopback = "::1" if v6 else "127.0.0.1"
-        family = socket.AF_INET6 if v6 else socket.AF_INET
-        addr = socket.inet_pton(family, loopback)
+            loopback = _LOOPBACK[family]
+            addr = _LOOPBACK_PACKED[family]
         flow = SpliceFlow(
             self.flows.new_id(), PROTO_TCP, (PROTO_TCP, key_addr(addr), peer[1], -port), now, now,
-            guest_initiated=not in_netns, host_fds=2, v6=v6, guest_addr=addr,
+            guest_initiated=not in_netns, host_fds=2, v6=family == socket.AF_INET6, guest_addr=addr,
             guest_port=port if in_netns else peer[1], remote_addr=addr,
             remote_port=peer[1] if in_netns else port,
         )  # fmt: skip
@@ -209,12 +398,8 @@ class Splicer:
             self.stats.drop(exc.reason)
             return
         try:
-            if in_netns:
-                assert self.netns_fd is not None
-                out = run_in_netns(self.netns_fd, socket.socket, family, socket.SOCK_STREAM)
-            else:
-                out = socket.socket(family, socket.SOCK_STREAM)
-            out.setblocking(False)
+            accepted.setblocking(False)
+            out = self._ns_socket(family) if in_netns else socket.socket(family, _STREAM)
             err = out.connect_ex((loopback, port))
         except OSError as exc:
             self.flows.remove(flow)
@@ -222,13 +407,22 @@ class Splicer:
             self.log.debug("tcp.splice.failed", error=exc.strerror)
             reset_socket(accepted)
             return
-        if err not in (0, errno.EINPROGRESS):
+        if err == errno.EINPROGRESS:
+            # on loopback the handshake has usually completed inside connect(): a second connect() says so
+            # (EISCONN) and saves the writer registration and a trip through the loop
+            err = out.connect_ex((loopback, port))
+            if err == errno.EISCONN:
+                err = 0
+            elif err in (errno.EALREADY, errno.EINPROGRESS):
+                self.loop.add_writer(out.fileno(), self._connected, flow, accepted, out)
+                return
+        if err != 0:
             out.close()
             reset_socket(accepted)
             self.flows.remove(flow)
             self.stats.handled["tcp.splice.refused"] += 1
             return
-        self.loop.add_writer(out.fileno(), self._connected, flow, accepted, out)
+        self._join(flow, accepted, out)
 
     def _connected(self, flow: SpliceFlow, accepted: socket.socket, out: socket.socket) -> None:
         self.loop.remove_writer(out.fileno())
@@ -238,7 +432,15 @@ class Splicer:
             self.flows.remove(flow)
             self.emit("closed", flow, "CLOSED", "connect_failed")
             return
-        flow.pair = SplicedPair(self.loop, accepted, out, lambda pair, reason: self._done(flow, reason))
+        self._join(flow, accepted, out)
+
+    def _join(self, flow: SpliceFlow, accepted: socket.socket, out: socket.socket) -> None:
+        poller = self.poller
+        if poller is None:
+            poller = self.poller = SplicePoller(self.loop)
+        flow.pair = SplicedPair(
+            self.loop, accepted, out, lambda pair, reason: self._done(flow, reason), poller, self.buffers
+        )
         self.emit("opened", flow, "SPLICED", "")
 
     def _done(self, flow: SpliceFlow, reason: str) -> None:
@@ -257,3 +459,8 @@ class Splicer:
     def close_all(self) -> None:
         for flow in [f for f in self.flows if isinstance(f, SpliceFlow)]:
             self.reset(flow)
+        if self.ns_pool is not None:
+            self.ns_pool.close()
+        if self.poller is not None:
+            self.poller.close()
+            self.poller = None
