@@ -22,7 +22,11 @@ pytestmark = pytest.mark.netns
 def test_startup_summary_and_debug_flow_lines(topo: Topology) -> None:
     ctl = start(topo, "-d", "-t", "5151")
     daemon = topo.daemons[-1]
-    summary = next(x for x in daemon.output().splitlines() if "passtd.started" in x)
+
+    def summary_line() -> str:  # the daemon may still be writing it when its control socket answers
+        return next((x for x in daemon.output().splitlines() if "passtd.started" in x), "")
+
+    summary = wait_for(summary_line, 10, "the start-up summary")
     for part in (f"address4={HOST4}/24", "mode=pasta", "backend='tap eth0'", "mtu=65520", f"control={ctl}",
                  f"dns4=['{HOST_DNS}']", f"search=['{HOST_SEARCH}']", "services=dhcp,ndp,dhcpv6,ra",
                  "tcp_in=5151", "[info"):  # fmt: skip
