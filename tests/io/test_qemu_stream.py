@@ -11,12 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from passtd.dataplane.io.tap.qemu_stream import (
-    MAX_FRAME,
-    FrameDecoder,
-    QemuStreamBackend,
-    bind_unix_listener,
-)
+from passtd.dataplane.io.guestsock import bind_unix_listener
+from passtd.dataplane.io.tap.qemu_stream import MAX_FRAME, FrameDecoder, QemuStreamBackend
 from passtd.errors import BackendError, MalformedFrame
 
 frames_st = st.lists(st.binary(min_size=14, max_size=300), max_size=20)

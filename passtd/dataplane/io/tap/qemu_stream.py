@@ -12,7 +12,6 @@ Writes must never tear a frame either, so what the socket does not take at once 
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import struct
 from collections import deque
@@ -20,7 +19,6 @@ from collections.abc import Callable, Sequence
 from itertools import islice
 from typing import Final
 
-from passtd.dataplane.io.guestsock import bind_unix_listener
 from passtd.dataplane.io.tap.base import OutFrame
 from passtd.errors import MalformedFrame
 
@@ -180,25 +178,3 @@ class QemuStreamBackend:
                 self.loop.remove_writer(self.sock.fileno())
                 self._writer = False
             self.sock.close()
-
-
-class QemuStreamListener:
-    """The UNIX socket qemu connects to; refuses to replace a live socket of another instance."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.sock = bind_unix_listener(path)
-
-    def accept(self) -> socket.socket | None:
-        try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return None
-        return conn
-
-    def close(self) -> None:
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
