@@ -132,6 +132,35 @@ class Topology:
 
         wait_for(ready, 10, "link-local address")
 
+    def dhclient(self, ifname: str, *args: str) -> str:
+        """Run ISC dhclient once in the guest (`-1`: one attempt, then exit) and return its lease file.
+
+        dhclient forks a daemon after binding, so its pid file is read back and the pid handed to the
+        fixture's clean-up; every call gets lease and pid files of its own.
+        """
+        n = sum(1 for _ in self.tmp.glob("dhclient-*.lease"))
+        lease, pidfile = self.tmp / f"dhclient-{n}.lease", self.tmp / f"dhclient-{n}.pid"
+        try:
+            proc = sh(
+                "dhclient",
+                "-1",
+                "-v",
+                "-lf",
+                str(lease),
+                "-pf",
+                str(pidfile),
+                *args,
+                ifname,
+                ns=self.guest,
+                timeout=40,
+            )
+        finally:
+            if pidfile.exists() and pidfile.read_text().strip():
+                self.pids.append(int(pidfile.read_text().split()[0]))
+        text = lease.read_text() if lease.exists() else ""
+        assert "bound to" in proc.stderr.lower() or text, proc.stderr
+        return text
+
 
 @pytest.fixture
 def topo(tmp_path: Path) -> Iterator[Topology]:

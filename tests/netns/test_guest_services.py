@@ -286,25 +286,7 @@ def test_tcp_dns_to_the_gateway_reaches_the_loopback_resolver(topo: Topology) ->
 def test_dhclient_receives_hostname_and_fqdn(topo: Topology) -> None:
     """-H/--hostname and --fqdn: ISC dhclient records option 12 and the RFC 4702 option 81 of the lease."""
     passtd_with(topo, {"ctx": {"hostname": "vm1", "fqdn": "vm1.passtd.test"}})
-    lease, pidfile = topo.tmp / "lease4", topo.tmp / "dhclient4.pid"
-    try:
-        sh(
-            "dhclient",
-            "-4",
-            "-1",
-            "-v",
-            "-lf",
-            str(lease),
-            "-pf",
-            str(pidfile),
-            IF,
-            ns=topo.guest,
-            timeout=40,
-        )
-    finally:
-        if pidfile.exists() and pidfile.read_text().strip():
-            topo.pids.append(int(pidfile.read_text().split()[0]))
-    text = lease.read_text()
+    text = topo.dhclient(IF, "-4")
     assert 'option host-name "vm1";' in text
     assert 'option fqdn.fqdn "vm1.passtd.test";' in text
     assert "option fqdn.encoded true;" in text and "option fqdn.rcode1 255;" in text
@@ -314,24 +296,6 @@ def test_dhclient6_receives_the_fqdn(topo: Topology) -> None:
     """--fqdn over DHCPv6: option 39 (RFC 4704) in the Reply, as ISC dhclient -6 records it."""
     passtd_with(topo, {"ctx": {"fqdn": "vm1.passtd.test"}})
     topo.wait_link_local(IF)
-    lease, pidfile = topo.tmp / "lease6", topo.tmp / "dhclient6.pid"
-    try:
-        sh(
-            "dhclient",
-            "-6",
-            "-1",
-            "-v",
-            "-lf",
-            str(lease),
-            "-pf",
-            str(pidfile),
-            IF,
-            ns=topo.guest,
-            timeout=40,
-        )
-    finally:
-        if pidfile.exists() and pidfile.read_text().strip():
-            topo.pids.append(int(pidfile.read_text().split()[0]))
-    text = lease.read_text()
+    text = topo.dhclient(IF, "-6")
     assert 'option fqdn.fqdn "vm1.passtd.test";' in text
     assert "option dhcp6.fqdn 0:3:76:6d:31:6:70:61:73:73:74:64:4:74:65:73:74:0;" in text  # flags 0, wire form

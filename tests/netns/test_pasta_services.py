@@ -38,33 +38,10 @@ def routes(topo: Topology, family: str) -> list[dict[str, object]]:
     return list(ip_json(topo.guest, family, "route", "show", "default"))
 
 
-def dhclient(topo: Topology, *args: str) -> str:
-    lease, pidfile = topo.tmp / f"lease{len(args)}", topo.tmp / f"dhclient{len(args)}.pid"
-    try:
-        proc = sh(
-            "dhclient",
-            "-1",
-            "-v",
-            "-lf",
-            str(lease),
-            "-pf",
-            str(pidfile),
-            *args,
-            IF,
-            ns=topo.guest,
-            timeout=40,
-        )
-    finally:
-        if pidfile.exists() and pidfile.read_text().strip():
-            topo.pids.append(int(pidfile.read_text().split()[0]))
-    assert "bound to" in proc.stderr or "Bound to" in proc.stderr or lease.read_text(), proc.stderr
-    return lease.read_text()
-
-
 def test_dhclient_gets_the_hosts_configuration(topo: Topology) -> None:
     # pasta offers nameservers and search domains by DHCP only when asked (upstream: --dhcp-dns/--dhcp-search)
     topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, "--dhcp-dns", "--dhcp-search", wait_tap=IF)
-    lease = dhclient(topo, "-4")
+    lease = topo.dhclient(IF, "-4")
     assert addrs(topo, "-4") == [(HOST4, 24)]
     assert [(r["gateway"], r["dev"]) for r in routes(topo, "-4")] == [(REMOTE4, IF)]
     assert ip_json(topo.guest, "link", "show", "dev", IF)[0]["mtu"] == 65520
@@ -79,7 +56,7 @@ def test_dhclient_gets_the_hosts_configuration(topo: Topology) -> None:
 def test_pasta_offers_no_dns_by_dhcp_unless_asked(topo: Topology) -> None:
     """As upstream pasta: the namespace usually shares the host's resolv.conf, so DHCP carries no DNS."""
     topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, wait_tap=IF)
-    lease = dhclient(topo, "-4")
+    lease = topo.dhclient(IF, "-4")
     assert addrs(topo, "-4") == [(HOST4, 24)]
     assert "domain-name-servers" not in lease and "domain-search" not in lease
 
@@ -91,7 +68,7 @@ def test_dhclient_with_explicit_addresses(topo: Topology) -> None:
         "-S", "one.test", "-S", "two.test", "-m", "9000", "--dhcp-dns", "--dhcp-search",
         wait_tap=IF,
     )  # fmt: skip
-    lease = dhclient(topo, "-4")
+    lease = topo.dhclient(IF, "-4")
     assert addrs(topo, "-4") == [("10.99.0.5", 16)]
     assert [r["gateway"] for r in routes(topo, "-4")] == ["10.99.0.1"]
     assert ip_json(topo.guest, "link", "show", "dev", IF)[0]["mtu"] == 9000
@@ -134,7 +111,7 @@ def test_dhclient6_gets_the_128(topo: Topology) -> None:
     topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, "-D", "fd77::53", "--dhcp-dns", wait_tap=IF)
     sh("sysctl", "-qw", f"net.ipv6.conf.{IF}.accept_ra=0", ns=topo.guest)
     topo.wait_link_local(IF)
-    lease = dhclient(topo, "-6")
+    lease = topo.dhclient(IF, "-6")
     assert (HOST6, 128) in addrs(topo, "-6")
     assert "fd77::53" in lease
 
