@@ -269,9 +269,10 @@ def _setup_pasta(config: Config) -> PastaSetup:
     from passtd.dataplane.io import netns
 
     ctx = config.ctx if config.config_net else None
+    tap_mtu = config.ctx.mtu if config.ctx.assign_mtu else 0  # -m 0: the tap keeps the kernel's default
     if config.command is not None:
         argv = list(config.command) or [os.environ.get("SHELL") or "/bin/sh"]
-        spawned = netns.spawn_in_new_netns(argv, config.ns_ifname, config.ctx.mtu, ctx, vnet_hdr=True)
+        spawned = netns.spawn_in_new_netns(argv, config.ns_ifname, tap_mtu, ctx, vnet_hdr=True)
         netns.enable_offload(spawned.tap_fd)
         return PastaSetup(spawned.tap_fd, spawned.pid, None, spawned.netns_fd)
     target: str | int
@@ -283,7 +284,7 @@ def _setup_pasta(config: Config) -> PastaSetup:
     if config.userns is not None:
         netns.join_userns(config.userns)  # before any thread exists: setns(CLONE_NEWUSER) needs that
     netns_fd = netns.open_netns(target)
-    tap_fd = netns.create_tap(netns_fd, config.ns_ifname, config.ctx.mtu, vnet_hdr=True, mac=config.ns_mac)
+    tap_fd = netns.create_tap(netns_fd, config.ns_ifname, tap_mtu, vnet_hdr=True, mac=config.ns_mac)
     netns.enable_offload(tap_fd)
     if ctx is not None:
         netns.configure_netns(netns_fd, config.ns_ifname, ctx)

@@ -51,7 +51,7 @@ _PID_RE: Final = re.compile(r"[0-9]+")
 
 
 def _parse_mtu(text: str | None) -> int:
-    """-m 0 means "don't assign an MTU" in passt: the guest keeps passt's default."""
+    """-m 0 means "don't assign an MTU" in passt: nothing is offered, the data path keeps its default."""
     if text is None:
         return MTU_DEFAULT
     try:
@@ -404,6 +404,7 @@ class _Addresses(NamedTuple):
     """The address options, checked on their own (no host needed)."""
 
     mtu: int
+    assign_mtu: bool
     our_mac: bytes
     addr4: tuple[IPv4Address, int | None] | None
     addr6: tuple[IPv6Address, int | None] | None
@@ -437,6 +438,7 @@ def _check_addresses(ns: argparse.Namespace) -> _Addresses:
                 raise ConfigError(f"{option}: {value6} is IPv6, but --mtu {mtu} is below {IPV6_MIN_MTU}")
     return _Addresses(
         mtu,
+        ns.mtu is None or int(ns.mtu, 10) != 0,
         _parse_mac(ns.mac_addr),
         None if addr4 is None else (addr4, prefixes[addr4]),
         None if addr6 is None else (addr6, prefixes[addr6]),
@@ -484,6 +486,7 @@ def _resolve_ctx(
     ctx = Context(
         our_mac=a.our_mac,
         mtu=a.mtu,
+        assign_mtu=a.assign_mtu,
         ip4=ip4,
         ip6=ip6,
         search=_parse_search(ns.search, host),

@@ -633,7 +633,8 @@ DROP_IN: list[tuple[list[str], HostView, dict[str, Any]]] = [
     (["passt", "-c", "/run/p.sock"], HOST, {"pesto_path": "/run/p.sock"}),
     (["pasta", "--conf-path", "/run/p.sock", "1"], HOST, {"pesto_path": "/run/p.sock"}),
     (["passt", "-D", "none", "-S", "none"], HOST, {"ctx.ip4.dns": (), "ctx.ip6.dns": (), "ctx.search": ()}),
-    (["passt", "-m", "0"], HOST, {"ctx.mtu": 65520}),
+    (["passt", "-m", "0"], HOST, {"ctx.mtu": 65520, "ctx.assign_mtu": False}),
+    (["passt", "-m", "1500"], HOST, {"ctx.mtu": 1500, "ctx.assign_mtu": True}),
     (["passt", "-4", "-6"], HOST, {"ctx.ip4": None}),  # the last of -4/-6 wins
     (["passt", "-6", "-4"], HOST, {"ctx.ip6": None}),
     (["passt", "--ipv6-only", "--ipv4-only"], HOST, {"ctx.ip6": None}),

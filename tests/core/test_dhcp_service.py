@@ -265,6 +265,12 @@ def test_mtu_option_only_when_it_fits(mtu: int, present: bool) -> None:
         assert int.from_bytes(reply.opts[OPT_MTU], "big") == mtu
 
 
+def test_mtu_zero_offers_no_mtu() -> None:
+    """-m 0 (passt: "a zero value disables assignment"): the lease carries no option 26."""
+    reply = Reply(handle_dhcp(dataclasses.replace(CTX, assign_mtu=False), GUEST_MAC, request(DHCPDISCOVER)))
+    assert OPT_MTU not in reply.opts and OPT_ROUTER in reply.opts
+
+
 def test_no_dns_no_search() -> None:
     ip4 = Ip4Net(addr=ADDR, prefix_len=16, gateway=GW)
     ctx = dataclasses.replace(CTX, ip4=ip4, search=())

@@ -174,6 +174,12 @@ def test_mtu_option_only_when_it_fits(mtu: int, present: bool) -> None:
         assert opts[5] == [b"\x00\x00" + mtu.to_bytes(4, "big")]
 
 
+def test_mtu_zero_offers_no_mtu_option() -> None:
+    ctx = dataclasses.replace(CTX, assign_mtu=False)
+    opts = ra_options(decode(responder(ctx).handle_icmp6(GUEST_MAC, rs(), 0.0)).icmp)
+    assert 5 not in opts and 3 in opts
+
+
 def test_no_dns_no_search_no_dns_options() -> None:
     ctx = dataclasses.replace(CTX, search=(), ip6=dataclasses.replace(NET, dns=()))
     opts = ra_options(decode(responder(ctx).handle_icmp6(GUEST_MAC, rs(), 0.0)).icmp)

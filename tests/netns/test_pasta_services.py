@@ -53,6 +53,15 @@ def test_dhclient_gets_the_hosts_configuration(topo: Topology) -> None:
     assert f"nameserver {HOST_DNS}" in resolv and HOST_SEARCH in resolv
 
 
+def test_mtu_zero_assigns_no_mtu(topo: Topology) -> None:
+    """-m 0: the tap keeps the kernel's MTU and the lease offers none (passt: "disables assignment")."""
+    topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, "-m", "0", wait_tap=IF)
+    lease = topo.dhclient(IF, "-4")
+    assert addrs(topo, "-4") == [(HOST4, 24)]
+    assert ip_json(topo.guest, "link", "show", "dev", IF)[0]["mtu"] == 1500
+    assert "interface-mtu" not in lease
+
+
 def test_pasta_offers_no_dns_by_dhcp_unless_asked(topo: Topology) -> None:
     """As upstream pasta: the namespace usually shares the host's resolv.conf, so DHCP carries no DNS."""
     topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, wait_tap=IF)

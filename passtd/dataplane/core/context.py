@@ -55,6 +55,8 @@ class Ip6Net:
 class Context:
     our_mac: bytes = DEFAULT_MAC
     mtu: int = 65520
+    # -m 0: offer no MTU (no DHCP option 26, no NDP MTU option, the tap keeps its own); `mtu` still sizes
+    assign_mtu: bool = True
     ip4: Ip4Net | None = None
     ip6: Ip6Net | None = None
     search: tuple[str, ...] = ()

@@ -178,16 +178,20 @@ def _ifname_bytes(ifname: str) -> bytes:
 
 
 def _set_link_mtu_up(ifname: str, mtu: int) -> None:
-    """Set the MTU and IFF_UP of `ifname` in the calling thread's namespace (ioctl: cheap and fork-safe)."""
+    """Set the MTU and IFF_UP of `ifname` in the calling thread's namespace (ioctl: cheap and fork-safe).
+
+    MTU 0 (-m 0) leaves the device's own MTU, as pasta does.
+    """
     name = _ifname_bytes(ifname)
-    if not 0 < mtu <= 0xFFFF:
+    if not 0 <= mtu <= 0xFFFF:
         raise BackendError(f"cannot set MTU {mtu} on {ifname}: out of range")
     # AF_UNIX always exists; the kernel hands unknown socket ioctls to the netdevice ioctl code
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            fcntl.ioctl(sock, SIOCSIFMTU, _IFREQ_INT.pack(name, mtu))
-        except OSError as exc:
-            raise BackendError(f"cannot set MTU {mtu} on {ifname}: {exc.strerror}") from None
+        if mtu:
+            try:
+                fcntl.ioctl(sock, SIOCSIFMTU, _IFREQ_INT.pack(name, mtu))
+            except OSError as exc:
+                raise BackendError(f"cannot set MTU {mtu} on {ifname}: {exc.strerror}") from None
         _, flags = _IFREQ_FLAGS.unpack(fcntl.ioctl(sock, SIOCGIFFLAGS, _IFREQ_FLAGS.pack(name, 0)))
         fcntl.ioctl(sock, SIOCSIFFLAGS, _IFREQ_FLAGS.pack(name, flags | IFF_UP))
 

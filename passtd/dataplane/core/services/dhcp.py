@@ -237,7 +237,7 @@ def _lease_reply(
     fixed = {OPT_SUBNET_MASK: ip4.netmask.packed, OPT_ROUTER: ip4.gateway.packed}
     if names:
         fixed[OPT_DOMAIN_NAME] = names[0][0].encode("ascii")
-    if _MTU_MIN <= ctx.mtu <= _MTU_MAX:
+    if ctx.assign_mtu and _MTU_MIN <= ctx.mtu <= _MTU_MAX:
         fixed[OPT_MTU] = ctx.mtu.to_bytes(2, "big")
     fixed.update(_name_options(ctx))
     requested = req.options.get(OPT_PARAM_REQUEST, b"")

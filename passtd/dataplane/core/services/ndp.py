@@ -202,7 +202,7 @@ class NdpResponder:
                     ip6.prefix, ip6.prefix_len, on_link=True, autonomous=ip6.prefix_len == 64
                 )
             )
-        if _IPV6_MIN_MTU <= ctx.mtu <= 0xFFFF:
+        if ctx.assign_mtu and _IPV6_MIN_MTU <= ctx.mtu <= 0xFFFF:
             options.append(build_option_mtu(ctx.mtu))
         if ip6.dns and ctx.dhcp_dns:
             options.append(build_option_rdnss(ip6.dns, self._dns_lifetime))
