@@ -262,7 +262,7 @@ def test_control_path_in_use_fails_the_starter(workdir: Path, foreground: bool) 
         holder.close()
 
 
-def _vhost_arp_exchange(client: socket.socket) -> None:
+def vhost_arp_exchange(client: socket.socket, gateway: str = GATEWAY4) -> None:
     """Play qemu on a vhost-user socket: negotiate, share memory, post receive buffers, send an ARP request;
     the daemon's ARP reply must come back through the receive ring."""
     fe = FrontEnd(client, lambda: time.sleep(0.002))
@@ -270,7 +270,7 @@ def _vhost_arp_exchange(client: socket.socket) -> None:
     try:
         fe.setup()
         fe.post_rx(16, 4096)
-        fe.tx(arp_request(GATEWAY4)[4:])  # the frame without the stream's length prefix
+        fe.tx(arp_request(gateway)[4:])  # the frame without the stream's length prefix
         fe.kick_queue(1)
         deadline = time.monotonic() + TIMEOUT
         frames: list[bytes] = []
@@ -278,7 +278,7 @@ def _vhost_arp_exchange(client: socket.socket) -> None:
             time.sleep(0.01)
             frames = [frame for _, frame in fe.read_rx() if frame[12:14] == b"\x08\x06"]
         assert frames, "no ARP reply through the receive ring"
-        assert_arp_reply(frames[0], GATEWAY4)
+        assert_arp_reply(frames[0], gateway)
     finally:
         fe.close()
 
@@ -297,7 +297,7 @@ def test_libvirt_vhost_user_line(workdir: Path) -> None:
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         client.connect(str(sock))
-        _vhost_arp_exchange(client)
+        vhost_arp_exchange(client)
     finally:
         client.close()
     assert wait_gone(pid), "passt kept running after qemu closed the vhost-user socket (--one-off)"
@@ -317,7 +317,7 @@ def test_qemu_netdev_passt_vhost_user_fd_3(workdir: Path) -> None:
     try:
         assert (proc.returncode, proc.stderr) == (0, "")
         pid = int(pid_file.read_text())
-        _vhost_arp_exchange(ours)
+        vhost_arp_exchange(ours)
     finally:
         ours.close()
     assert wait_gone(pid), "passt kept running after qemu closed fd 3"
