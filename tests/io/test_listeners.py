@@ -412,3 +412,34 @@ def test_apply_async_binds_in_slices_with_the_loop_running_between() -> None:
             lset.close()
 
     run(main)
+
+
+def test_one_change_shares_the_listener_room_fairly_between_protocols() -> None:
+    """`-t all -u all` under a small descriptor limit: TCP's range is planned first, yet UDP gets its equal
+    part of the room instead of nothing (the pure split is tested in tests/core/test_limits.py)."""
+    from passtd.dataplane.core.fwd import ForwardTables
+    from passtd.dataplane.io.forwarding import Forwarding
+
+    ports = free_ports(8)
+    spec = "127.0.0.1/" + ",".join(str(p) for p in ports)
+
+    async def main() -> None:
+        pool = FdPool(open_files=100, reserved=10, total=7, floor=1)  # room for 6 listeners
+        fwd = Forwarding(asyncio.get_running_loop(), pool, Accepting(), lambda lst, s: None,
+                         Accepting(), lambda lst, s: None)  # fmt: skip
+        try:
+            results = fwd.apply(ForwardTables.from_options(spec, spec, None, None, "passt"))
+            assert (len(fwd.tcp), len(fwd.udp)) == (3, 3)
+            refused = [r for r in results if not r.ok]
+            assert len(refused) == 10 and {r.errno_name for r in refused} == {"EMFILE"}
+            assert "3 of them udp's share" in next(r.message for r in refused if r.listener.port in ports
+                                                     and r.message.startswith("udp"))  # fmt: skip
+            assert fwd.tcp.cap is None and fwd.udp.cap is None  # the caps hold for one change only
+            # A change that fits takes what it asks: UDP alone, with TCP's three sockets given back.
+            results = fwd.apply(ForwardTables.from_options("none", spec, None, None, "passt"))
+            assert (len(fwd.tcp), len(fwd.udp)) == (0, 6) and pool.listeners == 6
+        finally:
+            fwd.close()
+        assert pool.listeners == 0
+
+    run(main)

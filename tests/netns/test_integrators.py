@@ -5,6 +5,8 @@
 - RootlessKit: `--userns=/proc/PID/ns/user --netns=/proc/PID/ns/net` (or a bare PID) of a process that
   unshared a user and a network namespace; pasta joins both, creates and configures the tap, and exits when
   that process does.
+- KubeVirt's passtBinding: passt as uid 107 in the pod's namespace with `--vhost-user --one-off` and
+  `--tcp-ports all --udp-ports all`, under the machine's descriptor limit.
 
 Everything runs in the namespaces of the `topo` fixture (documentation addresses for the guest side).
 """
@@ -14,16 +16,20 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.netns.conftest import Topology, ip_json, sh, wait_for
+from tests.netns.conftest import REMOTE4, Topology, ip_json, sh, wait_for
+from tests.test_integrators import REPO, SITE, vhost_arp_exchange
 
 TIMEOUT = 30
 
@@ -240,3 +246,59 @@ def test_rootlesskit_pasta_line(topo: Topology, daemons: Daemons, form: str) -> 
         if child.poll() is None:
             child.kill()
             child.wait(5)
+
+
+# --------------------------------------------------------------------------- KubeVirt
+
+QEMU_UID = 107  # the pod's user in KubeVirt's virt-launcher
+
+
+def listening(ns: str, flag: str) -> set[int]:
+    """Ports with a listening socket in `ns` (`flag`: -t or -u)."""
+    out = sh("ss", "-Hln", flag, ns=ns).stdout
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.split()}
+
+
+def test_kubevirt_passt_binding_line(topo: Topology, daemons: Daemons) -> None:
+    """virt-launcher's line (shared/INTEGRATORS.md), as uid 107 with the pod's two sysctls: every port is
+    forwarded, TCP and UDP alike, even where the hard descriptor limit cannot hold them all (the room is
+    shared fairly, low ports first); the guest NIC answers through the vhost-user rings, and --one-off ends
+    passt when qemu closes the socket. The interface is the namespace's veth, the pod's eth0."""
+    if shutil.which("setpriv") is None or not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("needs setpriv and Debian's python3")
+    sh("sysctl", "-qw", "net.ipv4.ip_unprivileged_port_start=0", ns=topo.host)
+    sh("sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647", ns=topo.host)
+    run = Path(tempfile.mkdtemp(prefix="passtd-kubevirt-"))  # pytest's tmp dirs are private to root
+    try:
+        run.chmod(0o755)
+        os.chown(run, QEMU_UID, QEMU_UID)
+        sock, pid_file, log = run / "default-net.socket", run / "default-net.pid", run / "passt.log"
+        env = dict(daemons.env, PATH="/usr/bin:/bin", PYTHONPATH=f"{REPO}:{SITE}", PASSTD_NATIVE="0",
+                   HOME=str(run), XDG_RUNTIME_DIR=str(run))  # fmt: skip
+        code = "import sys; from passtd.compat import passt_main as m; sys.exit(m())"
+        argv = ["ip", "netns", "exec", topo.host, "setpriv", f"--reuid={QEMU_UID}", f"--regid={QEMU_UID}",
+                "--clear-groups", "/usr/bin/python3", "-c", code,
+                "--vhost-user", "--one-off", "--socket", str(sock), "--pid", str(pid_file),
+                "--interface", topo.veth, "--log-file", str(log),
+                "--tcp-ports", "all", "--udp-ports", "all"]  # fmt: skip
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd="/",
+                              check=False)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        pid = int(pid_file.read_text())
+        assert os.stat(f"/proc/{pid}").st_uid == QEMU_UID
+        wanted_tcp, wanted_udp = {1, 22, 80, 443}, {1, 53, 123}
+
+        def low_ports_listen() -> bool:
+            return wanted_tcp <= listening(topo.host, "-t") and wanted_udp <= listening(topo.host, "-u")
+
+        wait_for(low_ports_listen, TIMEOUT, "listeners for the low TCP and UDP ports")
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            client.connect(str(sock))
+            vhost_arp_exchange(client, REMOTE4)  # the guest's gateway is the pod's default router
+        finally:
+            client.close()
+        wait_for(lambda: pid not in daemons.pids(), TIMEOUT, "passt to exit after qemu closed (--one-off)")
+        assert log.read_text().strip(), "nothing in --log-file"
+    finally:
+        shutil.rmtree(run, ignore_errors=True)

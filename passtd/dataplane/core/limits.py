@@ -11,7 +11,10 @@ process has (RLIMIT_NOFILE, raised to the hard limit at start) are shared out in
 - the rest (`total`) is shared by listening sockets and flows. Listeners (forwarded ports) may take all of
   it but `floor` (`FLOW_FLOOR`, or a quarter when the limit is small) and what flows hold now: `-t all` binds
   until then and reports every port past it as failed, instead of binding until EMFILE. The user asked for
-  those ports; what is left is the flows' room.
+  those ports; what is left is the flows' room. One policy change that asks for more listeners than there
+  is room (`-t all -u all` under a small hard limit) shares the room max-min fairly between its listener
+  sets (`fair_shares`): each gets what it asked for or an equal part of what is left, so UDP is not left
+  without a single port because TCP's range was bound first.
 - flows: all together at most the room listeners leave (a TCP, UDP or echo flow holds one descriptor, a
   spliced pair two, a UDP flow on a forwarded port's socket none). Within it, UDP flows take at most half
   and echo flows a sixteenth, so a flood of UDP ports or echo ids always leaves TCP its share.
@@ -26,6 +29,7 @@ at boot), so a later flood of random sources cannot push them out of what the co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -65,6 +69,19 @@ class FdPool:
     def listener_room(self) -> int:
         """Listening sockets that may still be opened."""
         return max(0, self.total - self.listeners - max(self.flows, self.floor))
+
+
+def fair_shares(budget: int, wants: Sequence[int]) -> list[int]:
+    """Split `budget` between claimants max-min fairly: every claimant gets its want or an equal part of
+    what the smaller wants left, whichever is less; a remainder of the division goes to the largest wants."""
+    shares = [0] * len(wants)
+    left = max(0, budget)
+    order = sorted(range(len(wants)), key=lambda i: wants[i])
+    for served, index in enumerate(order):
+        give = min(max(0, wants[index]), left // (len(order) - served))
+        shares[index] = give
+        left -= give
+    return shares
 
 
 def _shares(open_files: int, in_use: int) -> tuple[int, int, int]:

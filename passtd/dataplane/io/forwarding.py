@@ -19,7 +19,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Literal
 
 from passtd.dataplane.core.fwd import ForwardTables, Listener
-from passtd.dataplane.core.limits import FdPool
+from passtd.dataplane.core.limits import FdPool, fair_shares
 from passtd.dataplane.io.autoscan import read_bound_ports
 from passtd.dataplane.io.listeners import BindResult, ListenerSet, OnReadable
 from passtd.dataplane.io.netns import run_in_netns
@@ -124,18 +124,38 @@ class Forwarding:
             self.log.warning("forward.bind.failed_more", count=len(failed) - 16)
         return results
 
+    def _share_room(self, plan: list[tuple[ListenerSet, set[Listener]]]) -> None:
+        """Cap each set of one change at its fair share of the listener room (core/limits.py), counting the
+        sockets the sets hold now as room: they are closed or kept by the same change."""
+        budget = self.pool.listener_room() + sum(len(listeners) for listeners, _ in plan)
+        wants = [listeners.sockets_wanted(wanted) for listeners, wanted in plan]
+        for (listeners, _), share in zip(plan, fair_shares(budget, wants), strict=True):
+            listeners.cap = share
+
     def apply(self, tables: ForwardTables) -> list[BindResult]:
         """Replace the port policy at once: diff the listeners, report each bind; flows are never touched."""
         results: list[BindResult] = []
-        for listeners, wanted in self._plan(tables):
-            results += self._bound(listeners, listeners.apply(wanted))
+        plan = self._plan(tables)
+        self._share_room(plan)
+        try:
+            for listeners, wanted in plan:
+                results += self._bound(listeners, listeners.apply(wanted))
+        finally:
+            for listeners, _ in plan:
+                listeners.cap = None
         return self._report(results)
 
     async def apply_async(self, tables: ForwardTables) -> list[BindResult]:
         """As `apply`, binding in slices with the loop running between them (large ranges, `-t all`)."""
         results: list[BindResult] = []
-        for listeners, wanted in self._plan(tables):
-            results += self._bound(listeners, await listeners.apply_async(wanted))
+        plan = self._plan(tables)
+        self._share_room(plan)
+        try:
+            for listeners, wanted in plan:
+                results += self._bound(listeners, await listeners.apply_async(wanted))
+        finally:
+            for listeners, _ in plan:
+                listeners.cap = None
         return self._report(results)
 
     def ns_listeners(self, proto: Literal["tcp", "udp"]) -> ListenerSet:

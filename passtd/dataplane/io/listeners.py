@@ -14,7 +14,8 @@ with another target port is a *retarget*: the sockets stay open and only the Lis
 
 Every ListenerSet of a dataplane draws on one `FdPool` (core/limits.py): `-t all` binds until the pool's
 room for listeners is spent and reports each port past it as failed (EMFILE, "listener limit reached"),
-rather than binding until the process has no descriptor left for its flows and its control socket.
+rather than binding until the process has no descriptor left for its flows and its control socket. While
+one policy change is applied, `cap` holds the set to its fair share of that room (`Forwarding` sets it).
 `apply_async` binds in slices of `BIND_SLICE` sockets, yielding to the loop between slices, so a large range
 does not stall the data path.
 `freebind` (--freebind) sets IP_FREEBIND/IPV6_FREEBIND, so a listener on an address the host does not have yet
@@ -103,6 +104,8 @@ class ListenerSet:
         self.pool = pool if pool is not None else FdPool(0, 0, 1 << 30, 0)  # alone: no limit
         self._current: dict[tuple[object, ...], Listener] = {}
         self._socks: dict[tuple[object, ...], dict[str, socket.socket]] = {}
+        self._held = 0  # open sockets, kept as a count: `cap` is checked once per bind
+        self.cap: int | None = None  # sockets it may hold during one policy change (None: the pool's room)
 
     # -- queries ---------------------------------------------------------------------------------------
 
@@ -116,7 +119,11 @@ class ListenerSet:
         return dict(self._socks.get(listener.key, {}))
 
     def __len__(self) -> int:
-        return sum(len(socks) for socks in self._socks.values())
+        return self._held
+
+    def sockets_wanted(self, listeners: Iterable[Listener]) -> int:
+        """Sockets `listeners` hold once open (a listener without an address is two), 0 when disabled."""
+        return sum(len(self._addresses(listener)) for listener in listeners) if self.enabled else 0
 
     # -- changes ---------------------------------------------------------------------------------------
 
@@ -187,9 +194,12 @@ class ListenerSet:
                 results.append(BindResult(listener, host, True, None, f"{self._where(listener, host)}: kept"))
                 continue
             pool = self.pool
-            if pool.listener_room() <= 0:
+            cap = self.cap
+            if pool.listener_room() <= 0 or (cap is not None and self._held >= cap):
                 where = self._where(listener, host)
-                msg = f"{where}: listener limit reached ({pool.listeners} open; raise the open-files limit)"
+                share = f", {cap} of them {self.proto}'s share" if cap is not None else ""
+                msg = (f"{where}: listener limit reached ({pool.listeners} open{share}; "
+                       f"raise the open-files limit)")  # fmt: skip
                 results.append(BindResult(listener, host, False, "EMFILE", msg))
                 continue
             sock, result = self._bind(listener, host, family)
@@ -197,6 +207,7 @@ class ListenerSet:
             if sock is not None:
                 held[host] = sock
                 pool.listeners += 1
+                self._held += 1
                 self._loop.add_reader(sock.fileno(), self._ready, key, sock)
         if held:
             self._socks[key] = held
@@ -248,6 +259,7 @@ class ListenerSet:
         self._current.pop(key, None)
         for sock in self._socks.pop(key, {}).values():
             self.pool.listeners -= 1
+            self._held -= 1
             try:
                 self._loop.remove_reader(sock.fileno())
             except (ValueError, OSError):
