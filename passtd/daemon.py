@@ -30,6 +30,7 @@ from typing import Final, TypeAlias
 
 import uvloop
 
+from passtd.caps import PASTA_KEEPS, change_user
 from passtd.config import Config, runtime_dir
 from passtd.dataplane.core.fwd import ForwardTables
 from passtd.dataplane.core.timeouts import Timeouts
@@ -300,16 +301,14 @@ def _write_pid(path: str, pid: int) -> None:
         raise StartError(f"--pid: cannot write {path}: {exc.strerror}") from None
 
 
-def _drop_privileges(runas: tuple[int, int]) -> None:
+def _drop_privileges(runas: tuple[int, int], pasta: bool) -> None:
     """--runas: give up root once every socket and file is open (passt's isolate_user, without its user
-    namespace). setuid() away from 0 clears every capability, so none is kept that is not used."""
+    namespace). passt mode keeps no capability; pasta keeps the two it still uses (caps.py)."""
     uid, gid = runas
     if (os.getuid(), os.getgid()) == (uid, gid):
         return
     try:
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
+        change_user(uid, gid, PASTA_KEEPS if pasta else frozenset())
     except OSError as exc:
         raise StartError(f"--runas: cannot change to {uid}:{gid}: {exc.strerror}") from None
 
@@ -635,7 +634,7 @@ async def _serve(
     # start_control_server(); in pasta mode the tap is attached. The PID file is written. Nothing left needs
     # root: drop to --runas now, then tell the starter.
     if config.runas is not None:
-        _drop_privileges(config.runas)
+        _drop_privileges(config.runas, pasta is not None)
     log.info("passtd.started", **startup_summary(config))
     starter.ready()
     notifier.ready(_status(current, "serving" if pasta is not None else "waiting for a guest"))

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns.conftest import FAR4, FAR6, HOST4, REMOTE4, REMOTE6, Topology, ip_json, sh
+from tests.netns.conftest import FAR4, FAR6, HOST4, REMOTE4, REMOTE6, Topology, ip_json, sh, wait_for
 
 pytestmark = pytest.mark.netns
 TOOL = str(Path(__file__).with_name("tcptool.py"))
@@ -318,6 +318,32 @@ def test_pasta_auto_forwards_ports_bound_on_the_other_side(topo: Topology) -> No
     time.sleep(2.5)
     client = connect(topo, topo.guest, "127.0.0.1", 5030, first="read")
     assert client.result() == {"rx_len": 1 * MiB, "rx_sha": digest(1 * MiB, 31)}
+    server.result()
+
+
+def test_pasta_runas_keeps_what_auto_forwarding_needs(topo: Topology) -> None:
+    """pasta --runas nobody keeps CAP_SYS_ADMIN and CAP_NET_BIND_SERVICE and nothing else (as upstream):
+    `auto` still enters the namespace to scan it, and still binds a low port there for a host service."""
+    daemon = topo.passtd("pasta", "-f", "-I", IF, "--netns", topo.guest, "--config-net", "--runas", "nobody",
+                         wait_tap=IF)  # fmt: skip
+
+    def status() -> dict[str, str]:
+        text = Path(f"/proc/{daemon.proc.pid}/status").read_text()
+        return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+    wait_for(lambda: status()["Uid"].split() == ["65534"] * 4, 10, "the change to nobody (after the tap)")
+    now = status()
+    assert int(now["CapEff"], 16) == int(now["CapPrm"], 16) == (1 << 21) | (1 << 10)
+    assert int(now["CapBnd"], 16) == 0 and int(now["CapInh"], 16) == 0
+    server = serve(topo, topo.guest, "0.0.0.0", 20152, size=64 * 1024, seed=32)
+    time.sleep(2.5)  # two scans, each entering the namespace
+    client = connect(topo, topo.host, "127.0.0.1", 20152, first="read")
+    assert client.result() == {"rx_len": 64 * 1024, "rx_sha": digest(64 * 1024, 32)}
+    server.result()
+    server = serve(topo, topo.host, "127.0.0.1", 81, size=64 * 1024, seed=33)
+    time.sleep(2.5)
+    client = connect(topo, topo.guest, "127.0.0.1", 81, first="read")  # bound below 1024 in the namespace
+    assert client.result() == {"rx_len": 64 * 1024, "rx_sha": digest(64 * 1024, 33)}
     server.result()
 
 
