@@ -238,7 +238,7 @@ def test_pid_file_under_a_file_is_one_line(workdir: Path, foreground: bool) -> N
 def test_socket_in_a_missing_directory_is_refused_not_created(workdir: Path) -> None:
     missing = workdir / "missing"
     err = _one_line_failure(alias("passt", "-s", str(missing / "x.socket"), "--control", "none"))
-    assert "No such file or directory" in err
+    assert f"--socket {missing}/x.socket: directory {missing} does not exist" in err
     assert not missing.exists()
 
 

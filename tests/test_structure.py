@@ -128,6 +128,7 @@ LEAVES = (
     "passtd",
     "passtd.errors",
     "passtd.limits",
+    "passtd.unixsock",
     "passtd.dataplane",
     "passtd.control",
 )  # packages: no code

@@ -33,8 +33,6 @@ import asyncio
 import contextlib
 import errno
 import os
-import socket
-import stat
 from collections import Counter
 from typing import Final, Protocol
 
@@ -45,6 +43,7 @@ from passtd.dataplane.io.forwarding import local_port_range
 from passtd.dataplane.io.listeners import BindResult
 from passtd.errors import BackendError
 from passtd.logging import get_logger
+from passtd.unixsock import claim_unix_path
 
 CLIENT_TIMEOUT: Final = 10.0  # seconds for one whole exchange, hello to commit
 MAX_CLIENTS: Final = 32
@@ -70,33 +69,6 @@ class _Refused(Exception):
         self.status = status
 
 
-def _claim(path: str) -> None:
-    """Refuse a path another server answers on, or that is not a socket; remove a stale socket."""
-    if len(os.fsencode(path)) > SUN_PATH_MAX:
-        raise BackendError(f"pesto socket {path}: path longer than {SUN_PATH_MAX} bytes")
-    parent = os.path.dirname(path) or "."
-    if not os.path.isdir(parent):
-        raise BackendError(f"pesto socket {path}: directory {parent} does not exist")
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise BackendError(f"pesto socket {path}: exists and is not a socket; not removing it")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.setblocking(False)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            pass
-        except OSError as exc:
-            raise BackendError(f"pesto socket {path}: already in use ({exc.strerror})") from None
-        else:
-            raise BackendError(f"pesto socket {path}: already in use by another server")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
 class PestoServer:
     def __init__(self, path: str, control: PestoControl) -> None:
         self.path = path
@@ -110,7 +82,7 @@ class PestoServer:
         self._clients: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        _claim(self.path)
+        claim_unix_path(self.path, "pesto socket")
         old = os.umask(0o177)  # 0600: the socket file is the access control, as for the gRPC socket
         try:
             self._server = await asyncio.start_unix_server(

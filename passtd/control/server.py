@@ -20,12 +20,9 @@ probes work without the .proto file.
 from __future__ import annotations
 
 import asyncio
-import errno
 import grp
 import ipaddress
 import os
-import socket
-import stat
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -39,7 +36,7 @@ from passtd.control.api import ControlAPI
 from passtd.control.pb import passt_pb2_grpc
 from passtd.control.service import MAX_RPCS, SERVICE_NAME, ControlServicer
 from passtd.errors import BackendError, ConfigError
-from passtd.limits import SUN_PATH_MAX
+from passtd.unixsock import claim_unix_path
 
 if TYPE_CHECKING:
     from passtd.control.metrics import RpcCounters
@@ -71,45 +68,6 @@ def _gid_of(group: str) -> int:
         if group.isdigit():
             return int(group)
         raise BackendError(f"control socket: unknown group {group!r}") from None
-
-
-def _claim_path(path: str) -> None:
-    """Make `path` free for bind(): refuse if a server answers there, remove it if it is a stale socket."""
-    if len(os.fsencode(path)) > SUN_PATH_MAX:
-        raise BackendError(f"control socket {path}: path longer than {SUN_PATH_MAX} bytes")
-    parent = os.path.dirname(path) or "."
-    if not os.path.isdir(parent):
-        raise BackendError(f"control socket {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BackendError(f"control socket {path}: no permission to create files in {parent}")
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise BackendError(f"control socket {path}: exists and is not a socket; not removing it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.setblocking(False)  # a UNIX connect() completes or fails at once; EAGAIN means a full backlog
-        probe.connect(path)
-    except ConnectionRefusedError:
-        pass  # stale: left behind by a process that died without cleaning up
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        if exc.errno == errno.EAGAIN:
-            raise BackendError(f"control socket {path}: already in use by another server") from None
-        raise BackendError(f"control socket {path}: cannot probe: {exc.strerror}") from None
-    else:
-        raise BackendError(f"control socket {path}: already in use by another server")
-    finally:
-        probe.close()
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise BackendError(f"control socket {path}: cannot remove stale socket: {exc.strerror}") from None
 
 
 def _bind(server: Any, path: str, mode: int) -> None:
@@ -293,7 +251,7 @@ async def start_control_server(
     mode = MODE_PRIVATE if gid is None else MODE_GROUP
     credentials = tcp_credentials(tcp) if tcp is not None else None
     if path is not None:
-        _claim_path(path)
+        claim_unix_path(path, "control socket")
 
     # grpc's own cap is the backstop for calls the servicer does not count (health, reflection).
     interceptors = [_CountingInterceptor(rpcs)] if rpcs is not None else []

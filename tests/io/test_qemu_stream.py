@@ -111,7 +111,7 @@ def test_listener_refuses_live_path_and_replaces_stale(tmp_path: object) -> None
     path = f"{tmp_path}/s.sock"
     live = bind_unix_listener(path)
     assert oct(__import__("os").stat(path).st_mode & 0o777) == "0o600"
-    with pytest.raises(BackendError, match="in use by another process"):
+    with pytest.raises(BackendError, match="already in use by another server"):
         bind_unix_listener(path)
     live.close()  # the file stays behind, nobody listens: stale
     again = bind_unix_listener(path)

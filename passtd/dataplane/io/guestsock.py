@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import socket
-import stat
 
 from passtd.errors import BackendError
+from passtd.unixsock import claim_unix_path
 
 
 class GuestListener:
@@ -55,24 +55,7 @@ def adopt_stream_socket(fd: int) -> socket.socket:
 
 def bind_unix_listener(path: str, mode: int = 0o600) -> socket.socket:
     """Bind a listening UNIX socket, removing a stale file but never a socket someone still listens on."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except FileNotFoundError:
-        pass
-    except ConnectionRefusedError:
-        try:
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise BackendError(f"cannot use socket path {path}: not a socket")
-            os.unlink(path)  # stale socket file of a dead process
-        except OSError as exc:
-            raise BackendError(f"cannot use socket path {path}: {exc.strerror}") from None
-    except OSError as exc:
-        raise BackendError(f"cannot use socket path {path}: {exc.strerror}") from None
-    else:
-        raise BackendError(f"socket path {path} is in use by another process")
-    finally:
-        probe.close()
+    claim_unix_path(path, "--socket")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o777 & ~mode)
     try:
