@@ -79,8 +79,6 @@ class Config:
     metrics_listen: tuple[str, int] | None = None  # --metrics-listen: Prometheus text over HTTP
     forward: ForwardTables | None = None  # -t/-u/-T/-U; None: nothing forwarded
     max_flows: int = 256 * 1024
-    dns_forward: tuple[IPv4Address | IPv6Address, ...] = ()  # guest-side DNS addresses we relay
-    dns_upstream: tuple[IPv4Address | IPv6Address, ...] = ()  # the host's nameservers (first one used)
     timeouts: Timeouts = field(default_factory=Timeouts)  # the [timeouts] table of the config file
     config_file: str | None = None  # --config FILE, re-read on SIGHUP
     argv: tuple[str, ...] = ()  # the command line this came from, parsed again on SIGHUP

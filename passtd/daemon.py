@@ -456,9 +456,8 @@ async def _serve(
     pcap = PcapWriter(config.pcap) if config.pcap else None
     sockets = HostSockets(config.outbound, config.outbound_if4, config.outbound_if6, config.freebind,
                           config.splice, config.host_lo_to_ns_lo)  # fmt: skip
-    dp = Dataplane(config.ctx, loop, pcap, max_flows=config.max_flows, dns_forward=config.dns_forward,
-                   dns_upstream=config.dns_upstream, vnet=pasta is not None or config.vhost_user,
-                   sockets=sockets)  # fmt: skip
+    dp = Dataplane(config.ctx, loop, pcap, max_flows=config.max_flows,
+                   vnet=pasta is not None or config.vhost_user, sockets=sockets)  # fmt: skip
     if pasta is not None:
         dp.netns_fd = pasta.netns_fd
     if config.forward is not None:

@@ -348,7 +348,7 @@ def resolve(ns: argparse.Namespace, host: HostView | None, env: Mapping[str, str
     ctx_args = _check_addresses(ns)  # before the host is read: a bad value must not wait for netlink
     if host is None:
         host = _read_host_view(interface)
-    ctx, dns_forward, dns_upstream = _resolve_ctx(ns, host, ctx_args)
+    ctx = _resolve_ctx(ns, host, ctx_args)
     control_path, control_listen = _resolve_control(ns, mode, socket_path, environ)
     default_ifname = host.ifname4 or host.ifname6 or DEFAULT_NS_IFNAME
     return Config(
@@ -377,8 +377,6 @@ def resolve(ns: argparse.Namespace, host: HostView | None, env: Mapping[str, str
         metrics_listen=_parse_metrics_listen(ns.metrics_listen),
         forward=_resolve_forward(ns, mode),
         max_flows=_parse_max_flows(ns.max_flows),
-        dns_forward=dns_forward,
-        dns_upstream=dns_upstream,
         log_file=_check_file("--log-file", ns.log_file),
         log_size=_parse_log_size(ns.log_size),
         interface=interface,
@@ -448,10 +446,8 @@ def _check_addresses(ns: argparse.Namespace) -> _Addresses:
     )
 
 
-def _resolve_ctx(
-    ns: argparse.Namespace, host: HostView, a: _Addresses
-) -> tuple[Context, tuple[IPAddr, ...], tuple[IPAddr, ...]]:
-    """The dataplane's Context, plus the DNS relay's (guest-side addresses, host-side resolvers)."""
+def _resolve_ctx(ns: argparse.Namespace, host: HostView, a: _Addresses) -> Context:
+    """The dataplane's Context, the DNS relay's addresses (guest side, host side) included."""
     dns_forward = tuple(_parse_ip("--dns-forward", t) for t in ns.dns_forward or ())
     dns_host = None if ns.dns_host is None else _parse_ip("--dns-host", ns.dns_host)
     if dns_host is not None and dns_host.is_unspecified:
@@ -509,7 +505,7 @@ def _resolve_ctx(
         dns_forward=plan.forward,
         dns_upstream=plan.upstream,
     )
-    return ctx, plan.forward, plan.upstream
+    return ctx
 
 
 class _Pasta(NamedTuple):

@@ -64,8 +64,8 @@ GOOD: list[tuple[list[str], HostView, dict[str, Any]]] = [
             # the host's loopback resolver (127.0.0.53) is offered as the gateway, and relayed (passt does so)
             "ctx.ip4": Ip4Net(ip("192.0.2.2"), 24, ip("192.0.2.1"), (ip("192.0.2.53"), ip("192.0.2.1"))),
             "ctx.ip6": Ip6Net(ip("fd00::2"), 56, ip("fe80::1"), OUR_LL, (ip("fd00::53"),)),
-            "dns_forward": (ip("192.0.2.1"),),
-            "dns_upstream": (ip("192.0.2.53"), ip("fd00::53")),
+            "ctx.dns_forward": (ip("192.0.2.1"),),
+            "ctx.dns_upstream": (ip("192.0.2.53"), ip("fd00::53")),
             "ctx.search": ("example.org", "example.net"),
             "ctx.dhcp": True,
             "ctx.ndp": True,
@@ -594,7 +594,7 @@ DROP_IN: list[tuple[list[str], HostView, dict[str, Any]]] = [
     (
         ["passt", "--dns-host", "127.0.0.1"],
         HOST,
-        {"dns_upstream": (ip("127.0.0.1"), *(n for n in HOST.nameservers if n.version == 6))},
+        {"ctx.dns_upstream": (ip("127.0.0.1"), *(n for n in HOST.nameservers if n.version == 6))},
     ),
     (["passt", "--freebind", "--no-splice"], HOST, {"freebind": True, "splice": False}),
     (["pasta", "1"], HOST, {"splice": True, "host_lo_to_ns_lo": False}),
@@ -650,11 +650,11 @@ DROP_IN: list[tuple[list[str], HostView, dict[str, Any]]] = [
         {
             "ctx.ip4.dns": (ip("192.0.2.1"),),
             "ctx.ip6.dns": (),
-            "dns_forward": (ip("192.0.2.1"),),
-            "dns_upstream": (ip("127.0.0.53"),),
+            "ctx.dns_forward": (ip("192.0.2.1"),),
+            "ctx.dns_upstream": (ip("127.0.0.53"),),
         },
     ),
-    (["passt", "--no-map-gw"], LOOPBACK_ONLY, {"ctx.ip4.dns": (), "dns_forward": ()}),
+    (["passt", "--no-map-gw"], LOOPBACK_ONLY, {"ctx.ip4.dns": (), "ctx.dns_forward": ()}),
 ]
 
 

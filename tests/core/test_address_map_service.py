@@ -110,8 +110,8 @@ def test_round_trip_guest_alias_and_never_loopback_to_the_guest(ctx: Context, ad
 
 def test_udp_and_icmp_flows_use_the_mapping() -> None:
     """UDP's target (DNS relay first, then the mapping) and an echo flow's host-side target."""
-    assert target_for(EXPLICIT, HOST_LO4.packed, 9999, (), ()) == LOOPBACK4
-    assert target_for(EXPLICIT, GUEST_ALIAS6.packed, 9999, (), ()) == ADDR6.packed
+    assert target_for(EXPLICIT, HOST_LO4.packed, 9999) == LOOPBACK4
+    assert target_for(EXPLICIT, GUEST_ALIAS6.packed, 9999) == ADDR6.packed
     echo = memoryview(bytes(build_echo(8, 7, 1, b"ping")))
     action = echo_from_guest(EXPLICIT, FlowTable(), False, ADDR4.packed, GUEST_ALIAS4.packed, echo, 0.0)
     assert action is not None

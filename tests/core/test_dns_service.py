@@ -21,9 +21,10 @@ def test_only_a_loopback_resolver_is_offered_as_the_gateway_and_relayed() -> Non
     """systemd-resolved: the guest gets the gateway, its queries to gateway:53 go to 127.0.0.53."""
     plan = plan_dns((RESOLVED,), host_loopback4=GW4, host_loopback6=GW6)
     assert plan == DnsPlan(guest4=(GW4,), forward=(GW4,), upstream=(RESOLVED,))
-    ctx = Context(ip4=Ip4Net(IPv4Address("192.0.2.10"), 24, GW4, plan.guest4))
-    assert target_for(ctx, GW4.packed, 53, plan.forward, plan.upstream) == RESOLVED.packed
-    assert target_for(ctx, GW4.packed, 80, plan.forward, plan.upstream) == LOOPBACK4  # other ports: loopback
+    ctx = Context(ip4=Ip4Net(IPv4Address("192.0.2.10"), 24, GW4, plan.guest4), dns_forward=plan.forward,
+                  dns_upstream=plan.upstream)  # fmt: skip
+    assert target_for(ctx, GW4.packed, 53) == RESOLVED.packed
+    assert target_for(ctx, GW4.packed, 80) == LOOPBACK4  # other ports: loopback
 
 
 def test_ipv6_loopback_resolver_and_both_families() -> None:

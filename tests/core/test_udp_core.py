@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Address
 
 import dpkt
@@ -33,17 +34,17 @@ UPSTREAM = (IPv4Address("127.0.0.53"), IPv6Address("::1"))
 
 
 def test_targets() -> None:
-    assert target_for(CTX, GW4, 9999, (), ()) == LOOP4
-    assert target_for(CTX, FAR4, 9999, (), ()) == FAR4
-    assert target_for(Context(ip4=CTX.ip4, map_gw=False), GW4, 1, (), ()) == GW4
+    assert target_for(CTX, GW4, 9999) == LOOP4
+    assert target_for(CTX, FAR4, 9999) == FAR4
+    assert target_for(Context(ip4=CTX.ip4, map_gw=False), GW4, 1) == GW4
     fwd4 = DNS_FWD[0].packed
-    assert target_for(CTX, fwd4, 53, DNS_FWD, UPSTREAM) == UPSTREAM[0].packed
-    assert target_for(CTX, DNS_FWD[1].packed, 53, DNS_FWD, UPSTREAM) == UPSTREAM[1].packed
-    assert (
-        target_for(CTX, fwd4, 53, DNS_FWD, (IPv6Address("::1"),)) == IPv6Address("::1").packed
-    )  # other family
-    assert target_for(CTX, fwd4, 54, DNS_FWD, UPSTREAM) == fwd4  # only port 53 is DNS
-    assert target_for(CTX, fwd4, 53, DNS_FWD, ()) == fwd4  # no resolver known: left alone
+    relay = replace(CTX, dns_forward=DNS_FWD, dns_upstream=UPSTREAM)
+    assert target_for(relay, fwd4, 53) == UPSTREAM[0].packed
+    assert target_for(relay, DNS_FWD[1].packed, 53) == UPSTREAM[1].packed
+    v6_only = replace(relay, dns_upstream=(IPv6Address("::1"),))
+    assert target_for(v6_only, fwd4, 53) == IPv6Address("::1").packed  # other family
+    assert target_for(relay, fwd4, 54) == fwd4  # only port 53 is DNS
+    assert target_for(replace(relay, dns_upstream=()), fwd4, 53) == fwd4  # no resolver known: left alone
 
 
 def test_host_peers_as_seen_by_the_guest() -> None:

@@ -80,7 +80,7 @@ class Context:
     map_guest_addr4: IPv4Address | None = None
     map_guest_addr6: IPv6Address | None = None
     # The DNS relay (core/dns.py plan_dns): TCP and UDP to port 53 (or 853) of a `dns_forward` address go to
-    # the `dns_upstream` resolver of the same family (Config's fields of the same names; UDP reads those).
+    # the `dns_upstream` resolver of the same family (`core/udp.py` target_for, for TCP and UDP alike).
     dns_forward: tuple[IPv4Address | IPv6Address, ...] = ()
     dns_upstream: tuple[IPv4Address | IPv6Address, ...] = ()
 

@@ -28,7 +28,7 @@ IPAddr = IPv4Address | IPv6Address
 
 @dataclass(frozen=True, slots=True)
 class DnsPlan:
-    """What `plan_dns` decided: the lists for `Ip4Net.dns`/`Ip6Net.dns`, Config.dns_forward/dns_upstream."""
+    """What `plan_dns` decided: the lists for `Ip4Net.dns`/`Ip6Net.dns`, Context.dns_forward/dns_upstream."""
 
     guest4: tuple[IPv4Address, ...] = ()  # offered by DHCP
     guest6: tuple[IPv6Address, ...] = ()  # offered by DHCPv6 and RA (RDNSS)

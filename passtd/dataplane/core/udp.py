@@ -26,7 +26,6 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
 from typing import Final, Protocol, TypeAlias
 
 from passtd.dataplane.core.context import Context, Guest
@@ -110,16 +109,11 @@ def udp_key(remote: bytes, remote_port: int, guest_port: int) -> FlowKey:
     return (PROTO_UDP, key_addr(remote), remote_port, guest_port)
 
 
-def target_for(
-    ctx: Context,
-    dst: bytes,
-    dport: int,
-    dns_forward: tuple[IPv4Address | IPv6Address, ...],
-    dns_upstream: tuple[IPv4Address | IPv6Address, ...],
-) -> bytes:
+def target_for(ctx: Context, dst: bytes, dport: int) -> bytes:
     """Where a guest datagram (or connection) to dst:dport really goes on the host: the DNS relay first (passt
     fwd.c fwd_nat_from_tap), then the address mapping."""
-    if dport in (DNS_PORT, DNS_TLS_PORT) and dns_upstream and any(dst == a.packed for a in dns_forward):
+    dns_upstream = ctx.dns_upstream
+    if dport in (DNS_PORT, DNS_TLS_PORT) and dns_upstream and any(dst == a.packed for a in ctx.dns_forward):
         v6 = len(dst) == 16
         same = [a for a in dns_upstream if (a.version == 6) == v6]
         return (same or list(dns_upstream))[0].packed
@@ -183,15 +177,11 @@ class UdpCore:
         flows: FlowTable,
         stats: Stats,
         guest: Guest,
-        dns_forward: tuple[IPv4Address | IPv6Address, ...] = (),
-        dns_upstream: tuple[IPv4Address | IPv6Address, ...] = (),
     ) -> None:
         self.ctx = ctx
         self.flows = flows
         self.stats = stats
         self.guest = guest
-        self.dns_forward = dns_forward
-        self.dns_upstream = dns_upstream
         self.active: dict[int, UdpFlow] = {}
         self.last: UdpFlow | None = None  # the flow of the previous guest datagram
         self._peer_flows: dict[tuple[int, SockAddr], UdpFlow] = {}  # (guest port, recvfrom address) → flow
@@ -236,7 +226,7 @@ class UdpCore:
         refused = self.flows.check(PROTO_UDP)
         if refused:
             return self._refuse(refused)
-        target = target_for(self.ctx, bytes(dst), dport, self.dns_forward, self.dns_upstream)
+        target = target_for(self.ctx, bytes(dst), dport)
         return new_guest_flow(self.flows.new_id(), v6, src, dst, sport, dport, target, now)
 
     def _refuse(self, reason: str) -> str:

@@ -68,8 +68,6 @@ class Dataplane:
         loop: asyncio.AbstractEventLoop,
         pcap: PcapWriter | None = None,
         max_flows: int = 1 << 18,
-        dns_forward: tuple[IPv4Address | IPv6Address, ...] = (),
-        dns_upstream: tuple[IPv4Address | IPv6Address, ...] = (),
         vnet: bool = False,
         sockets: HostSockets | None = None,
     ) -> None:
@@ -106,7 +104,7 @@ class Dataplane:
         self._timer = DeadlineTimer(loop, self._on_tcp_timer)
         self.udp = UdpRelay(
             ctx, loop, self.flows, self.stats, self.guest, self._to_tap, self._after_batch, self._emit,
-            self.log, dns_forward, dns_upstream, to_tap_vnet=self._to_tap_vnet if vnet else None,
+            self.log, to_tap_vnet=self._to_tap_vnet if vnet else None,
         )  # fmt: skip
         hs = self.host_sockets = sockets if sockets is not None else HostSockets()
         outbound = Outbound(hs.outbound, hs.outbound_if4, hs.outbound_if6)

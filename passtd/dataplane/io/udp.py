@@ -102,11 +102,9 @@ class UdpRelay:
         after_batch: Callable[[float], None],
         emit: Emit,
         log: DebugLog,
-        dns_forward: tuple[IPv4Address | IPv6Address, ...] = (),
-        dns_upstream: tuple[IPv4Address | IPv6Address, ...] = (),
         to_tap_vnet: ToTapVnet | None = None,
     ) -> None:
-        self.core = UdpCore(ctx, flows, stats, guest, dns_forward, dns_upstream)
+        self.core = UdpCore(ctx, flows, stats, guest)
         self.loop = loop
         self.flows = flows
         self.stats = stats

@@ -50,7 +50,7 @@ class TcpHandshake(TcpData):
         conn = TcpConn(
             self.flows.new_id(), PROTO_TCP, key, now, now, guest_initiated=True, v6=v6,
             guest_addr=bytes(src), guest_port=tcp.sport, remote_addr=bytes(dst), remote_port=tcp.dport,
-            target_addr=target_for(ctx, bytes(dst), tcp.dport, ctx.dns_forward, ctx.dns_upstream),
+            target_addr=target_for(ctx, bytes(dst), tcp.dport),
         )  # fmt: skip
         conn.local = is_loopback(conn.target_addr)
         conn.seg = SegmentBuilder(conn.remote_addr, conn.guest_addr, conn.remote_port, conn.guest_port,
