@@ -46,6 +46,22 @@ QBOOT: Final = Path("/usr/share/qemu/qboot.rom")  # a minimal firmware: ~0.3 s f
 GUEST4, PREFIX4, GATEWAY4, DNS4 = "10.0.2.15", 24, "10.0.2.2", "10.0.2.3"
 DEFAULT_PASSTD_ARGS: Final = ("-a", GUEST4, "-n", str(PREFIX4), "-g", GATEWAY4, "-D", DNS4)
 DEFAULT_TIMEOUT: Final = 30.0
+# Guest script: wait for a SLAAC address and a default route from the router advertisement, ping the router.
+SLAAC_PING6: Final = """
+n=0
+while [ "$n" -lt 100 ]; do
+    a=$(ip -6 -o addr show dev eth0 scope global | grep -v tentative | awk '{print $4}' | head -n 1)
+    gw=$(ip -6 route show default | awk '{print $3}' | head -n 1)
+    [ -n "$a" ] && [ -n "$gw" ] && break
+    usleep 100000
+    n=$((n + 1))
+done
+echo "ADDR6=$a"
+echo "GW6=$gw"
+ping6 -c 2 -W 5 -I eth0 "$gw" > /tmp/ping.out 2>&1
+echo "PING6_RC=$?"
+cat /tmp/ping.out
+"""
 SOCKET_WAIT: Final = 20.0  # passtd imports grpc and uvloop before it listens
 PASSTD_EXIT_WAIT: Final = 5.0
 GUEST_MEM_MB: Final = 256

@@ -10,7 +10,7 @@ import ipaddress
 
 import pytest
 
-from tests.qemu.conftest import DEFAULT_PASSTD_ARGS, DNS4, GATEWAY4, GUEST4, PREFIX4, GuestNet
+from tests.qemu.conftest import DEFAULT_PASSTD_ARGS, DNS4, GATEWAY4, GUEST4, PREFIX4, SLAAC_PING6, GuestNet
 from tests.qemu.image import DHCP_MARKER
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -77,21 +77,7 @@ cat /tmp/ping.out
 
 def test_ipv6_slaac_address_and_ping_gateway(guest_net: GuestNet) -> None:
     """A router advertisement gives the guest a SLAAC address in passtd's prefix and a default route."""
-    script = """
-n=0
-while [ "$n" -lt 100 ]; do
-    a=$(ip -6 -o addr show dev eth0 scope global | grep -v tentative | awk '{print $4}' | head -n 1)
-    gw=$(ip -6 route show default | awk '{print $3}' | head -n 1)
-    [ -n "$a" ] && [ -n "$gw" ] && break
-    usleep 100000
-    n=$((n + 1))
-done
-echo "ADDR6=$a"
-echo "GW6=$gw"
-ping6 -c 2 -W 5 -I eth0 "$gw" > /tmp/ping.out 2>&1
-echo "PING6_RC=$?"
-cat /tmp/ping.out
-"""
+    script = SLAAC_PING6
     result = guest_net.run_guest(script, [*DEFAULT_PASSTD_ARGS, "-a", GUEST6], timeout=45).check()
     addr = ipaddress.IPv6Interface(result.value("ADDR6="))
     assert addr.network == ipaddress.IPv6Network("fd00:2::/64"), result.describe()

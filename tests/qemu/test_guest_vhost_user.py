@@ -14,7 +14,7 @@ from functools import partialmethod
 import pytest
 
 from tests.qemu import test_guest, test_guest_tcp
-from tests.qemu.conftest import DEFAULT_PASSTD_ARGS, GATEWAY4, GUEST4, QEMU, GuestNet
+from tests.qemu.conftest import DEFAULT_PASSTD_ARGS, GATEWAY4, GUEST4, QEMU, SLAAC_PING6, GuestNet
 from tests.qemu.image import DHCP_MARKER
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -123,20 +123,7 @@ echo "PING_RC=$?"
 @needs_qemu10
 def test_ipv6_slaac_and_ping6_over_vhost_user(guest_net: GuestNet) -> None:
     """NDP (router advertisement, neighbour solicitation) and ICMPv6 echo through the rings."""
-    script = """
-n=0
-while [ "$n" -lt 100 ]; do
-    a=$(ip -6 -o addr show dev eth0 scope global | grep -v tentative | awk '{print $4}' | head -n 1)
-    gw=$(ip -6 route show default | awk '{print $3}' | head -n 1)
-    [ -n "$a" ] && [ -n "$gw" ] && break
-    usleep 100000
-    n=$((n + 1))
-done
-echo "ADDR6=$a"
-ping6 -c 2 -W 5 -I eth0 "$gw" > /tmp/ping.out 2>&1
-echo "PING6_RC=$?"
-cat /tmp/ping.out
-"""
+    script = SLAAC_PING6
     args = [*DEFAULT_PASSTD_ARGS, "-a", "fd00:2::15"]
     result = guest_net.run_guest(script, args, vhost_user=True, timeout=60).check()
     assert result.value("ADDR6=").startswith("fd00:2::"), result.describe()
