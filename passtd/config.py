@@ -12,6 +12,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Final, Literal
 
 from passtd.dataplane.core.context import Context
+from passtd.dataplane.core.egress import EgressPolicy
 from passtd.dataplane.core.fwd import ForwardTables
 from passtd.dataplane.core.timeouts import Timeouts
 from passtd.errors import ConfigError
@@ -82,6 +83,7 @@ class Config:
     dns_forward: tuple[IPv4Address | IPv6Address, ...] = ()  # guest-side DNS addresses we relay
     dns_upstream: tuple[IPv4Address | IPv6Address, ...] = ()  # the host's nameservers (first one used)
     timeouts: Timeouts = field(default_factory=Timeouts)  # the [timeouts] table of the config file
+    egress: EgressPolicy | None = None  # [[egress]] + egress_default of the config file; None: not given
     config_file: str | None = None  # --config FILE, re-read on SIGHUP
     argv: tuple[str, ...] = ()  # the command line this came from, parsed again on SIGHUP
     log_file: str | None = None  # --log-file: log there instead of stderr
