@@ -19,7 +19,8 @@ BASE = 'mode = "passt"\naddress = "10.0.2.15"\nnetmask = 24\ngateway = "10.0.2.2
 def test_rules_default_and_ids(tmp_path: Path) -> None:
     text = BASE + (
         'egress_default = "deny"\n'
-        '[[egress]]\naction = "allow"\ndestination = "192.0.2.0/24"\nprotocol = "tcp"\nports = ["443", 8000]\n'
+        '[[egress]]\naction = "allow"\ndestination = "192.0.2.0/24"\n'
+        'protocol = "tcp"\nports = ["443", 8000]\n'
         '[[egress]]\nid = 1\naction = "deny"\nprotocol = "udp"\nports = "53"\n'
         '[[egress]]\naction = "allow"\ndestination = "2001:db8::/32"\n'
     )
@@ -28,9 +29,10 @@ def test_rules_default_and_ids(tmp_path: Path) -> None:
     assert policy is not None and policy.default_allow is False
     assert policy.ids() == [2, 1, 3]  # the free numbers from 1 in file order; an explicit id is kept
     first, second, third = policy.rules
-    assert (first.allow, str(first.network), first.proto, first.ports) == (True, "192.0.2.0/24", PROTO_TCP,
-                                                                           ((443, 443), (8000, 8000)))  # fmt: skip
-    assert (second.allow, second.network, second.proto, second.ports) == (False, None, PROTO_UDP, ((53, 53),))
+    assert (first.allow, str(first.network), first.proto) == (True, "192.0.2.0/24", PROTO_TCP)
+    assert first.ports == ((443, 443), (8000, 8000))
+    assert (second.allow, second.network, second.proto) == (False, None, PROTO_UDP)
+    assert second.ports == ((53, 53),)
     assert (str(third.network), third.proto) == ("2001:db8::/32", PROTO_ANY)
 
 
@@ -52,7 +54,7 @@ ERRORS = [
     ('[[egress]]\naction = "deny"\ndestination = "192.0.2.1/24"\n', "key 'egress[0].destination': '192.0.2.1/24' is not an IPv4 or IPv6 prefix (192.0.2.1/24 has host bits set)"),  # noqa: E501
     ('[[egress]]\naction = "deny"\nprotocol = "sctp"\n', "key 'egress[0].protocol': 'sctp' is not tcp, udp, icmp or any"),  # noqa: E501
     ('[[egress]]\naction = "deny"\nprotocol = "tcp"\nports = ["70000"]\n', "key 'egress[0].ports': port 70000 is not 1-65535"),  # noqa: E501
-    ('[[egress]]\naction = "deny"\nports = 22\n', "key 'egress[0].ports': port ranges need protocol tcp or udp"),
+    ('[[egress]]\naction = "deny"\nports = 22\n', "key 'egress[0].ports': port ranges need protocol tcp or udp"),  # noqa: E501
     ('[[egress]]\naction = "deny"\nports = [true]\n', "key 'egress[0].ports': expected a port, a range \"first-last\" or an array of them"),  # noqa: E501
     ('[[egress]]\naction = "deny"\nid = 0\n', "key 'egress[0].id': expected a whole number of at least 1"),
     ('[[egress]]\naction = "deny"\nid = 4\n[[egress]]\naction = "deny"\nid = 4\n', "key 'egress[1].id': duplicate rule id 4"),  # noqa: E501
