@@ -56,12 +56,11 @@ def add_commands(commands: Any) -> None:
         "add",
         help="add a rule (e.g. add deny --proto tcp --ports 22 192.0.2.0/24)",
         description="Add a rule; the first rule that matches a new flow decides it. DESTINATION is a "
-        "prefix or an address as the guest addresses it (the gateway address is the host); none: any.",
+        "prefix or an address as the guest addresses it (the gateway address is the host), or any.",
     )
     add.add_argument("action", choices=tuple(_ACTIONS), help="allow or deny")
-    add.add_argument(
-        "destination", nargs="?", default="", metavar="DESTINATION", help="prefix (default: any)"
-    )
+    # required (not nargs="?"): argparse fills an optional positional only from the words before the options
+    add.add_argument("destination", metavar="DESTINATION", help="a prefix, an address, or any")
     add.add_argument("--proto", choices=tuple(_PROTOCOLS), default="any", help="tcp, udp, icmp or any")
     add.add_argument("--ports", type=parse_ports, default=[], help="22, 8000-8080 or 22,443 (tcp/udp only)")
     add.add_argument("--position", type=_whole, default=0, help="1-based place in the list (default: last)")
