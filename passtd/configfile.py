@@ -39,6 +39,7 @@ from typing import Any, Final, Literal
 from passtd.dataplane.core.egress import (
     EgressError,
     EgressPolicy,
+    assign_ids,
     make_policy,
     make_rule,
     parse_action,
@@ -204,8 +205,10 @@ def _egress(path: str, tables: object, default: object) -> EgressPolicy:
         tables = []
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise key_error(path, EGRESS_TABLES, "expected [[egress]] tables")
-    taken = {t["id"] for t in tables if isinstance(t.get("id"), int) and not isinstance(t.get("id"), bool)}
-    fresh = (n for n in range(1, 1 << 62) if n not in taken)
+    requested = [
+        t["id"] if isinstance(t.get("id"), int) and not isinstance(t["id"], bool) else 0 for t in tables
+    ]
+    ids = assign_ids(requested)
     rules = []
     for i, table in enumerate(tables):
         where = f"{EGRESS_TABLES}[{i}]"
@@ -231,7 +234,7 @@ def _egress(path: str, tables: object, default: object) -> EgressPolicy:
         try:
             rules.append(
                 make_rule(
-                    rule_id if rule_id is not None else next(fresh),
+                    ids[i],
                     parse_action(table["action"]),
                     parse_network(table.get("destination", "")),
                     parse_proto(table.get("protocol", "any")),

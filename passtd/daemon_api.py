@@ -61,6 +61,7 @@ from passtd.dataplane.core.egress import (
     EgressError,
     EgressPolicy,
     EgressRule,
+    assign_ids,
     check_ports,
     make_policy,
     make_rule,
@@ -643,9 +644,8 @@ class DaemonControl:
         egress = self.dp.egress
         with _invalid_argument():
             allow = parse_action(default_action, "default_action")
-            taken = {r.id for r in rules if r.id}
-            fresh = iter(range(max([egress.next_id, *taken]), 1 << 62))
-            built = [rule_from_view(r, f"rules[{i}]", r.id or next(fresh)) for i, r in enumerate(rules)]
+            ids = assign_ids((r.id for r in rules), egress.next_id)
+            built = [rule_from_view(r, f"rules[{i}]", ids[i]) for i, r in enumerate(rules)]
             policy = make_policy(built, allow)
         return self._apply_egress(policy, reset_existing)
 

@@ -14,6 +14,7 @@ from passtd.dataplane.core.egress import (
     Egress,
     EgressError,
     EgressRule,
+    assign_ids,
     make_policy,
     make_rule,
     parse_action,
@@ -90,6 +91,14 @@ def test_bad_input_names_the_field(call: object, field: str) -> None:
     with pytest.raises(EgressError) as info:
         call()  # type: ignore[operator]
     assert info.value.field == field
+
+
+def test_assign_ids_keeps_requested_and_fills_the_gaps() -> None:
+    assert assign_ids([0, 0, 0]) == [1, 2, 3]
+    assert assign_ids([0, 1, 0]) == [2, 1, 3]
+    assert assign_ids([5, 0], first_free=5) == [5, 6]  # never the id another rule of the list asks for
+    assert assign_ids([0, 7], first_free=7) == [8, 7]
+    assert assign_ids([3, 3]) == [3, 3]  # make_policy refuses it, naming rules[1].id
 
 
 def test_insert_remove_default() -> None:

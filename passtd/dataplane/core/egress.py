@@ -163,6 +163,23 @@ def make_policy(rules: Iterable[EgressRule], default_allow: bool = True) -> Egre
     return EgressPolicy(listed, default_allow)
 
 
+def assign_ids(requested: Iterable[int], first_free: int = 1) -> list[int]:
+    """Ids for a list of rules: a requested id (> 0) is kept, a 0 gets the next number from `first_free` on
+    that no rule of the list asks for (duplicates among the requested ones are left to `make_policy`)."""
+    wanted = list(requested)
+    taken = set(wanted)
+    out = []
+    n = first_free
+    for rule_id in wanted:
+        if rule_id <= 0:
+            while n in taken:
+                n += 1
+            rule_id = n
+            n += 1
+        out.append(rule_id)
+    return out
+
+
 # -- parsing (shared by the control API and the config file) ----------------------------------------------
 
 
