@@ -7,7 +7,7 @@ the field's proto name, which the servicer returns as INVALID_ARGUMENT.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Final
 
@@ -37,6 +37,8 @@ from passtd.control.api import (
     quote,
 )
 from passtd.control.pb import passt_pb2
+from passtd.dataplane.core.egress import MAX_PORT_RANGES as EGRESS_MAX_PORT_RANGES
+from passtd.dataplane.core.egress import MAX_RULES as EGRESS_MAX_RULES
 
 MODE_TO_PB: Final[dict[Mode, passt_pb2.Mode.ValueType]] = {
     "passt": passt_pb2.MODE_PASST,
@@ -364,8 +366,17 @@ def egress_action_from_pb(
     return EGRESS_ACTION_FROM_PB[value]
 
 
+def egress_rules_from_pb(rules: Sequence[passt_pb2.EgressRule]) -> list[EgressRuleView]:
+    """SetEgress's list, its length checked before anything is converted (a huge request costs one check)."""
+    if len(rules) > EGRESS_MAX_RULES:
+        raise InvalidArgument(f"rules: {len(rules)} rules, at most {EGRESS_MAX_RULES}")
+    return [egress_rule_from_pb(r, f"rules[{i}]") for i, r in enumerate(rules)]
+
+
 def egress_rule_from_pb(message: passt_pb2.EgressRule, field_name: str) -> EgressRuleView:
     """The request's rule as a view; the enums are checked here, the values by the daemon (core/egress)."""
+    if len(message.ports) > EGRESS_MAX_PORT_RANGES:
+        raise InvalidArgument(f"{field_name}.ports: at most {EGRESS_MAX_PORT_RANGES} port ranges")
     protocol = "any"
     if message.protocol:
         if message.protocol not in PROTOCOL_FROM_PB:

@@ -29,6 +29,7 @@ from passtd.control.convert import (
     connection_to_pb,
     egress_action_from_pb,
     egress_rule_from_pb,
+    egress_rules_from_pb,
     egress_to_pb,
     event_to_pb,
     filter_from_pb,
@@ -257,7 +258,7 @@ class ControlServicer(passt_pb2_grpc.ControlServicer):
         self, request: passt_pb2.SetEgressRequest, context: grpc.aio.ServicerContext
     ) -> passt_pb2.EgressPolicy:
         def run() -> passt_pb2.EgressPolicy:
-            rules = [egress_rule_from_pb(r, f"rules[{i}]") for i, r in enumerate(request.rules)]
+            rules = egress_rules_from_pb(request.rules)
             default = egress_action_from_pb(request.default_action, "default_action", "allow")
             return egress_to_pb(self._api.set_egress(rules, default, request.reset_existing))
 
