@@ -203,7 +203,7 @@ def remote_server(topo: Topology, *ports: int) -> subprocess.Popen[str]:
 
 
 def test_denied_and_allowed_both_families_and_the_counters(topo: Topology) -> None:
-    ctl = start(topo)
+    ctl = start(topo, "--metrics-listen", "127.0.0.1:9464")
     server = remote_server(topo, 7001, 7002)
     assert probe(topo, "tcp", FAR4, 7001)["result"] == "ok"  # no rules: everything goes
     ok(ctl, "egress", "add", "deny", "--proto", "tcp", "--ports", "7001", f"{FAR4}/32")
@@ -241,6 +241,10 @@ def test_denied_and_allowed_both_families_and_the_counters(topo: Topology) -> No
     assert missing.returncode == 1 and missing.stderr == "passtctl: error: id: no egress rule 5\n"
     status = json.loads(ok(ctl, "status", "-o", "json"))
     assert status["counters"]["dropped"]["egress.tcp"] == 2
+    metrics = sh("curl", "-sf", "--max-time", "5", "http://127.0.0.1:9464/metrics", ns=topo.host).stdout
+    for sample in ('passtd_egress_rule_matches_total{action="deny",rule="1"} 1.0',
+                   'passtd_egress_denied_total{protocol="udp"} 2.0', "passtd_egress_rules 4.0"):  # fmt: skip
+        assert sample in metrics.splitlines(), sample
 
 
 def test_default_deny_with_an_allow_list_and_bad_requests(topo: Topology) -> None:
