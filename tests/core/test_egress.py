@@ -207,3 +207,9 @@ def test_swap_is_whole(
     allowed = egress.check(PROTO_TCP, len(dst) == 16, dst, 1, dst, port, 0.0)
     assert allowed == new.match(PROTO_TCP, dst, port)[0]
     assert 1 not in egress.matches
+
+
+def test_errors_quote_a_huge_value_clipped() -> None:
+    with pytest.raises(EgressError) as info:
+        parse_network("x" * 100_000)
+    assert len(str(info.value)) < 400

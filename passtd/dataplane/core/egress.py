@@ -183,18 +183,24 @@ def assign_ids(requested: Iterable[int], first_free: int = 1) -> list[int]:
 # -- parsing (shared by the control API and the config file) ----------------------------------------------
 
 
+def _quote(text: str, limit: int = 100) -> str:
+    """repr(text) cut to `limit` characters: a hostile 100 kB value must not come back whole in an error."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
 def parse_action(text: str, field_name: str = "action") -> bool:
     """ "allow" → True, "deny" → False."""
     word = text.strip().lower()
     if word not in ACTIONS:
-        raise EgressError(field_name, f"{text!r} is not allow or deny")
+        raise EgressError(field_name, f"{_quote(text)} is not allow or deny")
     return word == "allow"
 
 
 def parse_proto(text: str, field_name: str = "protocol") -> int:
     word = text.strip().lower() or "any"
     if word not in PROTO_BY_NAME:
-        raise EgressError(field_name, f"{text!r} is not tcp, udp, icmp or any")
+        raise EgressError(field_name, f"{_quote(text)} is not tcp, udp, icmp or any")
     return PROTO_BY_NAME[word]
 
 
@@ -206,7 +212,9 @@ def parse_network(text: str, field_name: str = "destination") -> IPv4Network | I
     try:
         return ip_network(word, strict=True)
     except ValueError as exc:
-        raise EgressError(field_name, f"{text!r} is not an IPv4 or IPv6 prefix ({exc})") from None
+        raise EgressError(
+            field_name, f"{_quote(text)} is not an IPv4 or IPv6 prefix ({str(exc)[:160]})"
+        ) from None
 
 
 def parse_ports(text: str, field_name: str = "ports") -> tuple[tuple[int, int], ...]:
@@ -220,7 +228,7 @@ def parse_ports(text: str, field_name: str = "ports") -> tuple[tuple[int, int], 
             first = int(first_s)
             last = int(last_s) if dash else first
         except ValueError:
-            raise EgressError(field_name, f"{part!r} is not a port or a range first-last") from None
+            raise EgressError(field_name, f"{_quote(part)} is not a port or a range first-last") from None
         ranges.append((first, last))
     return check_ports(ranges, field_name)
 
