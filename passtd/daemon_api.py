@@ -156,6 +156,15 @@ class FlowLog:
 
     def __call__(self, event: FlowEvent) -> None:
         flow = event.flow
+        if event.kind == "denied":  # egress rules: never a flow, no socket
+            self.log.debug(
+                "flow.denied",
+                proto=PROTO_NAMES.get(flow.proto, f"ip{flow.proto}"),
+                guest=_endpoint(_addr(flow.guest_addr), flow.guest_port),
+                remote=_endpoint(_addr(flow.remote_addr), flow.remote_port),
+                reason=event.reason,
+            )
+            return
         if event.kind != "closed" and flow.flow_id not in self.local:
             address, port = _local(flow)  # the host socket may be connected only after the open
             if address:

@@ -72,3 +72,25 @@ def test_denied_event_line() -> None:
     text = render_event(event)
     assert " denied " in text and "DENIED" in text and text.rstrip().endswith("reason egress_denied:rule=1")
     assert "192.0.2.1:22" in text
+
+
+def test_debug_flow_log_names_a_denied_flow() -> None:
+    """At -d the flow log writes one line per denied flow (FlowLog is the daemon's -d watcher)."""
+    from passtd.daemon_api import FlowLog
+    from passtd.dataplane.core.egress import Egress, make_policy, make_rule
+    from passtd.dataplane.core.flowtable import PROTO_TCP, FlowEvent
+
+    lines: list[tuple[str, dict[str, object]]] = []
+
+    class Logger:
+        def debug(self, event: str, **fields: object) -> object:
+            lines.append((event, fields))
+            return None
+
+    egress = Egress()
+    egress.set(make_policy([make_rule(1, False, None, PROTO_TCP, ())]))
+    log = FlowLog(Logger())
+    egress.on_denied = lambda flow, reason: log(FlowEvent("denied", flow, "DENIED", reason))
+    assert not egress.check(PROTO_TCP, False, bytes((10, 0, 2, 15)), 40000, bytes((192, 0, 2, 1)), 22, 0.0)
+    assert lines == [("flow.denied", {"proto": "tcp", "guest": "10.0.2.15:40000", "remote": "192.0.2.1:22",
+                                      "reason": "egress_denied:rule=1"})]  # fmt: skip
