@@ -132,7 +132,7 @@ def test_holder_counts_swaps_and_reports_denials() -> None:
     # a swap keeps the counters of ids that remain and never hands an id out again
     egress.set(egress.current.without_rule(1).with_default(False))
     assert egress.matches == {2: 1, DEFAULT_ID: 1}
-    assert egress.new_id() == 3
+    assert egress.next_id == 3
     assert egress.would_deny(PROTO_UDP, V4_OTHER, 53) and not egress.would_deny(PROTO_TCP, V4, 22)
     assert egress.matches == {2: 1, DEFAULT_ID: 1}  # would_deny does not count
     egress.set(make_policy([]))

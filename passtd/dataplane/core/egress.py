@@ -65,14 +65,6 @@ class EgressRule:
     def proto_name(self) -> str:
         return PROTO_NAMES[self.proto]
 
-    def describe(self) -> str:
-        """One line, as `passtctl egress list` and the config file spell it."""
-        parts = [f"#{self.rule_id}", self.action, self.proto_name]
-        if self.ports:
-            parts.append("ports " + format_ports(self.ports))
-        parts.append(str(self.network) if self.network is not None else "any")
-        return " ".join(parts)
-
 
 # A rule compiled for matching: (family 4/6/0 for any, mask, network bits, proto, ports, allow, rule id).
 _Compiled = tuple[int, int, int, int, tuple[tuple[int, int], ...], bool, int]
@@ -245,10 +237,6 @@ def check_ports(ranges: Iterable[tuple[int, int]], field_name: str = "ports") ->
     return listed
 
 
-def format_ports(ports: tuple[tuple[int, int], ...]) -> str:
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ports)
-
-
 def make_rule(
     rule_id: int,
     allow: bool,
@@ -266,7 +254,8 @@ def make_rule(
 
 # -- the shared holder ------------------------------------------------------------------------------------
 
-# Called for a denied flow (only while someone watches): a Flow describing it (in no table) and the reason.
+# Called for each denied flow with a Flow describing it (id 0, in no table) and the reason; the dataplane
+# turns it into a "denied" FlowEvent, built only while someone watches.
 OnDenied = Callable[[Flow, str], None]
 
 
@@ -289,7 +278,8 @@ class Egress:
 
     def set(self, policy: EgressPolicy) -> None:
         """Swap the policy (one reference: a flow is decided by the old or the new list). Counters of rule
-        ids that remain are kept; ids are never handed out again."""
+        ids that remain are kept, the others dropped; `next_id` (the first id assigned to a rule that asks
+        for none) only grows, so an assigned id is never handed out twice."""
         keep = set(policy.ids())
         keep.add(DEFAULT_ID)
         self.matches = {k: v for k, v in self.matches.items() if k in keep}
@@ -297,11 +287,6 @@ class Egress:
             self.next_id = max(self.next_id, max(policy.ids()) + 1)
         self._current = policy
         self.policy = None if policy.trivial else policy
-
-    def new_id(self) -> int:
-        rule_id = self.next_id
-        self.next_id += 1
-        return rule_id
 
     def check(self, proto: int, v6: bool, src: bytes, sport: int, dst: bytes, dport: int, now: float) -> bool:
         """Decide a new guest flow (callers check `policy is not None` first); count it; tell the watcher
