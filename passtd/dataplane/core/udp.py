@@ -172,29 +172,15 @@ def port_unreachable(
     EHOSTUNREACH (IPv4) or EACCES (IPv6) on a connected socket."""
     quoted_udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0)
     if v6:
+        code = ICMPV6_ADMIN_PROHIBITED if prohibited else ICMPV6_PORT_UNREACH
         body = quoted_udp + bytes(payload[: ICMPV6_QUOTE_MAX - 40 - 8])
         inner = struct.pack("!IHBB", 6 << 28, len(quoted_udp) + len(payload), 17, 64) + src + dst
-        message = (
-            bytearray(
-                _ICMP_UNREACH.pack(
-                    ICMPV6_DEST_UNREACH, ICMPV6_ADMIN_PROHIBITED if prohibited else ICMPV6_PORT_UNREACH, 0, 0
-                )
-            )
-            + inner
-            + body
-        )
+        message = bytearray(_ICMP_UNREACH.pack(ICMPV6_DEST_UNREACH, code, 0, 0)) + inner + body
         return build_icmp6_packet(dst, src, message, hop_limit=64)
+    code = ICMP_ADMIN_PROHIBITED if prohibited else ICMP_PORT_UNREACH
     total = 20 + 8 + len(payload)
     inner = struct.pack("!BBHHHBBH", 0x45, 0, total, 0, 0, 64, 17, 0) + src + dst
-    message = (
-        bytearray(
-            _ICMP_UNREACH.pack(
-                ICMP_DEST_UNREACH, ICMP_ADMIN_PROHIBITED if prohibited else ICMP_PORT_UNREACH, 0, 0
-            )
-        )
-        + inner
-        + quoted_udp
-    )
+    message = bytearray(_ICMP_UNREACH.pack(ICMP_DEST_UNREACH, code, 0, 0)) + inner + quoted_udp
     return build_icmp4_packet(dst, src, message)
 
 
