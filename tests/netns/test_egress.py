@@ -10,17 +10,25 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import dpkt
 import grpc
 import pytest
 
 from passtd.control.pb import passt_pb2, passt_pb2_grpc
-from tests.netns.conftest import FAR4, FAR6, REMOTE4, Topology, sh, wait_for
+from passtd.dataplane.packets.ethernet import ETH_P_IP, build_ethernet
+from passtd.dataplane.packets.tcp import SYN, SegmentBuilder, syn_options
+from passtd.dataplane.packets.udp import build_udp4
+from tests.netns.conftest import FAR4, FAR6, HOST4, REMOTE4, Topology, sh, wait_for
+from tests.netns.test_passt_mode import GUEST_MAC, OUR_MAC, framed
+from tests.netns.test_passt_mode import Guest as PasstGuest
+from tests.netns.test_passt_mode import start as start_passt
 
 pytestmark = pytest.mark.netns
 PASSTCTL = [sys.executable, "-m", "passtctl"]
@@ -372,3 +380,37 @@ def test_config_file_rules_applied_at_start_and_on_sighup(topo: Topology) -> Non
     wait_for(lambda: "config.reload.failed" in daemon.output(), 10, "the failed reload")
     assert "egress[0].destination" in daemon.output()
     assert probe(topo, "tcp", FAR4, 7030)["result"] == "ok"
+
+
+def test_passt_mode_raw_frames_from_the_config_file(topo: Topology) -> None:
+    """passt mode (qemu's stream socket), rules from the config file at start: the frames themselves. A denied
+    SYN gets RST|ACK acknowledging it, a denied datagram ICMP type 3 code 13 quoting it; an allowed SYN goes
+    through to the remote (SYN-ACK)."""
+    remote_server(topo, 7041)
+    conf = topo.tmp / "passt.toml"
+    conf.write_text('[[egress]]\naction = "deny"\nprotocol = "tcp"\nports = 7040\n'
+                    f'[[egress]]\naction = "deny"\nprotocol = "udp"\ndestination = "{FAR4}"\n')  # fmt: skip
+    path, _daemon = start_passt(topo, "--config", str(conf))
+    guest = PasstGuest(path)
+    try:
+        me, far = socket.inet_aton(HOST4), socket.inet_aton(FAR4)
+
+        def send(packet: bytes) -> dpkt.ip.IP:
+            guest.sock.sendall(framed(build_ethernet(OUR_MAC, GUEST_MAC, ETH_P_IP, packet)))
+            (eth,) = guest.read_until(1)
+            assert isinstance(eth.data, dpkt.ip.IP)
+            return eth.data
+
+        rst = send(SegmentBuilder(me, far, 40000, 7040).build(1000, 0, SYN, 65535, b"", syn_options(1460, 7)))
+        assert (rst.src, rst.dst, rst.data.sport, rst.data.dport) == (far, me, 7040, 40000)
+        assert rst.data.flags == dpkt.tcp.TH_RST | dpkt.tcp.TH_ACK and rst.data.ack == 1001
+        icmp = send(build_udp4(me, far, 40001, 7041, b"query"))
+        assert (icmp.src, icmp.p, icmp.data.type, icmp.data.code) == (far, 1, 3, 13)
+        quoted = dpkt.ip.IP(bytes(icmp.data.data)[4:])  # after the unused word: the datagram's IP header
+        assert (quoted.src, quoted.dst, quoted.data.sport, quoted.data.dport) == (me, far, 40001, 7041)
+        synack = send(
+            SegmentBuilder(me, far, 40002, 7041).build(5000, 0, SYN, 65535, b"", syn_options(1460, 7))
+        )
+        assert synack.data.flags == dpkt.tcp.TH_SYN | dpkt.tcp.TH_ACK and synack.data.ack == 5001
+    finally:
+        guest.sock.close()
