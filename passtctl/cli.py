@@ -23,6 +23,7 @@ from passtctl.client import (
     Tls,
     socket_path,
 )
+from passtctl.egress import add_commands as add_egress_commands
 from passtctl.render import (
     render_connections,
     render_event,
@@ -342,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t_set.add_argument("assignments", nargs="+", type=parse_assignment, metavar="KEY=VALUE")
     t_set.set_defaults(run=_timeouts_set)
+    add_egress_commands(commands)
     return parser
 
 

@@ -205,6 +205,10 @@ class ControlClient:
         except grpc.RpcError as exc:
             raise ControlError(self._describe(exc)) from None
 
+    def call(self, method: str, request: Any) -> Any:
+        """Any unary passt.v1.Control call by name (the sub-command modules, e.g. passtctl/egress.py)."""
+        return self._unary(getattr(self._control, method), request)
+
     def status(self) -> passt_pb2.Status:
         reply: passt_pb2.Status = self._unary(self._control.GetStatus, passt_pb2.GetStatusRequest())
         return reply

@@ -367,6 +367,7 @@ _EVENT_NAMES: Final = {
     passt_pb2.EVENT_KIND_STATE_CHANGED: "state",
     passt_pb2.EVENT_KIND_CLOSED: "closed",
     passt_pb2.EVENT_KIND_EXISTING: "existing",
+    passt_pb2.EVENT_KIND_DENIED: "denied",
 }
 
 
@@ -383,6 +384,8 @@ def render_event(event: passt_pb2.ConnectionEvent) -> str:
         f"{_guest(conn)} {'->' if conn.direction != passt_pb2.DIRECTION_HOST_INITIATED else '<-'} "
         f"{endpoint(conn.remote_address, conn.remote_port)}",
     ]
+    if event.kind == passt_pb2.EVENT_KIND_DENIED:
+        parts.append(f"reason {event.reason_detail or '-'}")
     if event.kind == passt_pb2.EVENT_KIND_CLOSED:
         parts.append(f"reason {event.reason_detail or '-'}")
         parts.append(

@@ -12,6 +12,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Final, Literal
 
 from passtd.dataplane.core.context import Context
+from passtd.dataplane.core.egress import EgressPolicy
 from passtd.dataplane.core.fwd import ForwardTables
 from passtd.dataplane.core.timeouts import Timeouts
 from passtd.errors import ConfigError
@@ -80,6 +81,7 @@ class Config:
     forward: ForwardTables | None = None  # -t/-u/-T/-U; None: nothing forwarded
     max_flows: int = 256 * 1024
     timeouts: Timeouts = field(default_factory=Timeouts)  # the [timeouts] table of the config file
+    egress: EgressPolicy | None = None  # [[egress]] + egress_default of the config file; None: not given
     config_file: str | None = None  # --config FILE, re-read on SIGHUP
     argv: tuple[str, ...] = ()  # the command line this came from, parsed again on SIGHUP
     log_file: str | None = None  # --log-file: log there instead of stderr

@@ -12,6 +12,13 @@
     [timeouts]                     # seconds; names and ranges of passtd/dataplane/core/timeouts.py
     tcp_activity = 3600
 
+    egress_default = "deny"        # egress rules (README "Egress rules"): first match wins, else this
+    [[egress]]
+    action = "allow"
+    destination = "192.0.2.0/24"   # as the guest addresses it; omitted: any. The gateway is the host.
+    protocol = "tcp"               # tcp, udp, icmp or any (the default)
+    ports = ["443", "8000-8080"]   # tcp and udp only; omitted: every port
+
 A key is a long option without its dashes and takes what the option takes: a flag is a boolean, a repeatable
 option a string or an array of strings, any other option a string (numbers may be written as integers).
 `config`, `help` and `version` are not keys. The command line wins over the file, option by option.
@@ -29,12 +36,26 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final, Literal
 
+from passtd.dataplane.core.egress import (
+    EgressError,
+    EgressPolicy,
+    assign_ids,
+    make_policy,
+    make_rule,
+    parse_action,
+    parse_network,
+    parse_ports,
+    parse_proto,
+)
 from passtd.dataplane.core.timeouts import RANGES, Timeouts
 from passtd.errors import ConfigError
 
 Kind = Literal["flag", "value", "list"]
 MODES: Final = ("passt", "pasta")
 TIMEOUTS_TABLE: Final = "timeouts"
+EGRESS_TABLES: Final = "egress"
+EGRESS_DEFAULT: Final = "egress_default"
+_EGRESS_KEYS: Final = ("id", "action", "destination", "protocol", "ports")
 _INT_TIMEOUTS: Final = frozenset({"tcp_max_retransmits"})
 
 
@@ -58,6 +79,8 @@ class FileConfig:
     keys: dict[str, str] = field(default_factory=dict)  # dest → key, for error messages
     modes: dict[str, frozenset[str]] = field(default_factory=dict)  # dest → modes accepting it
     timeouts: Timeouts = field(default_factory=Timeouts)
+    # [[egress]] and egress_default; None when the file has neither (rules set at run time then stay)
+    egress: EgressPolicy | None = None
 
     def check_mode(self, mode: str) -> None:
         """Reject keys of the other mode (a passt `socket` in a pasta file is a mistake, not a no-op)."""
@@ -167,6 +190,65 @@ def _timeouts(path: str, table: object) -> Timeouts:
     return timeouts
 
 
+def _egress(path: str, tables: object, default: object) -> EgressPolicy:
+    """[[egress]] tables in order and the default; ids are `id` when given, else the next free number from
+    1 in file order, so the same file read again gives the same ids (and a rule keeps its counter)."""
+    allow = True
+    if default is not None:
+        if not isinstance(default, str):
+            raise key_error(path, EGRESS_DEFAULT, f"expected a string, got {_type_name(default)}")
+        try:
+            allow = parse_action(default)
+        except EgressError as exc:
+            raise key_error(path, EGRESS_DEFAULT, str(exc).split(": ", 1)[1]) from None
+    if tables is None:
+        tables = []
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise key_error(path, EGRESS_TABLES, "expected [[egress]] tables")
+    requested = [
+        t["id"] if isinstance(t.get("id"), int) and not isinstance(t["id"], bool) else 0 for t in tables
+    ]
+    ids = assign_ids(requested)
+    rules = []
+    for i, table in enumerate(tables):
+        where = f"{EGRESS_TABLES}[{i}]"
+        for name in table:
+            if name not in _EGRESS_KEYS:
+                raise _unknown(path, f"{where}.{name}", [f"{where}.{k}" for k in _EGRESS_KEYS])
+        for name in ("action", "destination", "protocol"):
+            if name in table and not isinstance(table[name], str):
+                raise key_error(path, f"{where}.{name}", f"expected a string, got {_type_name(table[name])}")
+        if "action" not in table:
+            raise key_error(path, f"{where}.action", "missing: allow or deny")
+        rule_id = table.get("id")
+        if rule_id is not None and (isinstance(rule_id, bool) or not isinstance(rule_id, int) or rule_id < 1):
+            raise key_error(path, f"{where}.id", "expected a whole number of at least 1")
+        ports = table.get("ports", [])
+        ports = [ports] if isinstance(ports, str | int) and not isinstance(ports, bool) else ports
+        if not isinstance(ports, list) or not all(
+            isinstance(p, str | int) and not isinstance(p, bool) for p in ports
+        ):
+            raise key_error(
+                path, f"{where}.ports", 'expected a port, a range "first-last" or an array of them'
+            )
+        try:
+            rules.append(
+                make_rule(
+                    ids[i],
+                    parse_action(table["action"]),
+                    parse_network(table.get("destination", "")),
+                    parse_proto(table.get("protocol", "any")),
+                    parse_ports(",".join(str(p) for p in ports)),
+                )
+            )
+        except EgressError as exc:
+            raise key_error(path, f"{where}.{exc.field}", str(exc).split(": ", 1)[1]) from None
+    try:
+        return make_policy(rules, allow)
+    except EgressError as exc:  # a duplicate id: "rules[3].id"
+        raise key_error(path, f"{EGRESS_TABLES}[{exc.field[6:]}", str(exc).split(": ", 1)[1]) from None
+
+
 def load(path: str, specs: Mapping[str, OptionSpec]) -> FileConfig:
     """Read and check `path` against the option table `specs` (key → spec)."""
     doc = read_toml(path)
@@ -175,7 +257,10 @@ def load(path: str, specs: Mapping[str, OptionSpec]) -> FileConfig:
     keys: dict[str, str] = {}
     modes: dict[str, frozenset[str]] = {}
     timeouts = Timeouts()
-    known = sorted([*specs, "mode", TIMEOUTS_TABLE])
+    known = sorted([*specs, "mode", TIMEOUTS_TABLE, EGRESS_TABLES, EGRESS_DEFAULT])
+    egress = None
+    if EGRESS_TABLES in doc or EGRESS_DEFAULT in doc:
+        egress = _egress(path, doc.pop(EGRESS_TABLES, None), doc.pop(EGRESS_DEFAULT, None))
     for key, value in doc.items():
         if key == "mode":
             if not isinstance(value, str):
@@ -193,7 +278,7 @@ def load(path: str, specs: Mapping[str, OptionSpec]) -> FileConfig:
         values[spec.dest] = _value(path, spec, value)
         keys[spec.dest] = key
         modes[spec.dest] = spec.modes
-    config = FileConfig(path, mode, values, keys, modes, timeouts)
+    config = FileConfig(path, mode, values, keys, modes, timeouts, egress)
     if mode is not None:
         config.check_mode(mode)
     return config

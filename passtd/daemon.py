@@ -50,7 +50,7 @@ Reparse: TypeAlias = Callable[[Sequence[str], HostView | None], Config]
 NETNS_POLL: Final = 0.5
 CONTROL_GRACE: Final = 1.0
 # Fields that a SIGHUP cannot change in a running process: they are set up before the loop starts.
-_LIVE_FIELDS: Final = frozenset({"forward", "timeouts", "argv"})
+_LIVE_FIELDS: Final = frozenset({"forward", "timeouts", "argv", "egress"})
 
 
 @dataclass(slots=True)
@@ -336,6 +336,8 @@ def _reload(current: Config, dp: Dataplane, notifier: Notifier, reparse: Reparse
         return current
     dp.set_forwarding(new.forward or ForwardTables(new.mode))
     dp.set_timeouts(new.timeouts)
+    if new.egress is not None:  # a file without egress keys leaves the rules set at run time alone
+        dp.set_egress(new.egress)
     fixed = sorted(
         name
         for name in Config.__dataclass_fields__
@@ -464,6 +466,8 @@ async def _serve(
         dp.set_forwarding(config.forward)
     if config.timeouts != Timeouts():
         dp.set_timeouts(config.timeouts)
+    if config.egress is not None:
+        dp.set_egress(config.egress)
     if debug_enabled():  # -d: every flow's open and close (a watcher only then: none costs nothing)
         from passtd.daemon_api import FlowLog
 

@@ -10,6 +10,7 @@ view and offer it to a bounded queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import ipaddress
@@ -17,7 +18,7 @@ import os
 import resource
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, replace
 from typing import Final, Protocol
 
@@ -33,6 +34,8 @@ from passtd.control.api import (
     ConnectionView,
     CountersView,
     DescriptorsView,
+    EgressRuleView,
+    EgressView,
     EventQueue,
     FailedPrecondition,
     ForwardDirection,
@@ -51,6 +54,20 @@ from passtd.control.api import (
     TimeoutsView,
     clip,
     quote,
+)
+from passtd.dataplane.core.egress import (
+    DEFAULT_ID,
+    Egress,
+    EgressError,
+    EgressPolicy,
+    EgressRule,
+    assign_ids,
+    check_ports,
+    make_policy,
+    make_rule,
+    parse_action,
+    parse_network,
+    parse_proto,
 )
 from passtd.dataplane.core.flowtable import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Flow, FlowEvent, key_addr
 from passtd.dataplane.core.fwd import OPTION_OF, ForwardTables, Listener, PortPolicy
@@ -139,6 +156,15 @@ class FlowLog:
 
     def __call__(self, event: FlowEvent) -> None:
         flow = event.flow
+        if event.kind == "denied":  # egress rules: never a flow, no socket
+            self.log.debug(
+                "flow.denied",
+                proto=PROTO_NAMES.get(flow.proto, f"ip{flow.proto}"),
+                guest=_endpoint(_addr(flow.guest_addr), flow.guest_port),
+                remote=_endpoint(_addr(flow.remote_addr), flow.remote_port),
+                reason=event.reason,
+            )
+            return
         if event.kind != "closed" and flow.flow_id not in self.local:
             address, port = _local(flow)  # the host socket may be connected only after the open
             if address:
@@ -470,7 +496,7 @@ class DaemonControl:
             view = self.view(event.flow, full=False, state=event.state)
             if not flt.matches(view):
                 return
-            kind = event.kind if event.kind in ("opened", "state", "closed") else "state"
+            kind = event.kind if event.kind in ("opened", "state", "closed", "denied") else "state"
             # Events are offered in the order the data path emitted them; the stamp follows that order
             # even if the wall clock steps back (NTP) between two of them.
             stamp = last[0] = max(last[0], self._wall(event.time))
@@ -615,3 +641,91 @@ class DaemonControl:
         if new != self.dp.timeouts:
             self.dp.set_timeouts(new)
         return self.timeouts()
+
+    # -- egress -------------------------------------------------------------------------------------------
+
+    def egress(self) -> EgressView:
+        return egress_view(self.dp.egress)
+
+    def set_egress(
+        self, rules: Sequence[EgressRuleView], default_action: str, reset_existing: bool
+    ) -> EgressView:
+        egress = self.dp.egress
+        with _invalid_argument():
+            allow = parse_action(default_action, "default_action")
+            ids = assign_ids((r.id for r in rules), egress.next_id)
+            built = [rule_from_view(r, f"rules[{i}]", ids[i]) for i, r in enumerate(rules)]
+            policy = make_policy(built, allow)
+        return self._apply_egress(policy, reset_existing)
+
+    def add_egress_rule(self, rule: EgressRuleView, position: int, reset_existing: bool) -> EgressView:
+        egress = self.dp.egress
+        with _invalid_argument():
+            if rule.id and rule.id in egress.current.ids():
+                raise EgressError("rule.id", f"rule {rule.id} exists already")
+            if position > len(egress.current.rules) + 1:
+                count = len(egress.current.rules)
+                raise EgressError("position", f"{position} is past the end of the {count} rules")
+            built = rule_from_view(rule, "rule", rule.id or egress.next_id)
+            policy = egress.current.with_rule(built, position - 1)
+        return self._apply_egress(policy, reset_existing)
+
+    def remove_egress_rule(self, rule_id: int) -> EgressView:
+        egress = self.dp.egress
+        if rule_id not in egress.current.ids():
+            raise NotFound(f"id: no egress rule {rule_id}")
+        return self._apply_egress(egress.current.without_rule(rule_id), False)
+
+    def set_egress_default(self, action: str, reset_existing: bool) -> EgressView:
+        with _invalid_argument():
+            allow = parse_action(action, "action")
+        return self._apply_egress(self.dp.egress.current.with_default(allow), reset_existing)
+
+    def _apply_egress(self, policy: EgressPolicy, reset_existing: bool) -> EgressView:
+        reset = self.dp.set_egress(policy, reset_existing)
+        return egress_view(self.dp.egress, reset)
+
+
+@contextlib.contextmanager
+def _invalid_argument() -> Iterator[None]:
+    """EgressError (the core's checks) → InvalidArgument naming the field."""
+    try:
+        yield
+    except EgressError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def rule_from_view(view: EgressRuleView, field_name: str, rule_id: int) -> EgressRule:
+    """A request's rule, checked by the core's parsers; EgressError names `field_name`.<field>."""
+    try:
+        return make_rule(
+            rule_id,
+            parse_action(view.action, "action"),
+            parse_network(view.destination, "destination"),
+            parse_proto(view.protocol, "protocol"),
+            check_ports(view.ports, "ports"),
+        )
+    except EgressError as exc:
+        raise EgressError(f"{field_name}.{exc.field}", str(exc).split(": ", 1)[1]) from None
+
+
+def egress_view(egress: Egress, flows_reset: int = 0) -> EgressView:
+    policy = egress.current
+    return EgressView(
+        rules=tuple(
+            EgressRuleView(
+                id=r.rule_id,
+                action=r.action,
+                destination=str(r.network) if r.network is not None else "",
+                protocol=r.proto_name,
+                ports=r.ports,
+                matches=egress.matches.get(r.rule_id, 0),
+            )
+            for r in policy.rules
+        ),
+        default_action="allow" if policy.default_allow else "deny",
+        default_matches=egress.matches.get(DEFAULT_ID, 0),
+        denied={PROTO_NAMES[p]: n for p, n in egress.denied.items()},
+        flows_reset=flows_reset,
+        flows_reset_total=egress.reset_flows,
+    )

@@ -211,7 +211,7 @@ class StatusView:
 # -- connections ---------------------------------------------------------------------------------------
 
 ConnDirection = Literal["guest", "host"]  # which side opened the flow
-EventKind = Literal["opened", "state", "closed", "existing"]
+EventKind = Literal["opened", "state", "closed", "existing", "denied"]
 PROTOCOLS: Final = ("tcp", "udp", "icmp")
 
 
@@ -506,3 +506,54 @@ class ControlAPI(Protocol):
     def set_timeouts(self, values: Mapping[str, float]) -> TimeoutsView:
         """Change the named timeouts, all or nothing; InvalidArgument names the first bad field."""
         ...
+
+    # -- egress (see EgressView) --------------------------------------------------------------------------
+
+    def egress(self) -> EgressView:
+        """The egress rules in force, with their counters."""
+        ...
+
+    def set_egress(
+        self, rules: Sequence[EgressRuleView], default_action: str, reset_existing: bool
+    ) -> EgressView:
+        """Replace the list and the default as one swap; InvalidArgument names the bad field
+        ("rules[2].destination"), and nothing changes then."""
+        ...
+
+    def add_egress_rule(self, rule: EgressRuleView, position: int, reset_existing: bool) -> EgressView:
+        """Insert one rule (position 1-based, 0 at the end); its id is assigned when 0."""
+        ...
+
+    def remove_egress_rule(self, rule_id: int) -> EgressView:
+        """NotFound when no rule has that id."""
+        ...
+
+    def set_egress_default(self, action: str, reset_existing: bool) -> EgressView: ...
+
+
+# -- egress -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EgressRuleView:
+    """passt.v1.EgressRule: action "allow"/"deny", destination a prefix ("" any), protocol "tcp", "udp",
+    "icmp" or "any", ports (first, last) ranges (() every port). In a request, id 0 means "assign one"."""
+
+    id: int = 0
+    action: str
+    destination: str = ""
+    protocol: str = "any"
+    ports: tuple[tuple[int, int], ...] = ()
+    matches: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EgressView:
+    """passt.v1.EgressPolicy: the rules in order, the default, what they decided, what a change reset."""
+
+    rules: tuple[EgressRuleView, ...] = ()
+    default_action: str = "allow"
+    default_matches: int = 0
+    denied: Mapping[str, int] = field(default_factory=_empty)  # "tcp", "udp", "icmp" → new flows refused
+    flows_reset: int = 0
+    flows_reset_total: int = 0

@@ -7,7 +7,7 @@ the field's proto name, which the servicer returns as INVALID_ARGUMENT.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Final
 
@@ -21,6 +21,8 @@ from passtd.control.api import (
     ConnectionFilter,
     ConnectionView,
     CountersView,
+    EgressRuleView,
+    EgressView,
     EventKind,
     ForwardDirection,
     ForwardTableView,
@@ -35,6 +37,8 @@ from passtd.control.api import (
     quote,
 )
 from passtd.control.pb import passt_pb2
+from passtd.dataplane.core.egress import MAX_PORT_RANGES as EGRESS_MAX_PORT_RANGES
+from passtd.dataplane.core.egress import MAX_RULES as EGRESS_MAX_RULES
 
 MODE_TO_PB: Final[dict[Mode, passt_pb2.Mode.ValueType]] = {
     "passt": passt_pb2.MODE_PASST,
@@ -140,6 +144,7 @@ EVENT_KIND_TO_PB: Final[dict[EventKind, passt_pb2.EventKind.ValueType]] = {
     "state": passt_pb2.EVENT_KIND_STATE_CHANGED,
     "closed": passt_pb2.EVENT_KIND_CLOSED,
     "existing": passt_pb2.EVENT_KIND_EXISTING,
+    "denied": passt_pb2.EVENT_KIND_DENIED,
 }
 # The dataplane's reason names (FlowEvent.reason) → the proto enum; anything else is OTHER.
 CLOSE_REASON_TO_PB: Final[dict[str, passt_pb2.CloseReason.ValueType]] = {
@@ -339,3 +344,71 @@ def timeouts_from_pb(message: passt_pb2.Timeouts, paths: list[str] | tuple[str, 
             raise InvalidArgument(f"timeouts.{path}: {value} is not a finite number")
         out[path] = value
     return out
+
+
+# -- egress -----------------------------------------------------------------------------------------------
+
+EGRESS_ACTION_TO_PB: Final[dict[str, passt_pb2.EgressAction.ValueType]] = {
+    "allow": passt_pb2.EGRESS_ACTION_ALLOW,
+    "deny": passt_pb2.EGRESS_ACTION_DENY,
+}
+EGRESS_ACTION_FROM_PB: Final = {v: k for k, v in EGRESS_ACTION_TO_PB.items()}
+
+
+def egress_action_from_pb(
+    value: passt_pb2.EgressAction.ValueType, field_name: str, unspecified: str = ""
+) -> str:
+    """An EgressAction → "allow"/"deny"; UNSPECIFIED → `unspecified` ("" : InvalidArgument)."""
+    if value == passt_pb2.EGRESS_ACTION_UNSPECIFIED and unspecified:
+        return unspecified
+    if value not in EGRESS_ACTION_FROM_PB:
+        raise InvalidArgument(f"{field_name}: set allow or deny (got {value})")
+    return EGRESS_ACTION_FROM_PB[value]
+
+
+def egress_rules_from_pb(rules: Sequence[passt_pb2.EgressRule]) -> list[EgressRuleView]:
+    """SetEgress's list, its length checked before anything is converted (a huge request costs one check)."""
+    if len(rules) > EGRESS_MAX_RULES:
+        raise InvalidArgument(f"rules: {len(rules)} rules, at most {EGRESS_MAX_RULES}")
+    return [egress_rule_from_pb(r, f"rules[{i}]") for i, r in enumerate(rules)]
+
+
+def egress_rule_from_pb(message: passt_pb2.EgressRule, field_name: str) -> EgressRuleView:
+    """The request's rule as a view; the enums are checked here, the values by the daemon (core/egress)."""
+    if len(message.ports) > EGRESS_MAX_PORT_RANGES:
+        raise InvalidArgument(f"{field_name}.ports: at most {EGRESS_MAX_PORT_RANGES} port ranges")
+    protocol = "any"
+    if message.protocol:
+        if message.protocol not in PROTOCOL_FROM_PB:
+            raise InvalidArgument(f"{field_name}.protocol: unknown value {message.protocol}")
+        protocol = PROTOCOL_FROM_PB[message.protocol]
+    return EgressRuleView(
+        id=message.id,
+        action=egress_action_from_pb(message.action, f"{field_name}.action"),
+        destination=message.destination,
+        protocol=protocol,
+        ports=tuple((r.first, r.last or r.first) for r in message.ports),
+    )
+
+
+def egress_to_pb(view: EgressView) -> passt_pb2.EgressPolicy:
+    return passt_pb2.EgressPolicy(
+        rules=[
+            passt_pb2.EgressRule(
+                id=r.id,
+                action=EGRESS_ACTION_TO_PB[r.action],
+                destination=r.destination,
+                protocol=PROTOCOL_TO_PB.get(r.protocol, passt_pb2.PROTOCOL_UNSPECIFIED),
+                ports=[passt_pb2.EgressPortRange(first=a, last=b) for a, b in r.ports],
+                matches=r.matches,
+            )
+            for r in view.rules
+        ],
+        default_action=EGRESS_ACTION_TO_PB[view.default_action],
+        default_matches=view.default_matches,
+        denied_tcp=view.denied.get("tcp", 0),
+        denied_udp=view.denied.get("udp", 0),
+        denied_icmp=view.denied.get("icmp", 0),
+        flows_reset=view.flows_reset,
+        flows_reset_total=view.flows_reset_total,
+    )

@@ -26,7 +26,7 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
 
-from passtd.control.api import StatusView
+from passtd.control.api import EgressView, StatusView
 from passtd.dataplane.core.flowtable import PROTO_ICMP, PROTO_TCP, PROTO_UDP, FlowEvent
 
 PROTO_NAMES: Final = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp"}
@@ -82,6 +82,10 @@ class MetricsSource(Protocol):
         """Bytes or frames queued toward the guest and not yet written (0 without a guest)."""
         ...
 
+    def egress(self) -> EgressView:
+        """The egress rules and their counters."""
+        ...
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -94,6 +98,7 @@ class Snapshot:
     flows_opened: Mapping[str, int]
     flows_closed: Mapping[tuple[str, str], int]
     rpc_calls: Mapping[tuple[str, str], int]
+    egress: EgressView = field(default_factory=EgressView)
 
 
 async def take_snapshot(source: MetricsSource, flows: FlowCounters, rpcs: RpcCounters) -> Snapshot:
@@ -106,6 +111,7 @@ async def take_snapshot(source: MetricsSource, flows: FlowCounters, rpcs: RpcCou
         flows_opened=dict(flows.opened),
         flows_closed=dict(flows.closed),
         rpc_calls=dict(rpcs.calls),
+        egress=source.egress(),
     )
 
 
@@ -180,8 +186,26 @@ class _SnapshotCollector(Collector):
             (gauge, "passtd_descriptors_in_use", "Descriptors open now.", (),
              [((), st.limits.descriptors.in_use)]),
         ]  # fmt: skip
+        families += _egress_families(s.egress)
         for kind, name, doc, labels, rows in families:
             yield _family(kind, name, doc, labels, rows)
+
+
+def _egress_families(e: EgressView) -> list[tuple[bool, str, str, tuple[str, ...], Rows]]:
+    """Egress rules: new flows each rule decided (by id and action), the default's, denials by protocol."""
+    return [
+        (False, "passtd_egress_rules", "Egress rules in the list.", (), [((), len(e.rules))]),
+        (True, "passtd_egress_rule_matches", "New guest flows each egress rule decided.",
+         ("rule", "action"),
+         [((str(r.id), r.action), r.matches) for r in e.rules]),
+        (True, "passtd_egress_default_matches", "New guest flows no egress rule matched (default action).",
+         ("action",), [((e.default_action,), e.default_matches)]),
+        (True, "passtd_egress_denied", "New guest flows the egress rules refused.",
+         ("protocol",),
+         _each(e.denied)),
+        (True, "passtd_egress_flows_reset", "Open flows closed because a new egress list denied them.", (),
+         [((), e.flows_reset_total)]),
+    ]  # fmt: skip
 
 
 def render(snap: Snapshot, *, openmetrics: bool) -> tuple[bytes, str]:

@@ -27,6 +27,10 @@ from passtd.control.api import (
 )
 from passtd.control.convert import (
     connection_to_pb,
+    egress_action_from_pb,
+    egress_rule_from_pb,
+    egress_rules_from_pb,
+    egress_to_pb,
     event_to_pb,
     filter_from_pb,
     forward_direction_from_pb,
@@ -240,5 +244,52 @@ class ControlServicer(passt_pb2_grpc.ControlServicer):
         def run() -> passt_pb2.Timeouts:
             values = timeouts_from_pb(request.timeouts, list(request.update_mask.paths))
             return timeouts_to_pb(self._api.set_timeouts(values))
+
+        return await self._call(context, lambda: _sync(run))
+
+    # -- egress -------------------------------------------------------------------------------------------
+
+    async def GetEgress(
+        self, request: passt_pb2.GetEgressRequest, context: grpc.aio.ServicerContext
+    ) -> passt_pb2.EgressPolicy:
+        return await self._call(context, lambda: _sync(lambda: egress_to_pb(self._api.egress())))
+
+    async def SetEgress(
+        self, request: passt_pb2.SetEgressRequest, context: grpc.aio.ServicerContext
+    ) -> passt_pb2.EgressPolicy:
+        def run() -> passt_pb2.EgressPolicy:
+            rules = egress_rules_from_pb(request.rules)
+            default = egress_action_from_pb(request.default_action, "default_action", "allow")
+            return egress_to_pb(self._api.set_egress(rules, default, request.reset_existing))
+
+        return await self._call(context, lambda: _sync(run))
+
+    async def AddEgressRule(
+        self, request: passt_pb2.AddEgressRuleRequest, context: grpc.aio.ServicerContext
+    ) -> passt_pb2.EgressPolicy:
+        def run() -> passt_pb2.EgressPolicy:
+            if not request.HasField("rule"):
+                raise InvalidArgument("rule: missing")
+            rule = egress_rule_from_pb(request.rule, "rule")
+            return egress_to_pb(self._api.add_egress_rule(rule, request.position, request.reset_existing))
+
+        return await self._call(context, lambda: _sync(run))
+
+    async def RemoveEgressRule(
+        self, request: passt_pb2.RemoveEgressRuleRequest, context: grpc.aio.ServicerContext
+    ) -> passt_pb2.EgressPolicy:
+        def run() -> passt_pb2.EgressPolicy:
+            if not request.id:
+                raise InvalidArgument("id: 0 is not a rule id")
+            return egress_to_pb(self._api.remove_egress_rule(request.id))
+
+        return await self._call(context, lambda: _sync(run))
+
+    async def SetEgressDefault(
+        self, request: passt_pb2.SetEgressDefaultRequest, context: grpc.aio.ServicerContext
+    ) -> passt_pb2.EgressPolicy:
+        def run() -> passt_pb2.EgressPolicy:
+            action = egress_action_from_pb(request.action, "action")
+            return egress_to_pb(self._api.set_egress_default(action, request.reset_existing))
 
         return await self._call(context, lambda: _sync(run))

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from passtd.control.api import StatusView
+from passtd.control.api import EgressRuleView, EgressView, StatusView
 from passtd.control.metrics import FlowCounters, MetricsServer, RpcCounters
 from passtd.dataplane.core.flowtable import PROTO_TCP, PROTO_UDP, Flow, FlowEvent
 from tests.control.samples import SAMPLE
@@ -33,6 +33,11 @@ class Source:
 
     def tap_backlog(self) -> int:
         return 3
+
+    def egress(self) -> EgressView:
+        rule = EgressRuleView(id=4, action="deny", destination="192.0.2.0/24", matches=7)
+        return EgressView(rules=(rule,), default_action="allow", default_matches=2,
+                          denied={"tcp": 5, "udp": 2, "icmp": 0}, flows_reset_total=1)  # fmt: skip
 
 
 def _flow(proto: int) -> Flow:
@@ -101,6 +106,11 @@ def test_classic_text_parses_and_carries_the_figures() -> None:
     assert samples[("passtd_forward_listening_sockets", (("direction", "tcp_in"),))] == 2
     assert samples[("passtd_forward_bind_failures_total", (("direction", "tcp_in"),))] == 1
     assert samples[("passtd_tap_backlog_bytes", ())] == 3
+    assert samples[("passtd_egress_rules", ())] == 1
+    assert samples[("passtd_egress_rule_matches_total", (("action", "deny"), ("rule", "4")))] == 7
+    assert samples[("passtd_egress_default_matches_total", (("action", "allow"),))] == 2
+    assert samples[("passtd_egress_denied_total", (("protocol", "tcp"),))] == 5
+    assert samples[("passtd_egress_flows_reset_total", ())] == 1
     assert samples[("passtd_process_open_fds", ())] > 0
     assert samples[("passtd_process_resident_memory_bytes", ())] > 1 << 20
 

@@ -120,6 +120,10 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_CLOSED: _EventKind.ValueType  # 3
     EVENT_KIND_EXISTING: _EventKind.ValueType  # 4
     """A flow that was already open when the watch started (include_existing)."""
+    EVENT_KIND_DENIED: _EventKind.ValueType  # 100
+    """--- egress ---: a new guest flow the egress rules refused (reason_detail "egress_denied:rule=ID" or
+    "egress_denied:default"); the connection's id is 0, it never entered the flow table.
+    """
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper): ...
 
@@ -129,6 +133,10 @@ EVENT_KIND_STATE_CHANGED: EventKind.ValueType  # 2
 EVENT_KIND_CLOSED: EventKind.ValueType  # 3
 EVENT_KIND_EXISTING: EventKind.ValueType  # 4
 """A flow that was already open when the watch started (include_existing)."""
+EVENT_KIND_DENIED: EventKind.ValueType  # 100
+"""--- egress ---: a new guest flow the egress rules refused (reason_detail "egress_denied:rule=ID" or
+"egress_denied:default"); the connection's id is 0, it never entered the flow table.
+"""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 class _CloseReason:
@@ -208,6 +216,28 @@ FORWARD_DIRECTION_TCP_OUT: ForwardDirection.ValueType  # 3
 FORWARD_DIRECTION_UDP_OUT: ForwardDirection.ValueType  # 4
 """-U (pasta): namespace UDP ports to the host"""
 Global___ForwardDirection: _TypeAlias = ForwardDirection  # noqa: Y015
+
+class _EgressAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EgressActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EgressAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EGRESS_ACTION_UNSPECIFIED: _EgressAction.ValueType  # 0
+    """invalid in a rule; in SetEgress's default: allow"""
+    EGRESS_ACTION_ALLOW: _EgressAction.ValueType  # 1
+    EGRESS_ACTION_DENY: _EgressAction.ValueType  # 2
+
+class EgressAction(_EgressAction, metaclass=_EgressActionEnumTypeWrapper):
+    """---------------------------------------------------------------------------------------------------------
+    --- egress ---
+    """
+
+EGRESS_ACTION_UNSPECIFIED: EgressAction.ValueType  # 0
+"""invalid in a rule; in SetEgress's default: allow"""
+EGRESS_ACTION_ALLOW: EgressAction.ValueType  # 1
+EGRESS_ACTION_DENY: EgressAction.ValueType  # 2
+Global___EgressAction: _TypeAlias = EgressAction  # noqa: Y015
 
 @_typing.final
 class GetStatusRequest(_message.Message):
@@ -1450,3 +1480,228 @@ class SetTimeoutsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetTimeoutsRequest: _TypeAlias = SetTimeoutsRequest  # noqa: Y015
+
+@_typing.final
+class EgressPortRange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    first: _builtins.int
+    """1..65535"""
+    last: _builtins.int
+    """first..65535; 0: the same as first"""
+    def __init__(
+        self,
+        *,
+        first: _builtins.int = ...,
+        last: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "last", b"last"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EgressPortRange: _TypeAlias = EgressPortRange  # noqa: Y015
+
+@_typing.final
+class EgressRule(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    PORTS_FIELD_NUMBER: _builtins.int
+    MATCHES_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Assigned by passtd when 0 in a request; never reused while the daemon runs."""
+    action: Global___EgressAction.ValueType
+    destination: _builtins.str
+    """A prefix ("192.0.2.0/24", "2001:db8::/32") or an address, as the guest addresses it: the gateway
+    (--map-host-loopback) stands for the host's loopback. Empty: any destination of either family.
+    """
+    protocol: Global___Protocol.ValueType
+    """PROTOCOL_UNSPECIFIED: any (tcp, udp and icmp echo)."""
+    matches: _builtins.int
+    """New flows this rule decided (output only)."""
+    @_builtins.property
+    def ports(self) -> _containers.RepeatedCompositeFieldContainer[Global___EgressPortRange]:
+        """Destination ports; empty: every port. Only with PROTOCOL_TCP or PROTOCOL_UDP."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        action: Global___EgressAction.ValueType = ...,
+        destination: _builtins.str = ...,
+        protocol: Global___Protocol.ValueType = ...,
+        ports: _abc.Iterable[Global___EgressPortRange] | None = ...,
+        matches: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "destination", b"destination", "id", b"id", "matches", b"matches", "ports", b"ports", "protocol", b"protocol"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EgressRule: _TypeAlias = EgressRule  # noqa: Y015
+
+@_typing.final
+class EgressPolicy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULES_FIELD_NUMBER: _builtins.int
+    DEFAULT_ACTION_FIELD_NUMBER: _builtins.int
+    DEFAULT_MATCHES_FIELD_NUMBER: _builtins.int
+    DENIED_TCP_FIELD_NUMBER: _builtins.int
+    DENIED_UDP_FIELD_NUMBER: _builtins.int
+    DENIED_ICMP_FIELD_NUMBER: _builtins.int
+    FLOWS_RESET_FIELD_NUMBER: _builtins.int
+    FLOWS_RESET_TOTAL_FIELD_NUMBER: _builtins.int
+    default_action: Global___EgressAction.ValueType
+    default_matches: _builtins.int
+    """new flows no rule matched"""
+    denied_tcp: _builtins.int
+    """SYNs answered with RST"""
+    denied_udp: _builtins.int
+    """datagrams answered with ICMP administratively prohibited"""
+    denied_icmp: _builtins.int
+    """echo requests dropped"""
+    flows_reset: _builtins.int
+    """existing flows this call closed (reset_existing)"""
+    flows_reset_total: _builtins.int
+    """since start"""
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___EgressRule]: ...
+    def __init__(
+        self,
+        *,
+        rules: _abc.Iterable[Global___EgressRule] | None = ...,
+        default_action: Global___EgressAction.ValueType = ...,
+        default_matches: _builtins.int = ...,
+        denied_tcp: _builtins.int = ...,
+        denied_udp: _builtins.int = ...,
+        denied_icmp: _builtins.int = ...,
+        flows_reset: _builtins.int = ...,
+        flows_reset_total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_action", b"default_action", "default_matches", b"default_matches", "denied_icmp", b"denied_icmp", "denied_tcp", b"denied_tcp", "denied_udp", b"denied_udp", "flows_reset", b"flows_reset", "flows_reset_total", b"flows_reset_total", "rules", b"rules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EgressPolicy: _TypeAlias = EgressPolicy  # noqa: Y015
+
+@_typing.final
+class GetEgressRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEgressRequest: _TypeAlias = GetEgressRequest  # noqa: Y015
+
+@_typing.final
+class SetEgressRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULES_FIELD_NUMBER: _builtins.int
+    DEFAULT_ACTION_FIELD_NUMBER: _builtins.int
+    RESET_EXISTING_FIELD_NUMBER: _builtins.int
+    default_action: Global___EgressAction.ValueType
+    """UNSPECIFIED: allow"""
+    reset_existing: _builtins.bool
+    """Also close the guest-initiated flows the new list denies (TCP: RST both sides; UDP, echo: closed)."""
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___EgressRule]: ...
+    def __init__(
+        self,
+        *,
+        rules: _abc.Iterable[Global___EgressRule] | None = ...,
+        default_action: Global___EgressAction.ValueType = ...,
+        reset_existing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_action", b"default_action", "reset_existing", b"reset_existing", "rules", b"rules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetEgressRequest: _TypeAlias = SetEgressRequest  # noqa: Y015
+
+@_typing.final
+class AddEgressRuleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    RESET_EXISTING_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """1-based place in the list; 0: at the end"""
+    reset_existing: _builtins.bool
+    @_builtins.property
+    def rule(self) -> Global___EgressRule: ...
+    def __init__(
+        self,
+        *,
+        rule: Global___EgressRule | None = ...,
+        position: _builtins.int = ...,
+        reset_existing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rule", b"rule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["position", b"position", "reset_existing", b"reset_existing", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddEgressRuleRequest: _TypeAlias = AddEgressRuleRequest  # noqa: Y015
+
+@_typing.final
+class RemoveEgressRuleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveEgressRuleRequest: _TypeAlias = RemoveEgressRuleRequest  # noqa: Y015
+
+@_typing.final
+class SetEgressDefaultRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    RESET_EXISTING_FIELD_NUMBER: _builtins.int
+    action: Global___EgressAction.ValueType
+    reset_existing: _builtins.bool
+    def __init__(
+        self,
+        *,
+        action: Global___EgressAction.ValueType = ...,
+        reset_existing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "reset_existing", b"reset_existing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetEgressDefaultRequest: _TypeAlias = SetEgressDefaultRequest  # noqa: Y015

@@ -99,6 +99,31 @@ class ControlStub:
                 request_serializer=passt__pb2.SetTimeoutsRequest.SerializeToString,
                 response_deserializer=passt__pb2.Timeouts.FromString,
                 _registered_method=True)
+        self.GetEgress = channel.unary_unary(
+                '/passt.v1.Control/GetEgress',
+                request_serializer=passt__pb2.GetEgressRequest.SerializeToString,
+                response_deserializer=passt__pb2.EgressPolicy.FromString,
+                _registered_method=True)
+        self.SetEgress = channel.unary_unary(
+                '/passt.v1.Control/SetEgress',
+                request_serializer=passt__pb2.SetEgressRequest.SerializeToString,
+                response_deserializer=passt__pb2.EgressPolicy.FromString,
+                _registered_method=True)
+        self.AddEgressRule = channel.unary_unary(
+                '/passt.v1.Control/AddEgressRule',
+                request_serializer=passt__pb2.AddEgressRuleRequest.SerializeToString,
+                response_deserializer=passt__pb2.EgressPolicy.FromString,
+                _registered_method=True)
+        self.RemoveEgressRule = channel.unary_unary(
+                '/passt.v1.Control/RemoveEgressRule',
+                request_serializer=passt__pb2.RemoveEgressRuleRequest.SerializeToString,
+                response_deserializer=passt__pb2.EgressPolicy.FromString,
+                _registered_method=True)
+        self.SetEgressDefault = channel.unary_unary(
+                '/passt.v1.Control/SetEgressDefault',
+                request_serializer=passt__pb2.SetEgressDefaultRequest.SerializeToString,
+                response_deserializer=passt__pb2.EgressPolicy.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -200,6 +225,41 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEgress(self, request, context):
+        """--- egress ---
+        Egress rules: which guest-initiated flows (TCP, UDP, ICMP echo) may leave. An ordered list, first
+        match wins, else the default action; decided once per new flow. Every call returns the list in force
+        with its counters. A bad rule is INVALID_ARGUMENT naming the field (e.g. "rules[2].destination").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetEgress(self, request, context):
+        """Replace the whole list and the default at once (a new flow sees the old list or this one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddEgressRule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveEgressRule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetEgressDefault(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -257,6 +317,31 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.SetTimeouts,
                     request_deserializer=passt__pb2.SetTimeoutsRequest.FromString,
                     response_serializer=passt__pb2.Timeouts.SerializeToString,
+            ),
+            'GetEgress': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEgress,
+                    request_deserializer=passt__pb2.GetEgressRequest.FromString,
+                    response_serializer=passt__pb2.EgressPolicy.SerializeToString,
+            ),
+            'SetEgress': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetEgress,
+                    request_deserializer=passt__pb2.SetEgressRequest.FromString,
+                    response_serializer=passt__pb2.EgressPolicy.SerializeToString,
+            ),
+            'AddEgressRule': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddEgressRule,
+                    request_deserializer=passt__pb2.AddEgressRuleRequest.FromString,
+                    response_serializer=passt__pb2.EgressPolicy.SerializeToString,
+            ),
+            'RemoveEgressRule': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveEgressRule,
+                    request_deserializer=passt__pb2.RemoveEgressRuleRequest.FromString,
+                    response_serializer=passt__pb2.EgressPolicy.SerializeToString,
+            ),
+            'SetEgressDefault': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetEgressDefault,
+                    request_deserializer=passt__pb2.SetEgressDefaultRequest.FromString,
+                    response_serializer=passt__pb2.EgressPolicy.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -566,6 +651,141 @@ class Control:
             '/passt.v1.Control/SetTimeouts',
             passt__pb2.SetTimeoutsRequest.SerializeToString,
             passt__pb2.Timeouts.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/passt.v1.Control/GetEgress',
+            passt__pb2.GetEgressRequest.SerializeToString,
+            passt__pb2.EgressPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetEgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/passt.v1.Control/SetEgress',
+            passt__pb2.SetEgressRequest.SerializeToString,
+            passt__pb2.EgressPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddEgressRule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/passt.v1.Control/AddEgressRule',
+            passt__pb2.AddEgressRuleRequest.SerializeToString,
+            passt__pb2.EgressPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveEgressRule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/passt.v1.Control/RemoveEgressRule',
+            passt__pb2.RemoveEgressRuleRequest.SerializeToString,
+            passt__pb2.EgressPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetEgressDefault(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/passt.v1.Control/SetEgressDefault',
+            passt__pb2.SetEgressDefaultRequest.SerializeToString,
+            passt__pb2.EgressPolicy.FromString,
             options,
             channel_credentials,
             insecure,

@@ -94,6 +94,17 @@ class ControlStub:
     """Change the timeouts named in update_mask. Every value is range-checked first; if any is out of range
     nothing changes (INVALID_ARGUMENT naming the field and its range). Applies at the next timer tick.
     """
+    GetEgress: _grpc.UnaryUnaryMultiCallable[_passt_pb2.GetEgressRequest, _passt_pb2.EgressPolicy]
+    """--- egress ---
+    Egress rules: which guest-initiated flows (TCP, UDP, ICMP echo) may leave. An ordered list, first
+    match wins, else the default action; decided once per new flow. Every call returns the list in force
+    with its counters. A bad rule is INVALID_ARGUMENT naming the field (e.g. "rules[2].destination").
+    """
+    SetEgress: _grpc.UnaryUnaryMultiCallable[_passt_pb2.SetEgressRequest, _passt_pb2.EgressPolicy]
+    """Replace the whole list and the default at once (a new flow sees the old list or this one)."""
+    AddEgressRule: _grpc.UnaryUnaryMultiCallable[_passt_pb2.AddEgressRuleRequest, _passt_pb2.EgressPolicy]
+    RemoveEgressRule: _grpc.UnaryUnaryMultiCallable[_passt_pb2.RemoveEgressRuleRequest, _passt_pb2.EgressPolicy]
+    SetEgressDefault: _grpc.UnaryUnaryMultiCallable[_passt_pb2.SetEgressDefaultRequest, _passt_pb2.EgressPolicy]
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -147,6 +158,17 @@ class ControlAsyncStub(ControlStub):
     """Change the timeouts named in update_mask. Every value is range-checked first; if any is out of range
     nothing changes (INVALID_ARGUMENT naming the field and its range). Applies at the next timer tick.
     """
+    GetEgress: _aio.UnaryUnaryMultiCallable[_passt_pb2.GetEgressRequest, _passt_pb2.EgressPolicy]  # type: ignore[assignment]
+    """--- egress ---
+    Egress rules: which guest-initiated flows (TCP, UDP, ICMP echo) may leave. An ordered list, first
+    match wins, else the default action; decided once per new flow. Every call returns the list in force
+    with its counters. A bad rule is INVALID_ARGUMENT naming the field (e.g. "rules[2].destination").
+    """
+    SetEgress: _aio.UnaryUnaryMultiCallable[_passt_pb2.SetEgressRequest, _passt_pb2.EgressPolicy]  # type: ignore[assignment]
+    """Replace the whole list and the default at once (a new flow sees the old list or this one)."""
+    AddEgressRule: _aio.UnaryUnaryMultiCallable[_passt_pb2.AddEgressRuleRequest, _passt_pb2.EgressPolicy]  # type: ignore[assignment]
+    RemoveEgressRule: _aio.UnaryUnaryMultiCallable[_passt_pb2.RemoveEgressRuleRequest, _passt_pb2.EgressPolicy]  # type: ignore[assignment]
+    SetEgressDefault: _aio.UnaryUnaryMultiCallable[_passt_pb2.SetEgressDefaultRequest, _passt_pb2.EgressPolicy]  # type: ignore[assignment]
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     """The control plane of one passtd process.
@@ -263,5 +285,46 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         """Change the timeouts named in update_mask. Every value is range-checked first; if any is out of range
         nothing changes (INVALID_ARGUMENT naming the field and its range). Applies at the next timer tick.
         """
+
+    @_abc_1.abstractmethod
+    def GetEgress(
+        self,
+        request: _passt_pb2.GetEgressRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passt_pb2.EgressPolicy, _abc.Awaitable[_passt_pb2.EgressPolicy]]:
+        """--- egress ---
+        Egress rules: which guest-initiated flows (TCP, UDP, ICMP echo) may leave. An ordered list, first
+        match wins, else the default action; decided once per new flow. Every call returns the list in force
+        with its counters. A bad rule is INVALID_ARGUMENT naming the field (e.g. "rules[2].destination").
+        """
+
+    @_abc_1.abstractmethod
+    def SetEgress(
+        self,
+        request: _passt_pb2.SetEgressRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passt_pb2.EgressPolicy, _abc.Awaitable[_passt_pb2.EgressPolicy]]:
+        """Replace the whole list and the default at once (a new flow sees the old list or this one)."""
+
+    @_abc_1.abstractmethod
+    def AddEgressRule(
+        self,
+        request: _passt_pb2.AddEgressRuleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passt_pb2.EgressPolicy, _abc.Awaitable[_passt_pb2.EgressPolicy]]: ...
+
+    @_abc_1.abstractmethod
+    def RemoveEgressRule(
+        self,
+        request: _passt_pb2.RemoveEgressRuleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passt_pb2.EgressPolicy, _abc.Awaitable[_passt_pb2.EgressPolicy]]: ...
+
+    @_abc_1.abstractmethod
+    def SetEgressDefault(
+        self,
+        request: _passt_pb2.SetEgressDefaultRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passt_pb2.EgressPolicy, _abc.Awaitable[_passt_pb2.EgressPolicy]]: ...
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -15,6 +15,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
 from passtd.dataplane.core.context import Context, Guest
+from passtd.dataplane.core.egress import Egress
 from passtd.dataplane.core.flowtable import FlowTable, FlowTableFull
 from passtd.dataplane.core.icmp import EchoToHost, echo_from_guest
 from passtd.dataplane.core.limits import GUEST_ADDRS_MAX
@@ -63,7 +64,9 @@ class Demux:
         ndp: NdpResponder,
         tcp: TcpSink,
         udp: UdpSink | None = None,
+        egress: Egress | None = None,
     ) -> None:
+        self.egress = egress  # the egress rules for new echo flows (TCP and UDP check theirs in their cores)
         self.tcp = tcp
         self.udp = udp
         self.ctx = ctx
@@ -236,12 +239,14 @@ class Demux:
         self, v6: bool, src: bytes, dst: bytes, message: memoryview, now: float, actions: list[EchoToHost]
     ) -> None:
         try:
-            action = echo_from_guest(self.ctx, self.flows, v6, src, dst, message, now)
+            action = echo_from_guest(self.ctx, self.flows, v6, src, dst, message, now, self.egress)
         except FlowTableFull as exc:
             self.stats.drop(exc.reason)
             return
         if action is None:
             self.stats.drop("icmp.not_echo")
+        elif isinstance(action, str):
+            self.stats.drop(action)
         else:
             actions.append(action)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from passtd.dataplane.core.context import Context, host_loopback4, host_loopback6
+from passtd.dataplane.core.egress import Egress
 from passtd.dataplane.core.flowtable import PROTO_ICMP, Flow, FlowTable, key_addr
 from passtd.dataplane.packets.ethernet import ETH_P_IP, ETH_P_IPV6, build_ethernet
 from passtd.dataplane.packets.icmp import (
@@ -119,10 +120,15 @@ def remote_as_seen(ctx: Context, peer: bytes) -> bytes:
     return peer
 
 
+EGRESS_DENIED_ICMP: Final = "egress.icmp"  # echo_from_guest's answer when the egress rules deny a new flow
+
+
 def echo_from_guest(
-    ctx: Context, table: FlowTable, v6: bool, src: bytes, dst: bytes, message: memoryview, now: float
-) -> EchoToHost | None:
-    """Find or create the flow for a guest echo request; None for other ICMP types (dropped by the caller)."""
+    ctx: Context, table: FlowTable, v6: bool, src: bytes, dst: bytes, message: memoryview, now: float,
+    egress: Egress | None = None,
+) -> EchoToHost | str | None:  # fmt: skip
+    """Find or create the flow for a guest echo request; None for other ICMP types (dropped by the caller);
+    EGRESS_DENIED_ICMP when `egress` denies a new flow (the request is dropped: no answer at all)."""
     icmp = parse_icmp(message)
     if icmp.type != (ICMPV6_ECHO_REQUEST if v6 else ICMP_ECHO_REQUEST) or icmp.code != 0:
         return None
@@ -133,6 +139,12 @@ def echo_from_guest(
     if isinstance(found, EchoFlow) and found.guest_addr == src:
         flow = found
     else:
+        if (
+            egress is not None
+            and egress.policy is not None
+            and not egress.check(PROTO_ICMP, v6, src, icmp.ident, dst, 0, now)
+        ):
+            return EGRESS_DENIED_ICMP
         flow = EchoFlow(
             table.new_id(), PROTO_ICMP, key, now, now,
             v6=v6, guest_addr=bytes(src), remote_addr=bytes(dst),

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol, TypeAlias
 
 from passtd.dataplane.core.context import Context, Guest
+from passtd.dataplane.core.egress import Egress
 from passtd.dataplane.core.flowtable import (
     PROTO_UDP,
     Flow,
@@ -59,6 +60,9 @@ ICMP_DEST_UNREACH: Final = 3
 ICMP_PORT_UNREACH: Final = 3
 ICMPV6_DEST_UNREACH: Final = 1
 ICMPV6_PORT_UNREACH: Final = 4
+ICMP_ADMIN_PROHIBITED: Final = 13  # RFC 1812 §5.2.7.1: communication administratively prohibited
+ICMPV6_ADMIN_PROHIBITED: Final = 1  # RFC 4443 §3.1
+EGRESS_DENIED_UDP: Final = "egress.udp"  # admit's reason for a flow the egress rules deny
 ICMPV6_QUOTE_MAX: Final = 1280 - 40 - 8  # RFC 4443 §2.4(c): the error must fit the minimum MTU
 
 
@@ -151,20 +155,26 @@ def guest_template(flow: UdpFlow) -> UdpTemplate:
     return tpl
 
 
-def port_unreachable(v6: bool, src: bytes, dst: bytes, sport: int, dport: int, payload: memoryview) -> bytes:
+def port_unreachable(
+    v6: bool, src: bytes, dst: bytes, sport: int, dport: int, payload: memoryview, prohibited: bool = False
+) -> bytes:
     """ICMP/ICMPv6 port unreachable for a guest datagram src:sport → dst:dport we refuse: an IP packet from
     `dst` to the guest, quoting the datagram's headers and, as RFC 792 and RFC 4443 §3.1 ask, the start of it
     (8 bytes for IPv4, as much as fits the minimum MTU for IPv6). The quoted headers are rebuilt, not copied:
-    the guest's stack matches its socket by addresses and ports, which they carry unchanged."""
+    the guest's stack matches its socket by addresses and ports, which they carry unchanged. `prohibited`:
+    "communication administratively prohibited" instead (egress rules), which the guest's stack reports as
+    EHOSTUNREACH (IPv4) or EACCES (IPv6) on a connected socket."""
     quoted_udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0)
     if v6:
+        code = ICMPV6_ADMIN_PROHIBITED if prohibited else ICMPV6_PORT_UNREACH
         body = quoted_udp + bytes(payload[: ICMPV6_QUOTE_MAX - 40 - 8])
         inner = struct.pack("!IHBB", 6 << 28, len(quoted_udp) + len(payload), 17, 64) + src + dst
-        message = bytearray(_ICMP_UNREACH.pack(ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0, 0)) + inner + body
+        message = bytearray(_ICMP_UNREACH.pack(ICMPV6_DEST_UNREACH, code, 0, 0)) + inner + body
         return build_icmp6_packet(dst, src, message, hop_limit=64)
+    code = ICMP_ADMIN_PROHIBITED if prohibited else ICMP_PORT_UNREACH
     total = 20 + 8 + len(payload)
     inner = struct.pack("!BBHHHBBH", 0x45, 0, total, 0, 0, 64, 17, 0) + src + dst
-    message = bytearray(_ICMP_UNREACH.pack(ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0)) + inner + quoted_udp
+    message = bytearray(_ICMP_UNREACH.pack(ICMP_DEST_UNREACH, code, 0, 0)) + inner + quoted_udp
     return build_icmp4_packet(dst, src, message)
 
 
@@ -177,8 +187,10 @@ class UdpCore:
         flows: FlowTable,
         stats: Stats,
         guest: Guest,
+        egress: Egress | None = None,
     ) -> None:
         self.ctx = ctx
+        self.egress = egress if egress is not None else Egress()
         self.flows = flows
         self.stats = stats
         self.guest = guest
@@ -218,11 +230,15 @@ class UdpCore:
 
     def admit(self, v6: bool, src: bytes, dst: bytes, sport: int, dport: int, now: float) -> UdpFlow | str:
         """A new guest flow for the shell to open a socket for, or the reason it is refused (counted here;
-        a reason starting with "limit." is answered with `port_unreachable`)."""
+        a reason starting with "limit." is answered with `port_unreachable`, EGRESS_DENIED_UDP with it too,
+        administratively prohibited)."""
         if (v6 and self.ctx.ip6 is None) or (not v6 and self.ctx.ip4 is None):
             return self._refuse("udp.family_disabled")
         if dport == 0:
             return self._refuse("udp.port_zero")
+        egress = self.egress
+        if egress.policy is not None and not egress.check(PROTO_UDP, v6, src, sport, dst, dport, now):
+            return self._refuse(EGRESS_DENIED_UDP)
         refused = self.flows.check(PROTO_UDP)
         if refused:
             return self._refuse(refused)

@@ -27,6 +27,7 @@ from typing import Final
 
 from passtd.dataplane.core.context import Context, Guest, is_loopback
 from passtd.dataplane.core.demux import Demux
+from passtd.dataplane.core.egress import Egress, EgressPolicy
 from passtd.dataplane.core.flowtable import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Flow, FlowEvent, FlowTable
 from passtd.dataplane.core.fwd import ForwardTables, Listener
 from passtd.dataplane.core.icmp import EchoFlow, EchoToHost
@@ -85,8 +86,11 @@ class Dataplane:
         self._out: list[OutFrame] = []
         self.tcp_io = TcpIo()
         self.watchers: list[Callable[[FlowEvent], None]] = []
+        self.egress = Egress()  # shared by the TCP, UDP and echo paths; swapped by `set_egress`
+        self.egress.on_denied = self._on_egress_denied
         self.tcp = TcpHandler(
-            TcpEnv(ctx, self.guest, self.flows, self.stats, self.tcp_io, self._to_tap, os.urandom(16)),
+            TcpEnv(ctx, self.guest, self.flows, self.stats, self.tcp_io, self._to_tap, os.urandom(16),
+                   self.egress),
             TcpHooks(self.timeouts, on_close=self._on_tcp_close, on_state=self._on_tcp_state,
                      watching=self.watchers, offload=vnet, congested=self._tap_congested),
         )  # fmt: skip
@@ -104,7 +108,7 @@ class Dataplane:
         self._timer = DeadlineTimer(loop, self._on_tcp_timer)
         self.udp = UdpRelay(
             ctx, loop, self.flows, self.stats, self.guest, self._to_tap, self._after_batch, self._emit,
-            self.log, to_tap_vnet=self._to_tap_vnet if vnet else None,
+            self.log, to_tap_vnet=self._to_tap_vnet if vnet else None, egress=self.egress,
         )  # fmt: skip
         hs = self.host_sockets = sockets if sockets is not None else HostSockets()
         outbound = Outbound(hs.outbound, hs.outbound_if4, hs.outbound_if6)
@@ -114,7 +118,14 @@ class Dataplane:
         )
         self.splicer = Splicer(loop, self.flows, self.stats, self._emit, ctx, self.guest, hs.host_lo_to_ns_lo)
         self.demux = Demux(
-            ctx, self.guest, self.stats, self.flows, self.ndp, self.tcp.tap_segment, self.udp.from_guest
+            ctx,
+            self.guest,
+            self.stats,
+            self.flows,
+            self.ndp,
+            self.tcp.tap_segment,
+            self.udp.from_guest,
+            self.egress,
         )
         self.forwarding = Forwarding(
             loop, self.fd_pool, self._on_tcp_listener, self.udp.on_listener,
@@ -360,7 +371,29 @@ class Dataplane:
             for watcher in list(self.watchers):
                 watcher(event)
 
+    def _on_egress_denied(self, flow: Flow, reason: str) -> None:
+        self._emit("denied", flow, "DENIED", reason)
+
     # -- control ---------------------------------------------------------------------------------------------
+
+    def set_egress(self, policy: EgressPolicy, reset_existing: bool = False) -> int:
+        """Swap the egress rules (new flows see the old list or this one, never a mix); with `reset_existing`,
+        close the guest-initiated flows this list denies (TCP: RST both sides; UDP and echo: closed), counted
+        and returned. Flows of the -T/-U loopback forwards are never the guest's egress and stay."""
+        egress = self.egress
+        egress.set(policy)
+        if not reset_existing or egress.policy is None:
+            return 0
+        denied = [
+            f for f in self.flows
+            if f.guest_initiated and isinstance(f, (TcpConn, UdpFlow, EchoFlow))
+            and not (isinstance(f, UdpFlow) and f.back is not None)
+            and egress.would_deny(f.proto, f.remote_addr, f.remote_port)
+        ]  # fmt: skip
+        for flow in denied:
+            self.reset_flow(flow.flow_id, "egress_denied")
+        egress.reset_flows += len(denied)
+        return len(denied)
 
     def set_timeouts(self, timeouts: Timeouts) -> None:
         """Takes effect at the next timer tick: every TCP deadline is recomputed from the new values."""

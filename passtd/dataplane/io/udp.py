@@ -25,10 +25,12 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Final, Protocol
 
 from passtd.dataplane.core.context import Context, Guest
+from passtd.dataplane.core.egress import Egress
 from passtd.dataplane.core.flowtable import V4_MAPPED, Flow, FlowTable
 from passtd.dataplane.core.fwd import Listener
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.core.udp import (
+    EGRESS_DENIED_UDP,
     FLUSH_FIRST,
     RUN_COMPLETE,
     SEND_ALONE,
@@ -103,8 +105,9 @@ class UdpRelay:
         emit: Emit,
         log: DebugLog,
         to_tap_vnet: ToTapVnet | None = None,
+        egress: Egress | None = None,
     ) -> None:
-        self.core = UdpCore(ctx, flows, stats, guest)
+        self.core = UdpCore(ctx, flows, stats, guest, egress)
         self.loop = loop
         self.flows = flows
         self.stats = stats
@@ -223,6 +226,11 @@ class UdpRelay:
         if isinstance(admitted, str):
             if admitted.startswith("limit."):
                 self._refused(v6, src, dst, sport, dport, payload)
+            elif admitted == EGRESS_DENIED_UDP:  # no socket: administratively prohibited, at once
+                self.to_tap(
+                    ETH_P_IPV6 if v6 else ETH_P_IP,
+                    port_unreachable(v6, src, dst, sport, dport, payload, True),
+                )
             return None
         flow = admitted
         target = flow.target_addr

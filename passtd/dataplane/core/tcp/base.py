@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from passtd.dataplane.core.context import Context, Guest
+from passtd.dataplane.core.egress import Egress
 from passtd.dataplane.core.flowtable import FlowKey, FlowTable
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.core.tcp import states as st
@@ -71,6 +72,7 @@ class TcpEnv:
     sockets: SocketFactory
     to_tap: TapOut
     secret: bytes
+    egress: Egress | None = None  # the shared egress rules (core/egress.py); None: a holder of its own
 
 
 @dataclass(slots=True)
@@ -111,6 +113,7 @@ class TcpBase:
         self.sockets = env.sockets
         self.to_tap = env.to_tap
         self.secret = env.secret
+        self.egress = env.egress if env.egress is not None else Egress()
         self.timeouts = hooks.timeouts
         self.on_close = hooks.on_close
         self.on_state = hooks.on_state

@@ -32,6 +32,11 @@ class TcpHandshake(TcpData):
             self.stats.drop("tcp.family_disabled")
             self._rst_unknown(v6, src, dst, tcp)
             return
+        egress = self.egress
+        if egress.policy is not None and not egress.check(PROTO_TCP, v6, src, tcp.sport, dst, tcp.dport, now):
+            self.stats.drop("egress.tcp")  # refused as a closed port would be: the guest's connect fails now
+            self._rst_unknown(v6, src, dst, tcp)
+            return
         half_open = self._half_open
         if len(half_open) >= self.half_open_pressure:
             self._expire_half_open(now)
