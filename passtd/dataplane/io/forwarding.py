@@ -75,6 +75,7 @@ class Transaction:
     """The outcome of `transact_async`: `committed` False means nothing changed (a dry run, or `fatal`)."""
 
     previous: ForwardTables
+    previous_book: RuleBook
     tables: ForwardTables
     book: RuleBook
     results: list[BindResult] = field(default_factory=list)
@@ -215,7 +216,7 @@ class Forwarding:
             previous = self.tables
             tables = change(previous)
             book = self.book.reconcile(tables)
-            tx = Transaction(previous, tables, book, dry_run=dry_run)
+            tx = Transaction(previous, self.book, tables, book, dry_run=dry_run)
             tx.added = tuple(sorted(book.ids() - self.book.ids()))
             tx.removed = tuple(sorted(self.book.ids() - book.ids()))
             staged: list[tuple[ListenerSet, Stage]] = []
