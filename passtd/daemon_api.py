@@ -350,6 +350,11 @@ class DaemonControl:
         """Counted by the forwarding for every change: start-up, reload, control calls, pesto, `auto`."""
         return dict(self.dp.forwarding.bind_failures)
 
+    def forward_counters(self) -> Mapping[tuple[str, str], ForwardCountersView]:
+        """Every forwarding rule's counters, by (direction, rule id), for the metrics."""
+        fwd = self.dp.forwarding
+        return {(e.direction, str(e.id)): counters_view(fwd.tallies.get(e.id)) for e in fwd.book.entries}
+
     def tap_backlog(self) -> int:
         tap = self.dp.tap
         return tap.backlog if tap is not None else 0

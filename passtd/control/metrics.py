@@ -26,7 +26,7 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
 
-from passtd.control.api import StatusView
+from passtd.control.api import ForwardCountersView, StatusView
 from passtd.dataplane.core.flowtable import PROTO_ICMP, PROTO_TCP, PROTO_UDP, FlowEvent
 
 PROTO_NAMES: Final = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp"}
@@ -82,6 +82,10 @@ class MetricsSource(Protocol):
         """Bytes or frames queued toward the guest and not yet written (0 without a guest)."""
         ...
 
+    def forward_counters(self) -> Mapping[tuple[str, str], ForwardCountersView]:
+        """(direction, rule id) → what came in through that forwarding rule (fwdtx)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -94,6 +98,7 @@ class Snapshot:
     flows_opened: Mapping[str, int]
     flows_closed: Mapping[tuple[str, str], int]
     rpc_calls: Mapping[tuple[str, str], int]
+    forward_rules: Mapping[tuple[str, str], ForwardCountersView] = field(default_factory=dict)
 
 
 async def take_snapshot(source: MetricsSource, flows: FlowCounters, rpcs: RpcCounters) -> Snapshot:
@@ -106,6 +111,7 @@ async def take_snapshot(source: MetricsSource, flows: FlowCounters, rpcs: RpcCou
         flows_opened=dict(flows.opened),
         flows_closed=dict(flows.closed),
         rpc_calls=dict(rpcs.calls),
+        forward_rules=dict(source.forward_counters()),
     )
 
 
@@ -180,8 +186,31 @@ class _SnapshotCollector(Collector):
             (gauge, "passtd_descriptors_in_use", "Descriptors open now.", (),
              [((), st.limits.descriptors.in_use)]),
         ]  # fmt: skip
+        families += _forward_rule_families(s.forward_rules)
         for kind, name, doc, labels, rows in families:
             yield _family(kind, name, doc, labels, rows)
+
+
+def _forward_rule_families(
+    rules: Mapping[tuple[str, str], ForwardCountersView],
+) -> list[tuple[bool, str, str, tuple[str, ...], Rows]]:
+    """fwdtx: one series per forwarding rule (labels direction and rule id) for each of its counters."""
+    labels = ("direction", "rule")
+    ordered = sorted(rules.items(), key=lambda kv: (kv[0][0], int(kv[0][1])))
+
+    def rows(attr: str) -> Rows:
+        return [(key, getattr(view, attr)) for key, view in ordered]
+
+    return [
+        (True, "passtd_forward_rule_connections", "TCP connections accepted through a forwarding rule.",
+         labels, rows("connections")),
+        (True, "passtd_forward_rule_datagrams", "UDP datagrams received on a forwarding rule's ports.",
+         labels, rows("datagrams")),
+        (True, "passtd_forward_rule_bytes_in", "Bytes from the clients of a forwarding rule's ports.",
+         labels, rows("bytes_in")),
+        (True, "passtd_forward_rule_bytes_out", "Bytes back to the clients of a forwarding rule's ports.",
+         labels, rows("bytes_out")),
+    ]  # fmt: skip
 
 
 def render(snap: Snapshot, *, openmetrics: bool) -> tuple[bytes, str]:

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from passtd.control.api import StatusView
+from passtd.control.api import ForwardCountersView, StatusView
 from passtd.control.metrics import FlowCounters, MetricsServer, RpcCounters
 from passtd.dataplane.core.flowtable import PROTO_TCP, PROTO_UDP, Flow, FlowEvent
 from tests.control.samples import SAMPLE
@@ -33,6 +33,9 @@ class Source:
 
     def tap_backlog(self) -> int:
         return 3
+
+    def forward_counters(self) -> Mapping[tuple[str, str], ForwardCountersView]:
+        return {("tcp_in", "7"): ForwardCountersView(connections=2, bytes_in=300, bytes_out=4000)}
 
 
 def _flow(proto: int) -> Flow:
@@ -101,6 +104,10 @@ def test_classic_text_parses_and_carries_the_figures() -> None:
     assert samples[("passtd_forward_listening_sockets", (("direction", "tcp_in"),))] == 2
     assert samples[("passtd_forward_bind_failures_total", (("direction", "tcp_in"),))] == 1
     assert samples[("passtd_tap_backlog_bytes", ())] == 3
+    rule = (("direction", "tcp_in"), ("rule", "7"))
+    assert samples[("passtd_forward_rule_connections_total", rule)] == 2
+    assert samples[("passtd_forward_rule_bytes_in_total", rule)] == 300
+    assert samples[("passtd_forward_rule_bytes_out_total", rule)] == 4000
     assert samples[("passtd_process_open_fds", ())] > 0
     assert samples[("passtd_process_resident_memory_bytes", ())] > 1 << 20
 
