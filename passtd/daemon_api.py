@@ -68,7 +68,7 @@ from passtd.dataplane.core.splice import SpliceFlow
 from passtd.dataplane.core.tcp.conn import TcpConn
 from passtd.dataplane.core.timeouts import RANGES, Timeouts
 from passtd.dataplane.io.dataplane import Dataplane, flow_state
-from passtd.dataplane.io.forwarding import Transaction, local_port_range, on_loopback
+from passtd.dataplane.io.forwarding import Tolerate, Transaction, local_port_range, on_loopback
 from passtd.dataplane.io.listeners import BindResult, ListenerSet
 from passtd.dataplane.io.sockets import local_name
 from passtd.errors import ConfigError
@@ -667,6 +667,17 @@ class DaemonControl:
     def forward_tables(self) -> ForwardTables:
         """The four port tables as they are now (the pesto server reads and replaces them whole)."""
         return self._tables()
+
+    async def transact_forward_tables(
+        self, change: Callable[[ForwardTables], ForwardTables], *, tolerate: Tolerate | None = None
+    ) -> Transaction:
+        """All four tables as one transaction (pesto's commit): every bind that counts, or nothing."""
+        mode = self.config.mode
+
+        def in_mode(tables: ForwardTables) -> ForwardTables:
+            return change(tables if tables.mode == mode else ForwardTables(mode))  # as `_tables`
+
+        return await self.dp.forwarding.transact_async(in_mode, tolerate=tolerate)
 
     def set_forward_tables(self, tables: ForwardTables) -> list[BindResult]:
         """Replace all four tables at once (pesto's commit and its rollback); one result per socket tried."""
