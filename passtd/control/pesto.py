@@ -8,8 +8,9 @@ Where upstream is weaker, and what passtd does instead:
 
 * Upstream serves one client at a time, with blocking reads inside its event loop: a client that stops
   half way stalls all forwarding. Here every client is its own task with non-blocking streams, bounded
-  reads (fixed-size structs, at most `MAX_RULES` rules per pif instead of 255), one `CLIENT_TIMEOUT` for the
-  whole exchange and at most `MAX_CLIENTS` at once; a client over the limit is closed at once. Malformed,
+  reads (fixed-size structs, at most `MAX_RULES` per pif: every port as its own rule, where upstream
+  holds 255), one `CLIENT_TIMEOUT` for the whole exchange and at most `MAX_CLIENTS` at once; a client over
+  the limit is closed at once. Malformed,
   truncated, oversized or late input is counted in `stats`, logged, and changes nothing.
 * Clients whose exchanges overlap do not lose each other's changes: each one's edit (the tables it was sent
   → the tables it sent back) is merged into the tables as they are when it commits (`pesto_wire.merge`).
