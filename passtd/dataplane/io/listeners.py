@@ -231,8 +231,9 @@ class ListenerSet:
             held = self._socks.get(key, {})
             for host, family in self._addresses(listener):
                 where = self._where(listener, host)
-                if host in held:
-                    stage.results.append(BindResult(listener, host, True, None, f"{where}: kept"))
+                if host in held:  # reported only when retargeted, as `apply_diff` does
+                    if self._current.get(key) != listener:
+                        stage.results.append(BindResult(listener, host, True, None, f"{where}: kept"))
                     continue
                 if self.pool.listener_room() <= 0:
                     msg = f"{where}: listener limit reached ({self.pool.listeners} open; raise the limit)"
