@@ -218,3 +218,24 @@ def test_rules_tally_what_comes_in() -> None:
             acc.close()
 
     run(main)
+
+
+def test_a_reload_during_a_transaction_waits_for_it() -> None:
+    """SIGHUP's `apply` while a transaction holds the lock runs after it, not beside its staged sockets."""
+    (p1,) = free_ports(1)
+    acc = Accepting()
+
+    async def main() -> None:
+        fwd = forwarding(acc)
+        try:
+            async with fwd.lock:
+                assert fwd.apply(fwd.tables.replace("tcp_in", spec(p1))) == []
+                assert fwd.tables.tcp_in.mode == "none" and len(fwd) == 0
+            await wait_until(lambda: fwd.tables.tcp_in.mode == "spec", "the reload after the lock")
+            assert len(fwd) == 1 and fwd.book.of("tcp_in")[0].rule is not None
+            assert tcp_accepts("127.0.0.1", p1)
+        finally:
+            fwd.close()
+            acc.close()
+
+    run(main)

@@ -110,6 +110,7 @@ class Forwarding:
         self.book = RuleBook()  # the rule ids of `tables`
         self.tallies: dict[int, FwdTally] = {}  # rule id → counters, for the rules in `book`
         self.lock = asyncio.Lock()  # transactions and the auto scan's binds, one at a time
+        self._later: list[asyncio.Task[None]] = []  # `apply` calls waiting for a transaction to end
         self._enabled = {"tcp": tcp, "udp": udp}
         self.tcp = ListenerSet("tcp", loop, on_tcp, pool=pool, freebind=freebind, enabled=tcp)
         self.udp = ListenerSet("udp", loop, on_udp, pool=pool, freebind=freebind, enabled=udp)
@@ -186,11 +187,22 @@ class Forwarding:
         return results
 
     def apply(self, tables: ForwardTables) -> list[BindResult]:
-        """Replace the port policy at once: diff the listeners, report each bind; flows are never touched."""
+        """Replace the port policy at once: diff the listeners, report each bind; flows are never touched.
+        While a transaction holds the lock (a SIGHUP during a control call), the change waits for it and
+        runs after, so it neither binds beside the transaction's staged sockets nor is overwritten."""
+        if self.lock.locked():
+            self._later = [t for t in self._later if not t.done()]
+            self._later.append(self.loop.create_task(self._apply_after_lock(tables)))
+            return []
         results: list[BindResult] = []
         for listeners, wanted in self._plan(tables):
             results += self._bound(listeners, listeners.apply(wanted))
         return self._report(results)
+
+    async def _apply_after_lock(self, tables: ForwardTables) -> None:
+        async with self.lock:
+            for listeners, wanted in self._plan(tables):
+                self._bound(listeners, listeners.apply(wanted))
 
     async def apply_async(self, tables: ForwardTables) -> list[BindResult]:
         """As `apply`, binding in slices with the loop running between them (large ranges, `-t all`)."""
@@ -340,6 +352,8 @@ class Forwarding:
         task = self._auto_task
         if task is not None and not task.done():
             task.cancel()
+        for later in self._later:
+            later.cancel()
         for listeners in (self.tcp, self.udp, self.tcp_ns, self.udp_ns):
             if listeners is not None:
                 listeners.close()
