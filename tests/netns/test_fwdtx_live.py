@@ -114,3 +114,38 @@ def test_more_than_255_rules_through_passtctl(topo: Topology) -> None:
     assert out.returncode == 0, out.stdout[-500:] + out.stderr
     assert len(tcp_in(ctl)["rules"]) == 40
     assert sum(1 for a in listening(topo) if a.startswith("0.0.0.0:30")) == 40
+
+
+UDP_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(20)
+print("ready", flush=True)
+for _ in range(3):
+    data, peer = s.recvfrom(2048)
+    s.sendto(data, peer)
+"""
+
+UDP_CLIENT = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+got = 0
+for _ in range(3):
+    s.sendto(b"x" * 100, ("127.0.0.1", int(sys.argv[1])))
+    got += len(s.recv(2048))
+print(got)
+"""
+
+
+def test_udp_rule_counts_datagrams_and_bytes(topo: Topology) -> None:
+    ctl = start(topo, "-t", "none", "-u", "20011", "-T", "none", "-U", "none")
+    server = spawn(topo, topo.guest, sys.executable, "-c", UDP_ECHO, "20011")
+    assert line(server) == "ready"
+    out = sh(sys.executable, "-c", UDP_CLIENT, "20011", ns=topo.host, timeout=20)
+    assert out.stdout.strip() == "300"
+    (table,) = [t for t in policy(ctl)["tables"] if t["direction"] == "udp_in"]
+    (rule,) = table["rules"]
+    counters = {k: int(v) for k, v in rule["counters"].items()}
+    assert counters == {"connections": 0, "datagrams": 3, "bytes_in": 300, "bytes_out": 300}, counters
