@@ -8,6 +8,7 @@ connect to a port this transaction wanted is refused).
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import secrets
 import shutil
@@ -235,6 +236,52 @@ def test_a_reload_during_a_transaction_waits_for_it() -> None:
             assert len(fwd) == 1 and fwd.book.of("tcp_in")[0].rule is not None
             assert tcp_accepts("127.0.0.1", p1)
         finally:
+            fwd.close()
+            acc.close()
+
+    run(main)
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a network namespace")
+@pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 `ip` is not installed")
+def test_which_failed_binds_undo_a_transaction(private_netns: int) -> None:  # noqa: F811
+    """A missing family of an address-less rule does not (as at start-up), a `tolerate`d bind does not,
+    anything else does."""
+    fd = private_netns
+    port, taken = 20000 + secrets.randbelow(6000), 26000 + secrets.randbelow(6000)
+    acc = Accepting()
+
+    def no_ipv6(family: int, kind: int) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+        return _in_ns(fd, socket.socket, family, kind)
+
+    def squat() -> socket.socket:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", taken))
+        sock.listen()
+        return sock
+
+    async def main() -> None:
+        fwd = forwarding(acc)
+        fwd.tcp.close()
+        fwd.tcp = ListenerSet("tcp", asyncio.get_running_loop(), acc, socket_factory=no_ipv6)
+        squatter = _in_ns(fd, squat)
+        try:
+            tx = await fwd.transact_async(lambda t: t.replace("tcp_in", str(port)))
+            assert tx.committed and [(r.address, r.errno_name) for r in tx.results if not r.ok] == [
+                ("::", "EAFNOSUPPORT")
+            ]
+            assert _in_ns(fd, tcp_accepts, "127.0.0.1", port)
+            tx = await fwd.transact_async(lambda t: t.add("tcp_in", f"127.0.0.1/{taken}"))
+            assert not tx.committed and [r.errno_name for r in tx.fatal] == ["EADDRINUSE"]
+            tx = await fwd.transact_async(
+                lambda t: t.add("tcp_in", f"127.0.0.1/{taken}"), tolerate=lambda r: r.listener.port == taken
+            )
+            assert tx.committed and tx.fatal == [] and fwd.tables.tcp_in.target(taken) == taken
+        finally:
+            squatter.close()
             fwd.close()
             acc.close()
 
