@@ -205,10 +205,12 @@ class Forwarding:
                 self._bound(listeners, listeners.apply(wanted))
 
     async def apply_async(self, tables: ForwardTables) -> list[BindResult]:
-        """As `apply`, binding in slices with the loop running between them (large ranges, `-t all`)."""
+        """As `apply` (best effort, not a transaction), binding in slices with the loop running between them
+        (large ranges, `-t all`); takes its turn on the lock with transactions."""
         results: list[BindResult] = []
-        for listeners, wanted in self._plan(tables):
-            results += self._bound(listeners, await listeners.apply_async(wanted))
+        async with self.lock:
+            for listeners, wanted in self._plan(tables):
+                results += self._bound(listeners, await listeners.apply_async(wanted))
         return self._report(results)
 
     async def transact_async(
