@@ -276,6 +276,7 @@ def test_which_failed_binds_undo_a_transaction(private_netns: int) -> None:  # n
             assert _in_ns(fd, tcp_accepts, "127.0.0.1", port)
             tx = await fwd.transact_async(lambda t: t.add("tcp_in", f"127.0.0.1/{taken}"))
             assert not tx.committed and [r.errno_name for r in tx.fatal] == ["EADDRINUSE"]
+            assert [r.listener.port for r in tx.results] == [taken]  # `port`'s missing family: not retried
             tx = await fwd.transact_async(
                 lambda t: t.add("tcp_in", f"127.0.0.1/{taken}"), tolerate=lambda r: r.listener.port == taken
             )

@@ -228,12 +228,13 @@ class ListenerSet:
         since_yield = 0
         for listener in sorted(stage.wanted.values(), key=lambda lst: lst.port):
             key = listener.key
+            if key in self._socks and self._current.get(key) == listener:
+                continue  # unchanged: not touched (a family that failed before is not retried, as apply)
             held = self._socks.get(key, {})
             for host, family in self._addresses(listener):
                 where = self._where(listener, host)
-                if host in held:  # reported only when retargeted, as `apply_diff` does
-                    if self._current.get(key) != listener:
-                        stage.results.append(BindResult(listener, host, True, None, f"{where}: kept"))
+                if host in held:  # retargeted: the socket stays, as in `apply_diff`
+                    stage.results.append(BindResult(listener, host, True, None, f"{where}: kept"))
                     continue
                 if self.pool.listener_room() <= 0:
                     msg = f"{where}: listener limit reached ({self.pool.listeners} open; raise the limit)"
