@@ -27,6 +27,7 @@ from passtctl.egress import add_commands as add_egress_commands
 from passtctl.render import (
     render_connections,
     render_event,
+    render_forward_rules,
     render_json,
     render_json_line,
     render_policy_change,
@@ -78,6 +79,12 @@ def _port(text: str) -> int:
 def _count(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1: {text!r}")
+    return int(text)
+
+
+def _rule_id(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"not a rule id: {text!r}")
     return int(text)
 
 
@@ -313,8 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
         sub = ports_cmds.add_parser(name, help=text, description=text)
         if name != "list":
             sub.add_argument(
-                "spec", metavar="SPEC", help="a passt port spec: 8080, 8000-8010:9000-9010, ~22, none"
-            )
+                "spec", metavar="SPEC", nargs="?" if name == "remove" else None,
+                help="a passt port spec: 8080, 8000-8010:9000-9010, ~22, none",
+            )  # fmt: skip
+            sub.add_argument(
+                "--dry-run", action="store_true",
+                help="check only: parse, conflicts, and a trial bind of each new socket (closed at once)",
+            )  # fmt: skip
+            if name == "remove":
+                sub.add_argument(
+                    "--id", dest="ids", type=_rule_id, action="append", metavar="ID",
+                    help="remove the rule with this id (from `ports list`; repeatable)",
+                )  # fmt: skip
             which = sub.add_mutually_exclusive_group()
             which.add_argument(
                 "--dir", choices=tuple(_FORWARD_DIRECTIONS), help="table to change (default tcp_in)"
@@ -453,14 +470,27 @@ def _conns_reset(client: ControlClient, args: argparse.Namespace) -> int:
 
 def _ports_list(client: ControlClient, args: argparse.Namespace) -> int:
     policy = client.port_policy()
-    sys.stdout.write(render_json(policy) if args.output == "json" else render_port_policy(policy))
+    if args.output == "json":
+        sys.stdout.write(render_json(policy))
+        return EXIT_OK
+    sys.stdout.write(render_port_policy(policy))
+    rules = render_forward_rules(policy)
+    sys.stdout.write("\n" + rules if rules else "")
     return EXIT_OK
 
 
 def _ports_change(client: ControlClient, args: argparse.Namespace) -> int:
     direction = _FORWARD_DIRECTIONS[args.dir or "tcp_in"]
-    change = client.change_forward(args.op, direction, args.spec)
+    ids: list[int] = getattr(args, "ids", None) or []
+    if ids and args.spec:
+        raise UsageError("give a SPEC or --id, not both")
+    if not ids and not args.spec:
+        raise UsageError("give a SPEC" + (" or --id N" if args.op == "remove" else ""))
+    change = client.change_forward(args.op, direction, args.spec or "", dry_run=args.dry_run, ids=ids)
     sys.stdout.write(render_policy_change(change))
+    if change.failure:
+        sys.stderr.write(f"{PROG}: error: not applied: {change.failure}\n")
+        return EXIT_FAILED
     # Servers before binds_total/binds_failed listed every socket: count the list then.
     failed = change.binds_failed or sum(not b.ok for b in change.binds)
     total = change.binds_total or len(change.binds)

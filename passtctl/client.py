@@ -6,7 +6,7 @@ time. Imports grpc, protobuf and the generated modules, nothing of the daemon.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self
@@ -276,15 +276,26 @@ class ControlClient:
         return reply
 
     def change_forward(
-        self, op: str, direction: passt_pb2.ForwardDirection.ValueType, spec: str
+        self,
+        op: str,
+        direction: passt_pb2.ForwardDirection.ValueType,
+        spec: str,
+        *,
+        dry_run: bool = False,
+        ids: Sequence[int] = (),
     ) -> passt_pb2.PortPolicyChange:
-        """op: "set" (replace the table), "add" or "remove"."""
-        method, kind = {
-            "set": (self._control.SetPortPolicy, passt_pb2.SetPortPolicyRequest),
-            "add": (self._control.AddForward, passt_pb2.AddForwardRequest),
-            "remove": (self._control.RemoveForward, passt_pb2.RemoveForwardRequest),
-        }[op]
-        reply: passt_pb2.PortPolicyChange = self._unary(method, kind(direction=direction, spec=spec))
+        """op: "set" (replace the table), "add" or "remove" (by spec, or by rule `ids`); one transaction."""
+        request: passt_pb2.SetPortPolicyRequest | passt_pb2.AddForwardRequest | passt_pb2.RemoveForwardRequest
+        if op == "set":
+            request = passt_pb2.SetPortPolicyRequest(direction=direction, spec=spec, dry_run=dry_run)
+            method = self._control.SetPortPolicy
+        elif op == "add":
+            request = passt_pb2.AddForwardRequest(direction=direction, spec=spec, dry_run=dry_run)
+            method = self._control.AddForward
+        else:
+            request = passt_pb2.RemoveForwardRequest(direction=direction, spec=spec, dry_run=dry_run, ids=ids)
+            method = self._control.RemoveForward
+        reply: passt_pb2.PortPolicyChange = self._unary(method, request)
         return reply
 
     def timeouts(self) -> passt_pb2.Timeouts:

@@ -441,9 +441,52 @@ def render_port_policy(policy: passt_pb2.PortPolicy) -> str:
     return render_columns(("DIRECTION", "OPTION", "SPEC", "BOUND"), rows)
 
 
+def render_forward_rules(policy: passt_pb2.PortPolicy) -> str:
+    """fwdtx: one row per forwarding rule with its id and counters ("" when the server has no ids)."""
+    rows: list[list[str]] = []
+    for table in policy.tables:
+        name = DIRECTION_OPTION.get(table.direction, ("?", "?"))[0]
+        if table.rule_id:
+            c = table.counters
+            rows.append([str(table.rule_id), name, table.spec, str(c.connections), str(c.datagrams),
+                         format_bytes(c.bytes_in), format_bytes(c.bytes_out)])  # fmt: skip
+        for rule in table.rules:
+            if not rule.id:
+                continue
+            c = rule.counters
+            rows.append([str(rule.id), name, _rule_text(rule), str(c.connections), str(c.datagrams),
+                         format_bytes(c.bytes_in), format_bytes(c.bytes_out)])  # fmt: skip
+    if not rows:
+        return ""
+    return render_columns(("ID", "DIRECTION", "RULE", "CONNS", "DGRAMS", "IN", "OUT"), rows, (3, 4, 5, 6))
+
+
+def _rule_text(rule: passt_pb2.ForwardRule) -> str:
+    """A rule as a spec item with its scope: 127.0.0.1/8080:80, 22, 80:10.0.2.5/8080."""
+    scope = rule.bind_address + (f"%{rule.ifname}" if rule.ifname else "")
+    text = (f"{scope}/" if scope else "") + (
+        str(rule.first) if rule.first == rule.last else f"{rule.first}-{rule.last}"
+    )
+    last = rule.target_first + rule.last - rule.first
+    target = str(rule.target_first) if rule.first == rule.last else f"{rule.target_first}-{last}"
+    if rule.target_address:
+        shown = f"[{rule.target_address}]" if ":" in rule.target_address else rule.target_address
+        return f"{text}:{shown}/{target}"
+    return text if rule.target_first == rule.first else f"{text}:{target}"
+
+
 def render_policy_change(change: passt_pb2.PortPolicyChange) -> str:
     name, option = DIRECTION_OPTION.get(change.current.direction, ("?", "?"))
     out = f"{name} ({option}): {change.previous.spec} -> {change.current.spec}\n"
+    if change.dry_run:
+        out = "dry run, nothing changed: " + out
+    elif change.failure:
+        out = f"{name} ({option}): {change.previous.spec} (unchanged; the change was not applied)\n"
+    if change.added_ids or change.removed_ids:
+        verb = " would be" if change.dry_run else ""
+        parts = [f"rule ids{verb} added: {' '.join(map(str, change.added_ids))}"] if change.added_ids else []
+        parts += [f"removed: {' '.join(map(str, change.removed_ids))}"] if change.removed_ids else []
+        out += "  " + "; ".join(parts) + "\n"
     rows = [
         ["ok" if b.ok else "FAILED", b.error or "", b.message or endpoint(b.address, b.port)]
         for b in change.binds

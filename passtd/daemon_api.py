@@ -18,7 +18,7 @@ import os
 import resource
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, replace
 from typing import Final, Protocol
 
@@ -38,6 +38,7 @@ from passtd.control.api import (
     EgressView,
     EventQueue,
     FailedPrecondition,
+    ForwardCountersView,
     ForwardDirection,
     ForwardOp,
     ForwardRuleView,
@@ -69,12 +70,22 @@ from passtd.dataplane.core.egress import (
     parse_network,
     parse_proto,
 )
-from passtd.dataplane.core.flowtable import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Flow, FlowEvent, key_addr
+from passtd.dataplane.core.flowtable import (
+    PROTO_ICMP,
+    PROTO_TCP,
+    PROTO_UDP,
+    Flow,
+    FlowEvent,
+    FwdTally,
+    key_addr,
+)
 from passtd.dataplane.core.fwd import OPTION_OF, ForwardTables, Listener, PortPolicy
+from passtd.dataplane.core.fwdbook import RuleBook
+from passtd.dataplane.core.splice import SpliceFlow
 from passtd.dataplane.core.tcp.conn import TcpConn
 from passtd.dataplane.core.timeouts import RANGES, Timeouts
 from passtd.dataplane.io.dataplane import Dataplane, flow_state
-from passtd.dataplane.io.forwarding import local_port_range, on_loopback
+from passtd.dataplane.io.forwarding import Tolerate, Transaction, local_port_range, on_loopback
 from passtd.dataplane.io.listeners import BindResult, ListenerSet
 from passtd.dataplane.io.sockets import local_name
 from passtd.errors import ConfigError
@@ -206,11 +217,41 @@ def _bind_view(result: BindResult) -> BindResultView:
     )
 
 
+def live_bytes(flow: Flow) -> tuple[int, int]:
+    """A flow's (from guest, to guest) bytes now: a spliced pair counts in its sockets until it closes."""
+    pair = flow.pair if isinstance(flow, SpliceFlow) else None
+    if pair is not None:
+        ab, ba = pair.bytes_ab, pair.bytes_ba
+        return (ba, ab) if flow.guest_initiated else (ab, ba)
+    return (flow.bytes_from_guest, flow.bytes_to_guest)
+
+
+def counters_view(tally: FwdTally | None) -> ForwardCountersView:
+    if tally is None:
+        return ForwardCountersView()
+    connections, datagrams, bytes_in, bytes_out = tally.snapshot(live_bytes)
+    return ForwardCountersView(
+        connections=connections, datagrams=datagrams, bytes_in=bytes_in, bytes_out=bytes_out
+    )
+
+
 def table_view(
-    direction: ForwardDirection, policy: PortPolicy, listening: ListenerSet | None = None
+    direction: ForwardDirection,
+    policy: PortPolicy,
+    listening: ListenerSet | None = None,
+    book: RuleBook | None = None,
+    tallies: Mapping[int, FwdTally] | None = None,
 ) -> ForwardTableView:
-    """One direction's policy; in `auto` mode with its `listening` set, the ports auto has bound now."""
+    """One direction's policy; in `auto` mode with its `listening` set, the ports auto has bound now. With
+    the `book` of rule ids, rules are listed as added, with their ids (and counters, from `tallies`)."""
     bound = sorted({lst.port for lst in listening.listeners}) if listening and policy.mode == "auto" else []
+    tallies = tallies or {}
+    entries = book.of(direction) if book is not None else ()
+    if policy.mode == "spec":
+        listed = [(e.id, e.rule) for e in entries if e.rule is not None] or [(0, r) for r in policy.rules]
+    else:
+        listed = []
+    whole = entries[0].id if entries and policy.mode in ("all", "auto") else 0
     return ForwardTableView(
         auto_bound=tuple(bound),
         direction=direction,
@@ -223,11 +264,28 @@ def table_view(
                 first=r.first,
                 last=r.last,
                 target_first=r.target_first,
+                id=rule_id,
+                counters=counters_view(tallies.get(rule_id)),
+                target_address="" if r.target_addr is None else str(r.target_addr),
             )
-            for r in policy.rules
+            for rule_id, r in listed
         ),
         excluded=tuple(sorted(policy.excluded)),
+        rule_id=whole,
+        counters=counters_view(tallies.get(whole)) if whole else ForwardCountersView(),
     )
+
+
+def transaction_failure(tx: Transaction) -> str:
+    """One line: the first bind that undid the transaction, its errno, and how many failed."""
+    if not tx.fatal:
+        return ""
+    first = tx.fatal[0]
+    more = f"; {len(tx.fatal)} of {len(tx.results)} sockets failed" if len(tx.fatal) > 1 else ""
+    text = f"{first.message} [{first.errno_name}]{more}; nothing changed"
+    if tx.not_restored:
+        text += "; could not restore: " + ", ".join(r.message for r in tx.not_restored)
+    return text
 
 
 def descriptors_in_use(soft_limit: int) -> int:
@@ -317,6 +375,11 @@ class DaemonControl:
     def bind_failures(self) -> Mapping[str, int]:
         """Counted by the forwarding for every change: start-up, reload, control calls, pesto, `auto`."""
         return dict(self.dp.forwarding.bind_failures)
+
+    def forward_counters(self) -> Mapping[tuple[str, str], ForwardCountersView]:
+        """Every forwarding rule's counters, by (direction, rule id), for the metrics."""
+        fwd = self.dp.forwarding
+        return {(e.direction, str(e.id)): counters_view(fwd.tallies.get(e.id)) for e in fwd.book.entries}
 
     def tap_backlog(self) -> int:
         tap = self.dp.tap
@@ -553,50 +616,94 @@ class DaemonControl:
         tables = self._tables()
         fwd = self.dp.forwarding
         sets = {"tcp_in": fwd.tcp, "udp_in": fwd.udp, "tcp_out": fwd.tcp_ns, "udp_out": fwd.udp_ns}
-        return tuple(table_view(d, tables.policy(d), sets[d]) for d in FORWARD_DIRECTIONS)
+        return tuple(
+            table_view(d, tables.policy(d), sets[d], fwd.book, fwd.tallies) for d in FORWARD_DIRECTIONS
+        )
+
+    def _forward_change(
+        self, op: ForwardOp, direction: ForwardDirection, spec: str, ids: Sequence[int]
+    ) -> Callable[[ForwardTables], ForwardTables]:
+        """The change as a function of the tables it applies to (the transaction runs it under its lock)."""
+        mode = self.config.mode
+
+        def change(tables: ForwardTables) -> ForwardTables:
+            if tables.mode != mode:  # the dataplane starts as passt until the policy is set
+                tables = ForwardTables(mode)
+            try:
+                if ids:
+                    return self.dp.forwarding.book.without(tables, ids)
+                if op == "replace":
+                    return tables.replace(direction, spec)
+                if op == "add":
+                    return tables.add(direction, spec)
+                return tables.delete(direction, spec)
+            except ConfigError as exc:
+                raise InvalidArgument(f"{'ids' if ids else 'spec'}: {exc}") from None
+
+        return change
 
     async def change_forward(
-        self, op: ForwardOp, direction: ForwardDirection, spec: str
+        self,
+        op: ForwardOp,
+        direction: ForwardDirection,
+        spec: str,
+        *,
+        dry_run: bool = False,
+        ids: Sequence[int] = (),
     ) -> PortPolicyChangeView:
-        """Apply one table change; the binds run in slices with the data path served between them
-        (`Dataplane.set_forwarding_async`), and a change that runs out of descriptors is undone."""
+        """Apply one table change as a transaction (`Forwarding.transact_async`): the binds run in slices
+        with the data path served between them; if one that counts fails, nothing changes."""
+        if op not in ("replace", "add", "delete"):
+            raise InvalidArgument(f"op: {quote(op)} is not replace, add or delete")
+        if ids and op != "delete":
+            raise InvalidArgument("ids: only RemoveForward takes rule ids")
+        tables = self._tables()
+        if ids:
+            entry = self.dp.forwarding.book.by_id(ids[0])
+            if entry is None:
+                raise InvalidArgument(f"ids: no forwarding rule with id {ids[0]}")
+            direction = entry.direction
         if direction not in OPTION_OF:
             raise InvalidArgument(f"direction: {quote(direction)} is not one of {', '.join(OPTION_OF)}")
         option = OPTION_OF[direction]
-        tables = self._tables()
         if direction.endswith("_out") and tables.mode == "passt":
             raise FailedPrecondition(f"{option}: only valid in pasta mode")
-        try:
-            if op == "replace":
-                new = tables.replace(direction, spec)
-            elif op == "add":
-                new = tables.add(direction, spec)
-            elif op == "delete":
-                new = tables.delete(direction, spec)
-            else:
-                raise InvalidArgument(f"op: {quote(op)} is not replace, add or delete")
-        except InvalidArgument:
-            raise
-        except ConfigError as exc:
-            raise InvalidArgument(f"spec: {exc}") from None
-        policy = new.policy(direction)
-        previous = table_view(direction, tables.policy(direction))
-        self._check_descriptors(option, new)
-        results = await self.dp.set_forwarding_async(new)
-        starved = [r for r in results if not r.ok and r.errno_name in RESOURCE_ERRNOS]
+        change = self._forward_change(op, direction, spec, ids)
+        self._check_descriptors(option, change(tables))  # refuses a bad spec or id too, before any bind
+        tx: Transaction = await self.dp.forwarding.transact_async(change, dry_run=dry_run)
+        starved = [r for r in tx.fatal if r.errno_name in RESOURCE_ERRNOS]
         if starved:
-            await self.dp.set_forwarding_async(tables)  # undo: closes what this change opened
             raise ResourceExhausted(
-                f"{option}: {len(starved)} of {len(results)} listening sockets could not be opened "
+                f"{option}: {len(starved)} of {len(tx.results)} listening sockets could not be opened "
                 f"({starved[0].errno_name}: {starved[0].message}); the change was undone"
             )
-        return PortPolicyChangeView.build(
-            previous, table_view(direction, policy), [_bind_view(r) for r in results]
-        )
+        fwd = self.dp.forwarding
+        previous = table_view(direction, tx.previous.policy(direction), None, tx.previous_book, fwd.tallies)
+        after = tx.tables if tx.committed or dry_run else tx.previous
+        current = table_view(
+            direction, after.policy(direction), None, tx.book if after is tx.tables else tx.previous_book,
+            fwd.tallies,
+        )  # fmt: skip
+        view = PortPolicyChangeView.build(previous, current, [_bind_view(r) for r in tx.results])
+        return replace(
+            view, committed=tx.committed, dry_run=dry_run, failure=transaction_failure(tx),
+            added_ids=tx.added, removed_ids=tx.removed,
+        )  # fmt: skip
 
     def forward_tables(self) -> ForwardTables:
         """The four port tables as they are now (the pesto server reads and replaces them whole)."""
         return self._tables()
+
+    async def transact_forward_tables(
+        self, change: Callable[[ForwardTables], ForwardTables], *, tolerate: Tolerate | None = None
+    ) -> Transaction:
+        """All four tables as one transaction (pesto's commit): every bind that counts, or nothing."""
+        mode = self.config.mode
+
+        def in_mode(tables: ForwardTables) -> ForwardTables:
+            return change(tables if tables.mode == mode else ForwardTables(mode))  # as `_tables`
+
+        return await self.dp.forwarding.transact_async(in_mode, tolerate=tolerate)
 
     def set_forward_tables(self, tables: ForwardTables) -> list[BindResult]:
         """Replace all four tables at once (pesto's commit and its rollback); one result per socket tried."""

@@ -375,12 +375,25 @@ ForwardOp = Literal["replace", "add", "delete"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardCountersView:
+    """passt.v1.ForwardCounters: what came in through one rule (see the proto)."""
+
+    connections: int = 0
+    datagrams: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ForwardRuleView:
     bind_address: str = ""
     ifname: str = ""
     first: int
     last: int
     target_first: int
+    id: int = 0  # never reused in a daemon's life
+    counters: ForwardCountersView = ForwardCountersView()
+    target_address: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -393,6 +406,8 @@ class ForwardTableView:
     rules: tuple[ForwardRuleView, ...] = ()
     excluded: tuple[int, ...] = ()
     auto_bound: tuple[int, ...] = ()  # mode auto: ports bound now, following the other side's listeners
+    rule_id: int = 0  # modes all/auto: the table is one rule
+    counters: ForwardCountersView = ForwardCountersView()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -418,12 +433,18 @@ class PortPolicyChangeView:
     binds: tuple[BindResultView, ...] = ()
     binds_total: int = 0
     binds_failed: int = 0
+    committed: bool = True  # False: nothing changed (a dry run, or a bind failed: `failure` says which)
+    dry_run: bool = False
+    failure: str = ""
+    added_ids: tuple[int, ...] = ()
+    removed_ids: tuple[int, ...] = ()
 
     @classmethod
     def build(
         cls, previous: ForwardTableView, current: ForwardTableView, binds: Sequence[BindResultView]
     ) -> PortPolicyChangeView:
-        """The reply for `binds`, all counted, at most BIND_RESULTS_MAX listed with the failures first."""
+        """The reply for `binds`, all counted, at most BIND_RESULTS_MAX listed with the failures first;
+        `dataclasses.replace` adds the transaction's fields."""
         failed = [b for b in binds if not b.ok]
         listed = list(binds)
         if len(listed) > BIND_RESULTS_MAX:  # the failures are what the caller must see
@@ -496,9 +517,17 @@ class ControlAPI(Protocol):
         ...
 
     async def change_forward(
-        self, op: ForwardOp, direction: ForwardDirection, spec: str
+        self,
+        op: ForwardOp,
+        direction: ForwardDirection,
+        spec: str,
+        *,
+        dry_run: bool = False,
+        ids: Sequence[int] = (),
     ) -> PortPolicyChangeView:
-        """Replace, add to or delete from one table; listeners follow, flows are untouched."""
+        """Replace, add to or delete from one table (op "delete" with `ids`: those rules, from any table),
+        as one transaction: every bind succeeds, or nothing changes and the reply says which failed.
+        `dry_run`: check and trial-bind only. Listeners follow, flows are untouched."""
         ...
 
     def timeouts(self) -> TimeoutsView: ...

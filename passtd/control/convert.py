@@ -24,6 +24,7 @@ from passtd.control.api import (
     EgressRuleView,
     EgressView,
     EventKind,
+    ForwardCountersView,
     ForwardDirection,
     ForwardTableView,
     InvalidArgument,
@@ -275,6 +276,36 @@ def spec_from_pb(spec: str) -> str:
     return spec
 
 
+def forward_counters_to_pb(view: ForwardCountersView) -> passt_pb2.ForwardCounters:
+    return passt_pb2.ForwardCounters(
+        connections=view.connections,
+        datagrams=view.datagrams,
+        bytes_in=view.bytes_in,
+        bytes_out=view.bytes_out,
+    )
+
+
+def rule_ids_from_pb(ids: Sequence[int], spec: str) -> tuple[int, ...]:
+    """RemoveForwardRequest.ids: positive, each once, and not together with a spec."""
+    if not ids:
+        return ()
+    if spec.strip():
+        raise InvalidArgument("ids: give either a spec or rule ids, not both")
+    if len(ids) > IDS_MAX:
+        raise InvalidArgument(f"ids: {len(ids)} ids (at most {IDS_MAX} in one request)")
+    seen: set[int] = set()
+    for rule_id in ids:
+        if rule_id <= 0:
+            raise InvalidArgument(f"ids: {rule_id} is not a rule id (ids start at 1)")
+        if rule_id in seen:
+            raise InvalidArgument(f"ids: {rule_id} named twice")
+        seen.add(rule_id)
+    return tuple(ids)
+
+
+IDS_MAX: Final = 65536
+
+
 def forward_table_to_pb(view: ForwardTableView) -> passt_pb2.ForwardTable:
     return passt_pb2.ForwardTable(
         direction=FORWARD_DIRECTION_TO_PB[view.direction],
@@ -287,11 +318,16 @@ def forward_table_to_pb(view: ForwardTableView) -> passt_pb2.ForwardTable:
                 first=r.first,
                 last=r.last,
                 target_first=r.target_first,
+                id=r.id,
+                counters=forward_counters_to_pb(r.counters),
+                target_address=r.target_address,
             )
             for r in view.rules
         ],
         excluded=view.excluded,
         auto_bound=view.auto_bound,
+        rule_id=view.rule_id,
+        counters=forward_counters_to_pb(view.counters),
     )
 
 
@@ -314,6 +350,11 @@ def policy_change_to_pb(view: PortPolicyChangeView) -> passt_pb2.PortPolicyChang
         binds=[bind_result_to_pb(b) for b in view.binds],
         binds_total=view.binds_total,
         binds_failed=view.binds_failed,
+        committed=view.committed,
+        dry_run=view.dry_run,
+        failure=view.failure,
+        added_ids=view.added_ids,
+        removed_ids=view.removed_ids,
     )
 
 

@@ -26,7 +26,7 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
 
-from passtd.control.api import EgressView, StatusView
+from passtd.control.api import EgressView, ForwardCountersView, StatusView
 from passtd.dataplane.core.flowtable import PROTO_ICMP, PROTO_TCP, PROTO_UDP, FlowEvent
 
 PROTO_NAMES: Final = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp"}
@@ -84,6 +84,9 @@ class MetricsSource(Protocol):
 
     def egress(self) -> EgressView:
         """The egress rules and their counters."""
+
+    def forward_counters(self) -> Mapping[tuple[str, str], ForwardCountersView]:
+        """(direction, rule id) → what came in through that forwarding rule (fwdtx)."""
         ...
 
 
@@ -99,6 +102,7 @@ class Snapshot:
     flows_closed: Mapping[tuple[str, str], int]
     rpc_calls: Mapping[tuple[str, str], int]
     egress: EgressView = field(default_factory=EgressView)
+    forward_rules: Mapping[tuple[str, str], ForwardCountersView] = field(default_factory=dict)
 
 
 async def take_snapshot(source: MetricsSource, flows: FlowCounters, rpcs: RpcCounters) -> Snapshot:
@@ -112,6 +116,7 @@ async def take_snapshot(source: MetricsSource, flows: FlowCounters, rpcs: RpcCou
         flows_closed=dict(flows.closed),
         rpc_calls=dict(rpcs.calls),
         egress=source.egress(),
+        forward_rules=dict(source.forward_counters()),
     )
 
 
@@ -187,6 +192,7 @@ class _SnapshotCollector(Collector):
              [((), st.limits.descriptors.in_use)]),
         ]  # fmt: skip
         families += _egress_families(s.egress)
+        families += _forward_rule_families(s.forward_rules)
         for kind, name, doc, labels, rows in families:
             yield _family(kind, name, doc, labels, rows)
 
@@ -205,6 +211,28 @@ def _egress_families(e: EgressView) -> list[tuple[bool, str, str, tuple[str, ...
          _each(e.denied)),
         (True, "passtd_egress_flows_reset", "Open flows closed because a new egress list denied them.", (),
          [((), e.flows_reset_total)]),
+    ]  # fmt: skip
+
+
+def _forward_rule_families(
+    rules: Mapping[tuple[str, str], ForwardCountersView],
+) -> list[tuple[bool, str, str, tuple[str, ...], Rows]]:
+    """fwdtx: one series per forwarding rule (labels direction and rule id) for each of its counters."""
+    labels = ("direction", "rule")
+    ordered = sorted(rules.items(), key=lambda kv: (kv[0][0], int(kv[0][1])))
+
+    def rows(attr: str) -> Rows:
+        return [(key, getattr(view, attr)) for key, view in ordered]
+
+    return [
+        (True, "passtd_forward_rule_connections", "TCP connections accepted through a forwarding rule.",
+         labels, rows("connections")),
+        (True, "passtd_forward_rule_datagrams", "UDP datagrams received on a forwarding rule's ports.",
+         labels, rows("datagrams")),
+        (True, "passtd_forward_rule_bytes_in", "Bytes from the clients of a forwarding rule's ports.",
+         labels, rows("bytes_in")),
+        (True, "passtd_forward_rule_bytes_out", "Bytes back to the clients of a forwarding rule's ports.",
+         labels, rows("bytes_out")),
     ]  # fmt: skip
 
 

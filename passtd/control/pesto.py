@@ -8,17 +8,18 @@ Where upstream is weaker, and what passtd does instead:
 
 * Upstream serves one client at a time, with blocking reads inside its event loop: a client that stops
   half way stalls all forwarding. Here every client is its own task with non-blocking streams, bounded
-  reads (fixed-size structs, at most `MAX_RULES` rules per pif instead of 255), one `CLIENT_TIMEOUT` for the
-  whole exchange and at most `MAX_CLIENTS` at once; a client over the limit is closed at once. Malformed,
+  reads (fixed-size structs, at most `MAX_RULES` per pif: every port as its own rule, where upstream
+  holds 255), one `CLIENT_TIMEOUT` for the whole exchange and at most `MAX_CLIENTS` at once; a client over
+  the limit is closed at once. Malformed,
   truncated, oversized or late input is counted in `stats`, logged, and changes nothing.
 * Clients whose exchanges overlap do not lose each other's changes: each one's edit (the tables it was sent
   → the tables it sent back) is merged into the tables as they are when it commits (`pesto_wire.merge`).
-* A commit is atomic. The new tables are checked whole (conflicts, families, ranges) before anything is
-  bound. If a port of a rule table then cannot be bound (in use, no such address...), the previous tables are
-  restored (`set_forwarding(old)`): the listeners that were open before are open again on the same
-  addresses and ports (a listener the change had closed is reopened, so a connection waiting in its
-  backlog at that instant is refused), and the new ones are closed. "all"/"auto" tables stay best effort,
-  as upstream's WEAK rules.
+* A commit is one transaction, the same as gRPC's (`Forwarding.transact_async`). The new tables are checked
+  whole (conflicts, families, ranges) before anything is bound; then every new socket is bound before any
+  old one is closed. If a port of a rule table cannot be bound (in use, no such address...), the sockets
+  this commit opened are closed and nothing else was touched: the tables, the rule ids and the listening
+  sockets are exactly as before (no listener is closed and reopened). "all"/"auto" tables stay best
+  effort, as upstream's WEAK rules. Commits of several clients (and gRPC changes) take turns on one lock.
 
 What a pesto v2 client sees then: protocol v2 has no answer, so upstream's `pesto` exits 0 either way; the
 daemon logs `pesto.rolled_back` with every refused bind, and `pesto SOCK` (show) lists the unchanged tables.
@@ -34,12 +35,13 @@ import contextlib
 import errno
 import os
 from collections import Counter
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from passtd.config import Config
 from passtd.control import pesto_wire as wire
 from passtd.dataplane.core.fwd import Direction, ForwardTables, Listener
-from passtd.dataplane.io.forwarding import local_port_range
+from passtd.dataplane.io.forwarding import Tolerate, Transaction, local_port_range
 from passtd.dataplane.io.listeners import BindResult
 from passtd.errors import BackendError
 from passtd.logging import get_logger
@@ -59,6 +61,10 @@ class PestoControl(Protocol):
     def forward_tables(self) -> ForwardTables: ...
 
     def set_forward_tables(self, tables: ForwardTables) -> list[BindResult]: ...
+
+    async def transact_forward_tables(
+        self, change: Callable[[ForwardTables], ForwardTables], *, tolerate: Tolerate | None = None
+    ) -> Transaction: ...
 
 
 class _Refused(Exception):
@@ -157,7 +163,7 @@ class PestoServer:
             self.stats["shown"] += 1  # a client that only looked: nothing to apply
             return
         try:
-            text = self._commit(base, received, ephemeral, implicit)
+            text = await self._commit(base, received, ephemeral, implicit)
         except _Refused as exc:
             await self._answer(writer, exc.status, str(exc))
             return
@@ -185,15 +191,15 @@ class PestoServer:
             pif = (await reader.readexactly(1))[0]
         return tables
 
-    def _commit(
+    async def _commit(
         self,
         base: ForwardTables,
         received: dict[int, list[wire.Rule]],
         ephemeral: tuple[int, int],
         implicit: set[wire.Rule],
     ) -> str:
-        """Check, merge, apply; roll back if a rule table's port cannot be bound. Runs without awaiting, so
-        no other client's commit interleaves."""
+        """Check, merge, apply as one transaction: if a rule table's port cannot be bound, nothing changes.
+        The merge runs under the transaction's lock, against the tables it replaces."""
         control = self.control
         try:
             wanted, shown = wire.tables_from_pifs(base, received, ephemeral, implicit)
@@ -201,28 +207,33 @@ class PestoServer:
             self.stats["refused.rules"] += 1
             self.log.warning("pesto.refused", reason=str(exc))
             raise _Refused(wire.STATUS_REFUSED, f"refused: {exc}") from None
-        current = control.forward_tables()
-        new = wanted if current == base else wire.merge(base, current, wanted)
-        if current != base:
-            self.stats["merged"] += 1
-        if new == current:
+
+        made: list[ForwardTables] = []  # what `change` made: the failed binds are judged against it
+
+        def change(current: ForwardTables) -> ForwardTables:
+            if current != base:
+                self.stats["merged"] += 1
+            made.append(wanted if current == base else wire.merge(base, current, wanted))
+            return made[-1]
+
+        tx = await control.transact_forward_tables(change, tolerate=lambda r: not self._strict(made[-1], r))
+
+        new = tx.tables
+        if new == tx.previous:
             self.shown = shown if new == wanted else self.shown
             self.stats["unchanged"] += 1
             return "unchanged"
-        results = control.set_forward_tables(new)
-        failed = [r for r in results if not r.ok and self._strict(new, r)]
-        if failed:
-            restored = control.set_forward_tables(current)
-            lost = [r.message for r in restored if not r.ok and self._strict(current, r)]
+        if not tx.committed:
+            lost = [r.message for r in tx.not_restored]
             self.stats["rolled_back"] += 1
-            self.log.warning("pesto.rolled_back", failed=[r.message for r in failed], not_restored=lost)
-            lines = [f"not applied, previous rules restored: {r.message}" for r in failed]
+            self.log.warning("pesto.rolled_back", failed=[r.message for r in tx.fatal], not_restored=lost)
+            lines = [f"not applied, previous rules restored: {r.message} [{r.errno_name}]" for r in tx.fatal]
             lines += [f"could not restore: {m}" for m in lost]
             raise _Refused(wire.STATUS_ROLLED_BACK, "\n".join(lines))
         self.shown = shown if new == wanted else None
         self.stats["applied"] += 1
         self.log.info("pesto.applied", **dict(new.to_specs()))
-        return "\n".join(r.message for r in results) or "applied"
+        return "\n".join(r.message for r in tx.results) or "applied"
 
     def _strict(self, tables: ForwardTables, result: BindResult) -> bool:
         """Whether a failed bind undoes the commit: rule tables yes, "all"/"auto" no (upstream's WEAK), and

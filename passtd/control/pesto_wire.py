@@ -102,7 +102,10 @@ STATUS_APPLIED: Final = 0
 STATUS_REFUSED: Final = 1
 STATUS_ROLLED_BACK: Final = 2
 
-MAX_RULES: Final = 8192  # per pif and message: 448 KiB of rules (upstream: 255)
+# Rules one pif may carry in one message: a bound on what a client can make the server read (7 MiB), not a
+# cap of the tables (which have none): every port of both protocols as its own rule fits. Upstream's tables
+# hold 255 rules and its client refuses a longer table from passtd ("Too many forwarding rules").
+MAX_RULES: Final = 2 * 65535
 MAX_RESULT_TEXT: Final = 64 * 1024
 
 _V4MAPPED: Final = b"\0" * 10 + b"\xff\xff"

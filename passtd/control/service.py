@@ -18,6 +18,7 @@ from passtd.control.api import (
     ConnectionView,
     ControlAPI,
     EventQueue,
+    ForwardDirection,
     InvalidArgument,
     LimitView,
     LoopShare,
@@ -38,6 +39,7 @@ from passtd.control.convert import (
     page_token_from_pb,
     page_token_to_pb,
     policy_change_to_pb,
+    rule_ids_from_pb,
     spec_from_pb,
     status_to_pb,
     timeouts_from_pb,
@@ -210,9 +212,16 @@ class ControlServicer(passt_pb2_grpc.ControlServicer):
         context: grpc.aio.ServicerContext,
     ) -> passt_pb2.PortPolicyChange:
         async def run() -> passt_pb2.PortPolicyChange:
-            direction = forward_direction_from_pb(request.direction)
-            spec = spec_from_pb(request.spec)
-            change = await self._api.change_forward(op, direction, spec)  # type: ignore[arg-type]
+            ids = rule_ids_from_pb(request.ids, request.spec) if op == "delete" else ()  # type: ignore[union-attr]
+            direction: ForwardDirection = "tcp_in" if ids else forward_direction_from_pb(request.direction)
+            spec = "" if ids else spec_from_pb(request.spec)
+            change = await self._api.change_forward(
+                op,  # type: ignore[arg-type]
+                direction,
+                spec,
+                dry_run=request.dry_run,
+                ids=ids,
+            )
             return policy_change_to_pb(change)
 
         return await self._call(context, run)

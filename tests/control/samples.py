@@ -212,6 +212,7 @@ class FakeControlAPI:
         }
     )
     changes: list[tuple[str, str, str]] = field(default_factory=list)
+    change_options: list[tuple[bool, tuple[int, ...]]] = field(default_factory=list)
     reset_log: list[int] = field(default_factory=list)
 
     def _check(self) -> None:
@@ -268,10 +269,17 @@ class FakeControlAPI:
         return tuple(self.tables.values())
 
     async def change_forward(
-        self, op: ForwardOp, direction: ForwardDirection, spec: str
+        self,
+        op: ForwardOp,
+        direction: ForwardDirection,
+        spec: str,
+        *,
+        dry_run: bool = False,
+        ids: Sequence[int] = (),
     ) -> PortPolicyChangeView:
         self._check()
         self.changes.append((op, direction, spec))
+        self.change_options.append((dry_run, tuple(ids)))
         previous = self.tables[direction]
         current = ForwardTableView(direction=direction, spec=spec, mode="spec")
         self.tables[direction] = current

@@ -49,9 +49,11 @@ from passtd.daemon_api import MAX_WATCHERS, WATCH_QUEUE, DaemonControl, checked_
 from passtd.dataplane.core.context import Guest
 from passtd.dataplane.core.flowtable import PROTO_TCP, PROTO_UDP, Flow, FlowEvent, FlowTable
 from passtd.dataplane.core.fwd import ForwardTables, Listener
+from passtd.dataplane.core.fwdbook import RuleBook
 from passtd.dataplane.core.limits import FdPool, Limits, Usage, plan_fd_pool
 from passtd.dataplane.core.tcp.conn import TcpConn
 from passtd.dataplane.core.timeouts import Timeouts
+from passtd.dataplane.io.forwarding import Transaction
 from passtd.dataplane.io.listeners import BindResult, ListenerSet
 from tests.control.samples import CONN_ICMP, CONN_TCP, CONN_UDP, T0
 from tests.control.test_convert import _unset_fields
@@ -285,6 +287,9 @@ class FakeDataplane:
             udp=ListenerSet("udp", loop, lambda listener, sock: None),
             tcp_ns=None,
             udp_ns=None,
+            book=RuleBook().reconcile(self.forward),
+            tallies={},
+            transact_async=self._transact,
         )
         self.netns_fd: int | None = None
         self.fd_pool = plan_fd_pool(20_000, 20)
@@ -308,6 +313,29 @@ class FakeDataplane:
 
     async def set_forwarding_async(self, tables: ForwardTables) -> list[BindResult]:
         return self.set_forwarding(tables)
+
+    async def _transact(
+        self,
+        change: Callable[[ForwardTables], ForwardTables],
+        *,
+        dry_run: bool = False,
+        tolerate: object = None,
+    ) -> Transaction:
+        """Forwarding.transact_async's contract without sockets: `binds` answers, a failure undoes."""
+        fwd = self.forwarding
+        tables = change(self.forward)
+        book = fwd.book.reconcile(tables)
+        tx = Transaction(self.forward, fwd.book, tables, book, dry_run=dry_run)
+        tx.results = self.binds(tables)
+        tx.fatal = [r for r in tx.results if not r.ok]
+        tx.added = tuple(sorted(book.ids() - fwd.book.ids()))
+        tx.removed = tuple(sorted(fwd.book.ids() - book.ids()))
+        if dry_run or tx.fatal:
+            return tx
+        self.set_forwarding(tables)
+        fwd.book = book
+        tx.committed = True
+        return tx
 
     def set_forwarding(self, tables: ForwardTables) -> list[BindResult]:
         self.applied.append(tables)
@@ -585,7 +613,7 @@ def test_policy_undone_when_binds_run_out_of_descriptors() -> None:
             ResourceExhausted, match=r"^-t: 1 of 2 listening sockets could not be opened \(EMFILE"
         ):
             await api.change_forward("add", "tcp_in", "8080")
-        assert dp.applied[-1] is before and dp.forward is before  # the previous policy is back in force
+        assert dp.applied == [] and dp.forward is before  # the transaction never committed
 
     run(main())
 
@@ -596,14 +624,16 @@ def test_partial_bind_failures_are_counted_and_listed_first() -> None:
         dp.binds = lambda t: [_bind(8080, "0.0.0.0", None), _bind(8080, "::", "EADDRINUSE")]
         change = await api.change_forward("add", "tcp_in", "8080")
         assert (change.binds_total, change.binds_failed, len(change.binds)) == (2, 1, 2)
-        assert change.current.spec == "8080,20001"  # a port taken by someone else stays in the policy
+        assert not change.committed and change.current.spec == "20001"  # a port taken: nothing changes
+        assert change.failure == "tcp :::8080 [EADDRINUSE]; nothing changed"
         pb = policy_change_to_pb(change)
-        assert (pb.binds_total, pb.binds_failed) == (2, 1)
+        assert (pb.binds_total, pb.binds_failed, pb.committed) == (2, 1, False)
         many = [_bind(p, "0.0.0.0", None) for p in range(30000, 32999)] + [_bind(40000, "::", "EACCES")]
         dp.binds = lambda t: many
         change = await api.change_forward("replace", "tcp_in", "30000-32998,40000")
         assert (change.binds_total, change.binds_failed, len(change.binds)) == (3000, 1, BIND_RESULTS_MAX)
         assert change.binds[0].error == "EACCES"  # the one that matters is not cut off
+        assert "[EACCES]" in change.failure and dp.forward.tcp_in.to_spec() == "20001"
 
     run(main())
 

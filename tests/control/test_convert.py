@@ -168,3 +168,51 @@ def test_status_view_mirrors_proto_names() -> None:
 def test_views_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         SAMPLE.version = "x"  # type: ignore[misc]
+
+
+# -- fwdtx: rule ids and counters ---------------------------------------------------------------------------
+
+
+def test_rule_ids_are_checked_and_name_the_field() -> None:
+    from passtd.control.api import InvalidArgument
+    from passtd.control.convert import rule_ids_from_pb
+
+    assert rule_ids_from_pb([3, 1], "") == (3, 1)
+    assert rule_ids_from_pb([], "8080") == ()
+    for ids, spec, message in (
+        ([0], "", r"^ids: 0 is not a rule id"),
+        ([2, 2], "", r"^ids: 2 named twice"),
+        ([1], "8080", r"^ids: give either a spec or rule ids, not both"),
+        (list(range(1, 70000)), "", r"^ids: 69999 ids \(at most 65536"),
+    ):
+        with pytest.raises(InvalidArgument, match=message):
+            rule_ids_from_pb(ids, spec)
+
+
+def test_forward_table_and_change_carry_every_fwdtx_field() -> None:
+    from passtd.control.api import (
+        ForwardCountersView,
+        ForwardRuleView,
+        ForwardTableView,
+        PortPolicyChangeView,
+    )
+    from passtd.control.convert import forward_table_to_pb, policy_change_to_pb
+
+    counters = ForwardCountersView(connections=1, datagrams=2, bytes_in=3, bytes_out=4)
+    rule = ForwardRuleView(bind_address="127.0.0.1", ifname="lo", first=80, last=81, target_first=90,
+                           id=5, counters=counters, target_address="10.0.2.5")  # fmt: skip
+    table = ForwardTableView(direction="tcp_in", spec="s", mode="spec", rules=(rule,), excluded=(1,),
+                             auto_bound=(2,), rule_id=6, counters=counters)  # fmt: skip
+    pb_table = forward_table_to_pb(table)
+    present = {f.name for f, _ in pb_table.ListFields()}
+    assert [f.name for f in pb_table.DESCRIPTOR.fields if f.name not in present] == []
+    assert _unset_fields(pb_table.rules[0]) == [] and _unset_fields(pb_table.counters) == []
+    change = dataclasses.replace(
+        PortPolicyChangeView.build(table, table, ()), committed=True, dry_run=True, failure="f",
+        added_ids=(5,), removed_ids=(4,),
+    )  # fmt: skip
+    pb = policy_change_to_pb(change)
+    assert (pb.committed, pb.dry_run, pb.failure, list(pb.added_ids), list(pb.removed_ids)) == (
+        True, True, "f", [5], [4]
+    )  # fmt: skip
+    assert pb.current.rules[0].counters.bytes_out == 4 and pb.current.rules[0].id == 5

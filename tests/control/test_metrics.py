@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from passtd.control.api import EgressRuleView, EgressView, StatusView
+from passtd.control.api import EgressRuleView, EgressView, ForwardCountersView, StatusView
 from passtd.control.metrics import FlowCounters, MetricsServer, RpcCounters
 from passtd.dataplane.core.flowtable import PROTO_TCP, PROTO_UDP, Flow, FlowEvent
 from tests.control.samples import SAMPLE
@@ -38,6 +38,9 @@ class Source:
         rule = EgressRuleView(id=4, action="deny", destination="192.0.2.0/24", matches=7)
         return EgressView(rules=(rule,), default_action="allow", default_matches=2,
                           denied={"tcp": 5, "udp": 2, "icmp": 0}, flows_reset_total=1)  # fmt: skip
+
+    def forward_counters(self) -> Mapping[tuple[str, str], ForwardCountersView]:
+        return {("tcp_in", "7"): ForwardCountersView(connections=2, bytes_in=300, bytes_out=4000)}
 
 
 def _flow(proto: int) -> Flow:
@@ -111,6 +114,10 @@ def test_classic_text_parses_and_carries_the_figures() -> None:
     assert samples[("passtd_egress_default_matches_total", (("action", "allow"),))] == 2
     assert samples[("passtd_egress_denied_total", (("protocol", "tcp"),))] == 5
     assert samples[("passtd_egress_flows_reset_total", ())] == 1
+    rule = (("direction", "tcp_in"), ("rule", "7"))
+    assert samples[("passtd_forward_rule_connections_total", rule)] == 2
+    assert samples[("passtd_forward_rule_bytes_in_total", rule)] == 300
+    assert samples[("passtd_forward_rule_bytes_out_total", rule)] == 4000
     assert samples[("passtd_process_open_fds", ())] > 0
     assert samples[("passtd_process_resident_memory_bytes", ())] > 1 << 20
 

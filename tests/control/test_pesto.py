@@ -403,3 +403,22 @@ def test_pasta_splice_table_through_pesto(tmp_path: Path, netns_fd: int) -> None
             assert rc == 0 and len(s.dp.forwarding.tcp_ns.listeners) == 4
 
     run(main)
+
+
+def test_more_than_255_rules_through_pesto(tmp_path: Path) -> None:
+    """Upstream's tables hold 255 rules; passtd's have no cap, and pesto carries 300 in one exchange."""
+    ports = sorted(free_ports(300))
+
+    async def main() -> None:
+        async with served(tmp_path) as s:
+            spec = "127.0.0.1/" + ",".join(map(str, ports))
+            rc, _, err = await pesto("-t", spec, s.path)
+            assert (rc, err) == (0, "")
+            assert len(s.dp.forwarding.tcp.listeners) == 300
+            rc, out, _ = await pesto(s.path)
+            shown = out.count("TCP [127.0.0.1]:")
+            assert rc == 0 and shown == 300, out[-300:]  # listed as the client sent them
+            assert await accepts(ports[-1])
+            assert len({e.id for e in s.dp.forwarding.book.of("tcp_in")}) == len(s.dp.forward.tcp_in.rules)
+
+    run(main)

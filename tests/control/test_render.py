@@ -314,3 +314,50 @@ def test_port_policy_shows_what_auto_bound() -> None:
         "tcp_out    -T      none\n"
     )
     assert json.loads(render_json(policy))["tables"][0]["auto_bound"] == [22, 8000, 8001, 8002]
+
+
+def test_forward_rules_with_ids_and_counters() -> None:
+    from passtctl.render import render_forward_rules
+
+    counters = passt_pb2.ForwardCounters(connections=3, bytes_in=2048, bytes_out=10)
+    policy = passt_pb2.PortPolicy(
+        tables=[
+            passt_pb2.ForwardTable(
+                direction=passt_pb2.FORWARD_DIRECTION_TCP_IN, spec="s", mode="spec",
+                rules=[
+                    passt_pb2.ForwardRule(first=80, last=80, target_first=8080, id=4, counters=counters),
+                    passt_pb2.ForwardRule(bind_address="127.0.0.1", first=90, last=91, target_first=90,
+                                          target_address="10.0.2.5", id=7),
+                ],
+            ),
+            passt_pb2.ForwardTable(direction=passt_pb2.FORWARD_DIRECTION_UDP_OUT, spec="auto", mode="auto",
+                                   rule_id=2, counters=passt_pb2.ForwardCounters(datagrams=5)),
+        ]
+    )  # fmt: skip
+    rows = [line.split() for line in render_forward_rules(policy).splitlines()[1:]]
+    assert render_forward_rules(policy).split()[:7] == [
+        "ID",
+        "DIRECTION",
+        "RULE",
+        "CONNS",
+        "DGRAMS",
+        "IN",
+        "OUT",
+    ]
+    assert rows == [
+        ["4", "tcp_in", "80:8080", "3", "0", "2.0", "KiB", "10", "B"],
+        ["7", "tcp_in", "127.0.0.1/90-91:10.0.2.5/90-91", "0", "0", "0", "B", "0", "B"],
+        ["2", "udp_out", "auto", "0", "5", "0", "B", "0", "B"],
+    ]
+    assert render_forward_rules(passt_pb2.PortPolicy()) == ""
+
+
+def test_policy_change_dry_run_and_refused() -> None:
+    table = passt_pb2.ForwardTable(direction=passt_pb2.FORWARD_DIRECTION_TCP_IN, spec="22")
+    after = passt_pb2.ForwardTable(direction=passt_pb2.FORWARD_DIRECTION_TCP_IN, spec="22,80")
+    dry = passt_pb2.PortPolicyChange(previous=table, current=after, dry_run=True, added_ids=[9])
+    assert render_policy_change(dry) == (
+        "dry run, nothing changed: tcp_in (-t): 22 -> 22,80\n  rule ids would be added: 9\n"
+    )
+    refused = passt_pb2.PortPolicyChange(previous=table, current=table, failure="tcp 0.0.0.0:80: x [EACCES]")
+    assert render_policy_change(refused) == "tcp_in (-t): 22 (unchanged; the change was not applied)\n"

@@ -1152,11 +1152,15 @@ class ForwardTable(_message.Message):
     RULES_FIELD_NUMBER: _builtins.int
     EXCLUDED_FIELD_NUMBER: _builtins.int
     AUTO_BOUND_FIELD_NUMBER: _builtins.int
+    RULE_ID_FIELD_NUMBER: _builtins.int
+    COUNTERS_FIELD_NUMBER: _builtins.int
     direction: Global___ForwardDirection.ValueType
     spec: _builtins.str
     """The canonical passt spec: "none", "auto", "all", "22,80:8080", "127.0.0.1/8000-8010", "~22"..."""
     mode: _builtins.str
     """"none", "auto", "all" or "spec"."""
+    rule_id: _builtins.int
+    """fwdtx: mode "all" or "auto": the whole table is one rule; its id and counters (0 and empty otherwise)."""
     @_builtins.property
     def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___ForwardRule]:
         """mode "spec": the forwarded ranges."""
@@ -1169,6 +1173,8 @@ class ForwardTable(_message.Message):
     def auto_bound(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """mode "auto" (pasta): the ports bound now because the other side listens on them, ascending."""
 
+    @_builtins.property
+    def counters(self) -> Global___ForwardCounters: ...
     def __init__(
         self,
         *,
@@ -1178,10 +1184,12 @@ class ForwardTable(_message.Message):
         rules: _abc.Iterable[Global___ForwardRule] | None = ...,
         excluded: _abc.Iterable[_builtins.int] | None = ...,
         auto_bound: _abc.Iterable[_builtins.int] | None = ...,
+        rule_id: _builtins.int = ...,
+        counters: Global___ForwardCounters | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_bound", b"auto_bound", "direction", b"direction", "excluded", b"excluded", "mode", b"mode", "rules", b"rules", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_bound", b"auto_bound", "counters", b"counters", "direction", b"direction", "excluded", b"excluded", "mode", b"mode", "rule_id", b"rule_id", "rules", b"rules", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1200,11 +1208,22 @@ class ForwardRule(_message.Message):
     FIRST_FIELD_NUMBER: _builtins.int
     LAST_FIELD_NUMBER: _builtins.int
     TARGET_FIRST_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    COUNTERS_FIELD_NUMBER: _builtins.int
+    TARGET_ADDRESS_FIELD_NUMBER: _builtins.int
     bind_address: _builtins.str
     ifname: _builtins.str
     first: _builtins.int
     last: _builtins.int
     target_first: _builtins.int
+    id: _builtins.int
+    """fwdtx: the rule's id, never reused in the daemon's life (RemoveForwardRequest.ids takes it), and what
+    came in through it. Rules are listed as they were added: `rules` of one table may be adjacent ranges.
+    """
+    target_address: _builtins.str
+    """The target address when the rule names one ("" for the guest's own)."""
+    @_builtins.property
+    def counters(self) -> Global___ForwardCounters: ...
     def __init__(
         self,
         *,
@@ -1213,10 +1232,13 @@ class ForwardRule(_message.Message):
         first: _builtins.int = ...,
         last: _builtins.int = ...,
         target_first: _builtins.int = ...,
+        id: _builtins.int = ...,
+        counters: Global___ForwardCounters | None = ...,
+        target_address: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bind_address", b"bind_address", "first", b"first", "ifname", b"ifname", "last", b"last", "target_first", b"target_first"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bind_address", b"bind_address", "counters", b"counters", "first", b"first", "id", b"id", "ifname", b"ifname", "last", b"last", "target_address", b"target_address", "target_first", b"target_first"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1228,17 +1250,21 @@ class SetPortPolicyRequest(_message.Message):
 
     DIRECTION_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
     direction: Global___ForwardDirection.ValueType
     spec: _builtins.str
+    dry_run: _builtins.bool
+    """fwdtx: check only (parse, conflicts, a trial bind of each new socket, closed at once); nothing changes."""
     def __init__(
         self,
         *,
         direction: Global___ForwardDirection.ValueType = ...,
         spec: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "dry_run", b"dry_run", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1250,17 +1276,20 @@ class AddForwardRequest(_message.Message):
 
     DIRECTION_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
     direction: Global___ForwardDirection.ValueType
     spec: _builtins.str
+    dry_run: _builtins.bool
     def __init__(
         self,
         *,
         direction: Global___ForwardDirection.ValueType = ...,
         spec: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "dry_run", b"dry_run", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1272,17 +1301,29 @@ class RemoveForwardRequest(_message.Message):
 
     DIRECTION_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
     direction: Global___ForwardDirection.ValueType
     spec: _builtins.str
+    """Either spec or ids."""
+    dry_run: _builtins.bool
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """fwdtx: remove these rules by id (ForwardRule.id, ForwardTable.rule_id), from any table; direction is
+        then ignored. An unknown id is INVALID_ARGUMENT and nothing changes.
+        """
+
     def __init__(
         self,
         *,
         direction: Global___ForwardDirection.ValueType = ...,
         spec: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+        ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "dry_run", b"dry_run", "ids", b"ids", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1299,11 +1340,24 @@ class PortPolicyChange(_message.Message):
     BINDS_FIELD_NUMBER: _builtins.int
     BINDS_TOTAL_FIELD_NUMBER: _builtins.int
     BINDS_FAILED_FIELD_NUMBER: _builtins.int
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
+    ADDED_IDS_FIELD_NUMBER: _builtins.int
+    REMOVED_IDS_FIELD_NUMBER: _builtins.int
     binds_total: _builtins.int
     """Sockets tried for this change, and how many of them could not be bound. A reply with binds_failed > 0
     is a partial success: passtctl exits non-zero.
     """
     binds_failed: _builtins.int
+    committed: _builtins.bool
+    """fwdtx: a change is one transaction. committed: the new table is in force (every bind that counts
+    succeeded). Otherwise nothing changed: the table and the listening sockets are exactly as before, and
+    `failure` says which bind failed and why ("tcp 0.0.0.0:8080: Address already in use (EADDRINUSE)").
+    Binds of "all" tables are best effort, as upstream's, and never fail a transaction.
+    """
+    dry_run: _builtins.bool
+    failure: _builtins.str
     @_builtins.property
     def previous(self) -> Global___ForwardTable: ...
     @_builtins.property
@@ -1317,6 +1371,12 @@ class PortPolicyChange(_message.Message):
         the call fails with RESOURCE_EXHAUSTED and the previous table stays in force.
         """
 
+    @_builtins.property
+    def added_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Ids of the rules this change created and ended (for a dry run: would create and end)."""
+
+    @_builtins.property
+    def removed_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -1325,10 +1385,15 @@ class PortPolicyChange(_message.Message):
         binds: _abc.Iterable[Global___BindResult] | None = ...,
         binds_total: _builtins.int = ...,
         binds_failed: _builtins.int = ...,
+        committed: _builtins.bool = ...,
+        dry_run: _builtins.bool = ...,
+        failure: _builtins.str = ...,
+        added_ids: _abc.Iterable[_builtins.int] | None = ...,
+        removed_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "previous", b"previous"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["binds", b"binds", "binds_failed", b"binds_failed", "binds_total", b"binds_total", "current", b"current", "previous", b"previous"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_ids", b"added_ids", "binds", b"binds", "binds_failed", b"binds_failed", "binds_total", b"binds_total", "committed", b"committed", "current", b"current", "dry_run", b"dry_run", "failure", b"failure", "previous", b"previous", "removed_ids", b"removed_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1705,3 +1770,38 @@ class SetEgressDefaultRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetEgressDefaultRequest: _TypeAlias = SetEgressDefaultRequest  # noqa: Y015
+
+@_typing.final
+class ForwardCounters(_message.Message):
+    """fwdtx: transactional forwarding, per-rule counters
+
+    What came in through one forwarding rule since it was made. TCP: connections accepted on its ports
+    (spliced or through the guest). UDP: datagrams received on its ports. Bytes in: from the client of the
+    forwarded port toward its target; out: back (UDP: replies of the flows the rule created).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTIONS_FIELD_NUMBER: _builtins.int
+    DATAGRAMS_FIELD_NUMBER: _builtins.int
+    BYTES_IN_FIELD_NUMBER: _builtins.int
+    BYTES_OUT_FIELD_NUMBER: _builtins.int
+    connections: _builtins.int
+    datagrams: _builtins.int
+    bytes_in: _builtins.int
+    bytes_out: _builtins.int
+    def __init__(
+        self,
+        *,
+        connections: _builtins.int = ...,
+        datagrams: _builtins.int = ...,
+        bytes_in: _builtins.int = ...,
+        bytes_out: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "connections", b"connections", "datagrams", b"datagrams"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForwardCounters: _TypeAlias = ForwardCounters  # noqa: Y015

@@ -26,7 +26,7 @@ socket's name is only fixed by its first send.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final, Protocol, TypeAlias
 
@@ -78,10 +78,70 @@ class Flow:
     remote_addr: bytes = b""  # as the guest sees it (the gateway for the host's loopback)
     remote_port: int = 0
     target_addr: bytes = b""  # where the host socket sends or connects (loopback for the gateway)
+    tally: FwdTally | None = None  # the forwarding rule this flow came in through (per-rule counters)
 
     def host_socket(self) -> NamedSocket | None:
         """The host socket whose local name the views show; None when the flow has none of its own."""
         return None
+
+
+# How a flow's byte counters map onto its rule's: in (from the client of the forwarded port toward its
+# target) and out (back). UDP datagrams in are counted on the listening socket itself, so those flows
+# bring only their replies (out).
+IN_TO_GUEST: Final = 0
+IN_FROM_GUEST: Final = 1
+OUT_FROM_GUEST: Final = 2
+OUT_TO_GUEST: Final = 3
+
+
+class FwdTally:
+    """Counters of one forwarding rule: connections (TCP), datagrams (UDP, in), bytes in and out.
+
+    Flows that came in through the rule are attached while they live; `FlowTable.remove` retires them into
+    the totals, so a rule's bytes are its closed flows' plus its live flows' (read by `snapshot`).
+    """
+
+    __slots__ = ("bytes_in", "bytes_out", "connections", "datagrams", "live")
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.datagrams = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.live: dict[int, tuple[Flow, int]] = {}
+
+    def attach(self, flow: Flow, how: int) -> None:
+        """`flow` came in through this rule; `how` is one of IN_TO_GUEST ... OUT_TO_GUEST."""
+        flow.tally = self
+        self.live[flow.flow_id] = (flow, how)
+
+    def retire(self, flow: Flow) -> None:
+        entry = self.live.pop(flow.flow_id, None)
+        if entry is not None:
+            got_in, got_out = split_bytes(entry[1], flow.bytes_from_guest, flow.bytes_to_guest)
+            self.bytes_in += got_in
+            self.bytes_out += got_out
+
+    def snapshot(self, live_bytes: Callable[[Flow], tuple[int, int]]) -> tuple[int, int, int, int]:
+        """(connections, datagrams, bytes in, bytes out) now; `live_bytes(flow)` is a live flow's
+        (from guest, to guest), which for a spliced pair only its sockets know."""
+        got_in, got_out = self.bytes_in, self.bytes_out
+        for flow, how in self.live.values():
+            a, b = split_bytes(how, *live_bytes(flow))
+            got_in += a
+            got_out += b
+        return (self.connections, self.datagrams, got_in, got_out)
+
+
+def split_bytes(how: int, from_guest: int, to_guest: int) -> tuple[int, int]:
+    """A flow's (from guest, to guest) bytes as its rule's (in, out)."""
+    if how == IN_TO_GUEST:
+        return (to_guest, from_guest)
+    if how == IN_FROM_GUEST:
+        return (from_guest, to_guest)
+    if how == OUT_FROM_GUEST:
+        return (0, from_guest)
+    return (0, to_guest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +266,8 @@ class FlowTable:
     def remove(self, flow: Flow) -> None:
         if self._by_id.get(flow.flow_id) is flow:
             del self._by_id[flow.flow_id]
+            if flow.tally is not None:
+                flow.tally.retire(flow)
             self.counts[flow.proto] = self.counts.get(flow.proto, 1) - 1
             self._held(-flow.host_fds)
         if self._by_key.get(flow.key) is flow:

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Final, Literal, TypeAlias, get_args
 
+from passtd.dataplane.core.flowtable import FwdTally
 from passtd.errors import ConfigError
 from passtd.limits import ifname_problem as _ifname_problem
 
@@ -193,6 +194,10 @@ class Listener:
     port: int
     target_port: int
     target_addr: Addr | None = None  # None: the guest's own address (loopback for -T/-U)
+    # The id of the rule this port belongs to (core/fwdbook.py; 0: none) and its counters: not part of the
+    # value, so a port that only changes rule is no change of sockets (ListenerSet refreshes them).
+    rule: int = field(default=0, compare=False)
+    tally: FwdTally | None = field(default=None, compare=False)
 
     @property
     def key(self) -> tuple[Addr | None, str | None, int]:

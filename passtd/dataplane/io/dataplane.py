@@ -28,7 +28,16 @@ from typing import Final
 from passtd.dataplane.core.context import Context, Guest, is_loopback
 from passtd.dataplane.core.demux import Demux
 from passtd.dataplane.core.egress import Egress, EgressPolicy
-from passtd.dataplane.core.flowtable import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Flow, FlowEvent, FlowTable
+from passtd.dataplane.core.flowtable import (
+    IN_TO_GUEST,
+    PROTO_ICMP,
+    PROTO_TCP,
+    PROTO_UDP,
+    Flow,
+    FlowEvent,
+    FlowTable,
+    FwdTally,
+)
 from passtd.dataplane.core.fwd import ForwardTables, Listener
 from passtd.dataplane.core.icmp import EchoFlow, EchoToHost
 from passtd.dataplane.core.limits import GUEST_ADDRS_MAX, FdPool, Limits, Usage
@@ -429,13 +438,14 @@ class Dataplane:
         return await self.forwarding.apply_async(tables)
 
     def _on_tcp_listener(self, listener: Listener, sock: socket.socket) -> None:
-        self.accept_tcp(sock, listener.target_port, listener.target_addr)
+        self.accept_tcp(sock, listener.target_port, listener.target_addr, listener.tally)
 
     def accept_tcp(
-        self, listener: socket.socket, guest_port: int, target: IPv4Address | IPv6Address | None = None
-    ) -> None:
+        self, listener: socket.socket, guest_port: int, target: IPv4Address | IPv6Address | None = None,
+        tally: FwdTally | None = None,
+    ) -> None:  # fmt: skip
         """A forwarded port is readable: accept every pending connection and offer each to the guest (at
-        `target`, the rule's target address, when it has one)."""
+        `target`, the rule's target address, when it has one); each counts in its rule's `tally`."""
         now = self.loop.time()
         for _ in range(64):
             try:
@@ -453,13 +463,18 @@ class Dataplane:
             family_v6 = sock.family == socket.AF_INET6
             addr = socket.inet_pton(socket.AF_INET6 if family_v6 else socket.AF_INET, peer[0])
             if self.netns_fd is not None and self.host_sockets.splice and is_loopback(addr):
-                self.splicer.splice(sock, peer, guest_port, in_netns=True, now=now, target=target)  # bypass
-                continue
+                self.splicer.splice(
+                    sock, peer, guest_port, in_netns=True, now=now, target=target, tally=tally
+                )
+                continue  # the splice bypass
             port = self.tcp_io.adopt(sock)
             conn = self.tcp.accepted(
                 port, addr, peer[1], guest_port, now, b"" if target is None else target.packed
             )
             if conn is not None:
+                if tally is not None:
+                    tally.connections += 1
+                    tally.attach(conn, IN_TO_GUEST)
                 self.tcp_io.bind(conn)
                 self.log.debug("tcp.flow.accepted", flow_id=conn.flow_id, peer=peer[0], port=peer[1])
         self._after_batch(now)

@@ -18,6 +18,13 @@ rather than binding until the process has no descriptor left for its flows and i
 one policy change is applied, `cap` holds the set to its fair share of that room (`Forwarding` sets it).
 `apply_async` binds in slices of `BIND_SLICE` sockets, yielding to the loop between slices, so a large range
 does not stall the data path.
+Transactions (`stage` / `commit` / `abort`): the new sockets of a change are bound and listening but not yet
+served, and nothing of the old set is touched, until the caller has seen every set's binds. `abort` closes
+exactly the sockets the stage opened, so the host's listening sockets are as before; `commit` serves the new
+ones, retargets, and only then closes the removed ones. One exception: a port moving to an overlapping
+address on the same set (127.0.0.1:80 → 0.0.0.0:80) cannot be bound while the old socket listens; its old
+socket is closed during the stage and bound again by `abort` (reported if that fails). A dry run binds each
+new socket without listen() and closes it at once.
 `freebind` (--freebind) sets IP_FREEBIND/IPV6_FREEBIND, so a listener on an address the host does not have yet
 binds. A set made with `enabled=False` (--no-tcp, --no-udp) opens nothing: that protocol is not forwarded.
 """
@@ -28,8 +35,8 @@ import asyncio
 import errno
 import os
 import socket
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from passtd.dataplane.core.fwd import Listener
@@ -69,6 +76,30 @@ def _hint(code: int | None) -> str:
     if code == errno.ENODEV:
         return " (no such interface)"
     return ""
+
+
+@dataclass(slots=True)
+class Stage:
+    """One set's part of a transaction: `opened` are bound (listening unless a dry run) but not served;
+    `displaced` are old keys whose sockets the stage had to close to bind an overlapping address."""
+
+    wanted: dict[tuple[object, ...], Listener]
+    dry_run: bool
+    results: list[BindResult] = field(default_factory=list)
+    opened: dict[tuple[object, ...], dict[str, socket.socket]] = field(default_factory=dict)
+    displaced: dict[tuple[object, ...], Listener] = field(default_factory=dict)
+    not_restored: list[BindResult] = field(default_factory=list)
+    done: bool = False
+
+
+def _overlaps(a: Listener, b: Listener) -> bool:
+    """Whether two listeners on one port would collide in bind() (same or wildcard address, family)."""
+    if a.port != b.port or (a.ifname and b.ifname and a.ifname != b.ifname):
+        return False
+    x, y = a.bind_addr, b.bind_addr
+    if x is None or y is None or x == y:
+        return True
+    return x.version == y.version and (x.is_unspecified or y.is_unspecified)
 
 
 class ListenerSet:
@@ -131,7 +162,15 @@ class ListenerSet:
         """Make the open set equal `listeners` (diffing against what is open now)."""
         wanted = set(listeners)
         have = set(self._current.values())
+        self._refresh(wanted)
         return self.apply_diff(have - wanted, wanted - have)
+
+    def _refresh(self, wanted: Iterable[Listener]) -> None:
+        """Ports kept as they are take their (possibly new) rule id and counters from `wanted`."""
+        current = self._current
+        for listener in wanted:
+            if current.get(listener.key) == listener:
+                current[listener.key] = listener
 
     def apply_diff(self, to_close: Iterable[Listener], to_open: Iterable[Listener]) -> list[BindResult]:
         """Close, then open; a key in both is retargeted in place. Returns one result per socket attempted.
@@ -150,6 +189,7 @@ class ListenerSet:
         """As `apply`, yielding to the event loop after every `slice_size` sockets attempted."""
         wanted = set(listeners)
         have = set(self._current.values())
+        self._refresh(wanted)
         results: list[BindResult] = []
         since_yield = 0
         for listener in self._close_then_order(have - wanted, wanted - have):
@@ -171,6 +211,112 @@ class ListenerSet:
                 continue  # retargeted below, or not ours (never bound, or already replaced)
             self._close_key(key)
         return sorted(opening.values(), key=lambda lst: lst.port)
+
+    # -- transactions (see the module's docstring) ----------------------------------------------------------
+
+    def stage(self, listeners: Iterable[Listener], dry_run: bool = False) -> Stage:
+        """Bind the new sockets of `listeners` without serving them or closing anything (all at once)."""
+        stage = Stage({lst.key: lst for lst in listeners} if self.enabled else {}, dry_run)
+        for _ in self._stage_steps(stage, 1 << 30):
+            pass
+        return stage
+
+    async def stage_async(
+        self, listeners: Iterable[Listener], dry_run: bool = False, slice_size: int = BIND_SLICE
+    ) -> Stage:
+        """As `stage`, yielding to the event loop after every `slice_size` sockets attempted."""
+        stage = Stage({lst.key: lst for lst in listeners} if self.enabled else {}, dry_run)
+        for _ in self._stage_steps(stage, slice_size):
+            await asyncio.sleep(0)
+        return stage
+
+    def _stage_steps(self, stage: Stage, slice_size: int) -> Iterator[None]:
+        closing = [lst for key, lst in self._current.items() if key not in stage.wanted]
+        since_yield = 0
+        for listener in sorted(stage.wanted.values(), key=lambda lst: lst.port):
+            key = listener.key
+            if key in self._socks and self._current.get(key) == listener:
+                continue  # unchanged: not touched (a family that failed before is not retried, as apply)
+            held = self._socks.get(key, {})
+            for host, family in self._addresses(listener):
+                where = self._where(listener, host)
+                if host in held:  # retargeted: the socket stays, as in `apply_diff`
+                    stage.results.append(BindResult(listener, host, True, None, f"{where}: kept"))
+                    continue
+                if self.pool.listener_room() <= 0:
+                    msg = f"{where}: listener limit reached ({self.pool.listeners} open; raise the limit)"
+                    stage.results.append(BindResult(listener, host, False, "EMFILE", msg))
+                    continue
+                sock, result = self._bind(listener, host, family, listen=not stage.dry_run)
+                if sock is None and result.errno_name == "EADDRINUSE":
+                    sock, result = self._displace(stage, closing, listener, host, family, result)
+                stage.results.append(result)
+                if sock is None:
+                    continue
+                if stage.dry_run:
+                    sock.close()
+                    continue
+                self.pool.listeners += 1
+                stage.opened.setdefault(key, {})[host] = sock
+                since_yield += 1
+                if since_yield >= slice_size:
+                    since_yield = 0
+                    yield
+
+    def _displace(
+        self,
+        stage: Stage,
+        closing: list[Listener],
+        listener: Listener,
+        host: str,
+        family: int,
+        failed: BindResult,
+    ) -> tuple[socket.socket | None, BindResult]:
+        """An in-use port held by a socket of ours that this change removes: close it and bind again (a dry
+        run only says so)."""
+        mine = [old for old in closing if _overlaps(old, listener) and old.key in self._socks]
+        if not mine:
+            return None, failed
+        if stage.dry_run:
+            shown = ", ".join(self._where(old, a) for old in mine for a in self._socks[old.key])
+            return None, BindResult(
+                listener, host, True, None, f"{self._where(listener, host)}: free once {shown} closes"
+            )
+        for old in mine:
+            stage.displaced[old.key] = old
+            self._close_key(old.key)
+        return self._bind(listener, host, family, listen=True)
+
+    def commit(self, stage: Stage) -> None:
+        """Serve the staged sockets, retarget kept keys, close the keys no longer wanted."""
+        assert not stage.done and not stage.dry_run
+        stage.done = True
+        for key in [k for k in self._current if k not in stage.wanted]:
+            self._close_key(key)
+        for key, listener in stage.wanted.items():
+            socks = self._socks.get(key, {})
+            for host, sock in stage.opened.get(key, {}).items():
+                socks[host] = sock
+                self._held += 1  # staged sockets were counted in the pool already, not yet in the set
+                self._loop.add_reader(sock.fileno(), self._ready, key, sock)
+            if socks:
+                self._socks[key] = socks
+                self._current[key] = listener
+
+    def abort(self, stage: Stage) -> list[BindResult]:
+        """Close what the stage opened and bind again what it displaced; returns the displaced binds that
+        failed (normally none)."""
+        if stage.done:
+            return stage.not_restored
+        stage.done = True
+        for socks in stage.opened.values():
+            for sock in socks.values():
+                self.pool.listeners -= 1
+                sock.close()
+        stage.opened.clear()
+        for old in stage.displaced.values():
+            stage.not_restored += [r for r in self._open(old) if not r.ok]
+        return stage.not_restored
 
     def close(self) -> None:
         """Close every listening socket (idempotent)."""
@@ -214,7 +360,9 @@ class ListenerSet:
             self._current[key] = listener
         return results
 
-    def _bind(self, listener: Listener, host: str, family: int) -> tuple[socket.socket | None, BindResult]:
+    def _bind(
+        self, listener: Listener, host: str, family: int, listen: bool = True
+    ) -> tuple[socket.socket | None, BindResult]:
         where = self._where(listener, host)
         try:
             sock = self._factory(family, self._type)
@@ -242,13 +390,13 @@ class ListenerSet:
                 sock.bind((host, listener.port, 0, scope_id))
             else:
                 sock.bind((host, listener.port))
-            if self.proto == "tcp":
+            if self.proto == "tcp" and listen:
                 sock.listen(self._backlog)
         except OSError as exc:
             sock.close()
             msg = f"{where}: {os.strerror(exc.errno) if exc.errno else exc}{_hint(exc.errno)}"
             return None, BindResult(listener, host, False, _errno_name(exc), msg)
-        return sock, BindResult(listener, host, True, None, f"{where}: listening")
+        return sock, BindResult(listener, host, True, None, f"{where}: {'listening' if listen else 'free'}")
 
     def _where(self, listener: Listener, host: str) -> str:
         shown = f"[{host}]" if ":" in host else host

@@ -22,7 +22,16 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Final
 
 from passtd.dataplane.core.context import Context, Guest
-from passtd.dataplane.core.flowtable import PROTO_TCP, Flow, FlowTable, FlowTableFull, key_addr
+from passtd.dataplane.core.flowtable import (
+    IN_FROM_GUEST,
+    IN_TO_GUEST,
+    PROTO_TCP,
+    Flow,
+    FlowTable,
+    FlowTableFull,
+    FwdTally,
+    key_addr,
+)
 from passtd.dataplane.core.fwd import Listener
 from passtd.dataplane.core.splice import SpliceFlow
 from passtd.dataplane.core.stats import Stats
@@ -366,15 +375,16 @@ class Splicer:
                 self.log.debug("tcp.ns_accept.failed", error=exc.strerror)
                 break
             self.splice(
-                conn, peer, listener.target_port, in_netns=False, now=now, target=listener.target_addr
-            )
+                conn, peer, listener.target_port, in_netns=False, now=now, target=listener.target_addr,
+                tally=listener.tally,
+            )  # fmt: skip
 
     def splice(
         self, accepted: socket.socket, peer: tuple[str, int], port: int, *, in_netns: bool, now: float,
-        target: IPv4Address | IPv6Address | None = None,
+        target: IPv4Address | IPv6Address | None = None, tally: FwdTally | None = None,
     ) -> None:  # fmt: skip
         """Join `accepted` to a new connection to loopback:port (inside the namespace when `in_netns`), or to
-        target:port when the forwarding rule names a target address."""
+        target:port when the forwarding rule names a target address; `tally`: the rule's counters."""
         family = accepted.family
         if target is not None:
             loopback = str(target)
@@ -397,6 +407,9 @@ class Splicer:
             reset_socket(accepted)
             self.stats.drop(exc.reason)
             return
+        if tally is not None:  # the accepted side is the client: in is a→b (from guest for -t, to it for -T)
+            tally.connections += 1
+            tally.attach(flow, IN_FROM_GUEST if in_netns else IN_TO_GUEST)
         try:
             accepted.setblocking(False)
             out = self._ns_socket(family) if in_netns else socket.socket(family, _STREAM)

@@ -26,7 +26,7 @@ from typing import Final, Protocol
 
 from passtd.dataplane.core.context import Context, Guest
 from passtd.dataplane.core.egress import Egress
-from passtd.dataplane.core.flowtable import V4_MAPPED, Flow, FlowTable
+from passtd.dataplane.core.flowtable import OUT_FROM_GUEST, OUT_TO_GUEST, V4_MAPPED, Flow, FlowTable
 from passtd.dataplane.core.fwd import Listener
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.core.udp import (
@@ -275,6 +275,7 @@ class UdpRelay:
         namespace peer is a flow with a host socket of its own, whose replies go back through `sock`."""
         now = self.loop.time()
         view = self._rview
+        tally = listener.tally
         for _ in range(BATCH):
             try:
                 n, peer = sock.recvfrom_into(view)
@@ -287,6 +288,11 @@ class UdpRelay:
                 flow = self._ns_flow(listener.target_port, sock, peer, now)
                 if flow is None:
                     continue
+                if tally is not None:
+                    tally.attach(flow, OUT_TO_GUEST)
+            if tally is not None:
+                tally.datagrams += 1
+                tally.bytes_in += n
             flow.last_active = now
             flow.packets_from_guest += 1
             flow.bytes_from_guest += n
@@ -381,6 +387,7 @@ class UdpRelay:
     def on_listener(self, listener: Listener, sock: socket.socket) -> None:
         """Datagrams on a forwarded port: each peer is a flow toward the guest, sharing this socket."""
         now = self.loop.time()
+        tally = listener.tally
         guest_port = listener.target_port
         core = self.core
         view = self._rview
@@ -396,6 +403,11 @@ class UdpRelay:
                 flow = self._host_flow(peer, guest_port, sock, now, listener.target_addr)
                 if flow is None:
                     continue
+                if tally is not None:
+                    tally.attach(flow, OUT_FROM_GUEST)  # its replies; datagrams in are counted here
+            if tally is not None:
+                tally.datagrams += 1
+                tally.bytes_in += n
             flow.last_active = now
             flow.packets_to_guest += 1
             flow.bytes_to_guest += n
