@@ -98,6 +98,16 @@ class Topology:
     veth: str
     daemons: list[Passtd] = field(default_factory=list)
     pids: list[int] = field(default_factory=list)
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    def popen(self, *argv: str, ns: str | None = None) -> subprocess.Popen[str]:
+        """Start a helper (inside `ns` when given) with its output piped; the fixture ends it by its own pid
+        and closes its pipes, also when the test fails."""
+        cmd = ["ip", "netns", "exec", ns, *argv] if ns is not None else list(argv)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        self.procs.append(proc)
+        return proc
 
     def passtd(self, *args: str, wait_tap: str | None = None) -> Passtd:
         """Start passtd inside the host namespace; wait until the guest's tap exists when asked."""
@@ -179,6 +189,10 @@ def topo(tmp_path: Path) -> Iterator[Topology]:
                     except subprocess.TimeoutExpired:
                         daemon.proc.kill()
                         daemon.proc.wait(5)
+            for proc in t.procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.communicate(timeout=10)
             for pid in t.pids:
                 try:
                     os.kill(pid, signal.SIGKILL)

@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,26 +75,8 @@ def start(topo: Topology, *extra: str) -> str:
     return ctl
 
 
-_spawned: list[subprocess.Popen[str]] = []
-
-
-@pytest.fixture(autouse=True)
-def _reap() -> Iterator[None]:
-    """Every process a test started is ended (by its own pid) and its pipes closed, also on failure."""
-    yield
-    while _spawned:
-        proc = _spawned.pop()
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=10)
-
-
 def popen(topo: Topology, argv: list[str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
-    topo.pids.append(proc.pid)
-    _spawned.append(proc)
-    return proc
+    return topo.popen(*argv)
 
 
 def spawn(topo: Topology, ns: str, *argv: str) -> subprocess.Popen[str]:

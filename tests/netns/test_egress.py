@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import dpkt
@@ -114,26 +113,9 @@ except OSError as exc:
     print(errno.errorcode.get(exc.errno, str(exc)), flush=True)
 """
 
-_spawned: list[subprocess.Popen[str]] = []
-
-
-@pytest.fixture(autouse=True)
-def _reap() -> Iterator[None]:
-    """Every process a test started is ended by its own pid and its pipes closed, also on failure."""
-    yield
-    while _spawned:
-        proc = _spawned.pop()
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=10)
-
 
 def spawn(topo: Topology, ns: str, *argv: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    topo.pids.append(proc.pid)
-    _spawned.append(proc)
-    return proc
+    return topo.popen(*argv, ns=ns)
 
 
 _pending: dict[int, bytes] = {}  # pid → bytes read from its stdout, not yet split into lines

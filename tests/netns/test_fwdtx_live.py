@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.netns.conftest import Topology, sh, wait_for
-from tests.netns.test_control_live import TOOL, _reap, line, passtctl, spawn, start  # noqa: F401
+from tests.netns.test_control_live import TOOL, line, passtctl, spawn, start
 
 pytestmark = pytest.mark.netns
 

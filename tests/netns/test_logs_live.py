@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.netns.conftest import HOST4, HOST_DNS, HOST_SEARCH, PASSTD, REMOTE4, Topology, sh, wait_for
-from tests.netns.test_control_live import IF, TOOL, _reap, line, passtctl, spawn, start  # noqa: F401
+from tests.netns.test_control_live import IF, TOOL, line, passtctl, spawn, start  # noqa: F401
 
 pytestmark = pytest.mark.netns
 

@@ -11,7 +11,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.netns.conftest import REMOTE4, Topology, sh, wait_for
-from tests.netns.test_control_live import TOOL, _reap, line, passtctl, spawn, start  # noqa: F401
+from tests.netns.test_control_live import TOOL, line, passtctl, spawn, start
 
 pytestmark = pytest.mark.netns
 PORT = 9464
