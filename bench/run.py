@@ -42,6 +42,7 @@ from tests.helpers.topology import HOST4, REMOTE4, namespaces  # noqa: E402
 BENCH = Path(__file__).resolve().parent
 PEER = str(BENCH / "peer.py")
 RELAY = str(BENCH / "relay.py")
+FRONT = str(BENCH / "vhost_front.py")
 PY = sys.executable
 IF = "eth0"
 FWD_HOST_PORT, FWD_GUEST_PORT = 20101, 5201
@@ -377,7 +378,10 @@ def start_slirp(t: Topo, procs: Procs, mtu: int) -> Running:
     return _finish_pasta_like(t, procs, proc, mtu)
 
 
-def _start_passt_mode(t: Topo, procs: Procs, mtu: int, argv: list[str], name: str) -> Running:
+def _start_passt_mode(t: Topo, procs: Procs, mtu: int, argv: list[str], name: str,
+                      vhost: bool = False) -> Running:  # fmt: skip
+    """The tool on a UNIX socket and, in the guest namespace, what plays qemu: bench/relay.py (the stream
+    protocol) or bench/vhost_front.py (vhost-user)."""
     sock = str(t.tmp / f"{name}.sock")
     proc = procs.spawn(t.host, *argv, "-s", sock, log_name=f"{name}.log", cwd=ROOT)
     deadline = time.monotonic() + 15
@@ -385,7 +389,8 @@ def _start_passt_mode(t: Topo, procs: Procs, mtu: int, argv: list[str], name: st
         if proc.poll() is not None or time.monotonic() > deadline:
             raise BenchError(f"{name} did not create its socket (exit {proc.poll()})")
         time.sleep(0.05)
-    relay = procs.spawn(t.guest, PY, RELAY, sock, IF, "--time", "300", log_name=f"{name}-relay.log")
+    front = FRONT if vhost else RELAY
+    relay = procs.spawn(t.guest, PY, front, sock, IF, "--time", "300", log_name=f"{name}-front.log")
     read_line(relay, "ready", 10)
     sh("ip", "-n", t.guest, "link", "set", IF, "mtu", str(mtu), "up")
     sh("ip", "-n", t.guest, "addr", "add", f"{HOST4}/24", "dev", IF)
@@ -397,6 +402,12 @@ def start_passtd_passt(t: Topo, procs: Procs, mtu: int) -> Running:
     argv = [PY, "-m", "passtd", "passt", "-f", "-q", "-m", str(mtu), "-t", _fwd_spec(), "-u", _udp_fwd_spec(),
             "--no-icmp", "--control", "none"]  # fmt: skip
     return _start_passt_mode(t, procs, mtu, argv, "passtd-passt")
+
+
+def start_passtd_vhost(t: Topo, procs: Procs, mtu: int) -> Running:
+    argv = [PY, "-m", "passtd", "passt", "--vhost-user", "-f", "-q", "-m", str(mtu), "-t", _fwd_spec(),
+            "-u", _udp_fwd_spec(), "--no-icmp", "--control", "none"]  # fmt: skip
+    return _start_passt_mode(t, procs, mtu, argv, "passtd-vhost", vhost=True)
 
 
 def start_passt(t: Topo, procs: Procs, mtu: int) -> Running:
@@ -412,9 +423,11 @@ TOOLS = {
     "pasta": Tool("pasta", "pasta", start_pasta),
     "slirp4netns": Tool("slirp4netns", "pasta", start_slirp, NS_ONLY),  # and it has no -T
     "passtd-passt": Tool("passtd-passt", "passt", start_passtd_passt, NS_ONLY),
+    "passtd-vhost": Tool("passtd-vhost", "passt", start_passtd_vhost, NS_ONLY),
     "passt": Tool("passt", "passt", start_passt, NS_ONLY),
 }
-REFERENCE = {"passtd": ["pasta", "slirp4netns"], "passtd-passt": ["passt"]}
+REFERENCE = {"passtd": ["pasta", "slirp4netns"], "passtd-passt": ["passt"],
+             "passtd-vhost": ["passtd-passt", "passt"]}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- lines
@@ -794,12 +807,13 @@ def table(summary: list[dict[str, Any]], tools: list[str]) -> str:
     by = {(s["metric"], s["mtu"], s["tool"]): s for s in summary}
     mtus = sorted({s["mtu"] for s in summary})
     rows: list[list[str]] = []
-    for _group, main, refs in (
+    for group, main, refs in (
         ("pasta", "passtd", ["pasta", "slirp4netns"]),
         ("passt", "passtd-passt", ["passt"]),
+        ("vhost", "passtd-vhost", ["passtd-passt", "passt"]),
     ):
         cols = [t for t in [main, *refs] if t in tools]
-        if not cols:
+        if not cols or (group == "vhost" and main not in cols):  # its references have their own table
             continue
         head = ["path (pinned to one CPU)", "MTU", *cols, *[f"{main}/{r}" for r in refs if r in cols]]
         rows.append(head)
