@@ -91,18 +91,22 @@ class Ring:
         self.avail = base + 16 * size
         self.used = _align(self.avail + 6 + 2 * size)
         self.end = _align(self.used + 6 + 8 * size)
+        # The avail ring's flags and index as 16-bit cells: the back-end reads them while we write, and an
+        # item assignment is one 2-byte store, where struct.pack_into clears the field before writing it.
+        self.avail16 = memoryview(mem)[self.avail : self.avail + 4].cast("H")
         self.avail_idx = 0  # free-running, as the ring's own 16-bit index
         self.last_used = 0
 
     def offer(self, ids: list[int]) -> None:
-        """Make chains available and publish the new index (entries first: x86 keeps stores in order)."""
+        """Make chains available and publish the new index (entries first: x86 keeps stores in order; the
+        entries may be written any way, the back-end reads them only once the index covers them)."""
         mem, avail, mask = self.mem, self.avail + 4, self.size - 1
         idx = self.avail_idx
         for i in ids:
             U16.pack_into(mem, avail + 2 * (idx & mask), i)
             idx += 1
         self.avail_idx = idx & 0xFFFF
-        U16.pack_into(mem, self.avail + 2, self.avail_idx)
+        self.avail16[1] = self.avail_idx
 
     def used_pending(self) -> int:
         idx: int = U16.unpack_from(self.mem, self.used + 2)[0]
@@ -119,7 +123,7 @@ class Ring:
         return out
 
     def set_interrupts(self, on: bool) -> None:
-        U16.pack_into(self.mem, self.avail, 0 if on else AVAIL_F_NO_INTERRUPT)
+        self.avail16[0] = 0 if on else AVAIL_F_NO_INTERRUPT
 
 
 class Front:
@@ -309,6 +313,15 @@ class Front:
             self.stats["tx_bytes"] += nbytes
         return len(ready)
 
+    def state(self) -> str:
+        """Counters and ring indices, one line (SIGUSR1 prints it: where a stalled transfer waits)."""
+        rings = " ".join(
+            f"{name}: avail={r.avail_idx} used={U16.unpack_from(self.mem, r.used + 2)[0]} taken={r.last_used}"
+            for name, r in (("rx", self.rings[RX]), ("tx", self.rings[TX]))
+        )
+        counts = " ".join(f"{k}={v}" for k, v in self.stats.items())
+        return f"{counts} tx_free={len(self.tx_free)} {rings}"
+
     def run(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         ep = select.epoll()
@@ -368,6 +381,7 @@ def main() -> int:
         p.error("--buf: 2048 to 1048576 bytes")
     front = Front(a.socket, a.ifname, a.queue, a.buf)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGUSR1, lambda *_: sys.stderr.write(front.state() + "\n"))
     features = front.setup()
     if not front.mergeable and a.buf < front.hdr_len + MAX_FRAME:
         p.error(f"--buf: without mergeable receive buffers a buffer holds {front.hdr_len + MAX_FRAME} bytes")
