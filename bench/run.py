@@ -89,6 +89,9 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "tcp_out_cpu_s_per_gb": ("tool CPU per GB, TCP ns→host", "s/GB", False),
     "tcp_in_cpu_s_per_gb": ("tool CPU per GB, TCP host→ns", "s/GB", False),
     "tcp_fwd_cpu_s_per_gb": ("tool CPU per GB, forwarded port", "s/GB", False),
+    # passt mode: what plays qemu (bench/relay.py, bench/vhost_front.py) shares the CPU with the tool
+    "tcp_out_front_cpu_s_per_gb": ("qemu stand-in CPU per GB, TCP ns→host", "s/GB", False),
+    "tcp_in_front_cpu_s_per_gb": ("qemu stand-in CPU per GB, TCP host→ns", "s/GB", False),
     "rss_idle_mib": ("tool RSS, idle", "MiB", False),
     "rss_10k_mib": (f"tool RSS, {HOLD_CONNS} open TCP connections", "MiB", False),
 }
@@ -97,6 +100,9 @@ ALL_LINES = ["tcp_out", "tcp_in", "tcp_fwd", "tcp_rr", "cps", "udp_rr", "udp", *
 QUICK_LINES = ["tcp_out", "tcp_in", "tcp_fwd", "tcp_rr", "cps", "udp_rr", "udp", *PATH_LINES]
 PASST_MODE_LINES = ["tcp_out", "tcp_in", "tcp_fwd", "tcp_rr", "cps", "udp_rr",
                     "fwd_lo_rr", "fwd_lo_cps", "fwd_tap_rr", "fwd_tap_cps", "udp_rr_in"]  # fmt: skip
+# Below the largest passt-mode MTU only the throughput lines run: vhost-user carries 64 KiB TSO segments at
+# any MTU and the stream socket cannot, which is what these compare; the other lines do not depend on it.
+PASST_MODE_SMALL_MTU_LINES = ["tcp_out", "tcp_in"]
 
 
 class BenchError(Exception):
@@ -453,7 +459,9 @@ def iperf_server(c: Ctx, ns: str, bind: str, port: int) -> subprocess.Popen[str]
 def iperf(c: Ctx, key: str, client_ns: str, server_ns: str, bind: str, target: str, port: int,
           *extra: str, server_port: int = 0) -> dict[str, float]:  # fmt: skip
     srv = iperf_server(c, server_ns, bind, server_port or port)
+    front = c.run.extra[0].pid if c.run.extra else 0
     try:
+        front0 = cpu_seconds(front) if front else 0.0
         cpu0 = cpu_seconds(c.run.pid)
         argv = ["iperf3", "-c", target, "-p", str(port), "-t", str(c.duration), "-O", "1", "-J"]
         cli = c.procs.spawn(client_ns, *argv, "--connect-timeout", "3000", *extra)
@@ -462,6 +470,7 @@ def iperf(c: Ctx, key: str, client_ns: str, server_ns: str, bind: str, target: s
         finally:
             c.procs.end(cli)
         cpu = cpu_seconds(c.run.pid) - cpu0
+        front_cpu = cpu_seconds(front) - front0 if front else 0.0
     finally:
         c.procs.end(srv)
     end = data["end"]
@@ -477,6 +486,8 @@ def iperf(c: Ctx, key: str, client_ns: str, server_ns: str, bind: str, target: s
     gbytes = sum(float(i["sum"]["bytes"]) for i in data.get("intervals", [])) / 1e9
     if gbytes > 0.1:
         out[f"{key}_cpu_s_per_gb"] = cpu / gbytes
+        if front:
+            out[f"{key}_front_cpu_s_per_gb"] = front_cpu / gbytes
     return out
 
 
@@ -700,8 +711,9 @@ def git_rev() -> tuple[str, bool]:
 
 def session_lines(a: argparse.Namespace, tool: Tool, rep: int, mtu: int) -> list[str]:
     """Which lines a session measures. RSS is deterministic enough for one sample per tool and MTU and costs
-    about 30 s per reference tool, so it runs in the first repetition only; passt mode (through the relay)
-    runs at the MTUs in --passt-mtu only."""
+    about 30 s per reference tool, so it runs in the first repetition only; passt mode (through the relay
+    or the vhost-user front end) runs at the MTUs in --passt-mtu only, and below the largest of them only
+    its throughput lines."""
     chosen = a.lines.split(",") if a.lines else (QUICK_LINES if a.quick else ALL_LINES)
     lines = [x for x in chosen if x]
     if tool.group == "passt":
@@ -709,6 +721,8 @@ def session_lines(a: argparse.Namespace, tool: Tool, rep: int, mtu: int) -> list
             return []
         if not a.lines:
             lines = [x for x in lines if x in PASST_MODE_LINES]
+            if mtu < max(a.passt_mtus):
+                lines = [x for x in lines if x in PASST_MODE_SMALL_MTU_LINES]
     lines = [x for x in lines if x not in tool.unsupported]
     if rep > 0 and "rss" in lines and not a.lines:
         lines.remove("rss")
@@ -854,7 +868,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--rr-count", type=int, help="timed round trips per request/response line (5000, quick 2000)"
     )
     p.add_argument("--cps-seconds", type=float, help="seconds of connect loop (2, quick 1)")
-    p.add_argument("--passt-mtu", default="65520", help="MTUs for the passt-mode (relay) tools")
+    p.add_argument("--passt-mtu", default="1500,65520",
+                   help="MTUs for the passt-mode tools (relay, vhost-user front end); below the largest, "
+                        "TCP throughput only")  # fmt: skip
     p.add_argument("--cpu", type=int, help="CPU to pin everything to (default 1, else the last allowed)")
     p.add_argument("--budget", type=float, default=900, help="stop starting sessions after this many seconds")
     p.add_argument("--out", help="JSON path (default bench/results/<UTC date>-<git rev>.json)")
