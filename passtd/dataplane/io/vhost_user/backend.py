@@ -64,6 +64,7 @@ class VhostUserBackend:
         self._pending: deque[Pending] = deque()
         self._pending_bytes = 0
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._woken = False  # the wake eventfd is set: only then is it read (an empty read raises)
         self._ep = select.epoll()
         self._ep.register(sock.fileno(), select.EPOLLIN)
         self._ep.register(self._wake, select.EPOLLIN)
@@ -98,10 +99,12 @@ class VhostUserBackend:
     # -- events ---------------------------------------------------------------------------------------------
 
     def recv_batch(self, limit: int) -> list[memoryview]:
-        try:
-            os.eventfd_read(self._wake)
-        except BlockingIOError:
-            pass
+        if self._woken:
+            self._woken = False
+            try:
+                os.eventfd_read(self._wake)
+            except BlockingIOError:
+                pass
         for fd, _ in self._ep.poll(0):
             if fd == self.sock.fileno():
                 self._control()
@@ -115,6 +118,7 @@ class VhostUserBackend:
         frames = self.net.tx_frames(limit)
         if self.net.tx.available():
             os.eventfd_write(self._wake, 1)
+            self._woken = True
         return frames
 
     def _control(self) -> None:
