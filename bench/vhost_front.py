@@ -162,7 +162,8 @@ class Front:
         self.hdr_len = 12
         self.mergeable = False
         self.tx_free: list[int] = list(range(qsize - 1, -1, -1))
-        self.stats = {"tx_frames": 0, "tx_bytes": 0, "rx_frames": 0, "rx_bytes": 0, "passes": 0, "tx_full": 0}
+        self.stats = {"tx_frames": 0, "tx_bytes": 0, "tx_max": 0, "rx_frames": 0, "rx_bytes": 0, "rx_max": 0,
+                      "passes": 0, "tx_full": 0}  # fmt: skip
 
     def addr(self, q: int, i: int) -> int:
         """Guest address of buffer i of queue q: the receive buffers, then the transmit ones."""
@@ -260,6 +261,7 @@ class Front:
         tap, hdr_len, mergeable = self.tap, self.hdr_len, self.mergeable
         frames = 0
         nbytes = 0
+        largest = self.stats["rx_max"]
         i = 0
         while i < n:
             head, length = used[i]
@@ -271,8 +273,11 @@ class Front:
                 iov = [views[h][:ln] for h, ln in used[i : i + count]]
                 i += count
             try:
-                nbytes += os.writev(tap, iov) - hdr_len
+                size = os.writev(tap, iov) - hdr_len
+                nbytes += size
                 frames += 1
+                if size > largest:
+                    largest = size
             except BlockingIOError:
                 pass  # the guest's backlog is full: dropped, as a NIC would
             except OSError:
@@ -281,6 +286,7 @@ class Front:
         os.eventfd_write(self.kick[RX], 1)
         self.stats["rx_frames"] += frames
         self.stats["rx_bytes"] += nbytes
+        self.stats["rx_max"] = largest
         return n
 
     def from_tap(self) -> int:
@@ -296,6 +302,7 @@ class Front:
         tap, mem, desc = self.tap, self.mem, ring.desc
         ready: list[int] = []
         nbytes = 0
+        largest = self.stats["tx_max"]
         for _ in range(min(BATCH, len(free))):
             i = free[-1]
             try:
@@ -305,12 +312,16 @@ class Front:
             free.pop()
             U32.pack_into(mem, desc + 16 * i + 8, n)
             ready.append(i)
-            nbytes += n - self.hdr_len
+            n -= self.hdr_len
+            nbytes += n
+            if n > largest:
+                largest = n
         if ready:
             ring.offer(ready)
             os.eventfd_write(self.kick[TX], 1)
             self.stats["tx_frames"] += len(ready)
             self.stats["tx_bytes"] += nbytes
+            self.stats["tx_max"] = largest
         return len(ready)
 
     def state(self) -> str:
