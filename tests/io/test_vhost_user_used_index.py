@@ -1,10 +1,11 @@
-"""The used index as a driver on another CPU sees it: it only ever moves forward.
+"""The used index as a driver on another CPU sees it: only values the device wrote, never a half-written one.
 
 The driver polls the used ring's index while the device writes it. `struct.pack_into` clears a field before
 filling it, so an index written that way is 0 for an instant, and a driver that reads it then sees the ring
 run backwards by thousands of entries (Linux marks the queue broken; the bench's front end handed the same
 buffer out twice and the transfer stalled). The test runs the device's `publish` in a child process on one
-CPU and reads the index through a second mapping of the memfd on another, as a guest would.
+CPU, with indexes that are never 0, and reads the index through a second mapping of the memfd on another, as
+a guest would: a 0 can only be a torn write.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def test_publish_writes_the_index_and_nothing_else() -> None:
         os.close(fd)
 
 
-def test_used_index_never_runs_backwards_on_another_cpu() -> None:
+def test_used_index_is_never_read_half_written_on_another_cpu() -> None:
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         pytest.skip("needs two CPUs: the device and the driver run at the same time")
@@ -75,22 +76,25 @@ def test_used_index_never_runs_backwards_on_another_cpu() -> None:
                     vq.push(i % NUM, 0)
                     vq.publish()
                     i += 1
+                    if vq.used_idx == 0xFFFF:  # wrap from 0xFFFF to 1: 0 is never written
+                        vq.used_idx = 0
+                        vq.push(0, 0)
             code = 0
         finally:
             os._exit(code)
     try:
         affinity = os.sched_getaffinity(0)
         os.sched_setaffinity(0, {cpus[1]})
-        reads = backwards = 0
+        reads = torn = 0
         last = 0
         end = time.monotonic() + SECONDS
         try:
             while time.monotonic() < end:
                 for _ in range(1000):
                     idx = U16.unpack_from(driver, USED_AT + 2)[0]
-                    if (idx - last) & 0xFFFF > 0x8000:  # behind what was already seen
-                        backwards += 1
-                    last = idx
+                    if idx == 0 and last != 0:  # 0 is never published: a field cleared before its write
+                        torn += 1
+                    last = idx if idx else last
                     reads += 1
         finally:
             os.sched_setaffinity(0, affinity)
@@ -100,4 +104,4 @@ def test_used_index_never_runs_backwards_on_another_cpu() -> None:
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
     assert last != 0 and reads > 10_000
-    assert backwards == 0, f"the driver saw the used index run backwards {backwards} times in {reads} reads"
+    assert torn == 0, f"the driver read a half-written used index {torn} times in {reads} reads"
