@@ -99,6 +99,9 @@ class VhostUserBackend:
     # -- events ---------------------------------------------------------------------------------------------
 
     def recv_batch(self, limit: int) -> list[memoryview]:
+        tx = self.net.tx
+        if tx.quiet:
+            tx.set_notify(True)  # before the poll below: its syscall orders this store before the avail read
         if self._woken:
             self._woken = False
             try:
@@ -116,7 +119,8 @@ class VhostUserBackend:
         if self._pending and self.net.rx.ready:
             self._flush_pending()
         frames = self.net.tx_frames(limit)
-        if self.net.tx.available():
+        if tx.available():
+            tx.set_notify(False)  # the wake brings us back: the guest need not kick meanwhile
             os.eventfd_write(self._wake, 1)
             self._woken = True
         return frames

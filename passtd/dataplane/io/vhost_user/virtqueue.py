@@ -34,6 +34,7 @@ DESC_F_NEXT: Final = 1
 DESC_F_WRITE: Final = 2
 DESC_F_INDIRECT: Final = 4
 AVAIL_F_NO_INTERRUPT: Final = 1
+USED_F_NO_NOTIFY: Final = 1
 MAX_QUEUE_SIZE: Final = 32768
 MAX_INDIRECT: Final = 1024  # descriptors per indirect table; Linux uses at most MAX_SKB_FRAGS + 2
 DESC_SIZE: Final = 16
@@ -76,6 +77,7 @@ class Virtqueue:
         self.last_avail = 0  # our next entry of the avail ring (free-running 16-bit counter)
         self.used_idx = 0  # our next entry of the used ring, published by `publish`
         self.published = 0  # the used index last written to guest memory
+        self.quiet = False  # USED_F_NO_NOTIFY is set: the driver need not kick (`set_notify`)
         self.kick_fd = -1
         self.call_fd = -1
         # Called with the kick descriptor before it is closed: whoever polls it must stop first. (An epoll
@@ -138,6 +140,7 @@ class Virtqueue:
         self.addr_set = False
         self.desc = self.avail = self.used = _EMPTY
         self.used16 = _EMPTY16
+        self.quiet = False
         self.last_avail = self.used_idx = self.published = 0
         self.enabled = self.started = self.broken = False
 
@@ -227,6 +230,20 @@ class Virtqueue:
         """Return a chain as used, `length` bytes written into it; seen by the guest after `publish`."""
         _USED_ELEM.pack_into(self.used, 4 + 8 * (self.used_idx & (self.num - 1)), head, length)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
+
+    def set_notify(self, wanted: bool) -> None:
+        """Tell the driver whether to kick after adding chains (§2.7.10, without EVENT_IDX): not while we will
+        look at the ring again anyway, which saves a guest a VM exit per batch. One 2-byte store, as the
+        index. Whoever clears the flag must read the avail index only after a syscall (a full barrier on
+        x86): the driver writes its index, fences, reads the flag, and one of the two must see the other."""
+        if wanted == self.quiet and self.mapped:
+            self.used16[0] = 0 if wanted else USED_F_NO_NOTIFY
+            self.quiet = not wanted
+
+    def allow_kicks(self) -> None:
+        """Clear USED_F_NO_NOTIFY whatever we last wrote (a ring starting or stopping)."""
+        self.quiet = True
+        self.set_notify(True)
 
     def publish(self) -> None:
         """Make pushed entries visible and interrupt the guest unless it asked not to be (§2.7.10)."""
