@@ -872,7 +872,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="MTUs for the passt-mode tools (relay, vhost-user front end); below the largest, "
                         "TCP throughput only")  # fmt: skip
     p.add_argument("--cpu", type=int, help="CPU to pin everything to (default 1, else the last allowed)")
-    p.add_argument("--budget", type=float, default=1200, help="stop starting sessions after S seconds")
+    p.add_argument("--budget", type=float, default=1200, help="stop starting sessions after BUDGET seconds")
     p.add_argument("--out", help="JSON path (default bench/results/<UTC date>-<git rev>.json)")
     p.add_argument("--no-save", action="store_true", help="do not write JSON unless --out is given")
     p.add_argument("--profile", help="record py-spy collapsed stacks of passtd per line into this directory")
