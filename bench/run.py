@@ -42,6 +42,7 @@ from tests.helpers.topology import HOST4, REMOTE4, namespaces  # noqa: E402
 BENCH = Path(__file__).resolve().parent
 PEER = str(BENCH / "peer.py")
 RELAY = str(BENCH / "relay.py")
+FRONT = str(BENCH / "vhost_front.py")
 PY = sys.executable
 IF = "eth0"
 FWD_HOST_PORT, FWD_GUEST_PORT = 20101, 5201
@@ -88,6 +89,9 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "tcp_out_cpu_s_per_gb": ("tool CPU per GB, TCP ns→host", "s/GB", False),
     "tcp_in_cpu_s_per_gb": ("tool CPU per GB, TCP host→ns", "s/GB", False),
     "tcp_fwd_cpu_s_per_gb": ("tool CPU per GB, forwarded port", "s/GB", False),
+    # passt mode: what plays qemu (bench/relay.py, bench/vhost_front.py) shares the CPU with the tool
+    "tcp_out_front_cpu_s_per_gb": ("qemu stand-in CPU per GB, TCP ns→host", "s/GB", False),
+    "tcp_in_front_cpu_s_per_gb": ("qemu stand-in CPU per GB, TCP host→ns", "s/GB", False),
     "rss_idle_mib": ("tool RSS, idle", "MiB", False),
     "rss_10k_mib": (f"tool RSS, {HOLD_CONNS} open TCP connections", "MiB", False),
 }
@@ -96,6 +100,9 @@ ALL_LINES = ["tcp_out", "tcp_in", "tcp_fwd", "tcp_rr", "cps", "udp_rr", "udp", *
 QUICK_LINES = ["tcp_out", "tcp_in", "tcp_fwd", "tcp_rr", "cps", "udp_rr", "udp", *PATH_LINES]
 PASST_MODE_LINES = ["tcp_out", "tcp_in", "tcp_fwd", "tcp_rr", "cps", "udp_rr",
                     "fwd_lo_rr", "fwd_lo_cps", "fwd_tap_rr", "fwd_tap_cps", "udp_rr_in"]  # fmt: skip
+# Below the largest passt-mode MTU only the throughput lines run: vhost-user carries 64 KiB TSO segments at
+# any MTU and the stream socket cannot, which is what these compare; the other lines do not depend on it.
+PASST_MODE_SMALL_MTU_LINES = ["tcp_out", "tcp_in"]
 
 
 class BenchError(Exception):
@@ -377,7 +384,10 @@ def start_slirp(t: Topo, procs: Procs, mtu: int) -> Running:
     return _finish_pasta_like(t, procs, proc, mtu)
 
 
-def _start_passt_mode(t: Topo, procs: Procs, mtu: int, argv: list[str], name: str) -> Running:
+def _start_passt_mode(t: Topo, procs: Procs, mtu: int, argv: list[str], name: str,
+                      vhost: bool = False) -> Running:  # fmt: skip
+    """The tool on a UNIX socket and, in the guest namespace, what plays qemu: bench/relay.py (the stream
+    protocol) or bench/vhost_front.py (vhost-user)."""
     sock = str(t.tmp / f"{name}.sock")
     proc = procs.spawn(t.host, *argv, "-s", sock, log_name=f"{name}.log", cwd=ROOT)
     deadline = time.monotonic() + 15
@@ -385,7 +395,8 @@ def _start_passt_mode(t: Topo, procs: Procs, mtu: int, argv: list[str], name: st
         if proc.poll() is not None or time.monotonic() > deadline:
             raise BenchError(f"{name} did not create its socket (exit {proc.poll()})")
         time.sleep(0.05)
-    relay = procs.spawn(t.guest, PY, RELAY, sock, IF, "--time", "300", log_name=f"{name}-relay.log")
+    front = FRONT if vhost else RELAY
+    relay = procs.spawn(t.guest, PY, front, sock, IF, "--time", "300", log_name=f"{name}-front.log")
     read_line(relay, "ready", 10)
     sh("ip", "-n", t.guest, "link", "set", IF, "mtu", str(mtu), "up")
     sh("ip", "-n", t.guest, "addr", "add", f"{HOST4}/24", "dev", IF)
@@ -397,6 +408,12 @@ def start_passtd_passt(t: Topo, procs: Procs, mtu: int) -> Running:
     argv = [PY, "-m", "passtd", "passt", "-f", "-q", "-m", str(mtu), "-t", _fwd_spec(), "-u", _udp_fwd_spec(),
             "--no-icmp", "--control", "none"]  # fmt: skip
     return _start_passt_mode(t, procs, mtu, argv, "passtd-passt")
+
+
+def start_passtd_vhost(t: Topo, procs: Procs, mtu: int) -> Running:
+    argv = [PY, "-m", "passtd", "passt", "--vhost-user", "-f", "-q", "-m", str(mtu), "-t", _fwd_spec(),
+            "-u", _udp_fwd_spec(), "--no-icmp", "--control", "none"]  # fmt: skip
+    return _start_passt_mode(t, procs, mtu, argv, "passtd-vhost", vhost=True)
 
 
 def start_passt(t: Topo, procs: Procs, mtu: int) -> Running:
@@ -412,9 +429,11 @@ TOOLS = {
     "pasta": Tool("pasta", "pasta", start_pasta),
     "slirp4netns": Tool("slirp4netns", "pasta", start_slirp, NS_ONLY),  # and it has no -T
     "passtd-passt": Tool("passtd-passt", "passt", start_passtd_passt, NS_ONLY),
+    "passtd-vhost": Tool("passtd-vhost", "passt", start_passtd_vhost, NS_ONLY),
     "passt": Tool("passt", "passt", start_passt, NS_ONLY),
 }
-REFERENCE = {"passtd": ["pasta", "slirp4netns"], "passtd-passt": ["passt"]}
+REFERENCE = {"passtd": ["pasta", "slirp4netns"], "passtd-passt": ["passt"],
+             "passtd-vhost": ["passtd-passt", "passt"]}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- lines
@@ -440,7 +459,9 @@ def iperf_server(c: Ctx, ns: str, bind: str, port: int) -> subprocess.Popen[str]
 def iperf(c: Ctx, key: str, client_ns: str, server_ns: str, bind: str, target: str, port: int,
           *extra: str, server_port: int = 0) -> dict[str, float]:  # fmt: skip
     srv = iperf_server(c, server_ns, bind, server_port or port)
+    front = c.run.extra[0].pid if c.run.extra else 0
     try:
+        front0 = cpu_seconds(front) if front else 0.0
         cpu0 = cpu_seconds(c.run.pid)
         argv = ["iperf3", "-c", target, "-p", str(port), "-t", str(c.duration), "-O", "1", "-J"]
         cli = c.procs.spawn(client_ns, *argv, "--connect-timeout", "3000", *extra)
@@ -449,6 +470,7 @@ def iperf(c: Ctx, key: str, client_ns: str, server_ns: str, bind: str, target: s
         finally:
             c.procs.end(cli)
         cpu = cpu_seconds(c.run.pid) - cpu0
+        front_cpu = cpu_seconds(front) - front0 if front else 0.0
     finally:
         c.procs.end(srv)
     end = data["end"]
@@ -464,6 +486,8 @@ def iperf(c: Ctx, key: str, client_ns: str, server_ns: str, bind: str, target: s
     gbytes = sum(float(i["sum"]["bytes"]) for i in data.get("intervals", [])) / 1e9
     if gbytes > 0.1:
         out[f"{key}_cpu_s_per_gb"] = cpu / gbytes
+        if front:
+            out[f"{key}_front_cpu_s_per_gb"] = front_cpu / gbytes
     return out
 
 
@@ -687,8 +711,9 @@ def git_rev() -> tuple[str, bool]:
 
 def session_lines(a: argparse.Namespace, tool: Tool, rep: int, mtu: int) -> list[str]:
     """Which lines a session measures. RSS is deterministic enough for one sample per tool and MTU and costs
-    about 30 s per reference tool, so it runs in the first repetition only; passt mode (through the relay)
-    runs at the MTUs in --passt-mtu only."""
+    about 30 s per reference tool, so it runs in the first repetition only; passt mode (through the relay
+    or the vhost-user front end) runs at the MTUs in --passt-mtu only, and below the largest of them only
+    its throughput lines."""
     chosen = a.lines.split(",") if a.lines else (QUICK_LINES if a.quick else ALL_LINES)
     lines = [x for x in chosen if x]
     if tool.group == "passt":
@@ -696,6 +721,8 @@ def session_lines(a: argparse.Namespace, tool: Tool, rep: int, mtu: int) -> list
             return []
         if not a.lines:
             lines = [x for x in lines if x in PASST_MODE_LINES]
+            if mtu < max(a.passt_mtus):
+                lines = [x for x in lines if x in PASST_MODE_SMALL_MTU_LINES]
     lines = [x for x in lines if x not in tool.unsupported]
     if rep > 0 and "rss" in lines and not a.lines:
         lines.remove("rss")
@@ -794,12 +821,13 @@ def table(summary: list[dict[str, Any]], tools: list[str]) -> str:
     by = {(s["metric"], s["mtu"], s["tool"]): s for s in summary}
     mtus = sorted({s["mtu"] for s in summary})
     rows: list[list[str]] = []
-    for _group, main, refs in (
+    for group, main, refs in (
         ("pasta", "passtd", ["pasta", "slirp4netns"]),
         ("passt", "passtd-passt", ["passt"]),
+        ("vhost", "passtd-vhost", ["passtd-passt", "passt"]),
     ):
         cols = [t for t in [main, *refs] if t in tools]
-        if not cols:
+        if not cols or (group == "vhost" and main not in cols):  # its references have their own table
             continue
         head = ["path (pinned to one CPU)", "MTU", *cols, *[f"{main}/{r}" for r in refs if r in cols]]
         rows.append(head)
@@ -840,9 +868,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--rr-count", type=int, help="timed round trips per request/response line (5000, quick 2000)"
     )
     p.add_argument("--cps-seconds", type=float, help="seconds of connect loop (2, quick 1)")
-    p.add_argument("--passt-mtu", default="65520", help="MTUs for the passt-mode (relay) tools")
+    p.add_argument("--passt-mtu", default="1500,65520",
+                   help="MTUs for the passt-mode tools (relay, vhost-user front end); below the largest, "
+                        "TCP throughput only")  # fmt: skip
     p.add_argument("--cpu", type=int, help="CPU to pin everything to (default 1, else the last allowed)")
-    p.add_argument("--budget", type=float, default=900, help="stop starting sessions after this many seconds")
+    p.add_argument("--budget", type=float, default=1200, help="stop starting sessions after BUDGET seconds")
     p.add_argument("--out", help="JSON path (default bench/results/<UTC date>-<git rev>.json)")
     p.add_argument("--no-save", action="store_true", help="do not write JSON unless --out is given")
     p.add_argument("--profile", help="record py-spy collapsed stacks of passtd per line into this directory")

@@ -460,3 +460,31 @@ def test_a_new_memory_table_returns_held_receive_chains(pair: Pair) -> None:
     fe.send(p.SET_MEM_TABLE, fe.mem_table_payload(), [fe.memfd, fe.memfd])
     assert fe.rings[0].take_used() == [(head, 0)]
     assert backend.device.net.held_count() == 0
+
+
+def test_kicks_suppressed_only_while_the_backend_comes_back_by_itself(pair: Pair) -> None:
+    """USED_F_NO_NOTIFY (virtio §2.7.10) is set while frames wait beyond the batch (the wake eventfd brings
+    the back-end back), cleared as soon as the ring is drained, and never left set for the next back-end."""
+    fe, backend = pair.fe, pair.backend
+    fe.setup()
+    ring = fe.rings[1]
+
+    def used_flags() -> int:
+        return int.from_bytes(ring.read(ring.used, 2), "little")
+
+    assert used_flags() == 0
+    for i in range(100):
+        fe.tx(bytes([i]) * 100)
+    fe.kick_queue(1)
+    assert len(backend.recv_batch(64)) == 64
+    assert used_flags() == 1, "frames wait and the back-end will be back: no kick needed"
+    fe.tx(FRAME)  # added while kicks are off: picked up without one
+    assert len(backend.recv_batch(64)) == 37
+    assert used_flags() == 0, "ring drained: the next frame must kick"
+    for i in range(70):
+        fe.tx(bytes([i]) * 100)
+    fe.kick_queue(1)
+    assert len(backend.recv_batch(64)) == 64 and used_flags() == 1
+    fe.send(p.GET_VRING_BASE, p.VRING_STATE.pack(1, 0))
+    fe.reply(p.GET_VRING_BASE)
+    assert used_flags() == 0, "a stopped ring keeps no NO_NOTIFY for whoever runs it next"

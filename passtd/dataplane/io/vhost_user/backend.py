@@ -64,6 +64,7 @@ class VhostUserBackend:
         self._pending: deque[Pending] = deque()
         self._pending_bytes = 0
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._woken = False  # the wake eventfd is set: only then is it read (an empty read raises)
         self._ep = select.epoll()
         self._ep.register(sock.fileno(), select.EPOLLIN)
         self._ep.register(self._wake, select.EPOLLIN)
@@ -98,10 +99,15 @@ class VhostUserBackend:
     # -- events ---------------------------------------------------------------------------------------------
 
     def recv_batch(self, limit: int) -> list[memoryview]:
-        try:
-            os.eventfd_read(self._wake)
-        except BlockingIOError:
-            pass
+        tx = self.net.tx
+        if tx.quiet:
+            tx.set_notify(True)  # before the poll below: its syscall orders this store before the avail read
+        if self._woken:
+            self._woken = False
+            try:
+                os.eventfd_read(self._wake)
+            except BlockingIOError:
+                pass
         for fd, _ in self._ep.poll(0):
             if fd == self.sock.fileno():
                 self._control()
@@ -113,8 +119,10 @@ class VhostUserBackend:
         if self._pending and self.net.rx.ready:
             self._flush_pending()
         frames = self.net.tx_frames(limit)
-        if self.net.tx.available():
+        if tx.available():
+            tx.set_notify(False)  # the wake brings us back: the guest need not kick meanwhile
             os.eventfd_write(self._wake, 1)
+            self._woken = True
         return frames
 
     def _control(self) -> None:

@@ -263,6 +263,7 @@ class VhostUserDevice:
         if vq is self.net.rx:
             base = (base - self.net.held_count()) & 0xFFFF  # held chains were never used: the next start
             self.net.forget_held()  # takes them again
+        vq.allow_kicks()  # whoever runs the ring next must get them
         vq.started = False
         vq.set_kick(-1)
         return p.VRING_STATE.pack(index, base)
@@ -280,6 +281,7 @@ class VhostUserDevice:
             raise p.VhostUserError("SET_VRING_KICK without a descriptor: polling mode is not supported")
         os.set_blocking(fd, False)
         vq.set_kick(fd)
+        vq.allow_kicks()  # a flag a previous back-end left in the ring would keep them away
         vq.started = True
         vq.broken = False
         if not self.features >> F_PROTOCOL_FEATURES & 1:

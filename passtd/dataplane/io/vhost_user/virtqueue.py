@@ -16,7 +16,9 @@ back and the queue keeps going. The work per call is bounded by the caller's cou
 
 Ordering: avail entries are read after the avail index, and the used index is written after the used
 entries; x86's stores and loads are not reordered with each other, which is all this needs (the only
-architecture passtd runs on; another would need fences the language does not offer).
+architecture passtd runs on; another would need fences the language does not offer). The used index is
+written with one 2-byte store (`used16`), never with struct.pack_into, which zeroes a field before filling
+it: the driver polls that index from another CPU.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ DESC_F_NEXT: Final = 1
 DESC_F_WRITE: Final = 2
 DESC_F_INDIRECT: Final = 4
 AVAIL_F_NO_INTERRUPT: Final = 1
+USED_F_NO_NOTIFY: Final = 1
 MAX_QUEUE_SIZE: Final = 32768
 MAX_INDIRECT: Final = 1024  # descriptors per indirect table; Linux uses at most MAX_SKB_FRAGS + 2
 DESC_SIZE: Final = 16
@@ -44,6 +47,7 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")  # id, len
 _ONE: Final = (1).to_bytes(8, "little")
 _EMPTY: Final = memoryview(bytearray(0))
+_EMPTY16: Final = _EMPTY.cast("H")
 
 
 def _ignore(fd: int) -> None:
@@ -68,10 +72,12 @@ class Virtqueue:
         self.desc: memoryview = _EMPTY
         self.avail: memoryview = _EMPTY
         self.used: memoryview = _EMPTY
+        self.used16: memoryview = _EMPTY16  # the used ring's flags and index as 16-bit cells (`publish`)
         self.mem = MemoryTable()
         self.last_avail = 0  # our next entry of the avail ring (free-running 16-bit counter)
         self.used_idx = 0  # our next entry of the used ring, published by `publish`
         self.published = 0  # the used index last written to guest memory
+        self.quiet = False  # USED_F_NO_NOTIFY is set: the driver need not kick (`set_notify`)
         self.kick_fd = -1
         self.call_fd = -1
         # Called with the kick descriptor before it is closed: whoever polls it must stop first. (An epoll
@@ -89,6 +95,7 @@ class Virtqueue:
         """Resolve the ring areas' front-end addresses in `mem`; False (not ready) if any is not mapped."""
         self.mem = mem
         self.desc = self.avail = self.used = _EMPTY
+        self.used16 = _EMPTY16
         if not self.addr_set or not self.num:
             return False
         num = self.num
@@ -98,6 +105,7 @@ class Virtqueue:
         if desc is None or avail is None or used is None:
             return False
         self.desc, self.avail, self.used = desc, avail, used
+        self.used16 = used[:4].cast("H")
         return True
 
     @property
@@ -131,6 +139,8 @@ class Virtqueue:
         self.num = 0
         self.addr_set = False
         self.desc = self.avail = self.used = _EMPTY
+        self.used16 = _EMPTY16
+        self.quiet = False
         self.last_avail = self.used_idx = self.published = 0
         self.enabled = self.started = self.broken = False
 
@@ -221,11 +231,27 @@ class Virtqueue:
         _USED_ELEM.pack_into(self.used, 4 + 8 * (self.used_idx & (self.num - 1)), head, length)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
 
+    def set_notify(self, wanted: bool) -> None:
+        """Tell the driver whether to kick after adding chains (§2.7.10, without EVENT_IDX): not while we will
+        look at the ring again anyway, which saves a guest a VM exit per batch. One 2-byte store, as the
+        index. Whoever clears the flag must read the avail index only after a syscall (a full barrier on
+        x86): the driver writes its index, fences, reads the flag, and one of the two must see the other."""
+        if wanted == self.quiet and self.mapped:
+            self.used16[0] = 0 if wanted else USED_F_NO_NOTIFY
+            self.quiet = not wanted
+
+    def allow_kicks(self) -> None:
+        """Clear USED_F_NO_NOTIFY whatever we last wrote (a ring starting or stopping)."""
+        self.quiet = True
+        self.set_notify(True)
+
     def publish(self) -> None:
         """Make pushed entries visible and interrupt the guest unless it asked not to be (§2.7.10)."""
         if self.used_idx == self.published or not self.mapped:
             return
-        _U16.pack_into(self.used, 2, self.used_idx)
+        # One 2-byte store: struct.pack_into would clear the field first, and a driver reading it on another
+        # CPU in between sees the index run backwards (Linux marks the ring broken: "id N is not a head").
+        self.used16[1] = self.used_idx
         self.published = self.used_idx
         if self.call_fd >= 0 and not _U16.unpack_from(self.avail, 0)[0] & AVAIL_F_NO_INTERRUPT:
             try:
