@@ -96,7 +96,7 @@ def test_shaper_counts_drops_and_keeps_an_unchanged_bucket() -> None:
     s.configure(RateSpec(8000, 1500), None, 0.0)
     eg = s.egress
     assert eg is not None
-    assert s.admit(eg, 1000, 0.0, "udp.egress")
+    assert (s.egress, s.ingress) == (None, None)
     assert not s.admit(eg, 1000, 0.0, "udp.egress")
     assert s.counters["egress.bytes"] == 1000
     assert s.counters["udp.egress.dropped"] == 1
