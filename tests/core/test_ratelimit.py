@@ -96,7 +96,7 @@ def test_shaper_counts_drops_and_keeps_an_unchanged_bucket() -> None:
     s.configure(RateSpec(8000, 1500), None, 0.0)
     eg = s.egress
     assert eg is not None
-    assert (s.egress, s.ingress) == (None, None)
+    assert s.admit(eg, 1000, 0.0, "udp.egress")
     assert not s.admit(eg, 1000, 0.0, "udp.egress")
     assert s.counters["egress.bytes"] == 1000
     assert s.counters["udp.egress.dropped"] == 1
@@ -105,4 +105,4 @@ def test_shaper_counts_drops_and_keeps_an_unchanged_bucket() -> None:
     assert s.egress is eg  # same spec: same balance, no fresh burst on a reload
     assert s.ingress is not None and s.ingress.available(1.0) == 2000
     s.configure(None, None, 2.0)
-    assert s.egress is None and s.ingress is None
+    assert (s.egress, s.ingress) == (None, None)
