@@ -92,7 +92,7 @@ def test_spec_range(rate: int, burst: int) -> None:
 
 def test_shaper_counts_drops_and_keeps_an_unchanged_bucket() -> None:
     s = Shaper()
-    assert s.egress is None and s.ingress is None
+    assert (s.egress, s.ingress) == (None, None)
     s.configure(RateSpec(8000, 1500), None, 0.0)
     eg = s.egress
     assert eg is not None
