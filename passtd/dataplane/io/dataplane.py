@@ -31,6 +31,7 @@ from passtd.dataplane.core.flowtable import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Fl
 from passtd.dataplane.core.fwd import ForwardTables, Listener
 from passtd.dataplane.core.icmp import EchoFlow, EchoToHost
 from passtd.dataplane.core.limits import GUEST_ADDRS_MAX, FdPool, Limits, Usage
+from passtd.dataplane.core.ratelimit import RateSpec, Shaper
 from passtd.dataplane.core.services.ndp import NdpResponder
 from passtd.dataplane.core.splice import SpliceFlow
 from passtd.dataplane.core.stats import Stats
@@ -87,10 +88,12 @@ class Dataplane:
         self._out: list[OutFrame] = []
         self.tcp_io = TcpIo()
         self.watchers: list[Callable[[FlowEvent], None]] = []
+        self.shaper = Shaper()  # rate limits (core/ratelimit.py): one object shared by TCP, UDP and ICMP
         self.tcp = TcpHandler(
             TcpEnv(ctx, self.guest, self.flows, self.stats, self.tcp_io, self._to_tap, os.urandom(16)),
             TcpHooks(self.timeouts, on_close=self._on_tcp_close, on_state=self._on_tcp_state,
-                     watching=self.watchers, offload=vnet, congested=self._tap_congested),
+                     watching=self.watchers, offload=vnet, congested=self._tap_congested,
+                     shaper=self.shaper),
         )  # fmt: skip
         self._out_bytes = 0
         self._eth_mac: bytes | None = b""  # guest MAC the cached Ethernet headers were made for
@@ -111,9 +114,11 @@ class Dataplane:
         hs = self.host_sockets = sockets if sockets is not None else HostSockets()
         outbound = Outbound(hs.outbound, hs.outbound_if4, hs.outbound_if6)
         self.tcp_io.outbound = self.udp.outbound = outbound
+        self.udp.shaper = self.shaper
         self.echo = EchoSockets(
             ctx, loop, self.flows, self.stats, self.guest, self.send_to_tap, self._emit, outbound
         )
+        self.echo.shaper = self.shaper
         self.splicer = Splicer(loop, self.flows, self.stats, self._emit, ctx, self.guest, hs.host_lo_to_ns_lo)
         self.demux = Demux(
             ctx, self.guest, self.stats, self.flows, self.ndp, self.tcp.tap_segment, self.udp.from_guest
@@ -363,6 +368,14 @@ class Dataplane:
                 watcher(event)
 
     # -- control ---------------------------------------------------------------------------------------------
+
+    def set_rate_limits(self, egress: RateSpec | None, ingress: RateSpec | None) -> None:
+        """Replace the guest's rate limits (None: unlimited). TCP flows held for tokens are woken at once, so
+        a raised or cleared limit applies now rather than at their next timer."""
+        now = self.loop.time()
+        self.shaper.configure(egress, ingress, now)
+        self.tcp.rate_changed(now)
+        self._after_batch(now)
 
     def set_timeouts(self, timeouts: Timeouts) -> None:
         """Takes effect at the next timer tick: every TCP deadline is recomputed from the new values."""

@@ -43,6 +43,10 @@ class TcpBatch(TcpBase):
             return False
         conn.written += n
         conn.batch_data += n
+        egress = self.shaper.egress
+        if egress is not None:
+            egress.charge(n, self._now)  # inside the window we offered: see _update_ack
+            self.shaper.counters["egress.bytes"] += n
         if n < total:
             conn.seq_from_tap = seq_add(conn.seq_from_tap, n - total)
             self.stats.handled["tcp.sock_full"] += 1
@@ -118,6 +122,18 @@ class TcpBatch(TcpBase):
             sndbuf = info.sndbuf
             acked, free, queued = socket_room(written, info.bytes_acked, sndbuf, conn.local)
             conn.info_free, conn.info_written, conn.info_sndbuf = free, written, sndbuf
+        reopen = 0.0
+        egress = self.shaper.egress
+        if egress is not None:
+            # Rate limit: the window reaches no further than the tokens left; when that closes it (or
+            # nearly), the ACK timer reopens it once a quantum is back. Nothing the guest sent is dropped.
+            tokens = egress.available(now)
+            if tokens < free:
+                need = free if free < egress.quantum else egress.quantum
+                free = tokens
+                if tokens < need:
+                    reopen = egress.wait(need, now)
+                    self.shaper.held("tcp.egress", reopen)
         ack, wnd = ack_window(conn.seq_init_from_tap, conn.seq_from_tap, written, acked, free,
                               bool(conn.events & st.EV_GUEST_FIN_SENT), conn.ws_to_tap > 0)  # fmt: skip
         changed = ack != conn.seq_ack_to_tap or wnd != conn.wnd_to_tap
@@ -137,6 +153,8 @@ class TcpBatch(TcpBase):
             conn.ack_due = now + self.timeouts.tcp_ack_interval if pending else 0.0
         else:
             conn.ack_due = now + self.timeouts.tcp_ack_interval if ack != conn.seq_from_tap else 0.0
+        if reopen and (not conn.ack_due or now + reopen < conn.ack_due):
+            conn.ack_due = now + reopen
         self._set_clamp(conn)
         if st.is_closed(conn.events):
             self._close(conn, "fin", reset_sock=False, rst_tap=False)
