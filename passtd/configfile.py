@@ -12,6 +12,11 @@
     [timeouts]                     # seconds; names and ranges of passtd/dataplane/core/timeouts.py
     tcp_activity = 3600
 
+    [limits]                       # rate limits, bit/s ("10M", "1G", "none"); bursts in bytes (optional)
+    egress = "10M"
+    ingress = "100M"
+    egress_burst = "64k"
+
 A key is a long option without its dashes and takes what the option takes: a flag is a boolean, a repeatable
 option a string or an array of strings, any other option a string (numbers may be written as integers).
 `config`, `help` and `version` are not keys. The command line wins over the file, option by option.
@@ -29,12 +34,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final, Literal
 
+from passtd.dataplane.core.ratelimit import RateSpec, parse_quantity
 from passtd.dataplane.core.timeouts import RANGES, Timeouts
 from passtd.errors import ConfigError
 
 Kind = Literal["flag", "value", "list"]
 MODES: Final = ("passt", "pasta")
 TIMEOUTS_TABLE: Final = "timeouts"
+LIMITS_TABLE: Final = "limits"
+LIMIT_KEYS: Final = ("egress", "ingress", "egress_burst", "ingress_burst")
+RateLimits = tuple[RateSpec | None, RateSpec | None]  # (egress, ingress); None: unlimited
 _INT_TIMEOUTS: Final = frozenset({"tcp_max_retransmits"})
 
 
@@ -58,6 +67,7 @@ class FileConfig:
     keys: dict[str, str] = field(default_factory=dict)  # dest → key, for error messages
     modes: dict[str, frozenset[str]] = field(default_factory=dict)  # dest → modes accepting it
     timeouts: Timeouts = field(default_factory=Timeouts)
+    rate_limits: RateLimits | None = None  # the [limits] table; None when the file has none
 
     def check_mode(self, mode: str) -> None:
         """Reject keys of the other mode (a passt `socket` in a pasta file is a mistake, not a no-op)."""
@@ -167,6 +177,37 @@ def _timeouts(path: str, table: object) -> Timeouts:
     return timeouts
 
 
+def _rate_limits(path: str, table: object) -> RateLimits:
+    """The [limits] table: egress/ingress rates (bit/s) and optional bursts (bytes)."""
+    if not isinstance(table, dict):
+        raise key_error(path, LIMITS_TABLE, f"expected a table, got {_type_name(table)}")
+    values: dict[str, int] = {}
+    for name, value in table.items():
+        key = f"{LIMITS_TABLE}.{name}"
+        if name not in LIMIT_KEYS:
+            raise _unknown(path, key, [f"{LIMITS_TABLE}.{n}" for n in LIMIT_KEYS])
+        try:
+            values[name] = parse_quantity(value)
+        except ValueError as exc:
+            raise key_error(path, key, str(exc)) from None
+    specs: list[RateSpec | None] = []
+    for direction in ("egress", "ingress"):
+        rate, burst = values.get(direction, 0), values.get(f"{direction}_burst", 0)
+        if not rate:
+            if burst:
+                raise key_error(
+                    path, f"{LIMITS_TABLE}.{direction}_burst", f"needs {LIMITS_TABLE}.{direction}"
+                )
+            specs.append(None)
+            continue
+        try:
+            specs.append(RateSpec.of(rate, burst))
+        except ValueError as exc:
+            name = f"{direction}_burst" if str(exc).startswith("burst") else direction
+            raise key_error(path, f"{LIMITS_TABLE}.{name}", str(exc)) from None
+    return specs[0], specs[1]
+
+
 def load(path: str, specs: Mapping[str, OptionSpec]) -> FileConfig:
     """Read and check `path` against the option table `specs` (key → spec)."""
     doc = read_toml(path)
@@ -175,7 +216,8 @@ def load(path: str, specs: Mapping[str, OptionSpec]) -> FileConfig:
     keys: dict[str, str] = {}
     modes: dict[str, frozenset[str]] = {}
     timeouts = Timeouts()
-    known = sorted([*specs, "mode", TIMEOUTS_TABLE])
+    rate_limits: RateLimits | None = None
+    known = sorted([*specs, "mode", TIMEOUTS_TABLE, LIMITS_TABLE])
     for key, value in doc.items():
         if key == "mode":
             if not isinstance(value, str):
@@ -187,13 +229,16 @@ def load(path: str, specs: Mapping[str, OptionSpec]) -> FileConfig:
         if key == TIMEOUTS_TABLE:
             timeouts = _timeouts(path, value)
             continue
+        if key == LIMITS_TABLE:
+            rate_limits = _rate_limits(path, value)
+            continue
         spec = specs.get(key)
         if spec is None:
             raise _unknown(path, key, known)
         values[spec.dest] = _value(path, spec, value)
         keys[spec.dest] = key
         modes[spec.dest] = spec.modes
-    config = FileConfig(path, mode, values, keys, modes, timeouts)
+    config = FileConfig(path, mode, values, keys, modes, timeouts, rate_limits)
     if mode is not None:
         config.check_mode(mode)
     return config

@@ -49,7 +49,7 @@ Reparse: TypeAlias = Callable[[Sequence[str], HostView | None], Config]
 NETNS_POLL: Final = 0.5
 CONTROL_GRACE: Final = 1.0
 # Fields that a SIGHUP cannot change in a running process: they are set up before the loop starts.
-_LIVE_FIELDS: Final = frozenset({"forward", "timeouts", "argv"})
+_LIVE_FIELDS: Final = frozenset({"forward", "timeouts", "argv", "rate_limits"})
 
 
 @dataclass(slots=True)
@@ -337,6 +337,8 @@ def _reload(current: Config, dp: Dataplane, notifier: Notifier, reparse: Reparse
         return current
     dp.set_forwarding(new.forward or ForwardTables(new.mode))
     dp.set_timeouts(new.timeouts)
+    if new.rate_limits != current.rate_limits:  # a [limits] change wins over the control API's; else kept
+        dp.set_rate_limits(*(new.rate_limits or (None, None)))
     fixed = sorted(
         name
         for name in Config.__dataclass_fields__
@@ -466,6 +468,8 @@ async def _serve(
         dp.set_forwarding(config.forward)
     if config.timeouts != Timeouts():
         dp.set_timeouts(config.timeouts)
+    if config.rate_limits is not None:
+        dp.set_rate_limits(*config.rate_limits)
     if debug_enabled():  # -d: every flow's open and close (a watcher only then: none costs nothing)
         from passtd.daemon_api import FlowLog
 

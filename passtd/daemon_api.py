@@ -45,6 +45,8 @@ from passtd.control.api import (
     LoopShare,
     NotFound,
     PortPolicyChangeView,
+    RateLimitsView,
+    RateLimitView,
     ResourceExhausted,
     StatusView,
     TcpDetailsView,
@@ -54,6 +56,7 @@ from passtd.control.api import (
 )
 from passtd.dataplane.core.flowtable import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Flow, FlowEvent, key_addr
 from passtd.dataplane.core.fwd import OPTION_OF, ForwardTables, Listener, PortPolicy
+from passtd.dataplane.core.ratelimit import RateSpec, TokenBucket
 from passtd.dataplane.core.tcp.conn import TcpConn
 from passtd.dataplane.core.timeouts import RANGES, Timeouts
 from passtd.dataplane.io.dataplane import Dataplane, flow_state
@@ -442,6 +445,7 @@ class DaemonControl:
             flows=dict(flows),
             limits=limits_view(dp, flows, LimitView(max=MAX_WATCHERS, in_use=self._watchers)),
             flow_states=states,
+            rate_limits=self.rate_limits(),
         )
 
     async def list_connections(
@@ -615,3 +619,42 @@ class DaemonControl:
         if new != self.dp.timeouts:
             self.dp.set_timeouts(new)
         return self.timeouts()
+
+    # -- rate limits ----------------------------------------------------------------------------------------
+
+    def rate_limits(self) -> RateLimitsView:
+        return rate_limits_view(self.dp)
+
+    def set_rate_limits(self, egress: RateLimitView | None, ingress: RateLimitView | None) -> RateLimitsView:
+        shaper = self.dp.shaper
+        new_egress = checked_rate("egress", egress) if egress is not None else _spec_of(shaper.egress)
+        new_ingress = checked_rate("ingress", ingress) if ingress is not None else _spec_of(shaper.ingress)
+        self.dp.set_rate_limits(new_egress, new_ingress)
+        return self.rate_limits()
+
+
+def checked_rate(name: str, view: RateLimitView) -> RateSpec | None:
+    """One direction of a rate-limit change: None for rate 0 (unlimited); InvalidArgument names the field."""
+    if not view.rate:
+        if view.burst:
+            raise InvalidArgument(f"{name}.burst: a burst needs a rate (rate 0 means unlimited)")
+        return None
+    try:
+        return RateSpec.of(view.rate, view.burst)
+    except ValueError as exc:
+        field = "burst" if str(exc).startswith("burst") else "rate"
+        raise InvalidArgument(f"{name}.{field}: {exc}") from None
+
+
+def _spec_of(bucket: TokenBucket | None) -> RateSpec | None:
+    return bucket.spec() if bucket is not None else None
+
+
+def rate_limits_view(dp: Dataplane) -> RateLimitsView:
+    shaper = dp.shaper
+    eg, ing = shaper.egress, shaper.ingress
+    return RateLimitsView(
+        egress=RateLimitView(rate=eg.rate, burst=eg.burst) if eg is not None else RateLimitView(),
+        ingress=RateLimitView(rate=ing.rate, burst=ing.burst) if ing is not None else RateLimitView(),
+        counters=dict(shaper.counters),
+    )

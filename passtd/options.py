@@ -440,7 +440,8 @@ class Parsed:
 
         if self.file is None:
             return replace(config, argv=self.argv)
-        return replace(config, argv=self.argv, config_file=self.file.path, timeouts=self.file.timeouts)
+        return replace(config, argv=self.argv, config_file=self.file.path, timeouts=self.file.timeouts,
+                       rate_limits=self.file.rate_limits)  # fmt: skip
 
 
 def parse_args(

@@ -180,8 +180,33 @@ class _SnapshotCollector(Collector):
             (gauge, "passtd_descriptors_in_use", "Descriptors open now.", (),
              [((), st.limits.descriptors.in_use)]),
         ]  # fmt: skip
+        families.extend(rate_limit_families(st))
         for kind, name, doc, labels, rows in families:
             yield _family(kind, name, doc, labels, rows)
+
+
+def rate_limit_families(st: StatusView) -> list[tuple[bool, str, str, tuple[str, ...], Rows]]:
+    """The guest's rate limits (bit/s, 0: unlimited) and what they did: bytes carried under a limit, TCP
+    waits for tokens (count and seconds), datagrams dropped over a limit."""
+    rl = st.rate_limits
+    if rl is None:
+        return []
+    c = rl.counters
+    dirs = ("egress", "ingress")
+    return [
+        (False, "passtd_rate_limit_bits_per_second", "Configured rate limit (0: unlimited).", ("direction",),
+         [(("egress",), rl.egress.rate), (("ingress",), rl.ingress.rate)]),
+        (False, "passtd_rate_limit_burst_bytes", "Configured bucket size.", ("direction",),
+         [(("egress",), rl.egress.burst), (("ingress",), rl.ingress.burst)]),
+        (True, "passtd_rate_limited_bytes", "Payload bytes carried under a rate limit.", ("direction",),
+         [((d,), c.get(f"{d}.bytes", 0)) for d in dirs]),
+        (True, "passtd_rate_limit_tcp_waits", "Times a TCP flow waited for tokens.", ("direction",),
+         [((d,), c.get(f"tcp.{d}.held", 0)) for d in dirs]),
+        (True, "passtd_rate_limit_tcp_wait_seconds", "Planned TCP waits for tokens.", ("direction",),
+         [((d,), c.get(f"tcp.{d}.held_us", 0) / 1e6) for d in dirs]),
+        (True, "passtd_rate_limit_dropped", "Datagrams dropped over a rate limit.", ("protocol", "direction"),
+         [((p, d), c.get(f"{p}.{d}.dropped", 0)) for p in ("udp", "icmp") for d in dirs]),
+    ]  # fmt: skip
 
 
 def render(snap: Snapshot, *, openmetrics: bool) -> tuple[bytes, str]:

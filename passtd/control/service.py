@@ -34,6 +34,8 @@ from passtd.control.convert import (
     page_token_from_pb,
     page_token_to_pb,
     policy_change_to_pb,
+    rate_limit_from_pb,
+    rate_limits_to_pb,
     spec_from_pb,
     status_to_pb,
     timeouts_from_pb,
@@ -240,5 +242,23 @@ class ControlServicer(passt_pb2_grpc.ControlServicer):
         def run() -> passt_pb2.Timeouts:
             values = timeouts_from_pb(request.timeouts, list(request.update_mask.paths))
             return timeouts_to_pb(self._api.set_timeouts(values))
+
+        return await self._call(context, lambda: _sync(run))
+
+    # --- rate limits ---
+
+    async def GetRateLimits(
+        self, request: passt_pb2.GetRateLimitsRequest, context: grpc.aio.ServicerContext
+    ) -> passt_pb2.RateLimits:
+        view = await self._call(context, lambda: _sync(self._api.rate_limits))
+        return rate_limits_to_pb(view)
+
+    async def SetRateLimits(
+        self, request: passt_pb2.SetRateLimitsRequest, context: grpc.aio.ServicerContext
+    ) -> passt_pb2.RateLimits:
+        def run() -> passt_pb2.RateLimits:
+            egress = rate_limit_from_pb(request, "egress")
+            ingress = rate_limit_from_pb(request, "ingress")
+            return rate_limits_to_pb(self._api.set_rate_limits(egress, ingress))
 
         return await self._call(context, lambda: _sync(run))

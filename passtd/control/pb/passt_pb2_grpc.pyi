@@ -94,6 +94,15 @@ class ControlStub:
     """Change the timeouts named in update_mask. Every value is range-checked first; if any is out of range
     nothing changes (INVALID_ARGUMENT naming the field and its range). Applies at the next timer tick.
     """
+    GetRateLimits: _grpc.UnaryUnaryMultiCallable[_passt_pb2.GetRateLimitsRequest, _passt_pb2.RateLimits]
+    """--- rate limits ---
+    The guest's rate limits (token buckets for its egress and ingress as a whole) and their counters.
+    """
+    SetRateLimits: _grpc.UnaryUnaryMultiCallable[_passt_pb2.SetRateLimitsRequest, _passt_pb2.RateLimits]
+    """Change the egress and/or ingress limit (a direction left unset is unchanged; rate 0 clears it).
+    INVALID_ARGUMENT names the field ("egress.rate: ..."); nothing changes then. TCP flows waiting for
+    tokens are re-evaluated at once, so a cleared limit restores full speed immediately.
+    """
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -146,6 +155,15 @@ class ControlAsyncStub(ControlStub):
     SetTimeouts: _aio.UnaryUnaryMultiCallable[_passt_pb2.SetTimeoutsRequest, _passt_pb2.Timeouts]  # type: ignore[assignment]
     """Change the timeouts named in update_mask. Every value is range-checked first; if any is out of range
     nothing changes (INVALID_ARGUMENT naming the field and its range). Applies at the next timer tick.
+    """
+    GetRateLimits: _aio.UnaryUnaryMultiCallable[_passt_pb2.GetRateLimitsRequest, _passt_pb2.RateLimits]  # type: ignore[assignment]
+    """--- rate limits ---
+    The guest's rate limits (token buckets for its egress and ingress as a whole) and their counters.
+    """
+    SetRateLimits: _aio.UnaryUnaryMultiCallable[_passt_pb2.SetRateLimitsRequest, _passt_pb2.RateLimits]  # type: ignore[assignment]
+    """Change the egress and/or ingress limit (a direction left unset is unchanged; rate 0 clears it).
+    INVALID_ARGUMENT names the field ("egress.rate: ..."); nothing changes then. TCP flows waiting for
+    tokens are re-evaluated at once, so a cleared limit restores full speed immediately.
     """
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
@@ -262,6 +280,27 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_passt_pb2.Timeouts, _abc.Awaitable[_passt_pb2.Timeouts]]:
         """Change the timeouts named in update_mask. Every value is range-checked first; if any is out of range
         nothing changes (INVALID_ARGUMENT naming the field and its range). Applies at the next timer tick.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRateLimits(
+        self,
+        request: _passt_pb2.GetRateLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passt_pb2.RateLimits, _abc.Awaitable[_passt_pb2.RateLimits]]:
+        """--- rate limits ---
+        The guest's rate limits (token buckets for its egress and ingress as a whole) and their counters.
+        """
+
+    @_abc_1.abstractmethod
+    def SetRateLimits(
+        self,
+        request: _passt_pb2.SetRateLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passt_pb2.RateLimits, _abc.Awaitable[_passt_pb2.RateLimits]]:
+        """Change the egress and/or ingress limit (a direction left unset is unchanged; rate 0 clears it).
+        INVALID_ARGUMENT names the field ("egress.rate: ..."); nothing changes then. TCP flows waiting for
+        tokens are re-evaluated at once, so a cleared limit restores full speed immediately.
         """
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -144,3 +144,30 @@ def _rebucket(bucket: TokenBucket | None, spec: RateSpec | None, now: float) -> 
     if bucket is not None and bucket.spec() == spec:
         return bucket
     return TokenBucket(spec, now)
+
+
+_SUFFIX: Final = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_quantity(value: object) -> int:
+    """A rate (bit/s) or burst (bytes) as the config file writes it: an integer, or a string with an
+    optional decimal suffix k, M, G or T ("10M" is 10 000 000); "none" and 0 are 0. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError('expected a number or a string such as "10M", got a boolean')
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{value} is negative")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f'expected a number or a string such as "10M", got {type(value).__name__}')
+    word = value.strip().lower()
+    if word in ("none", "unlimited"):
+        return 0
+    number, suffix = (word[:-1], word[-1]) if word[-1:] in _SUFFIX else (word, "")
+    try:
+        scaled = float(number) * _SUFFIX[suffix]
+    except ValueError:
+        raise ValueError(f"{value[:40]!r} is not a number with an optional k, M, G or T suffix") from None
+    if not 0 <= scaled < 2**63 or scaled != int(scaled):
+        raise ValueError(f"{value[:40]!r} is not a whole, non-negative quantity")
+    return int(scaled)
