@@ -8,10 +8,12 @@ import pytest
 from passtd.dataplane.core.ratelimit import (
     BURST_FLOOR,
     QUANTUM_MAX,
+    WAIT_MIN,
     RateSpec,
     Shaper,
     TokenBucket,
     default_burst,
+    egress_window,
 )
 
 
@@ -106,3 +108,28 @@ def test_shaper_counts_drops_and_keeps_an_unchanged_bucket() -> None:
     assert s.ingress is not None and s.ingress.available(1.0) == 2000
     s.configure(None, None, 2.0)
     assert not any((s.egress, s.ingress))
+
+
+def test_reopen_is_never_shorter_than_the_loop_clock() -> None:
+    """A wait of a fraction of a byte would vanish in `now + wait` (now ~ 3e4 s) and spin the timer."""
+    b = bucket(2_000_000, 16384, now=32000.0)
+    b.charge(16384, 32000.0)
+    b.tokens = 4095.9999999
+    assert 0 < b.wait(4096, 32000.0) < 1e-9
+    assert b.reopen(4096, 32000.0) == WAIT_MIN
+    assert 32000.0 + b.reopen(4096, 32000.0) > 32000.0
+
+
+def test_egress_window_offers_at_least_a_segment_once_a_quantum_is_back() -> None:
+    b = bucket(2_000_000, 16384)  # 250 000 bytes/s, quantum 4096
+    # bucket smaller than the guest's MSS (MTU 65520): a full bucket opens one segment, the excess is a debt
+    assert egress_window(b, 16384, 1 << 20, 65480, 0.0) == (65480, 0.0)
+    b.charge(65480, 0.0)
+    room, wait = egress_window(b, b.available(0.0), 1 << 20, 65480, 0.0)
+    assert room == 0 and wait == pytest.approx((65480 - 16384 + 16384) / 250_000)
+    # MSS 1460: a quantum is enough; the socket's own room still caps it
+    b2 = bucket(2_000_000, 16384)
+    assert egress_window(b2, 5000, 1 << 20, 1460, 0.0) == (5000, 0.0)
+    assert egress_window(b2, 5000, 3000, 1460, 0.0) == (3000, 0.0)
+    room, wait = egress_window(b2, 1000, 1 << 20, 1460, 0.0)
+    assert room == 1000 and wait > 0

@@ -28,6 +28,7 @@ BURST_MIN: Final = 1_500  # one Ethernet frame's payload: a smaller bucket could
 BURST_MAX: Final = 1 << 30
 BURST_TIME: Final = 0.02  # default burst: 20 ms at the rate...
 BURST_FLOOR: Final = 16 * 1024  # ...but at least this (a TCP window smaller than this stalls a guest)
+WAIT_MIN: Final = 0.001  # seconds: the event loop's clock resolution
 QUANTUM_MAX: Final = 1 << 20  # a held TCP flow resumes once this much (or a quarter of the burst) is back
 
 
@@ -97,8 +98,29 @@ class TokenBucket:
         need = min(n, self.burst) - self._refill(now)
         return need / self.bytes_per_s if need > 0 else 0.0
 
+    def reopen(self, n: int, now: float) -> float:
+        """When a flow held for `n` bytes should look again: `wait`, but at least WAIT_MIN (a shorter
+        wait is lost in the float sum `now + wait` or the loop's millisecond clock, and would spin)."""
+        wait = self.wait(n, now)
+        return wait if wait > WAIT_MIN else WAIT_MIN
+
     def spec(self) -> RateSpec:
         return RateSpec(self.rate, self.burst)
+
+
+def egress_window(bucket: TokenBucket, tokens: int, free: int, mss: int, now: float) -> tuple[int, float]:
+    """(room to offer the guest, seconds until it is worth reopening; 0: not held) under `bucket`, which
+    has `tokens` now, where the socket alone would allow `free` (more than `tokens`).
+
+    A window smaller than one segment stalls a guest's sender (sender-side silly window avoidance: it
+    waits for its persist timer), and a bucket may be smaller than a segment (16 KiB against a 64 KiB MSS
+    at MTU 65520). So once a quantum (or the bucket, or `free`) is there, at least one segment is offered;
+    what it takes beyond the tokens is charged as a debt, paid back before the next opening, so the rate
+    over time stays exact."""
+    need = min(free, max(bucket.quantum, mss), bucket.burst)
+    if tokens >= need:
+        return min(free, max(tokens, mss)), 0.0
+    return tokens, bucket.reopen(need, now)
 
 
 @dataclass(slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from passtd.dataplane.core.ratelimit import egress_window
 from passtd.dataplane.core.tcp import states as st
 from passtd.dataplane.core.tcp.base import TcpBase
 from passtd.dataplane.core.tcp.conn import TcpConn
@@ -129,10 +130,8 @@ class TcpBatch(TcpBase):
             # nearly), the ACK timer reopens it once a quantum is back. Nothing the guest sent is dropped.
             tokens = egress.available(now)
             if tokens < free:
-                need = free if free < egress.quantum else egress.quantum
-                free = tokens
-                if tokens < need:
-                    reopen = egress.wait(need, now)
+                free, reopen = egress_window(egress, tokens, free, conn.mss_to_tap, now)
+                if reopen:
                     self.shaper.held("tcp.egress", reopen)
         ack, wnd = ack_window(conn.seq_init_from_tap, conn.seq_from_tap, written, acked, free,
                               bool(conn.events & st.EV_GUEST_FIN_SENT), conn.ws_to_tap > 0)  # fmt: skip

@@ -219,7 +219,7 @@ class TcpData(TcpBatch):
                 if tokens < room:
                     need = room if room < ingress.quantum else ingress.quantum
                     if tokens < need:
-                        wait = ingress.wait(need, now)
+                        wait = ingress.reopen(need, now)
                         if not conn.persist_due or now + wait < conn.persist_due:
                             conn.persist_due = now + wait
                         self.shaper.held("tcp.ingress", wait)
