@@ -26,7 +26,7 @@ EXIT_USAGE: Final = 2
 
 def parse_quantity(text: str, unit: str) -> int:
     """`10M` → 10000000; `none`/`0` → 0. Raises argparse.ArgumentTypeError (a usage error, exit 2)."""
-    word = text.strip().lower()
+    word = "".join(text.split()).lower()
     if word in ("none", "unlimited"):
         return 0
     for tail in ("bit/s", "bps", "b"):

@@ -130,7 +130,10 @@ class TcpBatch(TcpBase):
             # nearly), the ACK timer reopens it once a quantum is back. Nothing the guest sent is dropped.
             tokens = egress.available(now)
             if tokens < free:
-                free, reopen = egress_window(egress, tokens, free, conn.mss_to_tap, now)
+                # one granule of our window scale over the MSS: the field rounds down, and a window one byte
+                # short of a segment stalls the guest until its persist timer (200 ms)
+                segment = conn.mss_to_tap + (1 << conn.ws_to_tap)
+                free, reopen = egress_window(egress, tokens, free, segment, now)
                 if reopen:
                     self.shaper.held("tcp.egress", reopen)
         ack, wnd = ack_window(conn.seq_init_from_tap, conn.seq_from_tap, written, acked, free,
