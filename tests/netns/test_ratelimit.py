@@ -21,6 +21,8 @@ import pytest
 
 from passtd.control.pb import passt_pb2, passt_pb2_grpc
 from tests.netns.conftest import REMOTE4, Topology, wait_for
+from tests.netns.test_metrics_live import PORT as METRICS_PORT
+from tests.netns.test_metrics_live import samples, scrape
 from tests.netns.test_tcp import connect, digest, serve
 
 pytestmark = pytest.mark.netns
@@ -141,7 +143,7 @@ print(json.dumps({"received": n}), flush=True)
 
 
 def test_udp_beyond_the_bucket_is_dropped_and_counted(topo: Topology) -> None:
-    ctl = start(topo)
+    ctl = start(topo, "--metrics-listen", str(METRICS_PORT))
     # 8 kbit/s with a 10 000-byte bucket: of 201 datagrams of 1000 bytes sent at once, about 10 pass
     assert passtctl(ctl, "limits", "set", "--egress", "8k", "--egress-burst", "10000").returncode == 0
     counter = subprocess.Popen(["ip", "netns", "exec", topo.host, sys.executable, "-c", UDP_COUNTER, "5320"],
@@ -160,6 +162,11 @@ def test_udp_beyond_the_bucket_is_dropped_and_counted(topo: Topology) -> None:
     status = json.loads(passtctl(ctl, "status", "-o", "json").stdout)
     assert status["counters"]["dropped"]["rate.udp.egress"] == dropped
     assert status["rate_limits"]["counters"]["udp.egress.dropped"] == dropped
+    _, body = scrape(topo)
+    got = samples(body)
+    assert got[("passtd_rate_limit_dropped_total", (("direction", "egress"), ("protocol", "udp")))] == dropped
+    assert got[("passtd_rate_limit_bits_per_second", (("direction", "egress"),))] == 8000
+    assert got[("passtd_rate_limit_bits_per_second", (("direction", "ingress"),))] == 0
 
 
 def test_bad_requests_name_the_field_and_change_nothing(topo: Topology) -> None:
