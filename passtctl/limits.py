@@ -41,6 +41,8 @@ def parse_quantity(text: str, unit: str) -> int:
     value = float(m.group(1)) * SUFFIX[m.group(2)]
     if value != int(value):
         raise argparse.ArgumentTypeError(f"{text[:40]!r}: not a whole number of {unit}")
+    if value >= 2**64:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: too large")
     return int(value)
 
 

@@ -21,7 +21,7 @@ def test_rates(text: str, value: int) -> None:
     assert parse_rate(text) == value
 
 
-@pytest.mark.parametrize("text", ["fast", "-1M", "1.0000001k", "", "1x", "M"])
+@pytest.mark.parametrize("text", ["fast", "-1M", "1.0000001k", "", "1x", "M", "99999999999T", "1e3"])
 def test_bad_rates_are_usage_errors(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         parse_rate(text)
