@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +92,28 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     # passt mode: what plays qemu (bench/relay.py, bench/vhost_front.py) shares the CPU with the tool
     "tcp_out_front_cpu_s_per_gb": ("qemu stand-in CPU per GB, TCP ns→host", "s/GB", False),
     "tcp_in_front_cpu_s_per_gb": ("qemu stand-in CPU per GB, TCP host→ns", "s/GB", False),
+    "rl_out_1m_ratio": ("TCP ns→host at a 1 Mbit/s egress limit, measured/limit", "ratio", True),
+    "rl_in_1m_ratio": ("TCP host→ns at a 1 Mbit/s ingress limit, measured/limit", "ratio", True),
+    "rl_out_100m_ratio": ("TCP ns→host at a 100 Mbit/s egress limit, measured/limit", "ratio", True),
+    "rl_in_100m_ratio": ("TCP host→ns at a 100 Mbit/s ingress limit, measured/limit", "ratio", True),
+    "rl_out_1g_ratio": ("TCP ns→host at a 1 Gbit/s egress limit, measured/limit", "ratio", True),
+    "rl_in_1g_ratio": ("TCP host→ns at a 1 Gbit/s ingress limit, measured/limit", "ratio", True),
     "rss_idle_mib": ("tool RSS, idle", "MiB", False),
     "rss_10k_mib": (f"tool RSS, {HOLD_CONNS} open TCP connections", "MiB", False),
 }
 PATH_LINES = ["fwd_lo_rr", "fwd_lo_cps", "fwd_tap_rr", "fwd_tap_cps", "ns_lo_rr", "ns_lo_cps", "udp_rr_in"]
-ALL_LINES = ["tcp_out", "tcp_in", "tcp_fwd", "tcp_rr", "cps", "udp_rr", "udp", *PATH_LINES, "rss"]
+ALL_LINES = [
+    "tcp_out",
+    "tcp_in",
+    "tcp_fwd",
+    "tcp_rr",
+    "cps",
+    "udp_rr",
+    "udp",
+    *PATH_LINES,
+    "rss",
+    "ratelimit",
+]
 QUICK_LINES = ["tcp_out", "tcp_in", "tcp_fwd", "tcp_rr", "cps", "udp_rr", "udp", *PATH_LINES]
 PASST_MODE_LINES = ["tcp_out", "tcp_in", "tcp_fwd", "tcp_rr", "cps", "udp_rr",
                     "fwd_lo_rr", "fwd_lo_cps", "fwd_tap_rr", "fwd_tap_cps", "udp_rr_in"]  # fmt: skip
@@ -330,11 +347,18 @@ def _finish_pasta_like(t: Topo, procs: Procs, proc: subprocess.Popen[str], mtu: 
     return Running(proc.pid, gw)
 
 
+def limits_file(t: Topo) -> Path:
+    """passtd's config file: only a [limits] table, rewritten by the ratelimit line and applied on SIGHUP
+    (no control socket: the other lines measure passtd as it runs without one)."""
+    return t.tmp / "passtd-limits.toml"
+
+
 def start_passtd(t: Topo, procs: Procs, mtu: int) -> Running:
+    limits_file(t).write_text("")
     proc = procs.spawn(
         t.host, PY, "-m", "passtd", "pasta", "-f", "-q", "-I", IF, "--netns", t.guest, "--config-net",
         "-m", str(mtu), "-t", _fwd_spec(), "-u", _udp_fwd_spec(), "-T", str(P_NS_TO_HOST), "-U", "none",
-        "--no-icmp", "--control", "none", log_name="passtd.log", cwd=ROOT,
+        "--no-icmp", "--control", "none", "--config", str(limits_file(t)), log_name="passtd.log", cwd=ROOT,
     )  # fmt: skip
     return _finish_pasta_like(t, procs, proc, mtu)
 
@@ -423,14 +447,15 @@ def start_passt(t: Topo, procs: Procs, mtu: int) -> Running:
 
 
 NS_ONLY = frozenset({"ns_lo_rr", "ns_lo_cps"})  # -T: there is no namespace in passt mode
+NO_LIMITS = frozenset({"ratelimit"})  # rate limits are passtd's own (and measured in pasta mode only)
 
 TOOLS = {
     "passtd": Tool("passtd", "pasta", start_passtd),
-    "pasta": Tool("pasta", "pasta", start_pasta),
-    "slirp4netns": Tool("slirp4netns", "pasta", start_slirp, NS_ONLY),  # and it has no -T
-    "passtd-passt": Tool("passtd-passt", "passt", start_passtd_passt, NS_ONLY),
-    "passtd-vhost": Tool("passtd-vhost", "passt", start_passtd_vhost, NS_ONLY),
-    "passt": Tool("passt", "passt", start_passt, NS_ONLY),
+    "pasta": Tool("pasta", "pasta", start_pasta, NO_LIMITS),
+    "slirp4netns": Tool("slirp4netns", "pasta", start_slirp, NS_ONLY | NO_LIMITS),  # and it has no -T
+    "passtd-passt": Tool("passtd-passt", "passt", start_passtd_passt, NS_ONLY | NO_LIMITS),
+    "passtd-vhost": Tool("passtd-vhost", "passt", start_passtd_vhost, NS_ONLY | NO_LIMITS),
+    "passt": Tool("passt", "passt", start_passt, NS_ONLY | NO_LIMITS),
 }
 REFERENCE = {"passtd": ["pasta", "slirp4netns"], "passtd-passt": ["passt"],
              "passtd-vhost": ["passtd-passt", "passt"]}  # fmt: skip
@@ -661,6 +686,36 @@ def line_rss(c: Ctx) -> dict[str, float]:
     return {"rss_idle_mib": idle, "rss_10k_mib": held}
 
 
+RATE_LIMITS = (("1m", 1_000_000), ("100m", 100_000_000), ("1g", 1_000_000_000))
+
+
+def set_limits(c: Ctx, table: str) -> None:
+    """Rewrite passtd's [limits] table and make it reload (SIGHUP); the reload is a few milliseconds."""
+    limits_file(c.topo).write_text(table)
+    os.kill(c.run.pid, signal.SIGHUP)
+    time.sleep(0.5)
+
+
+def line_ratelimit(c: Ctx) -> dict[str, float]:
+    """Bulk TCP both ways under a limit at three rates: the receiver's rate over the run, after the usual 1 s
+    warm-up (which takes the initial burst), over the limit. The 1 Mbit/s runs last at least 8 s: at MTU
+    65520 a paced guest sends 64 KiB segments, half a second each at that rate."""
+    out: dict[str, float] = {}
+    try:
+        for name, rate in RATE_LIMITS:
+            for key, direction, extra in (("out", "egress", ()), ("in", "ingress", ("-R",))):
+                set_limits(c, f"[limits]\n{direction} = {rate}\n")
+                run = c if rate > 10_000_000 else replace(c, duration=max(c.duration, 8))
+                metric = f"rl_{key}_{name}"
+                got = iperf(run, metric, c.topo.guest, c.topo.host, "127.0.0.1", c.run.gw, P_TCP_OUT, *extra)
+                bps = got[f"{metric}_gbps"] * 1e9
+                out[f"{metric}_ratio"] = bps / rate
+                log(f"  limit {direction} {rate / 1e6:g} Mbit/s: {bps / 1e6:.4g} Mbit/s, x{bps / rate:.3f}")
+    finally:
+        set_limits(c, "")
+    return out
+
+
 LINES: dict[str, Callable[[Ctx], dict[str, float]]] = {
     "tcp_out": line_tcp_out,
     "tcp_in": line_tcp_in,
@@ -677,6 +732,7 @@ LINES: dict[str, Callable[[Ctx], dict[str, float]]] = {
     "ns_lo_cps": line_ns_lo_cps,
     "udp_rr_in": line_udp_rr_in,
     "rss": line_rss,
+    "ratelimit": line_ratelimit,
 }
 
 

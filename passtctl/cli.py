@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final, NoReturn
 
+from passtctl import limits
 from passtctl.client import (
     ADDRESS_ENV,
     DEFAULT_ADDRESS,
@@ -361,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     t_set.add_argument("assignments", nargs="+", type=parse_assignment, metavar="KEY=VALUE")
     t_set.set_defaults(run=_timeouts_set)
     add_egress_commands(commands)
+    limits.register(commands)
     return parser
 
 

@@ -311,6 +311,16 @@ class ControlClient:
         reply: passt_pb2.Timeouts = self._unary(self._control.SetTimeouts, request)
         return reply
 
+    def rate_limits(self) -> passt_pb2.RateLimits:
+        reply: passt_pb2.RateLimits = self._unary(
+            self._control.GetRateLimits, passt_pb2.GetRateLimitsRequest()
+        )
+        return reply
+
+    def set_rate_limits(self, request: passt_pb2.SetRateLimitsRequest) -> passt_pb2.RateLimits:
+        reply: passt_pb2.RateLimits = self._unary(self._control.SetRateLimits, request)
+        return reply
+
     def health(self, service: str = "") -> str:
         """The serving status name of `service` ("" is the whole server): "SERVING", "NOT_SERVING" ..."""
         try:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Final, Literal
 from passtd.dataplane.core.context import Context
 from passtd.dataplane.core.egress import EgressPolicy
 from passtd.dataplane.core.fwd import ForwardTables
+from passtd.dataplane.core.ratelimit import RateSpec
 from passtd.dataplane.core.timeouts import Timeouts
 from passtd.errors import ConfigError
 from passtd.limits import (  # re-exported: the limits' one home is passtd.limits
@@ -82,6 +83,8 @@ class Config:
     max_flows: int = 256 * 1024
     timeouts: Timeouts = field(default_factory=Timeouts)  # the [timeouts] table of the config file
     egress: EgressPolicy | None = None  # [[egress]] + egress_default of the config file; None: not given
+    # the [limits] table of the config file: (egress, ingress) token buckets; None when it has none
+    rate_limits: tuple[RateSpec | None, RateSpec | None] | None = None
     config_file: str | None = None  # --config FILE, re-read on SIGHUP
     argv: tuple[str, ...] = ()  # the command line this came from, parsed again on SIGHUP
     log_file: str | None = None  # --log-file: log there instead of stderr

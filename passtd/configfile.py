@@ -18,6 +18,10 @@
     destination = "192.0.2.0/24"   # as the guest addresses it; omitted: any. The gateway is the host.
     protocol = "tcp"               # tcp, udp, icmp or any (the default)
     ports = ["443", "8000-8080"]   # tcp and udp only; omitted: every port
+    [limits]                       # rate limits, bit/s ("10M", "1G", "none"); bursts in bytes (optional)
+    egress = "10M"
+    ingress = "100M"
+    egress_burst = "64k"
 
 A key is a long option without its dashes and takes what the option takes: a flag is a boolean, a repeatable
 option a string or an array of strings, any other option a string (numbers may be written as integers).
@@ -47,6 +51,7 @@ from passtd.dataplane.core.egress import (
     parse_ports,
     parse_proto,
 )
+from passtd.dataplane.core.ratelimit import RateSpec, parse_quantity
 from passtd.dataplane.core.timeouts import RANGES, Timeouts
 from passtd.errors import ConfigError
 
@@ -56,6 +61,9 @@ TIMEOUTS_TABLE: Final = "timeouts"
 EGRESS_TABLES: Final = "egress"
 EGRESS_DEFAULT: Final = "egress_default"
 _EGRESS_KEYS: Final = ("id", "action", "destination", "protocol", "ports")
+LIMITS_TABLE: Final = "limits"
+LIMIT_KEYS: Final = ("egress", "ingress", "egress_burst", "ingress_burst")
+RateLimits = tuple[RateSpec | None, RateSpec | None]  # (egress, ingress); None: unlimited
 _INT_TIMEOUTS: Final = frozenset({"tcp_max_retransmits"})
 
 
@@ -81,6 +89,7 @@ class FileConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     # [[egress]] and egress_default; None when the file has neither (rules set at run time then stay)
     egress: EgressPolicy | None = None
+    rate_limits: RateLimits | None = None  # the [limits] table; None when the file has none
 
     def check_mode(self, mode: str) -> None:
         """Reject keys of the other mode (a passt `socket` in a pasta file is a mistake, not a no-op)."""
@@ -249,6 +258,37 @@ def _egress(path: str, tables: object, default: object) -> EgressPolicy:
         raise key_error(path, f"{EGRESS_TABLES}[{exc.field[6:]}", str(exc).split(": ", 1)[1]) from None
 
 
+def _rate_limits(path: str, table: object) -> RateLimits:
+    """The [limits] table: egress/ingress rates (bit/s) and optional bursts (bytes)."""
+    if not isinstance(table, dict):
+        raise key_error(path, LIMITS_TABLE, f"expected a table, got {_type_name(table)}")
+    values: dict[str, int] = {}
+    for name, value in table.items():
+        key = f"{LIMITS_TABLE}.{name}"
+        if name not in LIMIT_KEYS:
+            raise _unknown(path, key, [f"{LIMITS_TABLE}.{n}" for n in LIMIT_KEYS])
+        try:
+            values[name] = parse_quantity(value)
+        except ValueError as exc:
+            raise key_error(path, key, str(exc)) from None
+    specs: list[RateSpec | None] = []
+    for direction in ("egress", "ingress"):
+        rate, burst = values.get(direction, 0), values.get(f"{direction}_burst", 0)
+        if not rate:
+            if burst:
+                raise key_error(
+                    path, f"{LIMITS_TABLE}.{direction}_burst", f"needs {LIMITS_TABLE}.{direction}"
+                )
+            specs.append(None)
+            continue
+        try:
+            specs.append(RateSpec.of(rate, burst))
+        except ValueError as exc:
+            name = f"{direction}_burst" if str(exc).startswith("burst") else direction
+            raise key_error(path, f"{LIMITS_TABLE}.{name}", str(exc)) from None
+    return specs[0], specs[1]
+
+
 def load(path: str, specs: Mapping[str, OptionSpec]) -> FileConfig:
     """Read and check `path` against the option table `specs` (key → spec)."""
     doc = read_toml(path)
@@ -257,10 +297,11 @@ def load(path: str, specs: Mapping[str, OptionSpec]) -> FileConfig:
     keys: dict[str, str] = {}
     modes: dict[str, frozenset[str]] = {}
     timeouts = Timeouts()
-    known = sorted([*specs, "mode", TIMEOUTS_TABLE, EGRESS_TABLES, EGRESS_DEFAULT])
+    known = sorted([*specs, "mode", TIMEOUTS_TABLE, EGRESS_TABLES, EGRESS_DEFAULT, LIMITS_TABLE])
     egress = None
     if EGRESS_TABLES in doc or EGRESS_DEFAULT in doc:
         egress = _egress(path, doc.pop(EGRESS_TABLES, None), doc.pop(EGRESS_DEFAULT, None))
+    rate_limits: RateLimits | None = None
     for key, value in doc.items():
         if key == "mode":
             if not isinstance(value, str):
@@ -272,13 +313,16 @@ def load(path: str, specs: Mapping[str, OptionSpec]) -> FileConfig:
         if key == TIMEOUTS_TABLE:
             timeouts = _timeouts(path, value)
             continue
+        if key == LIMITS_TABLE:
+            rate_limits = _rate_limits(path, value)
+            continue
         spec = specs.get(key)
         if spec is None:
             raise _unknown(path, key, known)
         values[spec.dest] = _value(path, spec, value)
         keys[spec.dest] = key
         modes[spec.dest] = spec.modes
-    config = FileConfig(path, mode, values, keys, modes, timeouts, egress)
+    config = FileConfig(path, mode, values, keys, modes, timeouts, egress, rate_limits)
     if mode is not None:
         config.check_mode(mode)
     return config

@@ -50,7 +50,7 @@ Reparse: TypeAlias = Callable[[Sequence[str], HostView | None], Config]
 NETNS_POLL: Final = 0.5
 CONTROL_GRACE: Final = 1.0
 # Fields that a SIGHUP cannot change in a running process: they are set up before the loop starts.
-_LIVE_FIELDS: Final = frozenset({"forward", "timeouts", "argv", "egress"})
+_LIVE_FIELDS: Final = frozenset({"forward", "timeouts", "argv", "egress", "rate_limits"})
 
 
 @dataclass(slots=True)
@@ -338,6 +338,8 @@ def _reload(current: Config, dp: Dataplane, notifier: Notifier, reparse: Reparse
     dp.set_timeouts(new.timeouts)
     if new.egress is not None:  # a file without egress keys leaves the rules set at run time alone
         dp.set_egress(new.egress)
+    if new.rate_limits != current.rate_limits:  # a [limits] change wins over the control API's; else kept
+        dp.set_rate_limits(*(new.rate_limits or (None, None)))
     fixed = sorted(
         name
         for name in Config.__dataclass_fields__
@@ -468,6 +470,8 @@ async def _serve(
         dp.set_timeouts(config.timeouts)
     if config.egress is not None:
         dp.set_egress(config.egress)
+    if config.rate_limits is not None:
+        dp.set_rate_limits(*config.rate_limits)
     if debug_enabled():  # -d: every flow's open and close (a watcher only then: none costs nothing)
         from passtd.daemon_api import FlowLog
 

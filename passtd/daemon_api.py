@@ -49,6 +49,8 @@ from passtd.control.api import (
     LoopShare,
     NotFound,
     PortPolicyChangeView,
+    RateLimitsView,
+    RateLimitView,
     ResourceExhausted,
     StatusView,
     TcpDetailsView,
@@ -81,6 +83,7 @@ from passtd.dataplane.core.flowtable import (
 )
 from passtd.dataplane.core.fwd import OPTION_OF, ForwardTables, Listener, PortPolicy
 from passtd.dataplane.core.fwdbook import RuleBook
+from passtd.dataplane.core.ratelimit import RateSpec, TokenBucket
 from passtd.dataplane.core.splice import SpliceFlow
 from passtd.dataplane.core.tcp.conn import TcpConn
 from passtd.dataplane.core.timeouts import RANGES, Timeouts
@@ -531,6 +534,7 @@ class DaemonControl:
             flows=dict(flows),
             limits=limits_view(dp, flows, LimitView(max=MAX_WATCHERS, in_use=self._watchers)),
             flow_states=states,
+            rate_limits=self.rate_limits(),
         )
 
     async def list_connections(
@@ -792,6 +796,18 @@ class DaemonControl:
         reset = self.dp.set_egress(policy, reset_existing)
         return egress_view(self.dp.egress, reset)
 
+    # -- rate limits ----------------------------------------------------------------------------------------
+
+    def rate_limits(self) -> RateLimitsView:
+        return rate_limits_view(self.dp)
+
+    def set_rate_limits(self, egress: RateLimitView | None, ingress: RateLimitView | None) -> RateLimitsView:
+        shaper = self.dp.shaper
+        new_egress = checked_rate("egress", egress) if egress is not None else _spec_of(shaper.egress)
+        new_ingress = checked_rate("ingress", ingress) if ingress is not None else _spec_of(shaper.ingress)
+        self.dp.set_rate_limits(new_egress, new_ingress)
+        return self.rate_limits()
+
 
 @contextlib.contextmanager
 def _invalid_argument() -> Iterator[None]:
@@ -835,4 +851,31 @@ def egress_view(egress: Egress, flows_reset: int = 0) -> EgressView:
         denied={PROTO_NAMES[p]: n for p, n in egress.denied.items()},
         flows_reset=flows_reset,
         flows_reset_total=egress.reset_flows,
+    )
+
+
+def checked_rate(name: str, view: RateLimitView) -> RateSpec | None:
+    """One direction of a rate-limit change: None for rate 0 (unlimited); InvalidArgument names the field."""
+    if not view.rate:
+        if view.burst:
+            raise InvalidArgument(f"{name}.burst: a burst needs a rate (rate 0 means unlimited)")
+        return None
+    try:
+        return RateSpec.of(view.rate, view.burst)
+    except ValueError as exc:
+        field = "burst" if str(exc).startswith("burst") else "rate"
+        raise InvalidArgument(f"{name}.{field}: {exc}") from None
+
+
+def _spec_of(bucket: TokenBucket | None) -> RateSpec | None:
+    return bucket.spec() if bucket is not None else None
+
+
+def rate_limits_view(dp: Dataplane) -> RateLimitsView:
+    shaper = dp.shaper
+    eg, ing = shaper.egress, shaper.ingress
+    return RateLimitsView(
+        egress=RateLimitView(rate=eg.rate, burst=eg.burst) if eg is not None else RateLimitView(),
+        ingress=RateLimitView(rate=ing.rate, burst=ing.burst) if ing is not None else RateLimitView(),
+        counters=dict(shaper.counters),
     )

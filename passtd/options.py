@@ -441,7 +441,7 @@ class Parsed:
         if self.file is None:
             return replace(config, argv=self.argv)
         return replace(config, argv=self.argv, config_file=self.file.path, timeouts=self.file.timeouts,
-                       egress=self.file.egress)  # fmt: skip
+                       egress=self.file.egress, rate_limits=self.file.rate_limits)  # fmt: skip
 
 
 def parse_args(

@@ -9,6 +9,7 @@ import pytest
 
 from passtd.__main__ import main
 from passtd.configfile import OptionSpec
+from passtd.dataplane.core.ratelimit import RateSpec
 from passtd.dataplane.core.timeouts import Timeouts
 from passtd.dataplane.io.hostview import HostView
 from passtd.errors import ConfigError
@@ -149,6 +150,12 @@ ERRORS = [
     ("timeout_int", "[timeouts]\ntcp_max_retransmits = 2.5\n", "key 'timeouts.tcp_max_retransmits': expected an integer, got a float"),  # noqa: E501
     ("timeout_range", "[timeouts]\ntcp_syn = 0.5\n", "key 'timeouts.tcp_syn': 0.5 is out of range 1..3600"),
     ("timeout_order", "[timeouts]\ntcp_rto_min = 30\ntcp_rto_max = 10\n", "key 'timeouts.tcp_rto_min': 30 is above tcp_rto_max (10)"),  # noqa: E501
+    ("limits_type", "limits = 5\n", "key 'limits': expected a table, got an integer"),
+    ("limits_unknown", '[limits]\negres = "1M"\n', "key 'limits.egres': unknown key (did you mean 'limits.egress'?)"),  # noqa: E501
+    ("limits_value", '[limits]\negress = "fast"\n', "key 'limits.egress': 'fast' is not a number with an optional k, M, G or T suffix"),  # noqa: E501
+    ("limits_range", "[limits]\ningress = 5\n", "key 'limits.ingress': rate 5 bit/s is out of range 1000..1000000000000 (0: unlimited)"),  # noqa: E501
+    ("limits_burst", '[limits]\negress = "1M"\negress_burst = 10\n', "key 'limits.egress_burst': burst 10 bytes is out of range 1500..1073741824"),  # noqa: E501
+    ("limits_burst_alone", "[limits]\ningress_burst = 5000\n", "key 'limits.ingress_burst': needs limits.ingress"),  # noqa: E501
 ]  # fmt: skip
 
 
@@ -183,3 +190,12 @@ def test_command_line_errors_keep_their_option_name(tmp_path: Path) -> None:
 def test_config_needs_a_value() -> None:
     with pytest.raises(ConfigError, match=r"^--config: expects a value$"):
         parse("--config")
+
+
+def test_limits_table(tmp_path: Path) -> None:
+    path = write(tmp_path, '[limits]\negress = "10M"\ningress = 2500000000\ningress_burst = "1.5M"\n')
+    cfg = parse("passt", "--config", path)
+    assert cfg.rate_limits == (RateSpec(10_000_000, 25_000), RateSpec(2_500_000_000, 1_500_000))  # type: ignore[attr-defined]
+    path = write(tmp_path, '[limits]\negress = "none"\n', "n.toml")
+    assert parse("passt", "--config", path).rate_limits == (None, None)  # type: ignore[attr-defined]
+    assert parse("passt", "-a", "10.9.0.5", "-g", "10.9.0.1").rate_limits is None  # type: ignore[attr-defined]

@@ -68,3 +68,15 @@ def test_error_is_one_line_naming_the_key(
     path = write(tmp_path, BASE + text)
     assert main(["passt", "--config", path]) == 2
     assert capsys.readouterr().err == f"passtd: error: {path}: {reason}\n"
+
+
+def test_egress_rules_and_rate_limits_in_one_file(tmp_path: Path) -> None:
+    """The two policy tables of one file are read together (each helper's own test had only its own)."""
+    from passtd.dataplane.core.ratelimit import RateSpec
+
+    egress = 'egress_default = "deny"\n[[egress]]\naction = "allow"\nprotocol = "icmp"\n'
+    text = BASE + egress + '[limits]\negress = "10M"\n'
+    cfg = parse_args(["--config", write(tmp_path, text)], HOST, env=ENV)
+    assert cfg.egress is not None and cfg.egress.default_allow is False and len(cfg.egress.rules) == 1
+    assert cfg.rate_limits is not None and cfg.rate_limits[1] is None
+    assert isinstance(cfg.rate_limits[0], RateSpec) and cfg.rate_limits[0].rate == 10_000_000

@@ -206,6 +206,7 @@ class StatusView:
     flows: Mapping[str, int] = field(default_factory=_empty)  # protocol -> open flows
     limits: LimitsView
     flow_states: Mapping[str, Mapping[str, int]] = field(default_factory=_empty_nested)  # proto -> state -> n
+    rate_limits: RateLimitsView | None = None  # the guest's rate limits and their counters
 
 
 # -- connections ---------------------------------------------------------------------------------------
@@ -477,6 +478,26 @@ class TimeoutsView:
     icmp_idle: float
 
 
+# -- rate limits ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimitView:
+    """passt.v1.RateLimit: `rate` in bit/s (0: unlimited), `burst` in bytes (0 in a request: the default)."""
+
+    rate: int = 0
+    burst: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimitsView:
+    """passt.v1.RateLimits: both directions and what the limits did (core/ratelimit.py `Shaper` counters)."""
+
+    egress: RateLimitView = RateLimitView()
+    ingress: RateLimitView = RateLimitView()
+    counters: Mapping[str, int] = field(default_factory=_empty)
+
+
 class ControlAPI(Protocol):
     """What the control plane may ask of the daemon. Called on the dataplane's loop; must not block.
 
@@ -558,6 +579,13 @@ class ControlAPI(Protocol):
         ...
 
     def set_egress_default(self, action: str, reset_existing: bool) -> EgressView: ...
+
+    def rate_limits(self) -> RateLimitsView: ...
+
+    def set_rate_limits(self, egress: RateLimitView | None, ingress: RateLimitView | None) -> RateLimitsView:
+        """Change one or both directions (None: unchanged), all or nothing; InvalidArgument names the field
+        ("egress.rate: ...")."""
+        ...
 
 
 # -- egress -----------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ from passtd.control.api import (
     LimitView,
     Mode,
     PortPolicyChangeView,
+    RateLimitsView,
+    RateLimitView,
     StatusView,
     TcpDetailsView,
     TimeoutsView,
@@ -124,6 +126,7 @@ def status_to_pb(view: StatusView) -> passt_pb2.Status:
         flow_states={
             proto: passt_pb2.FlowStates(states=dict(states)) for proto, states in view.flow_states.items()
         },
+        rate_limits=rate_limits_to_pb(view.rate_limits or RateLimitsView()),
     )
 
 
@@ -453,3 +456,27 @@ def egress_to_pb(view: EgressView) -> passt_pb2.EgressPolicy:
         flows_reset=view.flows_reset,
         flows_reset_total=view.flows_reset_total,
     )
+
+
+# -- rate limits ------------------------------------------------------------------------------------------
+
+U64_MAX: Final = (1 << 64) - 1
+
+
+def rate_limits_to_pb(view: RateLimitsView) -> passt_pb2.RateLimits:
+    return passt_pb2.RateLimits(
+        egress=passt_pb2.RateLimit(rate=view.egress.rate, burst=view.egress.burst),
+        ingress=passt_pb2.RateLimit(rate=view.ingress.rate, burst=view.ingress.burst),
+        counters={name: min(n, U64_MAX) for name, n in view.counters.items() if n > 0},
+    )
+
+
+def rate_limit_from_pb(request: passt_pb2.SetRateLimitsRequest, name: str) -> RateLimitView | None:
+    """One direction of a SetRateLimits request; None when the field is unset (left unchanged). The ranges
+    are the daemon's to check; a burst without a rate is refused here, naming the field."""
+    if not request.HasField(name):  # type: ignore[arg-type]  # "egress" or "ingress"
+        return None
+    limit: passt_pb2.RateLimit = getattr(request, name)
+    if limit.burst and not limit.rate:
+        raise InvalidArgument(f"{name}.burst: a burst needs a rate (rate 0 means unlimited)")
+    return RateLimitView(rate=limit.rate, burst=limit.burst)

@@ -193,6 +193,7 @@ class _SnapshotCollector(Collector):
         ]  # fmt: skip
         families += _egress_families(s.egress)
         families += _forward_rule_families(s.forward_rules)
+        families.extend(rate_limit_families(st))
         for kind, name, doc, labels, rows in families:
             yield _family(kind, name, doc, labels, rows)
 
@@ -233,6 +234,30 @@ def _forward_rule_families(
          labels, rows("bytes_in")),
         (True, "passtd_forward_rule_bytes_out", "Bytes back to the clients of a forwarding rule's ports.",
          labels, rows("bytes_out")),
+    ]  # fmt: skip
+
+
+def rate_limit_families(st: StatusView) -> list[tuple[bool, str, str, tuple[str, ...], Rows]]:
+    """The guest's rate limits (bit/s, 0: unlimited) and what they did: bytes carried under a limit, TCP
+    waits for tokens (count and seconds), datagrams dropped over a limit."""
+    rl = st.rate_limits
+    if rl is None:
+        return []
+    c = rl.counters
+    dirs = ("egress", "ingress")
+    return [
+        (False, "passtd_rate_limit_bits_per_second", "Configured rate limit (0: unlimited).", ("direction",),
+         [(("egress",), rl.egress.rate), (("ingress",), rl.ingress.rate)]),
+        (False, "passtd_rate_limit_burst_bytes", "Configured bucket size.", ("direction",),
+         [(("egress",), rl.egress.burst), (("ingress",), rl.ingress.burst)]),
+        (True, "passtd_rate_limited_bytes", "Payload bytes carried under a rate limit.", ("direction",),
+         [((d,), c.get(f"{d}.bytes", 0)) for d in dirs]),
+        (True, "passtd_rate_limit_tcp_waits", "Times a TCP flow waited for tokens.", ("direction",),
+         [((d,), c.get(f"tcp.{d}.held", 0)) for d in dirs]),
+        (True, "passtd_rate_limit_tcp_wait_seconds", "Planned TCP waits for tokens.", ("direction",),
+         [((d,), c.get(f"tcp.{d}.held_us", 0) / 1e6) for d in dirs]),
+        (True, "passtd_rate_limit_dropped", "Datagrams dropped over a rate limit.", ("protocol", "direction"),
+         [((p, d), c.get(f"{p}.{d}.dropped", 0)) for p in ("udp", "icmp") for d in dirs]),
     ]  # fmt: skip
 
 

@@ -39,6 +39,8 @@ from passtd.control.convert import (
     page_token_from_pb,
     page_token_to_pb,
     policy_change_to_pb,
+    rate_limit_from_pb,
+    rate_limits_to_pb,
     rule_ids_from_pb,
     spec_from_pb,
     status_to_pb,
@@ -300,5 +302,23 @@ class ControlServicer(passt_pb2_grpc.ControlServicer):
         def run() -> passt_pb2.EgressPolicy:
             action = egress_action_from_pb(request.action, "action")
             return egress_to_pb(self._api.set_egress_default(action, request.reset_existing))
+
+        return await self._call(context, lambda: _sync(run))
+
+    # --- rate limits ---
+
+    async def GetRateLimits(
+        self, request: passt_pb2.GetRateLimitsRequest, context: grpc.aio.ServicerContext
+    ) -> passt_pb2.RateLimits:
+        view = await self._call(context, lambda: _sync(self._api.rate_limits))
+        return rate_limits_to_pb(view)
+
+    async def SetRateLimits(
+        self, request: passt_pb2.SetRateLimitsRequest, context: grpc.aio.ServicerContext
+    ) -> passt_pb2.RateLimits:
+        def run() -> passt_pb2.RateLimits:
+            egress = rate_limit_from_pb(request, "egress")
+            ingress = rate_limit_from_pb(request, "ingress")
+            return rate_limits_to_pb(self._api.set_rate_limits(egress, ingress))
 
         return await self._call(context, lambda: _sync(run))

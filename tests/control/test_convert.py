@@ -15,6 +15,8 @@ from passtd.control.api import (
     DescriptorsView,
     LimitsView,
     LimitView,
+    RateLimitsView,
+    RateLimitView,
     StatusView,
 )
 from passtd.control.convert import status_to_pb
@@ -124,6 +126,11 @@ FULL = StatusView(
         descriptors=DescriptorsView(soft_limit=1, hard_limit=1, reserved=1, in_use=1),
     ),
     flow_states={"tcp": {"ESTABLISHED": 1}},
+    rate_limits=RateLimitsView(
+        egress=RateLimitView(rate=1, burst=1),
+        ingress=RateLimitView(rate=1, burst=1),
+        counters={"egress.bytes": 1},
+    ),
 )
 
 

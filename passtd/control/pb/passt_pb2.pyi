@@ -312,6 +312,7 @@ class Status(_message.Message):
     FLOWS_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     FLOW_STATES_FIELD_NUMBER: _builtins.int
+    RATE_LIMITS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """passtd's version string, e.g. "0.1.0"."""
     mode: Global___Mode.ValueType
@@ -345,6 +346,10 @@ class Status(_message.Message):
     def flow_states(self) -> _containers.MessageMap[_builtins.str, Global___FlowStates]:
         """Open flows by protocol, then by state (TCP: ESTABLISHED, FIN_WAIT_1...; UDP and ICMP: ACTIVE)."""
 
+    @_builtins.property
+    def rate_limits(self) -> Global___RateLimits:
+        """The guest's rate limits and what they did (rate limits: field numbers 120-139)."""
+
     def __init__(
         self,
         *,
@@ -357,10 +362,11 @@ class Status(_message.Message):
         flows: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         limits: Global___Limits | None = ...,
         flow_states: _abc.Mapping[_builtins.str, Global___FlowStates] | None = ...,
+        rate_limits: Global___RateLimits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "counters", b"counters", "limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "counters", b"counters", "limits", b"limits", "rate_limits", b"rate_limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "counters", b"counters", "flow_states", b"flow_states", "flows", b"flows", "limits", b"limits", "mode", b"mode", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "counters", b"counters", "flow_states", b"flow_states", "flows", b"flows", "limits", b"limits", "mode", b"mode", "rate_limits", b"rate_limits", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1805,3 +1811,134 @@ class ForwardCounters(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ForwardCounters: _TypeAlias = ForwardCounters  # noqa: Y015
+
+@_typing.final
+class GetRateLimitsRequest(_message.Message):
+    """--- rate limits ---"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRateLimitsRequest: _TypeAlias = GetRateLimitsRequest  # noqa: Y015
+
+@_typing.final
+class RateLimit(_message.Message):
+    """One token bucket. TCP is paced (no loss): the window offered to the guest and the data sent to it stay
+    within the tokens. UDP datagrams and ICMP echo messages beyond them are dropped and counted.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATE_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
+    rate: _builtins.int
+    """bit/s; 0: unlimited. 1000..1000000000000 otherwise."""
+    burst: _builtins.int
+    """bytes the bucket holds (the largest burst); 0 in a request: 20 ms at the rate, at least 16 KiB.
+    1500..1073741824 otherwise.
+    """
+    def __init__(
+        self,
+        *,
+        rate: _builtins.int = ...,
+        burst: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "rate", b"rate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015
+
+@_typing.final
+class RateLimits(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CountersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EGRESS_FIELD_NUMBER: _builtins.int
+    INGRESS_FIELD_NUMBER: _builtins.int
+    COUNTERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def egress(self) -> Global___RateLimit:
+        """Guest → network (what the guest sends)."""
+
+    @_builtins.property
+    def ingress(self) -> Global___RateLimit:
+        """Network → guest."""
+
+    @_builtins.property
+    def counters(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """"egress.bytes", "ingress.bytes": payload bytes carried under a limit; "tcp.egress.held",
+        "tcp.ingress.held": times a TCP flow waited for tokens, "tcp.*.held_us": those waits in microseconds;
+        "udp.egress.dropped", "udp.ingress.dropped", "icmp.egress.dropped", "icmp.ingress.dropped" (and
+        "..._bytes"): datagrams over a limit. Counters only appear once non-zero.
+        """
+
+    def __init__(
+        self,
+        *,
+        egress: Global___RateLimit | None = ...,
+        ingress: Global___RateLimit | None = ...,
+        counters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["egress", b"egress", "ingress", b"ingress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "egress", b"egress", "ingress", b"ingress"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimits: _TypeAlias = RateLimits  # noqa: Y015
+
+@_typing.final
+class SetRateLimitsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EGRESS_FIELD_NUMBER: _builtins.int
+    INGRESS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def egress(self) -> Global___RateLimit:
+        """Unset: that direction is left as it is."""
+
+    @_builtins.property
+    def ingress(self) -> Global___RateLimit: ...
+    def __init__(
+        self,
+        *,
+        egress: Global___RateLimit | None = ...,
+        ingress: Global___RateLimit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["egress", b"egress", "ingress", b"ingress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["egress", b"egress", "ingress", b"ingress"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRateLimitsRequest: _TypeAlias = SetRateLimitsRequest  # noqa: Y015

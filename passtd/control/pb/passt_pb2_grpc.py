@@ -124,6 +124,16 @@ class ControlStub:
                 request_serializer=passt__pb2.SetEgressDefaultRequest.SerializeToString,
                 response_deserializer=passt__pb2.EgressPolicy.FromString,
                 _registered_method=True)
+        self.GetRateLimits = channel.unary_unary(
+                '/passt.v1.Control/GetRateLimits',
+                request_serializer=passt__pb2.GetRateLimitsRequest.SerializeToString,
+                response_deserializer=passt__pb2.RateLimits.FromString,
+                _registered_method=True)
+        self.SetRateLimits = channel.unary_unary(
+                '/passt.v1.Control/SetRateLimits',
+                request_serializer=passt__pb2.SetRateLimitsRequest.SerializeToString,
+                response_deserializer=passt__pb2.RateLimits.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -260,6 +270,23 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRateLimits(self, request, context):
+        """--- rate limits ---
+        The guest's rate limits (token buckets for its egress and ingress as a whole) and their counters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRateLimits(self, request, context):
+        """Change the egress and/or ingress limit (a direction left unset is unchanged; rate 0 clears it).
+        INVALID_ARGUMENT names the field ("egress.rate: ..."); nothing changes then. TCP flows waiting for
+        tokens are re-evaluated at once, so a cleared limit restores full speed immediately.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -342,6 +369,16 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.SetEgressDefault,
                     request_deserializer=passt__pb2.SetEgressDefaultRequest.FromString,
                     response_serializer=passt__pb2.EgressPolicy.SerializeToString,
+            ),
+            'GetRateLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRateLimits,
+                    request_deserializer=passt__pb2.GetRateLimitsRequest.FromString,
+                    response_serializer=passt__pb2.RateLimits.SerializeToString,
+            ),
+            'SetRateLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRateLimits,
+                    request_deserializer=passt__pb2.SetRateLimitsRequest.FromString,
+                    response_serializer=passt__pb2.RateLimits.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -786,6 +823,60 @@ class Control:
             '/passt.v1.Control/SetEgressDefault',
             passt__pb2.SetEgressDefaultRequest.SerializeToString,
             passt__pb2.EgressPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRateLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/passt.v1.Control/GetRateLimits',
+            passt__pb2.GetRateLimitsRequest.SerializeToString,
+            passt__pb2.RateLimits.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRateLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/passt.v1.Control/SetRateLimits',
+            passt__pb2.SetRateLimitsRequest.SerializeToString,
+            passt__pb2.RateLimits.FromString,
             options,
             channel_credentials,
             insecure,

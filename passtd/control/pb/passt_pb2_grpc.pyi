@@ -105,6 +105,15 @@ class ControlStub:
     AddEgressRule: _grpc.UnaryUnaryMultiCallable[_passt_pb2.AddEgressRuleRequest, _passt_pb2.EgressPolicy]
     RemoveEgressRule: _grpc.UnaryUnaryMultiCallable[_passt_pb2.RemoveEgressRuleRequest, _passt_pb2.EgressPolicy]
     SetEgressDefault: _grpc.UnaryUnaryMultiCallable[_passt_pb2.SetEgressDefaultRequest, _passt_pb2.EgressPolicy]
+    GetRateLimits: _grpc.UnaryUnaryMultiCallable[_passt_pb2.GetRateLimitsRequest, _passt_pb2.RateLimits]
+    """--- rate limits ---
+    The guest's rate limits (token buckets for its egress and ingress as a whole) and their counters.
+    """
+    SetRateLimits: _grpc.UnaryUnaryMultiCallable[_passt_pb2.SetRateLimitsRequest, _passt_pb2.RateLimits]
+    """Change the egress and/or ingress limit (a direction left unset is unchanged; rate 0 clears it).
+    INVALID_ARGUMENT names the field ("egress.rate: ..."); nothing changes then. TCP flows waiting for
+    tokens are re-evaluated at once, so a cleared limit restores full speed immediately.
+    """
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -169,6 +178,15 @@ class ControlAsyncStub(ControlStub):
     AddEgressRule: _aio.UnaryUnaryMultiCallable[_passt_pb2.AddEgressRuleRequest, _passt_pb2.EgressPolicy]  # type: ignore[assignment]
     RemoveEgressRule: _aio.UnaryUnaryMultiCallable[_passt_pb2.RemoveEgressRuleRequest, _passt_pb2.EgressPolicy]  # type: ignore[assignment]
     SetEgressDefault: _aio.UnaryUnaryMultiCallable[_passt_pb2.SetEgressDefaultRequest, _passt_pb2.EgressPolicy]  # type: ignore[assignment]
+    GetRateLimits: _aio.UnaryUnaryMultiCallable[_passt_pb2.GetRateLimitsRequest, _passt_pb2.RateLimits]  # type: ignore[assignment]
+    """--- rate limits ---
+    The guest's rate limits (token buckets for its egress and ingress as a whole) and their counters.
+    """
+    SetRateLimits: _aio.UnaryUnaryMultiCallable[_passt_pb2.SetRateLimitsRequest, _passt_pb2.RateLimits]  # type: ignore[assignment]
+    """Change the egress and/or ingress limit (a direction left unset is unchanged; rate 0 clears it).
+    INVALID_ARGUMENT names the field ("egress.rate: ..."); nothing changes then. TCP flows waiting for
+    tokens are re-evaluated at once, so a cleared limit restores full speed immediately.
+    """
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     """The control plane of one passtd process.
@@ -326,5 +344,26 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _passt_pb2.SetEgressDefaultRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_passt_pb2.EgressPolicy, _abc.Awaitable[_passt_pb2.EgressPolicy]]: ...
+
+    @_abc_1.abstractmethod
+    def GetRateLimits(
+        self,
+        request: _passt_pb2.GetRateLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passt_pb2.RateLimits, _abc.Awaitable[_passt_pb2.RateLimits]]:
+        """--- rate limits ---
+        The guest's rate limits (token buckets for its egress and ingress as a whole) and their counters.
+        """
+
+    @_abc_1.abstractmethod
+    def SetRateLimits(
+        self,
+        request: _passt_pb2.SetRateLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_passt_pb2.RateLimits, _abc.Awaitable[_passt_pb2.RateLimits]]:
+        """Change the egress and/or ingress limit (a direction left unset is unchanged; rate 0 clears it).
+        INVALID_ARGUMENT names the field ("egress.rate: ..."); nothing changes then. TCP flows waiting for
+        tokens are re-evaluated at once, so a cleared limit restores full speed immediately.
+        """
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

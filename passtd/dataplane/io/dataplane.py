@@ -41,6 +41,7 @@ from passtd.dataplane.core.flowtable import (
 from passtd.dataplane.core.fwd import ForwardTables, Listener
 from passtd.dataplane.core.icmp import EchoFlow, EchoToHost
 from passtd.dataplane.core.limits import GUEST_ADDRS_MAX, FdPool, Limits, Usage
+from passtd.dataplane.core.ratelimit import RateSpec, Shaper
 from passtd.dataplane.core.services.ndp import NdpResponder
 from passtd.dataplane.core.splice import SpliceFlow
 from passtd.dataplane.core.stats import Stats
@@ -97,11 +98,13 @@ class Dataplane:
         self.watchers: list[Callable[[FlowEvent], None]] = []
         self.egress = Egress()  # shared by the TCP, UDP and echo paths; swapped by `set_egress`
         self.egress.on_denied = self._on_egress_denied
+        self.shaper = Shaper()  # rate limits (core/ratelimit.py): one object shared by TCP, UDP and ICMP
         self.tcp = TcpHandler(
             TcpEnv(ctx, self.guest, self.flows, self.stats, self.tcp_io, self._to_tap, os.urandom(16),
                    self.egress),
             TcpHooks(self.timeouts, on_close=self._on_tcp_close, on_state=self._on_tcp_state,
-                     watching=self.watchers, offload=vnet, congested=self._tap_congested),
+                     watching=self.watchers, offload=vnet, congested=self._tap_congested,
+                     shaper=self.shaper),
         )  # fmt: skip
         self._out_bytes = 0
         self._eth_mac: bytes | None = b""  # guest MAC the cached Ethernet headers were made for
@@ -122,9 +125,11 @@ class Dataplane:
         hs = self.host_sockets = sockets if sockets is not None else HostSockets()
         outbound = Outbound(hs.outbound, hs.outbound_if4, hs.outbound_if6)
         self.tcp_io.outbound = self.udp.outbound = outbound
+        self.udp.shaper = self.shaper
         self.echo = EchoSockets(
             ctx, loop, self.flows, self.stats, self.guest, self.send_to_tap, self._emit, outbound
         )
+        self.echo.shaper = self.shaper
         self.splicer = Splicer(loop, self.flows, self.stats, self._emit, ctx, self.guest, hs.host_lo_to_ns_lo)
         self.demux = Demux(
             ctx,
@@ -403,6 +408,14 @@ class Dataplane:
             self.reset_flow(flow.flow_id, "egress_denied")
         egress.reset_flows += len(denied)
         return len(denied)
+
+    def set_rate_limits(self, egress: RateSpec | None, ingress: RateSpec | None) -> None:
+        """Replace the guest's rate limits (None: unlimited). TCP flows held for tokens are woken at once, so
+        a raised or cleared limit applies now rather than at their next timer."""
+        now = self.loop.time()
+        self.shaper.configure(egress, ingress, now)
+        self.tcp.rate_changed(now)
+        self._after_batch(now)
 
     def set_timeouts(self, timeouts: Timeouts) -> None:
         """Takes effect at the next timer tick: every TCP deadline is recomputed from the new values."""

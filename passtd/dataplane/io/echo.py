@@ -16,6 +16,7 @@ from typing import Final
 from passtd.dataplane.core.context import Context, Guest
 from passtd.dataplane.core.flowtable import Flow, FlowTable
 from passtd.dataplane.core.icmp import EchoFlow, EchoToHost, echo_to_guest
+from passtd.dataplane.core.ratelimit import Shaper
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.io.limits import is_fd_exhausted
 from passtd.dataplane.io.sockets import Outbound, open_ping_socket, ping_group_hint, sockaddr
@@ -51,6 +52,7 @@ class EchoSockets:
         self._socks: dict[int, socket.socket] = {}  # flow id -> its ping socket
         self._flows: dict[int, EchoFlow] = {}
         self._refused_logged = False
+        self.shaper = Shaper()  # the guest's rate limits; the dataplane shares its own with TCP and UDP
 
     def __len__(self) -> int:
         """Open ping sockets."""
@@ -66,6 +68,12 @@ class EchoSockets:
             sock = self._open(flow)
             if sock is None:
                 return
+        shaper = self.shaper
+        if shaper.egress is not None and not shaper.admit(
+            shaper.egress, len(action.message), self.loop.time(), "icmp.egress"
+        ):
+            self.stats.drop("rate.icmp.egress")
+            return
         try:
             sock.sendto(action.message, sockaddr(flow.target_addr, 0))
         except OSError as exc:
@@ -104,6 +112,10 @@ class EchoSockets:
                 break
             except OSError as exc:  # ICMP errors queued on the socket: the guest's ping times out as it would
                 self.log.debug("icmp.recv.failed", flow_id=flow.flow_id, error=exc.strerror)
+                continue
+            ingress = self.shaper.ingress
+            if ingress is not None and not self.shaper.admit(ingress, len(message), now, "icmp.ingress"):
+                self.stats.drop("rate.icmp.ingress")
                 continue
             frame = echo_to_guest(self.ctx, self.guest.dst_mac, flow, message, now)
             if frame is not None:

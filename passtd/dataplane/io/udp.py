@@ -28,6 +28,7 @@ from passtd.dataplane.core.context import Context, Guest
 from passtd.dataplane.core.egress import Egress
 from passtd.dataplane.core.flowtable import OUT_FROM_GUEST, OUT_TO_GUEST, V4_MAPPED, Flow, FlowTable
 from passtd.dataplane.core.fwd import Listener
+from passtd.dataplane.core.ratelimit import Shaper
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.core.udp import (
     EGRESS_DENIED_UDP,
@@ -123,6 +124,7 @@ class UdpRelay:
         self.gso_sends = 0  # sendmsg calls that carried several datagrams (plain ints: read by tests, status)
         self.gso_datagrams = 0
         self.outbound = Outbound()  # --outbound source addresses
+        self.shaper = Shaper()  # the guest's rate limits; the dataplane shares its own with TCP and ICMP
 
     @property
     def active(self) -> dict[int, UdpFlow]:
@@ -141,6 +143,10 @@ class UdpRelay:
 
     def from_guest(self, v6: bool, src: bytes, dst: bytes, udp: UdpHeader, now: float) -> None:
         sport, dport, _length, payload = udp
+        shaper = self.shaper
+        if shaper.egress is not None and not shaper.admit(shaper.egress, len(payload), now, "udp.egress"):
+            self.stats.drop("rate.udp.egress")
+            return
         core = self.core
         flow = core.find(src, dst, sport, dport)
         if flow is None:
@@ -375,9 +381,9 @@ class UdpRelay:
                 if exc.errno != errno.ECONNREFUSED:
                     self.log.debug("udp.recv.failed", flow_id=flow.flow_id, error=exc.strerror)
                 continue
-            to_guest(flow, view[:n])
-            count += 1
-            nbytes += n
+            if to_guest(flow, view[:n], now):
+                count += 1
+                nbytes += n
         if count:
             flow.last_active = now
             flow.packets_to_guest += count
@@ -409,14 +415,19 @@ class UdpRelay:
                 tally.datagrams += 1
                 tally.bytes_in += n
             flow.last_active = now
-            flow.packets_to_guest += 1
-            flow.bytes_to_guest += n
-            self._to_guest(flow, view[:n])
+            if self._to_guest(flow, view[:n], now):
+                flow.packets_to_guest += 1
+                flow.bytes_to_guest += n
         self.after_batch(now)
 
-    def _to_guest(self, flow: UdpFlow, payload: memoryview) -> None:
+    def _to_guest(self, flow: UdpFlow, payload: memoryview, now: float) -> bool:
         """One datagram toward the guest, from the address and port it expects; with a virtio-net tap the
-        kernel completes the UDP checksum. `payload` views the shared receive buffer: the sinks copy it."""
+        kernel completes the UDP checksum. `payload` views the shared receive buffer: the sinks copy it.
+        False: over the ingress rate limit, dropped and counted."""
+        shaper = self.shaper
+        if shaper.ingress is not None and not shaper.admit(shaper.ingress, len(payload), now, "udp.ingress"):
+            self.stats.drop("rate.udp.ingress")
+            return False
         tpl = guest_template(flow)
         ethertype = ETH_P_IPV6 if tpl.v6 else ETH_P_IP
         if self.to_tap_vnet is not None:
@@ -424,6 +435,7 @@ class UdpRelay:
             self.to_tap_vnet(vnet, ethertype, udp_headers_partial(tpl, len(payload)), payload)
         else:
             self.to_tap(ethertype, udp_headers(tpl, payload), -1, payload)
+        return True
 
     def _host_flow(
         self, peer: SockAddr, guest_port: int, sock: socket.socket, now: float,

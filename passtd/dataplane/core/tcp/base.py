@@ -18,6 +18,7 @@ from typing import Final, Protocol
 from passtd.dataplane.core.context import Context, Guest
 from passtd.dataplane.core.egress import Egress
 from passtd.dataplane.core.flowtable import FlowKey, FlowTable
+from passtd.dataplane.core.ratelimit import Shaper
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.core.tcp import states as st
 from passtd.dataplane.core.tcp.conn import SockPort, TcpConn
@@ -85,6 +86,7 @@ class TcpHooks:
     watching: Sized | None = None  # when given, on_state is called only while this is non-empty
     offload: bool = False  # the tap segments and checksums TCP for us (pasta with IFF_VNET_HDR)
     congested: Callable[[], bool] | None = None  # the tap is behind: hold data toward the guest
+    shaper: Shaper | None = None  # the guest's rate limits (core/ratelimit.py), shared with UDP and ICMP
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +122,7 @@ class TcpBase:
         self.watching = hooks.watching
         self.offload = hooks.offload
         self.congested: Callable[[], bool] = hooks.congested or _never
+        self.shaper = hooks.shaper if hooks.shaper is not None else Shaper()
         # RFC 6528 initial sequence numbers; an attribute so that a test can start a flow just below the wrap.
         self.isn: Callable[[bytes, bytes, int, bytes, int, float], int] = isn
         self._now = 0.0  # time of the event being handled (entry points set it; the reap uses it)

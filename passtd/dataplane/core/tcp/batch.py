@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from passtd.dataplane.core.ratelimit import egress_window
 from passtd.dataplane.core.tcp import states as st
 from passtd.dataplane.core.tcp.base import TcpBase
 from passtd.dataplane.core.tcp.conn import TcpConn
@@ -43,6 +44,10 @@ class TcpBatch(TcpBase):
             return False
         conn.written += n
         conn.batch_data += n
+        egress = self.shaper.egress
+        if egress is not None:
+            egress.charge(n, self._now)  # inside the window we offered: see _update_ack
+            self.shaper.counters["egress.bytes"] += n
         if n < total:
             conn.seq_from_tap = seq_add(conn.seq_from_tap, n - total)
             self.stats.handled["tcp.sock_full"] += 1
@@ -118,6 +123,19 @@ class TcpBatch(TcpBase):
             sndbuf = info.sndbuf
             acked, free, queued = socket_room(written, info.bytes_acked, sndbuf, conn.local)
             conn.info_free, conn.info_written, conn.info_sndbuf = free, written, sndbuf
+        reopen = 0.0
+        egress = self.shaper.egress
+        if egress is not None:
+            # Rate limit: the window reaches no further than the tokens left; when that closes it (or
+            # nearly), the ACK timer reopens it once a quantum is back. Nothing the guest sent is dropped.
+            tokens = egress.available(now)
+            if tokens < free:
+                # one granule of our window scale over the MSS: the field rounds down, and a window one byte
+                # short of a segment stalls the guest until its persist timer (200 ms)
+                segment = conn.mss_to_tap + (1 << conn.ws_to_tap)
+                free, reopen = egress_window(egress, tokens, free, segment, now)
+                if reopen:
+                    self.shaper.held("tcp.egress", reopen)
         ack, wnd = ack_window(conn.seq_init_from_tap, conn.seq_from_tap, written, acked, free,
                               bool(conn.events & st.EV_GUEST_FIN_SENT), conn.ws_to_tap > 0)  # fmt: skip
         changed = ack != conn.seq_ack_to_tap or wnd != conn.wnd_to_tap
@@ -137,6 +155,8 @@ class TcpBatch(TcpBase):
             conn.ack_due = now + self.timeouts.tcp_ack_interval if pending else 0.0
         else:
             conn.ack_due = now + self.timeouts.tcp_ack_interval if ack != conn.seq_from_tap else 0.0
+        if reopen and (not conn.ack_due or now + reopen < conn.ack_due):
+            conn.ack_due = now + reopen
         self._set_clamp(conn)
         if st.is_closed(conn.events):
             self._close(conn, "fin", reset_sock=False, rst_tap=False)

@@ -199,6 +199,7 @@ class TcpData(TcpBatch):
         if self.offload and mss < GSO_MAX_PAYLOAD:
             mss = GSO_MAX_PAYLOAD // mss * mss  # super-segments the kernel cuts at the guest's MSS
         sent_any = False
+        ingress = self.shaper.ingress
         while True:
             if self.congested():
                 self._blocked[conn.flow_id] = conn  # resumed by `unblock` once the tap has drained
@@ -211,6 +212,19 @@ class TcpData(TcpBatch):
                 if conn.wnd_from_tap == 0 and not conn.persist_due:
                     conn.persist_due = now + conn.rto
                 break
+            if ingress is not None:
+                # Rate limit: send no more than the tokens allow; the rest stays in the host socket (its
+                # window slows the peer) until the flow's timer finds a quantum back.
+                tokens = ingress.available(now)
+                if tokens < room:
+                    need = room if room < ingress.quantum else ingress.quantum
+                    if tokens < need:
+                        wait = ingress.reopen(need, now)
+                        if not conn.persist_due or now + wait < conn.persist_due:
+                            conn.persist_due = now + wait
+                        self.shaper.held("tcp.ingress", wait)
+                        break
+                    room = tokens
             want = room if room < PEEK_CHUNK else PEEK_CHUNK
             try:
                 view = sock.peek(in_flight, want)
@@ -239,6 +253,9 @@ class TcpData(TcpBatch):
                 conn.seq_to_tap = seq_add(conn.seq_to_tap, len(chunk))
             self._mark_sent(conn, now)
             sent_any = True
+            if ingress is not None:
+                ingress.charge(n, now)
+                self.shaper.counters["ingress.bytes"] += n
             if n < want:
                 if conn.sock_eof:
                     continue  # the peer's FIN came with this data and is not signalled again: peek for it

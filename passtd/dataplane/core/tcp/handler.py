@@ -160,6 +160,19 @@ class TcpHandler(TcpHandshake):
 
     # -------------------------------------------------------------------------------------------- control
 
+    def rate_changed(self, now: float) -> None:
+        """The rate limits changed: every established flow gets its window and its data toward the guest
+        recomputed now (a flow held for tokens would otherwise wait for its timer under the old rate)."""
+        self._now = now
+        for flow in self.flows:
+            if isinstance(flow, TcpConn) and flow.events & st.EV_ESTABLISHED and not flow.closing:
+                self._queue_ack(flow)
+                flow.persist_due = 0.0
+                self._push(flow, now)
+                self._schedule(flow)
+        if self._closing:
+            self._reap()
+
     def reset(self, conn: TcpConn, reason: str) -> None:
         """Control API / shutdown: RST both sides, and free the flow at once."""
         self._close(conn, reason, reset_sock=True, rst_tap=True)
