@@ -37,6 +37,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for tests.helpers.topology, when run as a script
+from tests.helpers.procs import Procs, run_checked  # noqa: E402
 from tests.helpers.topology import HOST4, REMOTE4, namespaces  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
@@ -132,60 +133,10 @@ def log(msg: str) -> None:
 
 
 def sh(*argv: str, timeout: float = 20, check: bool = True) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    if check and proc.returncode != 0:
-        raise BenchError(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr.strip()[:300]}")
-    return proc.stdout
+    return run_checked(*argv, timeout=timeout, check=check, error=BenchError)
 
 
 # ------------------------------------------------------------------------------------------------- processes
-
-
-@dataclass
-class Procs:
-    """Every process this run starts, so that each is ended by its own PID, also on failure."""
-
-    tmp: Path
-    started: list[subprocess.Popen[str]] = field(default_factory=list)
-
-    def spawn(
-        self, ns: str | None, *argv: str, stdin: bool = False, log_name: str | None = None, **kw: Any
-    ) -> subprocess.Popen[str]:
-        full = ["ip", "netns", "exec", ns, *argv] if ns else list(argv)  # ip netns exec execs: same PID
-        err: Any = subprocess.PIPE
-        if log_name is not None:
-            err = open(self.tmp / log_name, "w")  # noqa: SIM115 - closed when the process is reaped
-        proc = subprocess.Popen(
-            full,
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            **kw,
-        )
-        self.started.append(proc)
-        return proc
-
-    def end(self, proc: subprocess.Popen[str], grace: float = 3.0) -> None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        for f in (proc.stdin, proc.stdout, proc.stderr):
-            if f is not None:
-                with contextlib.suppress(OSError):
-                    f.close()
-        with contextlib.suppress(ValueError):
-            self.started.remove(proc)
-
-    def end_all(self) -> None:
-        for proc in list(self.started):
-            self.end(proc, grace=1.0)
 
 
 def what(proc: subprocess.Popen[str]) -> str:

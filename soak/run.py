@@ -30,7 +30,6 @@ import json
 import os
 import secrets
 import select
-import signal
 import socket
 import statistics
 import struct
@@ -47,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from soak.frames import FLOODS, Fuzzer, Link, flood_frame  # noqa: E402
+from tests.helpers.procs import Procs, run_checked  # noqa: E402
 
 PY = sys.executable
 IF = "eth0"
@@ -71,57 +71,10 @@ def log(msg: str) -> None:
 
 
 def sh(*argv: str, timeout: float = 20, check: bool = True) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr.strip()}")
-    return proc.stdout
+    return run_checked(*argv, timeout=timeout, check=check)
 
 
 # ------------------------------------------------------------------------------------------- processes
-
-
-@dataclass
-class Procs:
-    """Every process the soak starts, so that each is ended by its own PID."""
-
-    tmp: Path
-    running: list[subprocess.Popen[str]] = field(default_factory=list)
-
-    def spawn(
-        self,
-        ns: str,
-        *argv: str,
-        log_name: str | None = None,
-        env: dict[str, str] | None = None,
-        cwd: Path | None = None,
-    ) -> subprocess.Popen[str]:
-        out: Any = open(self.tmp / log_name, "w") if log_name else subprocess.PIPE  # noqa: SIM115
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT if log_name else subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=cwd,
-        )
-        self.running.append(proc)
-        return proc
-
-    def end(self, proc: subprocess.Popen[str], grace: float = 5.0) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if proc in self.running:
-            self.running.remove(proc)
-
-    def end_all(self) -> None:
-        for proc in list(self.running):
-            self.end(proc, 2.0)
 
 
 @dataclass
@@ -313,7 +266,9 @@ def start_passtd(t: Topo, name: str, mode: str, root: Path, *extra: str) -> Daem
         "sys.argv[0] = 'passtd'; runpy.run_module('passtd', run_name='__main__', alter_sys=True)"
     )
     launch = ["-m", "passtd"] if root == ROOT else ["-c", boot]
-    proc = t.procs.spawn(t.host, PY, *launch, *argv, log_name=f"{name}.log", env=env, cwd=root)
+    proc = t.procs.spawn(
+        t.host, PY, *launch, *argv, log_name=f"{name}.log", log_stdout=True, env=env, cwd=root
+    )
 
     def ready() -> bool:
         if proc.poll() is not None:
@@ -437,7 +392,7 @@ def inject(t: Topo, daemon: Daemon, link: Link, *args: str, timeout: float = 600
         t.guest, PY, str(Path(__file__)), "inject", "--link", link_json, "--ctl", daemon.ctl_path, *args
     )
     out, err = proc.communicate(timeout=timeout)
-    t.procs.running.remove(proc)
+    t.procs.started.remove(proc)
     if proc.returncode != 0:
         raise RuntimeError(f"inject failed: {err[-2000:]}")
     return dict(json.loads(out.strip().splitlines()[-1]))
@@ -584,7 +539,17 @@ def iperf(t: Topo, seconds: float) -> float:
 
 
 def start_iperf_server(t: Topo) -> None:
-    t.procs.spawn(t.remote, "iperf3", "-s", "-B", FAR4, "-p", str(IPERF_PORT), log_name="iperf3-server.log")
+    t.procs.spawn(
+        t.remote,
+        "iperf3",
+        "-s",
+        "-B",
+        FAR4,
+        "-p",
+        str(IPERF_PORT),
+        log_name="iperf3-server.log",
+        log_stdout=True,
+    )
     time.sleep(0.5)
 
 
