@@ -22,9 +22,10 @@ from passtd.dataplane.io.sockets import Outbound, errno_name, reset_socket, sock
 
 SO_PEEK_OFF: Final = 42
 TCP_INFO_LEN: Final = 232
-_TCPI_RTT: Final = struct.Struct("=I")
 _TCPI_U32: Final = struct.Struct("=I")
 _TCPI_U64: Final = struct.Struct("=Q")
+# tcpi_rtt (offset 68), tcpi_total_retrans (100), tcpi_bytes_acked (120), tcpi_snd_wnd (228)
+_TCPI_ALL: Final = struct.Struct("=68xI28xI16xQ100xI")
 BUF_SIZE: Final = 1 << 20
 IOV_MAX: Final = 1024  # chunks per sendmsg (Linux UIO_MAXIOV); the rest is then "not taken", and resent
 EV_CONNECTING: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
@@ -154,16 +155,13 @@ class TcpSockPort:
 
     def info(self) -> TcpInfo:
         raw = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
-        acked = _TCPI_U64.unpack_from(raw, 120)[0] if len(raw) >= 128 else 0
-        snd_wnd = _TCPI_U32.unpack_from(raw, 228)[0] if len(raw) >= 232 else 65535
         sndbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        return TcpInfo(
-            bytes_acked=max(0, acked - self.acked_base),
-            snd_wnd=snd_wnd,
-            sndbuf=sndbuf,
-            rtt_us=_TCPI_RTT.unpack_from(raw, 68)[0],
-            retransmits=_TCPI_U32.unpack_from(raw, 100)[0],
-        )
+        if len(raw) >= _TCPI_ALL.size:  # a kernel that reports tcpi_snd_wnd: one unpack
+            rtt, retrans, acked, snd_wnd = _TCPI_ALL.unpack_from(raw)
+            return TcpInfo(max(0, acked - self.acked_base), snd_wnd, sndbuf, rtt, retrans)
+        acked = _TCPI_U64.unpack_from(raw, 120)[0] if len(raw) >= 128 else 0
+        return TcpInfo(max(0, acked - self.acked_base), 65535, sndbuf, _TCPI_U32.unpack_from(raw, 68)[0],
+                       _TCPI_U32.unpack_from(raw, 100)[0])  # fmt: skip
 
     def set_window_clamp(self, size: int) -> None:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, size)

@@ -7,20 +7,24 @@ The host socket is reached through `SockPort`, a narrow interface the shell impl
 from __future__ import annotations
 
 import builtins
-from typing import NamedTuple, Protocol
+from typing import Final, Protocol
 
 from passtd.dataplane.core.flowtable import Flow, FlowKey, NamedSocket
 from passtd.dataplane.packets.tcp import SegmentBuilder
 
 
-class TcpInfo(NamedTuple):
-    """What the shell reads from TCP_INFO (and SO_SNDBUF) for mirroring."""
+class TcpInfo:
+    """What the shell reads from TCP_INFO (and SO_SNDBUF) for mirroring. A plain class: a NamedTuple is
+    built by interpreted code even from compiled callers, and this is read on the ACK path."""
 
-    bytes_acked: int  # payload bytes the host peer acknowledged (SYN excluded)
-    snd_wnd: int  # the peer's receive window
-    sndbuf: int  # room the socket has for unacknowledged data
-    rtt_us: int
-    retransmits: int
+    __slots__ = ("bytes_acked", "retransmits", "rtt_us", "snd_wnd", "sndbuf")
+
+    def __init__(self, bytes_acked: int, snd_wnd: int, sndbuf: int, rtt_us: int, retransmits: int) -> None:
+        self.bytes_acked: Final = bytes_acked  # payload bytes the host peer acknowledged (SYN excluded)
+        self.snd_wnd: Final = snd_wnd  # the peer's receive window
+        self.sndbuf: Final = sndbuf  # room the socket has for unacknowledged data
+        self.rtt_us: Final = rtt_us
+        self.retransmits: Final = retransmits
 
 
 class SockPort(Protocol):
