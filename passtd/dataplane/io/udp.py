@@ -139,7 +139,7 @@ class UdpRelay:
         self.core.end_batch()
 
     def from_guest(self, v6: bool, src: bytes, dst: bytes, udp: UdpHeader, now: float) -> None:
-        sport, dport, _length, payload = udp
+        sport, dport, payload = udp.sport, udp.dport, udp.payload
         core = self.core
         flow = core.find(src, dst, sport, dport)
         if flow is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import builtins
 import struct
-from typing import Final, NamedTuple
+from typing import Final
 
 from passtd.dataplane.packets.checksum import IPPROTO_TCP, checksum, ones_sum, pseudo_header4, pseudo_header6
 from passtd.errors import MalformedFrame
@@ -31,16 +31,33 @@ MAX_WS: Final = 14  # RFC 7323 §2.3
 _TCP = struct.Struct("!HHIIBBHHH")
 
 
-class TcpHeader(NamedTuple):
-    sport: int
-    dport: int
-    seq: int
-    ack: int
-    flags: int
-    window: int  # unscaled, as on the wire
-    mss: int  # 0 when absent (only meaningful on SYN)
-    ws: int  # -1 when absent; clamped to 14
-    payload: builtins.memoryview  # not a bare `memoryview`, for mypyc: see passtd/native.py
+class TcpHeader:
+    """A plain class, not a NamedTuple: compiled, its constructor is a direct call (a NamedTuple's
+    `__new__` is interpreted code), and one is made per frame."""
+
+    __slots__ = ("ack", "dport", "flags", "mss", "payload", "seq", "sport", "window", "ws")
+
+    def __init__(
+        self,
+        sport: int,
+        dport: int,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        mss: int,
+        ws: int,
+        payload: builtins.memoryview,
+    ) -> None:
+        self.sport: Final = sport
+        self.dport: Final = dport
+        self.seq: Final = seq
+        self.ack: Final = ack
+        self.flags: Final = flags
+        self.window: Final = window  # unscaled, as on the wire
+        self.mss: Final = mss  # 0 when absent (only meaningful on SYN)
+        self.ws: Final = ws  # -1 when absent; clamped to 14
+        self.payload: Final = payload  # not a bare `memoryview`, for mypyc: see passtd/native.py
 
 
 def parse_tcp(segment: memoryview) -> TcpHeader:
