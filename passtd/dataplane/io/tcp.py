@@ -275,6 +275,10 @@ class TcpIo:
                         continue
                     self.epoll.modify(fd, EV_ESTABLISHED)
                     self.on_connected(conn)
+                if ev & (select.EPOLLIN | select.EPOLLRDHUP) and conn.sock is not None:
+                    # Data or EOF before the guest's ACK: the core notes it and peeks once established
+                    # (it does not peek a socket that never signalled).
+                    self.on_readable(conn, bool(ev & select.EPOLLRDHUP))
                 continue
             if ev & select.EPOLLERR:
                 err = sock.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
