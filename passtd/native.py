@@ -34,6 +34,8 @@ MODULES: tuple[str, ...] = (
     "passtd.dataplane.packets.udp",
     "passtd.dataplane.packets.vnet",
     "passtd.dataplane.core.context",
+    "passtd.dataplane.core.stats",
+    "passtd.dataplane.core.timeouts",
     "passtd.dataplane.core.limits",
     "passtd.dataplane.core.flowtable",
     "passtd.dataplane.core.demux",

@@ -29,10 +29,14 @@ class Recorder:
         self.calls: list[tuple[Any, ...]] = []
 
     def tap_segment(self, v6: bool, src: bytes, dst: bytes, tcp: TcpHeader, now: float) -> None:
-        self.calls.append((v6, bytes(src), bytes(dst), *tcp[:-1], bytes(tcp.payload), now))
+        t = tcp
+        fields = (t.sport, t.dport, t.seq, t.ack, t.flags, t.window, t.mss, t.ws)
+        self.calls.append((v6, bytes(src), bytes(dst), *fields, bytes(t.payload), now))
 
     def udp(self, v6: bool, src: bytes, dst: bytes, udp: UdpHeader, now: float) -> None:
-        self.calls.append(("udp", v6, bytes(src), bytes(dst), *udp[:-1], bytes(udp.payload), now))
+        self.calls.append(
+            ("udp", v6, bytes(src), bytes(dst), udp.sport, udp.dport, udp.length, bytes(udp.payload), now)
+        )
 
 
 def run(frame: bytes, general: bool) -> tuple[Any, ...]:

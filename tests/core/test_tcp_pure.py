@@ -63,3 +63,15 @@ def test_flow_deadline_is_the_earliest_armed_timer() -> None:
     conn.rto_due = 1.0
     assert flow_deadline(conn, t, 10.0) == 1.0
     assert not expired(conn, t, 10.0, 9.9) and expired(conn, t, 10.0, 10.0)
+
+
+def test_a_new_connection_has_every_field_of_a_flow() -> None:
+    """TcpConn sets the base's fields in its own __init__ (for speed), so a field added to Flow must be added
+    there too, or the flow table's generic code meets an unset attribute (as `tally` once did)."""
+    import dataclasses
+
+    from passtd.dataplane.core.flowtable import Flow
+
+    conn = TcpConn(1, 6, (6, b"", 0, 0), 0.0, 0.0)
+    missing = [f.name for f in dataclasses.fields(Flow) if not hasattr(conn, f.name)]
+    assert missing == []

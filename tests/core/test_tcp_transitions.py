@@ -100,7 +100,8 @@ def _connect_failed(f: Flow) -> None:
 
 
 def _ack_of_syn(f: Flow) -> None:
-    f.sock.rx += b"banner"
+    f.sock.rx += b"banner"  # the host peer speaks first, before the guest's ACK: the socket signals it
+    f.rig.handler.sock_readable(f.rig.conn(), 0.0)
     f.ack()
     assert [s.data for s in f.rig.take()] == [b"banner"]
 

@@ -89,6 +89,54 @@ def test_guest_to_host_loopback(pasta: Topology, gw: str, loopback: str, size: i
     assert client.result() == {"rx_len": 1000, "rx_sha": digest(1000, 2)}
 
 
+_BANNER_SERVER = """
+import socket, sys
+srv = socket.create_server((sys.argv[1], int(sys.argv[2])), family=socket.AF_INET6 if ":" in sys.argv[1]
+                           else socket.AF_INET)
+srv.settimeout(20)
+print("ready", flush=True)
+for _ in range(int(sys.argv[3])):
+    conn, _peer = srv.accept()
+    conn.settimeout(20)
+    conn.sendall(b"banner\\n")  # at once, without waiting for the client: it reads before it writes
+    assert conn.recv(16) == b"hello\\n"
+    conn.close()
+"""
+
+_BANNER_CLIENT = """
+import socket, sys
+for _ in range(int(sys.argv[3])):
+    sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+    got = b""
+    while len(got) < 7:
+        chunk = sock.recv(16)  # socket.timeout if the banner is held back: the test fails
+        assert chunk, got
+        got += chunk
+    assert got == b"banner\\n", got
+    sock.sendall(b"hello\\n")
+    sock.close()
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize(("gw", "loopback"), [(REMOTE4, "127.0.0.1"), (REMOTE6, "::1")], ids=["v4", "v6"])
+def test_guest_to_host_server_speaks_first(pasta: Topology, gw: str, loopback: str) -> None:
+    """The host server writes as soon as it accepts and then waits for the guest, which reads before it
+    writes (SMTP, SSH): the banner must be sent on with no later event on the socket to prompt it. passtd
+    does not peek a new socket that never signalled; data that arrives before the guest's ACK (rare here:
+    the guest's kernel ACKs at once) is covered by test_tcp_transitions ("guest ACK of our SYN")."""
+    count = "20"
+    server = subprocess.Popen(["ip", "netns", "exec", pasta.host, sys.executable, "-c", _BANNER_SERVER,
+                               loopback, "5001", count], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    pasta.pids.append(server.pid)
+    assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+    client = subprocess.run(["ip", "netns", "exec", pasta.guest, sys.executable, "-c", _BANNER_CLIENT, gw,
+                             "5001", count], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert client.returncode == 0 and client.stdout.strip() == "done", client.stderr
+    server.communicate(timeout=20)  # reaps it and closes its pipe
+    assert server.returncode == 0
+
+
 @pytest.mark.parametrize(
     ("loopback", "guest", "ns_addr"),
     [("127.0.0.1", "0.0.0.0", HOST4), ("::1", "::", "fd77::1")],

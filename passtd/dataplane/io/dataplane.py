@@ -257,7 +257,7 @@ class Dataplane:
         stats.frames_from_tap += len(frames)
         stats.bytes_from_tap += sum(map(len, frames))
         pcap = self.pcap
-        handle = self.demux.handle_frame
+        demux = self.demux  # `demux.handle_frame(...)` is a direct native call (a bound method is not)
         udp = self.udp
         udp.begin_batch(len(frames))
         try:
@@ -265,7 +265,7 @@ class Dataplane:
                 if pcap is not None:
                     pcap.write(frame)
                 try:
-                    handle(frame, now, replies, actions)
+                    demux.handle_frame(frame, now, replies, actions)
                 except MalformedFrame as exc:
                     stats.drop(exc.reason)
                     self.log.debug("tap.frame.dropped", reason=exc.reason, length=len(frame))

@@ -22,14 +22,32 @@ from passtd.dataplane.io.sockets import Outbound, errno_name, reset_socket, sock
 
 SO_PEEK_OFF: Final = 42
 TCP_INFO_LEN: Final = 232
-_TCPI_RTT: Final = struct.Struct("=I")
 _TCPI_U32: Final = struct.Struct("=I")
 _TCPI_U64: Final = struct.Struct("=Q")
+# tcpi_rtt (offset 68), tcpi_total_retrans (100), tcpi_bytes_acked (120), tcpi_snd_wnd (228)
+_TCPI_ALL: Final = struct.Struct("=68xI28xI16xQ100xI")
 BUF_SIZE: Final = 1 << 20
 IOV_MAX: Final = 1024  # chunks per sendmsg (Linux UIO_MAXIOV); the rest is then "not taken", and resent
 EV_CONNECTING: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 EV_ESTABLISHED: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 MAX_EVENTS: Final = 256
+# Module constants, not `select.X` / `socket.X`: compiled code looks an attribute of another module up at
+# every use (a dict lookup through the module object), and these are read per event.
+_EPOLLIN: Final = select.EPOLLIN
+_EPOLLOUT: Final = select.EPOLLOUT
+_EPOLLERR: Final = select.EPOLLERR
+_EPOLLHUP: Final = select.EPOLLHUP
+_EPOLLRDHUP: Final = select.EPOLLRDHUP
+_MSG_PEEK: Final = socket.MSG_PEEK
+_MSG_TRUNC: Final = socket.MSG_TRUNC
+_MSG_MORE: Final = socket.MSG_MORE
+_SOL_SOCKET: Final = socket.SOL_SOCKET
+_IPPROTO_TCP: Final = socket.IPPROTO_TCP
+_TCP_INFO: Final = socket.TCP_INFO
+_SO_SNDBUF: Final = socket.SO_SNDBUF
+_TCP_WINDOW_CLAMP: Final = socket.TCP_WINDOW_CLAMP
+_TCP_MAXSEG: Final = socket.TCP_MAXSEG
+_SO_ERROR: Final = socket.SO_ERROR
 
 ARENA_SIZE: Final = 4 << 20  # a batch toward the guest stops at 2 MiB queued (dataplane), plus one chunk
 _scratch = memoryview(bytearray(BUF_SIZE))  # target of MSG_TRUNC discards: nothing is copied into it
@@ -68,7 +86,7 @@ def probe_peek_off() -> bool:
     """SO_PEEK_OFF on TCP sockets came with Linux 6.10; older kernels refuse the option."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        s.setsockopt(_SOL_SOCKET, SO_PEEK_OFF, 0)
     except OSError:
         return False
     finally:
@@ -92,7 +110,7 @@ class TcpSockPort:
         self.fd = sock.fileno()
         self.peek_off = -1  # unknown: set before the first peek
         if PEEK_OFF:
-            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+            sock.setsockopt(_SOL_SOCKET, SO_PEEK_OFF, 0)
             self.peek_off = 0
 
     def peek(self, offset: int, size: int) -> memoryview | None:
@@ -100,10 +118,10 @@ class TcpSockPort:
         sock = self.sock
         if PEEK_OFF:
             if self.peek_off != offset:
-                sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, offset)
+                sock.setsockopt(_SOL_SOCKET, SO_PEEK_OFF, offset)
             region = self.arena.region(size if size < BUF_SIZE else BUF_SIZE)
             try:
-                n = sock.recv_into(region, 0, socket.MSG_PEEK)
+                n = sock.recv_into(region, 0, _MSG_PEEK)
             except (BlockingIOError, InterruptedError):
                 self.peek_off = offset
                 return None
@@ -120,7 +138,7 @@ class TcpSockPort:
         if len(_fallback) < want:
             _fallback = memoryview(bytearray(want))
         try:
-            n = self.sock.recv_into(_fallback, want, socket.MSG_PEEK)
+            n = self.sock.recv_into(_fallback, want, _MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return None
         if n == 0:
@@ -134,7 +152,7 @@ class TcpSockPort:
 
     def discard(self, n: int) -> None:
         while n > 0:
-            got = self.sock.recv_into(_scratch, min(n, BUF_SIZE), socket.MSG_TRUNC)
+            got = self.sock.recv_into(_scratch, min(n, BUF_SIZE), _MSG_TRUNC)
             if got <= 0:
                 break
             n -= got
@@ -144,8 +162,8 @@ class TcpSockPort:
     def send(self, chunks: list[memoryview], more: bool) -> int:
         try:
             if len(chunks) == 1:
-                return self.sock.send(chunks[0], socket.MSG_MORE if more else 0)
-            return self.sock.sendmsg(chunks[:IOV_MAX], (), socket.MSG_MORE if more else 0)
+                return self.sock.send(chunks[0], _MSG_MORE if more else 0)
+            return self.sock.sendmsg(chunks[:IOV_MAX], (), _MSG_MORE if more else 0)
         except (BlockingIOError, InterruptedError):
             return 0
 
@@ -153,23 +171,20 @@ class TcpSockPort:
         self.sock.shutdown(socket.SHUT_WR)
 
     def info(self) -> TcpInfo:
-        raw = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
+        raw = self.sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, TCP_INFO_LEN)
+        sndbuf = self.sock.getsockopt(_SOL_SOCKET, _SO_SNDBUF)
+        if len(raw) >= _TCPI_ALL.size:  # a kernel that reports tcpi_snd_wnd: one unpack
+            rtt, retrans, acked, snd_wnd = _TCPI_ALL.unpack_from(raw)
+            return TcpInfo(max(0, acked - self.acked_base), snd_wnd, sndbuf, rtt, retrans)
         acked = _TCPI_U64.unpack_from(raw, 120)[0] if len(raw) >= 128 else 0
-        snd_wnd = _TCPI_U32.unpack_from(raw, 228)[0] if len(raw) >= 232 else 65535
-        sndbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        return TcpInfo(
-            bytes_acked=max(0, acked - self.acked_base),
-            snd_wnd=snd_wnd,
-            sndbuf=sndbuf,
-            rtt_us=_TCPI_RTT.unpack_from(raw, 68)[0],
-            retransmits=_TCPI_U32.unpack_from(raw, 100)[0],
-        )
+        return TcpInfo(max(0, acked - self.acked_base), 65535, sndbuf, _TCPI_U32.unpack_from(raw, 68)[0],
+                       _TCPI_U32.unpack_from(raw, 100)[0])  # fmt: skip
 
     def set_window_clamp(self, size: int) -> None:
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, size)
+        self.sock.setsockopt(_IPPROTO_TCP, _TCP_WINDOW_CLAMP, size)
 
     def set_mss(self, mss: int) -> None:
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
+        self.sock.setsockopt(_IPPROTO_TCP, _TCP_MAXSEG, mss)
 
     def close(self) -> None:
         self.sock.close()
@@ -214,7 +229,7 @@ class TcpIo:
             raise
         if not conn.local:  # toward the network the guest's MSS is mirrored; on loopback it only costs
             try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, max(conn.mss_to_tap, 88))
+                sock.setsockopt(_IPPROTO_TCP, _TCP_MAXSEG, max(conn.mss_to_tap, 88))
             except OSError:
                 pass
         err = sock.connect_ex(sockaddr(conn.target_addr, conn.remote_port))
@@ -244,7 +259,7 @@ class TcpIo:
             return
         if on:
             self._writers.add(sock.fd)
-            self.epoll.modify(sock.fd, EV_ESTABLISHED | select.EPOLLOUT)
+            self.epoll.modify(sock.fd, EV_ESTABLISHED | _EPOLLOUT)
         else:
             self._writers.discard(sock.fd)
             self.epoll.modify(sock.fd, EV_ESTABLISHED)
@@ -270,26 +285,30 @@ class TcpIo:
             if not isinstance(sock, TcpSockPort):
                 continue
             if conn.events & st.EV_GUEST_SYN:
-                if ev & (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
-                    if ev & (select.EPOLLERR | select.EPOLLHUP):  # writable alone means connected
-                        err = sock.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if ev & (_EPOLLOUT | _EPOLLERR | _EPOLLHUP):
+                    if ev & (_EPOLLERR | _EPOLLHUP):  # writable alone means connected
+                        err = sock.sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
                         self.on_error(conn, f"connect_failed:{errno_name(err, 'EHUP')}")
                         continue
                     self.epoll.modify(fd, EV_ESTABLISHED)
                     self.on_connected(conn)
+                if ev & (_EPOLLIN | _EPOLLRDHUP) and conn.sock is not None:
+                    # Data or EOF before the guest's ACK: the core notes it and peeks once established
+                    # (it does not peek a socket that never signalled).
+                    self.on_readable(conn, bool(ev & _EPOLLRDHUP))
                 continue
-            if ev & select.EPOLLERR:
-                err = sock.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if ev & _EPOLLERR:
+                err = sock.sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
                 if err:
                     name = errno_name(err)
                     self.on_error(conn, "rst_from_host" if err == errno.ECONNRESET else f"host_error:{name}")
                     continue
-            if ev & select.EPOLLOUT:
+            if ev & _EPOLLOUT:
                 self.on_writable(conn)
                 if conn.sock is None:
                     continue
-            if ev & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
-                self.on_readable(conn, bool(ev & (select.EPOLLRDHUP | select.EPOLLHUP)))
+            if ev & (_EPOLLIN | _EPOLLRDHUP | _EPOLLHUP | _EPOLLERR):
+                self.on_readable(conn, bool(ev & (_EPOLLRDHUP | _EPOLLHUP)))
         return len(events)
 
     def close(self) -> None:

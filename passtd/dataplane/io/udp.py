@@ -142,7 +142,7 @@ class UdpRelay:
         self.core.end_batch()
 
     def from_guest(self, v6: bool, src: bytes, dst: bytes, udp: UdpHeader, now: float) -> None:
-        sport, dport, _length, payload = udp
+        sport, dport, payload = udp.sport, udp.dport, udp.payload
         shaper = self.shaper
         if shaper.egress is not None and not shaper.admit(shaper.egress, len(payload), now, "udp.egress"):
             self.stats.drop("rate.udp.egress")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import struct
-from typing import Final, NamedTuple
+from typing import Final
 
 from passtd.errors import MalformedFrame
 
@@ -17,11 +17,17 @@ BROADCAST: Final = b"\xff" * 6
 _ETH = struct.Struct("!6s6sH")
 
 
-class EthHeader(NamedTuple):
-    dst: bytes
-    src: bytes
-    ethertype: int
-    payload: builtins.memoryview  # not a bare `memoryview`, for mypyc: see passtd/native.py
+class EthHeader:
+    """A plain class, not a NamedTuple: compiled, its constructor is a direct call (a NamedTuple's
+    `__new__` is interpreted code), and one is made per frame."""
+
+    __slots__ = ("dst", "ethertype", "payload", "src")
+
+    def __init__(self, dst: bytes, src: bytes, ethertype: int, payload: builtins.memoryview) -> None:
+        self.dst: Final = dst
+        self.src: Final = src
+        self.ethertype: Final = ethertype
+        self.payload: Final = payload  # not a bare `memoryview`, for mypyc: see passtd/native.py
 
 
 def parse_ethernet(frame: memoryview) -> EthHeader:

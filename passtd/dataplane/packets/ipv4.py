@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import struct
-from typing import Final, NamedTuple
+from typing import Final
 
 from passtd.dataplane.packets.checksum import checksum
 from passtd.errors import MalformedFrame
@@ -13,17 +13,35 @@ IPV4_HLEN: Final = 20
 _IP4 = struct.Struct("!BBHHHBBH4s4s")
 
 
-class Ip4Header(NamedTuple):
-    ihl: int
-    tos: int
-    total_len: int
-    ident: int
-    frag: int  # flags+offset word
-    ttl: int
-    proto: int
-    src: bytes
-    dst: bytes
-    payload: builtins.memoryview  # not a bare `memoryview`, for mypyc: see passtd/native.py
+class Ip4Header:
+    """A plain class, not a NamedTuple: compiled, its constructor is a direct call (a NamedTuple's
+    `__new__` is interpreted code), and one is made per frame."""
+
+    __slots__ = ("dst", "frag", "ident", "ihl", "payload", "proto", "src", "tos", "total_len", "ttl")
+
+    def __init__(
+        self,
+        ihl: int,
+        tos: int,
+        total_len: int,
+        ident: int,
+        frag: int,
+        ttl: int,
+        proto: int,
+        src: bytes,
+        dst: bytes,
+        payload: builtins.memoryview,
+    ) -> None:
+        self.ihl: Final = ihl
+        self.tos: Final = tos
+        self.total_len: Final = total_len
+        self.ident: Final = ident
+        self.frag: Final = frag  # flags+offset word
+        self.ttl: Final = ttl
+        self.proto: Final = proto
+        self.src: Final = src
+        self.dst: Final = dst
+        self.payload: Final = payload  # not a bare `memoryview`, for mypyc: see passtd/native.py
 
     @property
     def is_fragment(self) -> bool:

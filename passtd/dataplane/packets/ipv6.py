@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import struct
-from typing import Final, NamedTuple
+from typing import Final
 
 from passtd.errors import MalformedFrame
 
@@ -20,14 +20,29 @@ _EXT_NO_NEXT: Final = 59
 _MAX_EXT_HEADERS: Final = 8
 
 
-class Ip6Header(NamedTuple):
-    flow: int  # version/class/label word
-    hop_limit: int
-    proto: int  # upper-layer protocol after extension headers
-    src: bytes
-    dst: bytes
-    payload: builtins.memoryview  # upper-layer payload
-    fragment: bool
+class Ip6Header:
+    """A plain class, not a NamedTuple: compiled, its constructor is a direct call (a NamedTuple's
+    `__new__` is interpreted code), and one is made per frame."""
+
+    __slots__ = ("dst", "flow", "fragment", "hop_limit", "payload", "proto", "src")
+
+    def __init__(
+        self,
+        flow: int,
+        hop_limit: int,
+        proto: int,
+        src: bytes,
+        dst: bytes,
+        payload: builtins.memoryview,
+        fragment: bool,
+    ) -> None:
+        self.flow: Final = flow  # version/class/label word
+        self.hop_limit: Final = hop_limit
+        self.proto: Final = proto  # upper-layer protocol after extension headers
+        self.src: Final = src
+        self.dst: Final = dst
+        self.payload: Final = payload  # upper-layer payload
+        self.fragment: Final = fragment
 
 
 def parse_ipv6(packet: memoryview) -> Ip6Header:

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import builtins
 import struct
-from typing import Final, NamedTuple
+from typing import Final
 
 from passtd.dataplane.packets.checksum import IPPROTO_TCP, checksum, ones_sum, pseudo_header4, pseudo_header6
-from passtd.dataplane.packets.ipv4 import build_ipv4_header
-from passtd.dataplane.packets.ipv6 import build_ipv6_header
 from passtd.errors import MalformedFrame
 
 TCP_HLEN: Final = 20
@@ -33,16 +31,33 @@ MAX_WS: Final = 14  # RFC 7323 §2.3
 _TCP = struct.Struct("!HHIIBBHHH")
 
 
-class TcpHeader(NamedTuple):
-    sport: int
-    dport: int
-    seq: int
-    ack: int
-    flags: int
-    window: int  # unscaled, as on the wire
-    mss: int  # 0 when absent (only meaningful on SYN)
-    ws: int  # -1 when absent; clamped to 14
-    payload: builtins.memoryview  # not a bare `memoryview`, for mypyc: see passtd/native.py
+class TcpHeader:
+    """A plain class, not a NamedTuple: compiled, its constructor is a direct call (a NamedTuple's
+    `__new__` is interpreted code), and one is made per frame."""
+
+    __slots__ = ("ack", "dport", "flags", "mss", "payload", "seq", "sport", "window", "ws")
+
+    def __init__(
+        self,
+        sport: int,
+        dport: int,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        mss: int,
+        ws: int,
+        payload: builtins.memoryview,
+    ) -> None:
+        self.sport: Final = sport
+        self.dport: Final = dport
+        self.seq: Final = seq
+        self.ack: Final = ack
+        self.flags: Final = flags
+        self.window: Final = window  # unscaled, as on the wire
+        self.mss: Final = mss  # 0 when absent (only meaningful on SYN)
+        self.ws: Final = ws  # -1 when absent; clamped to 14
+        self.payload: Final = payload  # not a bare `memoryview`, for mypyc: see passtd/native.py
 
 
 def parse_tcp(segment: memoryview) -> TcpHeader:
@@ -119,8 +134,10 @@ class SegmentBuilder:
         self.dport = dport
         self.v6 = len(src) == 16
         # Sum of the pseudo-header without its length field: lengths are added per segment.
-        self.psum = ones_sum(src + dst + bytes((0, IPPROTO_TCP)))
-        self.ip4sum = 0 if self.v6 else _IP4_CONST + ones_sum(src + dst)
+        # (Modulo 0xFFFF is all a ones' complement sum needs: `_fold` brings the total into range later.)
+        addr_sum = int.from_bytes(src + dst, "big") % 0xFFFF
+        self.psum = addr_sum + IPPROTO_TCP
+        self.ip4sum = 0 if self.v6 else _IP4_CONST + addr_sum
         self.hdr_len = 40 if self.v6 else 20
 
     def build(
@@ -145,41 +162,25 @@ class SegmentBuilder:
         payload: bytes | memoryview = b"",
         options: bytes = b"",
     ) -> bytes:
-        """IP and TCP headers for `payload`, which the caller sends after them (saving a copy of it)."""
-        if options:
-            return self._with_options(seq, ack, flags, window, payload, options)
-        seg_len = TCP_HLEN + len(payload)
+        """IP and TCP headers (and `options`, a multiple of 4 bytes) for `payload`, which the caller sends
+        after them (saving a copy of it). SYNs with options take the same one-pack path."""
+        olen = len(options)
+        seg_len = TCP_HLEN + olen + len(payload)
+        off = 0x50 + (olen << 2)  # data offset in 32-bit words, in the high nibble
         if self.offload:
             csum = _fold(self.psum + seg_len)  # the kernel adds the segment's own sum (NEEDS_CSUM)
         else:
-            tcp = _TCP.pack(self.sport, self.dport, seq, ack, 0x50, flags, window, 0, 0)
-            csum = ~_fold(self.psum + seg_len + ones_sum(tcp, payload)) & 0xFFFF
+            tcp = _TCP.pack(self.sport, self.dport, seq, ack, off, flags, window, 0, 0)
+            csum = ~_fold(self.psum + seg_len + ones_sum(tcp, options, payload)) & 0xFFFF
         if self.v6:
-            return _IP6_TCP.pack(6 << 28, seg_len, IPPROTO_TCP, 64, self.src, self.dst,
-                                 self.sport, self.dport, seq, ack, 0x50, flags, window, csum, 0)  # fmt: skip
-        total = 20 + seg_len
-        ipsum = ~_fold(self.ip4sum + total) & 0xFFFF
-        return _IP4_TCP.pack(0x45, 0, total, 0, 0x4000, 64, IPPROTO_TCP, ipsum, self.src, self.dst,
-                             self.sport, self.dport, seq, ack, 0x50, flags, window, csum, 0)  # fmt: skip
-
-    def _with_options(
-        self, seq: int, ack: int, flags: int, window: int, payload: bytes | memoryview, options: bytes
-    ) -> bytes:
-        """SYNs and the like: rare, so built the plain way."""
-        hlen = TCP_HLEN + len(options)
-        seg_len = hlen + len(payload)
-        tcp = bytearray(_TCP.pack(self.sport, self.dport, seq, ack, (hlen // 4) << 4, flags, window, 0, 0))
-        tcp += options
-        if self.offload:
-            csum = ones_sum(self.psum.to_bytes(2, "big"), seg_len.to_bytes(2, "big"))
+            hdr = _IP6_TCP.pack(6 << 28, seg_len, IPPROTO_TCP, 64, self.src, self.dst,
+                                self.sport, self.dport, seq, ack, off, flags, window, csum, 0)  # fmt: skip
         else:
-            csum = checksum(self.psum.to_bytes(2, "big"), seg_len.to_bytes(2, "big"), tcp, payload)
-        struct.pack_into("!H", tcp, 16, csum)
-        if self.v6:
-            ip = build_ipv6_header(self.src, self.dst, IPPROTO_TCP, seg_len, hop_limit=64)
-        else:
-            ip = build_ipv4_header(self.src, self.dst, IPPROTO_TCP, seg_len)
-        return ip + tcp
+            total = 20 + seg_len
+            ipsum = ~_fold(self.ip4sum + total) & 0xFFFF
+            hdr = _IP4_TCP.pack(0x45, 0, total, 0, 0x4000, 64, IPPROTO_TCP, ipsum, self.src, self.dst,
+                                self.sport, self.dport, seq, ack, off, flags, window, csum, 0)  # fmt: skip
+        return hdr + options if olen else hdr
 
 
 def tcp_checksum_ok(src: bytes, dst: bytes, segment: memoryview) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import builtins
 import struct
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import Final
 
 from passtd.dataplane.packets.checksum import IPPROTO_UDP, l4_checksum4, l4_checksum6, ones_sum
 from passtd.dataplane.packets.ipv4 import build_ipv4_header
@@ -31,11 +31,17 @@ _IP4_FIXED: Final = 0x4500 + 0x4000 + (64 << 8 | IPPROTO_UDP)  # the IPv4 header
 _VNET = struct.Struct("<BBHHHH")  # virtio_net_hdr (virtio spec §5.1.6), host byte order as in vnet.py
 
 
-class UdpHeader(NamedTuple):
-    sport: int
-    dport: int
-    length: int
-    payload: builtins.memoryview  # not a bare `memoryview`, for mypyc: see passtd/native.py
+class UdpHeader:
+    """A plain class, not a NamedTuple: compiled, its constructor is a direct call (a NamedTuple's
+    `__new__` is interpreted code), and one is made per frame."""
+
+    __slots__ = ("dport", "length", "payload", "sport")
+
+    def __init__(self, sport: int, dport: int, length: int, payload: builtins.memoryview) -> None:
+        self.sport: Final = sport
+        self.dport: Final = dport
+        self.length: Final = length
+        self.payload: Final = payload  # not a bare `memoryview`, for mypyc: see passtd/native.py
 
 
 def parse_udp(segment: memoryview) -> UdpHeader:

@@ -89,16 +89,21 @@ class TcpHooks:
     shaper: Shaper | None = None  # the guest's rate limits (core/ratelimit.py), shared with UDP and ICMP
 
 
-@dataclass(frozen=True, slots=True)
 class TimeWait:
-    """What is left of a flow closed in order after the guest's FIN: enough to ACK that FIN again."""
+    """What is left of a flow closed in order after the guest's FIN: enough to ACK that FIN again. A plain
+    class (one per closed flow): a dataclass's generated __init__ would run as interpreted code."""
 
-    guest_addr: bytes
-    v6: bool
-    seg: SegmentBuilder
-    seq: int
-    ack: int
-    until: float
+    __slots__ = ("ack", "guest_addr", "seg", "seq", "until", "v6")
+
+    def __init__(
+        self, guest_addr: bytes, v6: bool, seg: SegmentBuilder, seq: int, ack: int, until: float
+    ) -> None:
+        self.guest_addr: Final = guest_addr
+        self.v6: Final = v6
+        self.seg: Final = seg
+        self.seq: Final = seq
+        self.ack: Final = ack
+        self.until: Final = until
 
 
 def _never() -> bool:

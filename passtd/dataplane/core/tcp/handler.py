@@ -11,6 +11,7 @@ tap batch: in `emit_acks`, which ends every batch), never in the middle of the d
 from __future__ import annotations
 
 import heapq
+from typing import Final
 
 from passtd.dataplane.core.flowtable import PROTO_TCP, key_addr
 from passtd.dataplane.core.tcp import states as st
@@ -24,6 +25,8 @@ from passtd.dataplane.packets.ethernet import ETH_P_IP, ETH_P_IPV6
 from passtd.dataplane.packets.tcp import ACK, RST, SYN, TcpHeader
 
 __all__ = ["TcpEnv", "TcpHandler", "TcpHooks"]
+
+_NEVER: Final = float("inf")
 
 
 class TcpHandler(TcpHandshake):
@@ -85,10 +88,10 @@ class TcpHandler(TcpHandshake):
         """The earliest deadline of a live flow: entries of closed flows are dropped here rather than woken
         for (every short connection leaves one behind)."""
         heap = self._heap
-        by_id = self.flows.by_id
-        while heap and by_id(heap[0][1]) is None:
+        flows = self.flows  # `flows.by_id(...)` is a direct native call; a bound method kept aside is not
+        while heap and flows.by_id(heap[0][1]) is None:
             heapq.heappop(heap)
-        return heap[0][0] if heap else float("inf")
+        return heap[0][0] if heap else _NEVER
 
     def reschedule_all(self) -> None:
         """After the timeouts changed: rebuild the heap from every flow's real deadline."""

@@ -58,6 +58,10 @@ class TcpHandshake(TcpData):
             target_addr=target_for(ctx, bytes(dst), tcp.dport),
         )  # fmt: skip
         conn.local = is_loopback(conn.target_addr)
+        # Nothing can be in a socket that is not connected yet: the peek when the handshake completes is only
+        # needed if readiness was signalled meanwhile (`sock_readable` clears this), which saves a syscall and
+        # an exception per connection whose host side does not speak first.
+        conn.drained = True
         conn.seg = SegmentBuilder(conn.remote_addr, conn.guest_addr, conn.remote_port, conn.guest_port,
                                   self.offload)  # fmt: skip
         conn.seq_init_from_tap = tcp.seq
