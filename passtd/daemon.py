@@ -19,6 +19,7 @@ socket accept connections, STATUS= lines follow the guest, and WATCHDOG=1 at hal
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import socket
@@ -645,6 +646,7 @@ async def _serve(
     log.info("passtd.started", **startup_summary(config))
     starter.ready()
     notifier.ready(_status(current, "serving" if pasta is not None else "waiting for a guest"))
+    _freeze_startup_heap()
     try:
         # The daemon's own tasks: a failing one cancels the others and ends the daemon (no silent death).
         async with asyncio.TaskGroup() as tasks:
@@ -694,3 +696,11 @@ def _terminate_child(pid: int, grace: float = 5.0) -> int:
             os.kill(pid, signal.SIGKILL)
             deadline = float("inf")
         time.sleep(0.05)
+
+
+def _freeze_startup_heap() -> None:
+    """Move what start-up built (modules, gRPC, the config, the tables) out of the cyclic collector's reach.
+    The per-frame and per-connection objects trigger collections, and each older-generation one would walk
+    that whole heap again: measured, about 2 % of a guest connection's instructions."""
+    gc.collect()
+    gc.freeze()

@@ -28,9 +28,18 @@ def seq_le(a: int, b: int) -> bool:
     return seq_diff(a, b) <= 0
 
 
+# The keyed hash state per secret (one per process in practice): copying it skips the key's own compression
+# and the keyword parsing of a new keyed object, once per connection.
+_KEYED: dict[bytes, hashlib.blake2s] = {}
+
+
 def isn(secret: bytes, src: bytes, sport: int, dst: bytes, dport: int, now: float) -> int:
     """RFC 6528 §3: ISN = M + F(4-tuple, secret), M a 4 µs clock, F a keyed hash (BLAKE2s here)."""
-    h = hashlib.blake2s(
-        src + dst + sport.to_bytes(2, "big") + dport.to_bytes(2, "big"), key=secret, digest_size=4
-    )
+    base = _KEYED.get(secret)
+    if base is None:
+        if len(_KEYED) >= 4:
+            _KEYED.clear()
+        base = _KEYED[secret] = hashlib.blake2s(key=secret, digest_size=4)
+    h = base.copy()
+    h.update(src + dst + ((sport << 16) | dport).to_bytes(4, "big"))
     return (int(now * 250_000) + int.from_bytes(h.digest(), "big")) & MASK
