@@ -380,11 +380,13 @@ class Splicer:
             )  # fmt: skip
 
     def splice(
-        self, accepted: socket.socket, peer: tuple[str, int], port: int, *, in_netns: bool, now: float,
+        self, accepted: socket.socket, peer: tuple[str, int] | tuple[str, int, int, int], port: int, *,
+        in_netns: bool, now: float,
         target: IPv4Address | IPv6Address | None = None, tally: FwdTally | None = None,
     ) -> None:  # fmt: skip
         """Join `accepted` to a new connection to loopback:port (inside the namespace when `in_netns`), or to
-        target:port when the forwarding rule names a target address; `tally`: the rule's counters."""
+        target:port when the forwarding rule names a target address; `tally`: the rule's counters. `peer` as
+        accept() gives it, a 4-tuple for IPv6 (compiled, the annotation is checked)."""
         family = accepted.family
         if target is not None:
             loopback = str(target)
