@@ -12,6 +12,7 @@ thread, and any lock another thread held stays locked forever in the child).
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import ctypes
 import errno
@@ -528,16 +529,17 @@ class NetnsWatcher:
         return self._gone
 
 
-def _make_stream_sockets(wants: dict[int, int]) -> tuple[dict[int, list[socket.socket]], set[int], str]:
+def _make_stream_sockets(wants: dict[int, int]) -> tuple[dict[int, list[_socket.socket]], set[int], str]:
     """In the helper thread inside the namespace: up to `wants[family]` non-blocking stream sockets per
     family. A family the namespace lacks is reported as unsupported; any other failure (EMFILE) stops the
     batch and is reported by its reason, with the sockets made so far."""
-    made: dict[int, list[socket.socket]] = {family: [] for family in wants}
+    made: dict[int, list[_socket.socket]] = {family: [] for family in wants}
     unsupported: set[int] = set()
     for family, count in wants.items():
         for _ in range(count):
             try:
-                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+                # the C type: socket.socket's __init__ is interpreted code, run here for every connection
+                sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
             except OSError as exc:
                 if exc.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
                     unsupported.add(family)
@@ -582,7 +584,7 @@ class NsSocketPool:
         self.netns_fd = netns_fd
         self.size = size
         # per family, from its first take on: a daemon that never splices that family holds none
-        self.free: dict[int, list[socket.socket]] = {}
+        self.free: dict[int, list[_socket.socket]] = {}
         self.unsupported: set[int] = set()  # families the namespace cannot make sockets of
         self.refills = 0  # batches asked for
         self.failures = 0  # batches that failed or stopped early
@@ -590,12 +592,12 @@ class NsSocketPool:
         self.pending = False  # a background batch is on its way
         self.closed = False
         self._worker: ThreadPoolExecutor | None = None
-        self._future: Future[tuple[dict[int, list[socket.socket]], set[int], str]] | None = None
+        self._future: Future[tuple[dict[int, list[_socket.socket]], set[int], str]] | None = None
 
     def __len__(self) -> int:
         return sum(len(socks) for socks in self.free.values())
 
-    def take(self, family: int) -> socket.socket | None:
+    def take(self, family: int) -> _socket.socket | None:
         """A ready socket of `family` in the namespace, or None when none is left (the caller then makes one
         the slow way). The first take of a family makes the refills keep that family stocked."""
         free = self.free.get(family)
@@ -616,7 +618,7 @@ class NsSocketPool:
             if family not in self.unsupported and len(socks) < self.size
         }
 
-    def _stock(self, made: dict[int, list[socket.socket]], unsupported: set[int], error: str) -> int:
+    def _stock(self, made: dict[int, list[_socket.socket]], unsupported: set[int], error: str) -> int:
         if self.closed:
             for socks in made.values():
                 for sock in socks:
@@ -670,7 +672,7 @@ class NsSocketPool:
         self.pending = True
         self._future = future
 
-        def stock(done: Future[tuple[dict[int, list[socket.socket]], set[int], str]]) -> None:
+        def stock(done: Future[tuple[dict[int, list[_socket.socket]], set[int], str]]) -> None:
             self.pending = False
             try:
                 self._stock(*done.result())
@@ -678,7 +680,7 @@ class NsSocketPool:
                 self.failures += 1
                 self.last_error = str(exc)
 
-        def hand_over(done: Future[tuple[dict[int, list[socket.socket]], set[int], str]]) -> None:
+        def hand_over(done: Future[tuple[dict[int, list[_socket.socket]], set[int], str]]) -> None:
             try:
                 loop.call_soon_threadsafe(stock, done)
             except RuntimeError:  # the loop is closed: nobody will take these sockets

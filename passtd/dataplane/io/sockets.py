@@ -20,6 +20,14 @@ IPV6_FREEBIND: Final = 78
 _LINGER0: Final = struct.pack("ii", 1, 0)
 
 
+def accept_fd(listener: _socket.socket) -> tuple[int, tuple[str, int] | tuple[str, int, int, int]]:
+    """accept4() without the socket object `socket.accept` builds around it: (descriptor, peer). The caller
+    wraps the descriptor in the type it needs: `socket.socket.accept` reads the listener's `family` and `type`
+    properties (interpreted code that builds enums) and runs the interpreted `socket.__init__` for every
+    connection, which cost more than the accept itself on the spliced path."""
+    return listener._accept()  # type: ignore[attr-defined,no-any-return]
+
+
 def reset_socket(sock: _socket.socket) -> None:
     """Close with SO_LINGER 0: the peer gets an RST, and no TIME_WAIT is left behind."""
     try:

@@ -13,6 +13,7 @@ zero-fills a megabyte.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import select
@@ -37,7 +38,7 @@ from passtd.dataplane.core.splice import SpliceFlow
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.io.limits import is_fd_exhausted
 from passtd.dataplane.io.netns import NsSocketPool, run_in_netns
-from passtd.dataplane.io.sockets import reset_socket, splice_target_ns
+from passtd.dataplane.io.sockets import accept_fd, reset_socket, splice_target_ns
 from passtd.logging import get_logger
 
 BUF: Final = 1 << 20
@@ -45,8 +46,8 @@ BUF_KEEP: Final = 8  # idle relay buffers kept for reuse (8 MiB at most)
 NS_POOL_MAX: Final = 16  # pooled namespace sockets per family, at most
 NS_POOL_RESERVE_SHARE: Final = 8  # ... and at most reserved/8 per family: both families take a quarter
 _STREAM: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-_LOOPBACK: Final = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
-_LOOPBACK_PACKED: Final = {family: socket.inet_pton(family, addr) for family, addr in _LOOPBACK.items()}
+_LOOPBACK: Final[dict[int, str]] = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
+_LOOPBACK_PACKED: Final[dict[int, bytes]] = {f: socket.inet_pton(f, addr) for f, addr in _LOOPBACK.items()}
 
 
 class BufferPool:
@@ -80,7 +81,7 @@ _EMPTY: Final = memoryview(b"")
 class _Direction:
     __slots__ = ("dst", "dst_fd", "eof", "len", "pos", "reading", "src", "src_fd", "view", "writing")
 
-    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, src: _socket.socket, dst: _socket.socket) -> None:
         self.src = src
         self.dst = dst
         self.src_fd = src.fileno()
@@ -163,15 +164,17 @@ class SplicePoller:
 class SplicedPair:
     """Relays between `a` and `b` until both directions ended; calls `on_done(self, reason)` once.
 
-    Both sockets must be non-blocking already (accept4/socket with SOCK_NONBLOCK: no fcntl per socket)."""
+    Both sockets must be non-blocking already (accept4/socket with SOCK_NONBLOCK: no fcntl per socket). They
+    are of the C type `_socket.socket` (`socket.socket` is a subclass): its `family` and `close` are C code,
+    where `socket.socket`'s are interpreted."""
 
     __slots__ = ("a", "ab", "b", "ba", "buffers", "bytes_ab", "bytes_ba", "done", "loop", "on_done", "poller")
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        a: socket.socket,
-        b: socket.socket,
+        a: _socket.socket,
+        b: _socket.socket,
         on_done: Callable[[SplicedPair, str], None],
         poller: SplicePoller,
         buffers: BufferPool | None = None,
@@ -346,7 +349,7 @@ class Splicer:
         if fd is not None and self.ns_pool_size > 0:
             self.ns_pool = NsSocketPool(fd, self.ns_pool_size)
 
-    def _ns_socket(self, family: int) -> socket.socket:
+    def _ns_socket(self, family: int) -> _socket.socket:
         pool = self.ns_pool
         if pool is not None:
             if pool.failures != self._pool_failures:
@@ -360,27 +363,29 @@ class Splicer:
                 return sock
         self.pool_misses += 1
         assert self._netns_fd is not None
-        return run_in_netns(self._netns_fd, socket.socket, family, _STREAM)
+        return run_in_netns(self._netns_fd, _socket.socket, family, _STREAM)
 
     def on_ns_listener(self, listener: Listener, sock: socket.socket) -> None:
         """-T: a connection inside the namespace to its loopback goes to the same port on the host's."""
         now = self.loop.time()
         for _ in range(64):
             try:
-                conn, peer = sock.accept()
+                fd, peer = accept_fd(sock)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 self.stats.drop("fd.exhausted" if is_fd_exhausted(exc) else "tcp.accept_error")
                 self.log.debug("tcp.ns_accept.failed", error=exc.strerror)
                 break
+            family = socket.AF_INET6 if len(peer) == 4 else socket.AF_INET
+            conn = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
             self.splice(
                 conn, peer, listener.target_port, in_netns=False, now=now, target=listener.target_addr,
                 tally=listener.tally,
             )  # fmt: skip
 
     def splice(
-        self, accepted: socket.socket, peer: tuple[str, int] | tuple[str, int, int, int], port: int, *,
+        self, accepted: _socket.socket, peer: tuple[str, int] | tuple[str, int, int, int], port: int, *,
         in_netns: bool, now: float,
         target: IPv4Address | IPv6Address | None = None, tally: FwdTally | None = None,
     ) -> None:  # fmt: skip
@@ -414,7 +419,7 @@ class Splicer:
             tally.attach(flow, IN_FROM_GUEST if in_netns else IN_TO_GUEST)
         try:
             accepted.setblocking(False)
-            out = self._ns_socket(family) if in_netns else socket.socket(family, _STREAM)
+            out = self._ns_socket(family) if in_netns else _socket.socket(family, _STREAM)
             err = out.connect_ex((loopback, port))
         except OSError as exc:
             self.flows.remove(flow)
@@ -439,7 +444,7 @@ class Splicer:
             return
         self._join(flow, accepted, out)
 
-    def _connected(self, flow: SpliceFlow, accepted: socket.socket, out: socket.socket) -> None:
+    def _connected(self, flow: SpliceFlow, accepted: _socket.socket, out: _socket.socket) -> None:
         self.loop.remove_writer(out.fileno())
         if out.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
             out.close()
@@ -449,7 +454,7 @@ class Splicer:
             return
         self._join(flow, accepted, out)
 
-    def _join(self, flow: SpliceFlow, accepted: socket.socket, out: socket.socket) -> None:
+    def _join(self, flow: SpliceFlow, accepted: _socket.socket, out: _socket.socket) -> None:
         poller = self.poller
         if poller is None:
             poller = self.poller = SplicePoller(self.loop)
