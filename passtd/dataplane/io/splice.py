@@ -327,6 +327,8 @@ class Splicer:
         self._netns_fd: int | None = None
         self._pool_failures = 0
         self.pool_misses = 0  # namespace sockets made the slow way because the pool was empty
+        # family -> (context net, guest address set, its size, target text, packed): see _ns_target
+        self._targets: dict[int, tuple[object, object, int, str, bytes]] = {}
         pool = flows.pool
         reserved = pool.reserved if pool is not None else NS_POOL_MAX * NS_POOL_RESERVE_SHARE
         self.ns_pool_size = min(NS_POOL_MAX, reserved // NS_POOL_RESERVE_SHARE)
@@ -356,14 +358,38 @@ class Splicer:
                 self._pool_failures = pool.failures
                 self.stats.drop("tcp.splice.pool_refill_failed")
                 self.log.debug("tcp.splice.pool_refill_failed", error=pool.last_error)
-            sock = pool.take(family)
+            # the pool's list itself, not its (interpreted) methods, while it holds sockets of this family
+            free = pool.free.get(family)
+            if free:
+                sock = free.pop()
+                if len(free) <= pool.size // 2 and not pool.pending:
+                    pool.refill_soon(self.loop)
+                return sock
+            taken = pool.take(family)
             if pool.low():
                 pool.refill_soon(self.loop)
-            if sock is not None:
-                return sock
+            if taken is not None:
+                return taken
         self.pool_misses += 1
         assert self._netns_fd is not None
         return run_in_netns(self._netns_fd, _socket.socket, family, _STREAM)
+
+    def _ns_target(self, family: int) -> tuple[str, bytes]:
+        """splice_target_ns for `family`, text and packed, worked out again only when what it depends on
+        changed: the context's address (replaced, not mutated) or the guest's learned addresses (a set that
+        only grows, core/demux.py). Per connection, sorting them and ipaddress's interpreted str() cost
+        more than the rest of the join."""
+        v6 = family == socket.AF_INET6
+        net: object = self.ctx.ip6 if v6 else self.ctx.ip4
+        seen: object = self.guest.addrs6 if v6 else self.guest.addrs4
+        size = len(self.guest.addrs6 if v6 else self.guest.addrs4)
+        hit = self._targets.get(family)
+        if hit is not None and hit[0] is net and hit[1] is seen and hit[2] == size:
+            return hit[3], hit[4]
+        text = splice_target_ns(self.ctx, self.guest, v6, False)
+        packed = socket.inet_pton(family, text)
+        self._targets[family] = (net, seen, size, text, packed)
+        return text, packed
 
     def on_ns_listener(self, listener: Listener, sock: socket.socket) -> None:
         """-T: a connection inside the namespace to its loopback goes to the same port on the host's."""
@@ -397,8 +423,7 @@ class Splicer:
             loopback = str(target)
             addr = target.packed
         elif in_netns and not self.host_lo_to_ns_lo:  # the namespace's own address (passt fwd.c)
-            loopback = splice_target_ns(self.ctx, self.guest, family == socket.AF_INET6, False)
-            addr = socket.inet_pton(family, loopback)
+            loopback, addr = self._ns_target(family)
         else:
             loopback = _LOOPBACK[family]
             addr = _LOOPBACK_PACKED[family]
