@@ -55,7 +55,7 @@ from passtd.dataplane.io.forwarding import Forwarding
 from passtd.dataplane.io.limits import SpareFd, fd_pool, follow_limit, is_fd_exhausted
 from passtd.dataplane.io.listeners import BindResult
 from passtd.dataplane.io.pcap import PcapWriter
-from passtd.dataplane.io.sockets import HostSockets, Outbound, accept_fd
+from passtd.dataplane.io.sockets import BacklogProbe, HostSockets, Outbound, accept_fd
 from passtd.dataplane.io.splice import Splicer
 from passtd.dataplane.io.tap.base import OutFrame, TapBackend
 from passtd.dataplane.io.tcp import TcpIo
@@ -142,6 +142,7 @@ class Dataplane:
             self.splicer.on_ns_listener, self.udp.on_ns_listener,
             freebind=hs.freebind, tcp=ctx.tcp, udp=ctx.udp,
         )  # fmt: skip
+        self._backlog = BacklogProbe()  # asks whether a listener has more queued before accept() again
         self._spare = SpareFd()  # lets accept() shed a connection at EMFILE instead of spinning
         self.tap: TapBackend | None = None
         self.disconnected: asyncio.Event = asyncio.Event()
@@ -448,7 +449,10 @@ class Dataplane:
         """A forwarded port is readable: accept every pending connection and offer each to the guest (at
         `target`, the rule's target address, when it has one); each counts in its rule's `tally`."""
         now = self.loop.time()
-        for _ in range(64):
+        probe = self._backlog
+        for i in range(64):
+            if i and not probe.pending(listener.fileno()):
+                break  # the backlog is empty: no accept() failing with EAGAIN, no exception
             try:
                 fd, peer = accept_fd(listener)
             except (BlockingIOError, InterruptedError):

@@ -38,7 +38,7 @@ from passtd.dataplane.core.splice import SpliceFlow
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.io.limits import is_fd_exhausted
 from passtd.dataplane.io.netns import NsSocketPool, run_in_netns
-from passtd.dataplane.io.sockets import accept_fd, reset_socket, splice_target_ns
+from passtd.dataplane.io.sockets import BacklogProbe, accept_fd, reset_socket, splice_target_ns
 from passtd.logging import get_logger
 
 BUF: Final = 1 << 20
@@ -326,6 +326,7 @@ class Splicer:
         self.ns_pool: NsSocketPool | None = None
         self._netns_fd: int | None = None
         self._pool_failures = 0
+        self._backlog = BacklogProbe()
         self.pool_misses = 0  # namespace sockets made the slow way because the pool was empty
         # family -> (context net, guest address set, its size, target text, packed): see _ns_target
         self._targets: dict[int, tuple[object, object, int, str, bytes]] = {}
@@ -394,7 +395,10 @@ class Splicer:
     def on_ns_listener(self, listener: Listener, sock: socket.socket) -> None:
         """-T: a connection inside the namespace to its loopback goes to the same port on the host's."""
         now = self.loop.time()
-        for _ in range(64):
+        probe = self._backlog
+        for i in range(64):
+            if i and not probe.pending(sock.fileno()):
+                break  # the backlog is empty (io/sockets.py BacklogProbe)
             try:
                 fd, peer = accept_fd(sock)
             except (BlockingIOError, InterruptedError):
