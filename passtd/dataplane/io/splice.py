@@ -76,6 +76,7 @@ class BufferPool:
 
 
 _EMPTY: Final = memoryview(b"")
+_DONTWAIT: Final = socket.MSG_DONTWAIT
 
 
 class _Direction:
@@ -164,7 +165,8 @@ class SplicePoller:
 class SplicedPair:
     """Relays between `a` and `b` until both directions ended; calls `on_done(self, reason)` once.
 
-    Both sockets must be non-blocking already (accept4/socket with SOCK_NONBLOCK: no fcntl per socket). They
+    Every read and write passes MSG_DONTWAIT, so a socket may be left blocking: accept() cannot ask for
+    SOCK_NONBLOCK from Python, and making the accepted socket non-blocking was an ioctl per connection. They
     are of the C type `_socket.socket` (`socket.socket` is a subclass): its `family` and `close` are C code,
     where `socket.socket`'s are interpreted."""
 
@@ -214,7 +216,7 @@ class SplicedPair:
                 return
             view = d.view = self.buffers.get()
         try:
-            n = d.src.recv_into(view[d.len :])
+            n = d.src.recv_into(view[d.len :], 0, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
             self._release(d)
             return
@@ -245,7 +247,7 @@ class SplicedPair:
             return
         while d.pos < d.len:
             try:
-                sent = d.dst.send(d.view[d.pos : d.len])
+                sent = d.dst.send(d.view[d.pos : d.len], _DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 if not d.writing:
                     d.writing = True
@@ -447,7 +449,6 @@ class Splicer:
             tally.connections += 1
             tally.attach(flow, IN_FROM_GUEST if in_netns else IN_TO_GUEST)
         try:
-            accepted.setblocking(False)
             out = self._ns_socket(family) if in_netns else _socket.socket(family, _STREAM)
             err = out.connect_ex((loopback, port))
         except OSError as exc:
