@@ -69,6 +69,12 @@ _IFREQ_INT = struct.Struct("16si20x")
 _IFREQ_HWADDR = struct.Struct("16sH6s16x")  # the union as a struct sockaddr: family, then the address
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# The same libc through PyDLL: its calls keep the GIL. socket() through it lets the pool's worker make a whole
+# batch without handing the GIL to the loop and back around every socket (_make_stream_sockets).
+_libc_gil = ctypes.PyDLL(None, use_errno=True)
+_socket_gil = _libc_gil.socket
+_socket_gil.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int)
+_socket_gil.restype = ctypes.c_int
 
 
 def _ns_syscall(name: str, *args: int) -> None:
@@ -532,20 +538,28 @@ class NetnsWatcher:
 def _make_stream_sockets(wants: dict[int, int]) -> tuple[dict[int, list[_socket.socket]], set[int], str]:
     """In the helper thread inside the namespace: up to `wants[family]` non-blocking stream sockets per
     family. A family the namespace lacks is reported as unsupported; any other failure (EMFILE) stops the
-    batch and is reported by its reason, with the sockets made so far."""
+    batch and is reported by its reason, with the sockets made so far.
+
+    socket() is called through PyDLL, which keeps the GIL: `_socket.socket()` releases it around the system
+    call, and with the loop waiting for it every socket cost three futex calls and two thread switches.
+    The descriptors are wrapped in the C socket type (socket.socket's __init__ is interpreted code)."""
     made: dict[int, list[_socket.socket]] = {family: [] for family in wants}
     unsupported: set[int] = set()
+    kind = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
     for family, count in wants.items():
         for _ in range(count):
-            try:
-                # the C type: socket.socket's __init__ is interpreted code, run here for every connection
-                sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-            except OSError as exc:
-                if exc.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+            fd = _socket_gil(family, kind, 0)
+            if fd < 0:
+                err = ctypes.get_errno()
+                if err in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
                     unsupported.add(family)
                     break
+                return made, unsupported, os.strerror(err)
+            try:
+                made[family].append(_socket.socket(family, kind, 0, fd))
+            except OSError as exc:  # not expected for a descriptor socket() just returned
+                os.close(fd)
                 return made, unsupported, exc.strerror or type(exc).__name__
-            made[family].append(sock)
     return made, unsupported, ""
 
 
