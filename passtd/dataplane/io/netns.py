@@ -72,9 +72,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 # The same libc through PyDLL: its calls keep the GIL. socket() through it lets the pool's worker make a whole
 # batch without handing the GIL to the loop and back around every socket (_make_stream_sockets).
 _libc_gil = ctypes.PyDLL(None, use_errno=True)
-_socket_gil = _libc_gil.socket
-_socket_gil.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int)
-_socket_gil.restype = ctypes.c_int
+_socket_gil = _libc_gil.socket  # int arguments and result, ctypes' defaults (argtypes would cost more)
 
 
 def _ns_syscall(name: str, *args: int) -> None:
