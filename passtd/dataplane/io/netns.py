@@ -18,12 +18,12 @@ import ctypes
 import errno
 import fcntl
 import os
+import queue
 import signal
 import socket
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Network
@@ -533,6 +533,10 @@ class NetnsWatcher:
         return self._gone
 
 
+# a pool batch: sockets made per family, families the namespace lacks, the error that stopped it
+_Batch = tuple[dict[int, list[_socket.socket]], set[int], str]
+
+
 def _make_stream_sockets(wants: dict[int, int]) -> tuple[dict[int, list[_socket.socket]], set[int], str]:
     """In the helper thread inside the namespace: up to `wants[family]` non-blocking stream sockets per
     family. A family the namespace lacks is reported as unsupported; any other failure (EMFILE) stops the
@@ -579,7 +583,8 @@ class NsSocketPool:
     """
 
     __slots__ = (
-        "_future",
+        "_requests",
+        "_unstocked",
         "_worker",
         "closed",
         "failures",
@@ -603,8 +608,9 @@ class NsSocketPool:
         self.last_error = ""
         self.pending = False  # a background batch is on its way
         self.closed = False
-        self._worker: ThreadPoolExecutor | None = None
-        self._future: Future[tuple[dict[int, list[_socket.socket]], set[int], str]] | None = None
+        self._worker: threading.Thread | None = None
+        self._requests: queue.SimpleQueue[dict[int, int] | None] = queue.SimpleQueue()
+        self._unstocked: _Batch | None = None  # a batch made, handed to the loop, not stocked yet
 
     def __len__(self) -> int:
         return sum(len(socks) for socks in self.free.values())
@@ -662,47 +668,63 @@ class NsSocketPool:
 
     def refill_soon(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Top every family up in the background (the worker makes the batch, `loop` stocks it); False when
-        nothing is wanted or a batch is already on its way."""
+        nothing is wanted, a batch is already on its way, or the worker could not enter the namespace.
+
+        One thread of our own, fed through a SimpleQueue and answering with call_soon_threadsafe: a
+        ThreadPoolExecutor's submit, Future and done-callbacks were interpreted code costing more per batch
+        than the sockets it made."""
         if self.pending or self.closed:
             return False
         wants = self._wants()
         if not wants:
             return False
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(
-                1, thread_name_prefix="passtd-nspool", initializer=_enter_netns, initargs=(self.netns_fd,)
+        worker = self._worker
+        if worker is None:
+            worker = self._worker = threading.Thread(
+                target=self._serve, args=(loop,), name="passtd-nspool", daemon=True
             )
-        self.refills += 1
-        try:
-            future = self._worker.submit(_make_stream_sockets, wants)
-        except (
-            RuntimeError
-        ) as exc:  # the worker could not enter the namespace (BrokenThreadPool), or shut down
+            worker.start()
+        elif not worker.is_alive():  # it could not enter the namespace (last_error says why)
             self.failures += 1
-            self.last_error = str(exc)
             return False
+        self.refills += 1
         self.pending = True
-        self._future = future
-
-        def stock(done: Future[tuple[dict[int, list[_socket.socket]], set[int], str]]) -> None:
-            self.pending = False
-            try:
-                self._stock(*done.result())
-            except Exception as exc:  # the initializer's setns failed: the batch never ran
-                self.failures += 1
-                self.last_error = str(exc)
-
-        def hand_over(done: Future[tuple[dict[int, list[_socket.socket]], set[int], str]]) -> None:
-            try:
-                loop.call_soon_threadsafe(stock, done)
-            except RuntimeError:  # the loop is closed: nobody will take these sockets
-                if not done.cancelled() and done.exception() is None:
-                    for socks in done.result()[0].values():
-                        for sock in socks:
-                            sock.close()
-
-        future.add_done_callback(hand_over)
+        self._requests.put(wants)
         return True
+
+    def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The worker: enters the namespace once, then makes each batch asked for until told to stop."""
+        try:
+            _enter_netns(self.netns_fd)
+        except OSError as exc:
+            self.last_error = f"cannot enter the network namespace: {exc.strerror}"
+            try:
+                loop.call_soon_threadsafe(self._failed)
+            except RuntimeError:  # the loop is closed
+                pass
+            return
+        while True:
+            wants = self._requests.get()
+            if wants is None:
+                return
+            batch = _make_stream_sockets(wants)
+            self._unstocked = batch
+            try:
+                loop.call_soon_threadsafe(self._stocked, batch)
+            except RuntimeError:  # the loop is closed: nobody will take these sockets
+                self._unstocked = None
+                _close_batch(batch)
+                return
+
+    def _failed(self) -> None:
+        self.pending = False
+        self.failures += 1
+
+    def _stocked(self, batch: _Batch) -> None:
+        self.pending = False
+        if self._unstocked is batch:
+            self._unstocked = None
+        self._stock(*batch)
 
     def close(self) -> None:
         self.closed = True
@@ -710,11 +732,16 @@ class NsSocketPool:
             for sock in socks:
                 sock.close()
             socks.clear()
-        if self._worker is not None:
-            self._worker.shutdown(wait=True, cancel_futures=True)  # a batch takes microseconds
-            self._worker = None
-        future, self._future = self._future, None
-        if future is not None and future.done() and not future.cancelled() and future.exception() is None:
-            for socks in future.result()[0].values():  # a batch the loop had not stocked yet
-                for sock in socks:
-                    sock.close()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            self._requests.put(None)
+            worker.join(5)  # a batch takes microseconds
+        batch, self._unstocked = self._unstocked, None
+        if batch is not None:  # made and handed to the loop, which had not stocked it yet
+            _close_batch(batch)
+
+
+def _close_batch(batch: _Batch) -> None:
+    for socks in batch[0].values():
+        for sock in socks:
+            sock.close()
