@@ -43,6 +43,7 @@ MODULES: tuple[str, ...] = (
     "passtd.dataplane.core.splice",
     "passtd.dataplane.core.udp",
     "passtd.dataplane.io.sockets",
+    "passtd.dataplane.io.splice",
     "passtd.dataplane.io.tcp",
     "passtd.dataplane.io.udp",
     "passtd.dataplane.io.echo",

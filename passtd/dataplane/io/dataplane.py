@@ -18,6 +18,7 @@ the tap goes with it at once: TCP sockets are reset, UDP and echo sockets closed
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import os
 import socket
@@ -55,7 +56,7 @@ from passtd.dataplane.io.forwarding import Forwarding
 from passtd.dataplane.io.limits import SpareFd, fd_pool, follow_limit, is_fd_exhausted
 from passtd.dataplane.io.listeners import BindResult
 from passtd.dataplane.io.pcap import PcapWriter
-from passtd.dataplane.io.sockets import HostSockets, Outbound
+from passtd.dataplane.io.sockets import BacklogProbe, HostSockets, Outbound, accept_fd
 from passtd.dataplane.io.splice import Splicer
 from passtd.dataplane.io.tap.base import OutFrame, TapBackend
 from passtd.dataplane.io.tcp import TcpIo
@@ -146,6 +147,7 @@ class Dataplane:
             self.splicer.on_ns_listener, self.udp.on_ns_listener,
             freebind=hs.freebind, tcp=ctx.tcp, udp=ctx.udp,
         )  # fmt: skip
+        self._backlog = BacklogProbe()  # asks whether a listener has more queued before accept() again
         self._spare = SpareFd()  # lets accept() shed a connection at EMFILE instead of spinning
         self.tap: TapBackend | None = None
         self.disconnected: asyncio.Event = asyncio.Event()
@@ -460,9 +462,12 @@ class Dataplane:
         """A forwarded port is readable: accept every pending connection and offer each to the guest (at
         `target`, the rule's target address, when it has one); each counts in its rule's `tally`."""
         now = self.loop.time()
-        for _ in range(64):
+        probe = self._backlog
+        for i in range(64):
+            if i and not probe.pending(listener.fileno()):
+                break  # the backlog is empty: no accept() failing with EAGAIN, no exception
             try:
-                sock, peer = listener.accept()
+                fd, peer = accept_fd(listener)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -473,13 +478,15 @@ class Dataplane:
                 else:
                     self.log.warning("tcp.accept.failed", error=exc.strerror)
                 break
-            family_v6 = sock.family == socket.AF_INET6
-            addr = socket.inet_pton(socket.AF_INET6 if family_v6 else socket.AF_INET, peer[0])
+            family = socket.AF_INET6 if len(peer) == 4 else socket.AF_INET
+            addr = socket.inet_pton(family, peer[0])
             if self.netns_fd is not None and self.host_sockets.splice and is_loopback(addr):
                 self.splicer.splice(
-                    sock, peer, guest_port, in_netns=True, now=now, target=target, tally=tally
-                )
+                    _socket.socket(family, socket.SOCK_STREAM, 0, fd), peer, guest_port, in_netns=True,
+                    now=now, target=target, tally=tally,
+                )  # fmt: skip
                 continue  # the splice bypass
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             port = self.tcp_io.adopt(sock)
             conn = self.tcp.accepted(
                 port, addr, peer[1], guest_port, now, b"" if target is None else target.packed

@@ -12,17 +12,18 @@ thread, and any lock another thread held stays locked forever in the child).
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import ctypes
 import errno
 import fcntl
 import os
+import queue
 import signal
 import socket
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Network
@@ -68,6 +69,10 @@ _IFREQ_INT = struct.Struct("16si20x")
 _IFREQ_HWADDR = struct.Struct("16sH6s16x")  # the union as a struct sockaddr: family, then the address
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# The same libc through PyDLL: its calls keep the GIL. socket() through it lets the pool's worker make a whole
+# batch without handing the GIL to the loop and back around every socket (_make_stream_sockets).
+_libc_gil = ctypes.PyDLL(None, use_errno=True)
+_socket_gil = _libc_gil.socket  # int arguments and result, ctypes' defaults (argtypes would cost more)
 
 
 def _ns_syscall(name: str, *args: int) -> None:
@@ -528,22 +533,35 @@ class NetnsWatcher:
         return self._gone
 
 
-def _make_stream_sockets(wants: dict[int, int]) -> tuple[dict[int, list[socket.socket]], set[int], str]:
+# a pool batch: sockets made per family, families the namespace lacks, the error that stopped it
+_Batch = tuple[dict[int, list[_socket.socket]], set[int], str]
+
+
+def _make_stream_sockets(wants: dict[int, int]) -> tuple[dict[int, list[_socket.socket]], set[int], str]:
     """In the helper thread inside the namespace: up to `wants[family]` non-blocking stream sockets per
     family. A family the namespace lacks is reported as unsupported; any other failure (EMFILE) stops the
-    batch and is reported by its reason, with the sockets made so far."""
-    made: dict[int, list[socket.socket]] = {family: [] for family in wants}
+    batch and is reported by its reason, with the sockets made so far.
+
+    socket() is called through PyDLL, which keeps the GIL: `_socket.socket()` releases it around the system
+    call, and with the loop waiting for it every socket cost three futex calls and two thread switches.
+    The descriptors are wrapped in the C socket type (socket.socket's __init__ is interpreted code)."""
+    made: dict[int, list[_socket.socket]] = {family: [] for family in wants}
     unsupported: set[int] = set()
+    kind = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
     for family, count in wants.items():
         for _ in range(count):
-            try:
-                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-            except OSError as exc:
-                if exc.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+            fd = _socket_gil(family, kind, 0)
+            if fd < 0:
+                err = ctypes.get_errno()
+                if err in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
                     unsupported.add(family)
                     break
+                return made, unsupported, os.strerror(err)
+            try:
+                made[family].append(_socket.socket(family, kind, 0, fd))
+            except OSError as exc:  # not expected for a descriptor socket() just returned
+                os.close(fd)
                 return made, unsupported, exc.strerror or type(exc).__name__
-            made[family].append(sock)
     return made, unsupported, ""
 
 
@@ -565,7 +583,8 @@ class NsSocketPool:
     """
 
     __slots__ = (
-        "_future",
+        "_requests",
+        "_unstocked",
         "_worker",
         "closed",
         "failures",
@@ -582,20 +601,21 @@ class NsSocketPool:
         self.netns_fd = netns_fd
         self.size = size
         # per family, from its first take on: a daemon that never splices that family holds none
-        self.free: dict[int, list[socket.socket]] = {}
+        self.free: dict[int, list[_socket.socket]] = {}
         self.unsupported: set[int] = set()  # families the namespace cannot make sockets of
         self.refills = 0  # batches asked for
         self.failures = 0  # batches that failed or stopped early
         self.last_error = ""
         self.pending = False  # a background batch is on its way
         self.closed = False
-        self._worker: ThreadPoolExecutor | None = None
-        self._future: Future[tuple[dict[int, list[socket.socket]], set[int], str]] | None = None
+        self._worker: threading.Thread | None = None
+        self._requests: queue.SimpleQueue[dict[int, int] | None] = queue.SimpleQueue()
+        self._unstocked: _Batch | None = None  # a batch made, handed to the loop, not stocked yet
 
     def __len__(self) -> int:
         return sum(len(socks) for socks in self.free.values())
 
-    def take(self, family: int) -> socket.socket | None:
+    def take(self, family: int) -> _socket.socket | None:
         """A ready socket of `family` in the namespace, or None when none is left (the caller then makes one
         the slow way). The first take of a family makes the refills keep that family stocked."""
         free = self.free.get(family)
@@ -616,7 +636,7 @@ class NsSocketPool:
             if family not in self.unsupported and len(socks) < self.size
         }
 
-    def _stock(self, made: dict[int, list[socket.socket]], unsupported: set[int], error: str) -> int:
+    def _stock(self, made: dict[int, list[_socket.socket]], unsupported: set[int], error: str) -> int:
         if self.closed:
             for socks in made.values():
                 for sock in socks:
@@ -648,47 +668,63 @@ class NsSocketPool:
 
     def refill_soon(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Top every family up in the background (the worker makes the batch, `loop` stocks it); False when
-        nothing is wanted or a batch is already on its way."""
+        nothing is wanted, a batch is already on its way, or the worker could not enter the namespace.
+
+        One thread of our own, fed through a SimpleQueue and answering with call_soon_threadsafe: a
+        ThreadPoolExecutor's submit, Future and done-callbacks were interpreted code costing more per batch
+        than the sockets it made."""
         if self.pending or self.closed:
             return False
         wants = self._wants()
         if not wants:
             return False
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(
-                1, thread_name_prefix="passtd-nspool", initializer=_enter_netns, initargs=(self.netns_fd,)
+        worker = self._worker
+        if worker is None:
+            worker = self._worker = threading.Thread(
+                target=self._serve, args=(loop,), name="passtd-nspool", daemon=True
             )
-        self.refills += 1
-        try:
-            future = self._worker.submit(_make_stream_sockets, wants)
-        except (
-            RuntimeError
-        ) as exc:  # the worker could not enter the namespace (BrokenThreadPool), or shut down
+            worker.start()
+        elif not worker.is_alive():  # it could not enter the namespace (last_error says why)
             self.failures += 1
-            self.last_error = str(exc)
             return False
+        self.refills += 1
         self.pending = True
-        self._future = future
-
-        def stock(done: Future[tuple[dict[int, list[socket.socket]], set[int], str]]) -> None:
-            self.pending = False
-            try:
-                self._stock(*done.result())
-            except Exception as exc:  # the initializer's setns failed: the batch never ran
-                self.failures += 1
-                self.last_error = str(exc)
-
-        def hand_over(done: Future[tuple[dict[int, list[socket.socket]], set[int], str]]) -> None:
-            try:
-                loop.call_soon_threadsafe(stock, done)
-            except RuntimeError:  # the loop is closed: nobody will take these sockets
-                if not done.cancelled() and done.exception() is None:
-                    for socks in done.result()[0].values():
-                        for sock in socks:
-                            sock.close()
-
-        future.add_done_callback(hand_over)
+        self._requests.put(wants)
         return True
+
+    def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The worker: enters the namespace once, then makes each batch asked for until told to stop."""
+        try:
+            _enter_netns(self.netns_fd)
+        except OSError as exc:
+            self.last_error = f"cannot enter the network namespace: {exc.strerror}"
+            try:
+                loop.call_soon_threadsafe(self._failed)
+            except RuntimeError:  # the loop is closed
+                pass
+            return
+        while True:
+            wants = self._requests.get()
+            if wants is None:
+                return
+            batch = _make_stream_sockets(wants)
+            self._unstocked = batch
+            try:
+                loop.call_soon_threadsafe(self._stocked, batch)
+            except RuntimeError:  # the loop is closed: nobody will take these sockets
+                self._unstocked = None
+                _close_batch(batch)
+                return
+
+    def _failed(self) -> None:
+        self.pending = False
+        self.failures += 1
+
+    def _stocked(self, batch: _Batch) -> None:
+        self.pending = False
+        if self._unstocked is batch:
+            self._unstocked = None
+        self._stock(*batch)
 
     def close(self) -> None:
         self.closed = True
@@ -696,11 +732,16 @@ class NsSocketPool:
             for sock in socks:
                 sock.close()
             socks.clear()
-        if self._worker is not None:
-            self._worker.shutdown(wait=True, cancel_futures=True)  # a batch takes microseconds
-            self._worker = None
-        future, self._future = self._future, None
-        if future is not None and future.done() and not future.cancelled() and future.exception() is None:
-            for socks in future.result()[0].values():  # a batch the loop had not stocked yet
-                for sock in socks:
-                    sock.close()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            self._requests.put(None)
+            worker.join(5)  # a batch takes microseconds
+        batch, self._unstocked = self._unstocked, None
+        if batch is not None:  # made and handed to the loop, which had not stocked it yet
+            _close_batch(batch)
+
+
+def _close_batch(batch: _Batch) -> None:
+    for socks in batch[0].values():
+        for sock in socks:
+            sock.close()

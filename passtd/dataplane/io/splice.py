@@ -13,6 +13,7 @@ zero-fills a megabyte.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import select
@@ -37,7 +38,7 @@ from passtd.dataplane.core.splice import SpliceFlow
 from passtd.dataplane.core.stats import Stats
 from passtd.dataplane.io.limits import is_fd_exhausted
 from passtd.dataplane.io.netns import NsSocketPool, run_in_netns
-from passtd.dataplane.io.sockets import reset_socket, splice_target_ns
+from passtd.dataplane.io.sockets import BacklogProbe, accept_fd, reset_socket, splice_target_ns
 from passtd.logging import get_logger
 
 BUF: Final = 1 << 20
@@ -45,8 +46,8 @@ BUF_KEEP: Final = 8  # idle relay buffers kept for reuse (8 MiB at most)
 NS_POOL_MAX: Final = 16  # pooled namespace sockets per family, at most
 NS_POOL_RESERVE_SHARE: Final = 8  # ... and at most reserved/8 per family: both families take a quarter
 _STREAM: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-_LOOPBACK: Final = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
-_LOOPBACK_PACKED: Final = {family: socket.inet_pton(family, addr) for family, addr in _LOOPBACK.items()}
+_LOOPBACK: Final[dict[int, str]] = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
+_LOOPBACK_PACKED: Final[dict[int, bytes]] = {f: socket.inet_pton(f, addr) for f, addr in _LOOPBACK.items()}
 
 
 class BufferPool:
@@ -75,12 +76,13 @@ class BufferPool:
 
 
 _EMPTY: Final = memoryview(b"")
+_DONTWAIT: Final = socket.MSG_DONTWAIT
 
 
 class _Direction:
     __slots__ = ("dst", "dst_fd", "eof", "len", "pos", "reading", "src", "src_fd", "view", "writing")
 
-    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, src: _socket.socket, dst: _socket.socket) -> None:
         self.src = src
         self.dst = dst
         self.src_fd = src.fileno()
@@ -163,15 +165,18 @@ class SplicePoller:
 class SplicedPair:
     """Relays between `a` and `b` until both directions ended; calls `on_done(self, reason)` once.
 
-    Both sockets must be non-blocking already (accept4/socket with SOCK_NONBLOCK: no fcntl per socket)."""
+    Every read and write passes MSG_DONTWAIT, so a socket may be left blocking: accept() cannot ask for
+    SOCK_NONBLOCK from Python, and making the accepted socket non-blocking was an ioctl per connection. They
+    are of the C type `_socket.socket` (`socket.socket` is a subclass): its `family` and `close` are C code,
+    where `socket.socket`'s are interpreted."""
 
     __slots__ = ("a", "ab", "b", "ba", "buffers", "bytes_ab", "bytes_ba", "done", "loop", "on_done", "poller")
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        a: socket.socket,
-        b: socket.socket,
+        a: _socket.socket,
+        b: _socket.socket,
         on_done: Callable[[SplicedPair, str], None],
         poller: SplicePoller,
         buffers: BufferPool | None = None,
@@ -211,7 +216,7 @@ class SplicedPair:
                 return
             view = d.view = self.buffers.get()
         try:
-            n = d.src.recv_into(view[d.len :])
+            n = d.src.recv_into(view[d.len :], 0, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
             self._release(d)
             return
@@ -221,13 +226,15 @@ class SplicedPair:
         if n == 0:
             d.eof = True
             d.reading = False
-            self._events(d.src_fd)
+            self._flush(d)
+            if not self.done:  # the second end of file closes the pair, and the close unwatches: no epoll_ctl
+                self._events(d.src_fd)
+            return
+        d.len += n
+        if d is self.ab:
+            self.bytes_ab += n
         else:
-            d.len += n
-            if d is self.ab:
-                self.bytes_ab += n
-            else:
-                self.bytes_ba += n
+            self.bytes_ba += n
         self._flush(d)
 
     def _release(self, d: _Direction) -> None:
@@ -242,7 +249,7 @@ class SplicedPair:
             return
         while d.pos < d.len:
             try:
-                sent = d.dst.send(d.view[d.pos : d.len])
+                sent = d.dst.send(d.view[d.pos : d.len], _DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 if not d.writing:
                     d.writing = True
@@ -262,12 +269,15 @@ class SplicedPair:
                 d.reading = True
                 self._events(d.src_fd)
         if d.eof:
+            if self.ab.eof and self.ba.eof and self.ab.len == 0 and self.ba.len == 0:
+                # both ends said all: close() sends the FIN a shutdown would (nothing is left unread, so
+                # no RST), one system call fewer per connection
+                self._finish("fin", reset=False)
+                return
             try:
                 d.dst.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
-            if self.ab.eof and self.ba.eof and self.ab.len == 0 and self.ba.len == 0:
-                self._finish("fin", reset=False)
 
     def _finish(self, reason: str, *, reset: bool) -> None:
         if self.done:
@@ -323,7 +333,10 @@ class Splicer:
         self.ns_pool: NsSocketPool | None = None
         self._netns_fd: int | None = None
         self._pool_failures = 0
+        self._backlog = BacklogProbe()
         self.pool_misses = 0  # namespace sockets made the slow way because the pool was empty
+        # family -> (context net, guest address set, its size, target text, packed): see _ns_target
+        self._targets: dict[int, tuple[object, object, int, str, bytes]] = {}
         pool = flows.pool
         reserved = pool.reserved if pool is not None else NS_POOL_MAX * NS_POOL_RESERVE_SHARE
         self.ns_pool_size = min(NS_POOL_MAX, reserved // NS_POOL_RESERVE_SHARE)
@@ -346,52 +359,82 @@ class Splicer:
         if fd is not None and self.ns_pool_size > 0:
             self.ns_pool = NsSocketPool(fd, self.ns_pool_size)
 
-    def _ns_socket(self, family: int) -> socket.socket:
+    def _ns_socket(self, family: int) -> _socket.socket:
         pool = self.ns_pool
         if pool is not None:
             if pool.failures != self._pool_failures:
                 self._pool_failures = pool.failures
                 self.stats.drop("tcp.splice.pool_refill_failed")
                 self.log.debug("tcp.splice.pool_refill_failed", error=pool.last_error)
-            sock = pool.take(family)
+            # the pool's list itself, not its (interpreted) methods, while it holds sockets of this family
+            free = pool.free.get(family)
+            if free:
+                sock = free.pop()
+                if len(free) <= pool.size // 2 and not pool.pending:
+                    pool.refill_soon(self.loop)
+                return sock
+            taken = pool.take(family)
             if pool.low():
                 pool.refill_soon(self.loop)
-            if sock is not None:
-                return sock
+            if taken is not None:
+                return taken
         self.pool_misses += 1
         assert self._netns_fd is not None
-        return run_in_netns(self._netns_fd, socket.socket, family, _STREAM)
+        return run_in_netns(self._netns_fd, _socket.socket, family, _STREAM)
+
+    def _ns_target(self, family: int) -> tuple[str, bytes]:
+        """splice_target_ns for `family`, text and packed, worked out again only when what it depends on
+        changed: the context's address (replaced, not mutated) or the guest's learned addresses (a set that
+        only grows, core/demux.py). Per connection, sorting them and ipaddress's interpreted str() cost
+        more than the rest of the join."""
+        v6 = family == socket.AF_INET6
+        net: object = self.ctx.ip6 if v6 else self.ctx.ip4
+        seen: object = self.guest.addrs6 if v6 else self.guest.addrs4
+        size = len(self.guest.addrs6 if v6 else self.guest.addrs4)
+        hit = self._targets.get(family)
+        if hit is not None and hit[0] is net and hit[1] is seen and hit[2] == size:
+            return hit[3], hit[4]
+        text = splice_target_ns(self.ctx, self.guest, v6, False)
+        packed = socket.inet_pton(family, text)
+        self._targets[family] = (net, seen, size, text, packed)
+        return text, packed
 
     def on_ns_listener(self, listener: Listener, sock: socket.socket) -> None:
         """-T: a connection inside the namespace to its loopback goes to the same port on the host's."""
         now = self.loop.time()
-        for _ in range(64):
+        probe = self._backlog
+        for i in range(64):
+            if i and not probe.pending(sock.fileno()):
+                break  # the backlog is empty (io/sockets.py BacklogProbe)
             try:
-                conn, peer = sock.accept()
+                fd, peer = accept_fd(sock)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 self.stats.drop("fd.exhausted" if is_fd_exhausted(exc) else "tcp.accept_error")
                 self.log.debug("tcp.ns_accept.failed", error=exc.strerror)
                 break
+            family = socket.AF_INET6 if len(peer) == 4 else socket.AF_INET
+            conn = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
             self.splice(
                 conn, peer, listener.target_port, in_netns=False, now=now, target=listener.target_addr,
                 tally=listener.tally,
             )  # fmt: skip
 
     def splice(
-        self, accepted: socket.socket, peer: tuple[str, int], port: int, *, in_netns: bool, now: float,
+        self, accepted: _socket.socket, peer: tuple[str, int] | tuple[str, int, int, int], port: int, *,
+        in_netns: bool, now: float,
         target: IPv4Address | IPv6Address | None = None, tally: FwdTally | None = None,
     ) -> None:  # fmt: skip
         """Join `accepted` to a new connection to loopback:port (inside the namespace when `in_netns`), or to
-        target:port when the forwarding rule names a target address; `tally`: the rule's counters."""
+        target:port when the forwarding rule names a target address; `tally`: the rule's counters. `peer` as
+        accept() gives it, a 4-tuple for IPv6 (compiled, the annotation is checked)."""
         family = accepted.family
         if target is not None:
             loopback = str(target)
             addr = target.packed
         elif in_netns and not self.host_lo_to_ns_lo:  # the namespace's own address (passt fwd.c)
-            loopback = splice_target_ns(self.ctx, self.guest, family == socket.AF_INET6, False)
-            addr = socket.inet_pton(family, loopback)
+            loopback, addr = self._ns_target(family)
         else:
             loopback = _LOOPBACK[family]
             addr = _LOOPBACK_PACKED[family]
@@ -411,8 +454,7 @@ class Splicer:
             tally.connections += 1
             tally.attach(flow, IN_FROM_GUEST if in_netns else IN_TO_GUEST)
         try:
-            accepted.setblocking(False)
-            out = self._ns_socket(family) if in_netns else socket.socket(family, _STREAM)
+            out = self._ns_socket(family) if in_netns else _socket.socket(family, _STREAM)
             err = out.connect_ex((loopback, port))
         except OSError as exc:
             self.flows.remove(flow)
@@ -437,7 +479,7 @@ class Splicer:
             return
         self._join(flow, accepted, out)
 
-    def _connected(self, flow: SpliceFlow, accepted: socket.socket, out: socket.socket) -> None:
+    def _connected(self, flow: SpliceFlow, accepted: _socket.socket, out: _socket.socket) -> None:
         self.loop.remove_writer(out.fileno())
         if out.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
             out.close()
@@ -447,7 +489,7 @@ class Splicer:
             return
         self._join(flow, accepted, out)
 
-    def _join(self, flow: SpliceFlow, accepted: socket.socket, out: socket.socket) -> None:
+    def _join(self, flow: SpliceFlow, accepted: _socket.socket, out: _socket.socket) -> None:
         poller = self.poller
         if poller is None:
             poller = self.poller = SplicePoller(self.loop)
