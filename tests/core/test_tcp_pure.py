@@ -66,12 +66,14 @@ def test_flow_deadline_is_the_earliest_armed_timer() -> None:
 
 
 def test_a_new_connection_has_every_field_of_a_flow() -> None:
-    """TcpConn sets the base's fields in its own __init__ (for speed), so a field added to Flow must be added
-    there too, or the flow table's generic code meets an unset attribute (as `tally` once did)."""
+    """TcpConn and SpliceFlow set the base's fields in their own __init__ (for speed), so a field added to
+    Flow must be added there too, or the flow table's generic code meets an unset attribute (as `tally`
+    once did)."""
     import dataclasses
 
     from passtd.dataplane.core.flowtable import Flow
+    from passtd.dataplane.core.splice import SpliceFlow
 
-    conn = TcpConn(1, 6, (6, b"", 0, 0), 0.0, 0.0)
-    missing = [f.name for f in dataclasses.fields(Flow) if not hasattr(conn, f.name)]
-    assert missing == []
+    for flow in (TcpConn(1, 6, (6, b"", 0, 0), 0.0, 0.0), SpliceFlow(2, 6, (6, b"", 0, 0), 0.0, 0.0)):
+        missing = [f.name for f in dataclasses.fields(Flow) if not hasattr(flow, f.name)]
+        assert missing == [], type(flow).__name__

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
-from passtd.dataplane.core.flowtable import Flow
+from passtd.dataplane.core.flowtable import Flow, FlowKey
 
 
 class SplicePair(Protocol):
@@ -17,9 +16,47 @@ class SplicePair(Protocol):
     def reset(self) -> None: ...
 
 
-@dataclass(slots=True, eq=False)
 class SpliceFlow(Flow):
-    """guest_* is the namespace-side endpoint, remote_* the host-side one, as for tap flows."""
+    """guest_* is the namespace-side endpoint, remote_* the host-side one, as for tap flows. A plain class
+    with an explicit __init__: a dataclass's generated one runs interpreted, once per spliced connection."""
 
-    v6: bool = False
-    pair: SplicePair | None = None  # once both sockets are connected (host_fds is 2: both sockets)
+    __slots__ = ("pair", "v6")
+
+    v6: bool
+    pair: SplicePair | None  # once both sockets are connected (host_fds is 2: both sockets)
+
+    def __init__(
+        self,
+        flow_id: int,
+        proto: int,
+        key: FlowKey,
+        created: float,
+        last_active: float,
+        *,
+        guest_initiated: bool = True,
+        host_fds: int = 2,
+        v6: bool = False,
+        guest_addr: bytes = b"",
+        guest_port: int = 0,
+        remote_addr: bytes = b"",
+        remote_port: int = 0,
+    ) -> None:
+        self.flow_id = flow_id
+        self.proto = proto
+        self.key = key
+        self.created = created
+        self.last_active = last_active
+        self.guest_initiated = guest_initiated
+        self.bytes_from_guest = 0
+        self.bytes_to_guest = 0
+        self.packets_from_guest = 0
+        self.packets_to_guest = 0
+        self.host_fds = host_fds
+        self.guest_addr = guest_addr
+        self.guest_port = guest_port
+        self.remote_addr = remote_addr
+        self.remote_port = remote_port
+        self.target_addr = b""
+        self.tally = None
+        self.v6 = v6
+        self.pair = None
