@@ -121,16 +121,14 @@ class Dataplane:
         self._timer = DeadlineTimer(loop, self._on_tcp_timer)
         self.udp = UdpRelay(
             ctx, loop, self.flows, self.stats, self.guest, self._to_tap, self._after_batch, self._emit,
-            self.log, to_tap_vnet=self._to_tap_vnet if vnet else None, egress=self.egress,
+            self.log, to_tap_vnet=self._to_tap_vnet if vnet else None, egress=self.egress, shaper=self.shaper,
         )  # fmt: skip
         hs = self.host_sockets = sockets if sockets is not None else HostSockets()
         outbound = Outbound(hs.outbound, hs.outbound_if4, hs.outbound_if6)
         self.tcp_io.outbound = self.udp.outbound = outbound
-        self.udp.shaper = self.shaper
         self.echo = EchoSockets(
-            ctx, loop, self.flows, self.stats, self.guest, self.send_to_tap, self._emit, outbound
+            ctx, loop, self.flows, self.stats, self.guest, self.send_to_tap, self._emit, outbound, self.shaper
         )
-        self.echo.shaper = self.shaper
         self.splicer = Splicer(loop, self.flows, self.stats, self._emit, ctx, self.guest, hs.host_lo_to_ns_lo)
         self.demux = Demux(
             ctx,

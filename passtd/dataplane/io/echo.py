@@ -39,6 +39,7 @@ class EchoSockets:
         send_to_tap: SendToTap,
         emit: Emit,
         outbound: Outbound | None = None,
+        shaper: Shaper | None = None,
     ) -> None:
         self.ctx = ctx
         self.loop = loop
@@ -52,7 +53,8 @@ class EchoSockets:
         self._socks: dict[int, socket.socket] = {}  # flow id -> its ping socket
         self._flows: dict[int, EchoFlow] = {}
         self._refused_logged = False
-        self.shaper = Shaper()  # the guest's rate limits; the dataplane shares its own with TCP and UDP
+        # the guest's rate limits: the dataplane's, shared with TCP and UDP
+        self.shaper = shaper if shaper is not None else Shaper()
 
     def __len__(self) -> int:
         """Open ping sockets."""

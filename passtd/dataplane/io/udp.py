@@ -107,6 +107,7 @@ class UdpRelay:
         log: DebugLog,
         to_tap_vnet: ToTapVnet | None = None,
         egress: Egress | None = None,
+        shaper: Shaper | None = None,
     ) -> None:
         self.core = UdpCore(ctx, flows, stats, guest, egress)
         self.loop = loop
@@ -124,7 +125,8 @@ class UdpRelay:
         self.gso_sends = 0  # sendmsg calls that carried several datagrams (plain ints: read by tests, status)
         self.gso_datagrams = 0
         self.outbound = Outbound()  # --outbound source addresses
-        self.shaper = Shaper()  # the guest's rate limits; the dataplane shares its own with TCP and ICMP
+        # the guest's rate limits: the dataplane's, shared with TCP and ICMP
+        self.shaper = shaper if shaper is not None else Shaper()
 
     @property
     def active(self) -> dict[int, UdpFlow]:
