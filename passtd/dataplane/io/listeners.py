@@ -239,13 +239,14 @@ class ListenerSet:
                 continue  # unchanged: not touched (a family that failed before is not retried, as apply)
             held = self._socks.get(key, {})
             for host, family in self._addresses(listener):
-                where = self._where(listener, host)
                 if host in held:  # retargeted: the socket stays, as in `apply_diff`
-                    stage.results.append(BindResult(listener, host, True, None, f"{where}: kept"))
+                    stage.results.append(
+                        BindResult(listener, host, True, None, f"{self._where(listener, host)}: kept")
+                    )
                     continue
-                if self.pool.listener_room() <= 0:
-                    msg = f"{where}: listener limit reached ({self.pool.listeners} open; raise the limit)"
-                    stage.results.append(BindResult(listener, host, False, "EMFILE", msg))
+                full = self._no_room(listener, host)
+                if full is not None:
+                    stage.results.append(full)
                     continue
                 sock, result = self._bind(listener, host, family, listen=not stage.dry_run)
                 if sock is None and result.errno_name == "EADDRINUSE":
@@ -339,26 +340,32 @@ class ListenerSet:
             if host in held:
                 results.append(BindResult(listener, host, True, None, f"{self._where(listener, host)}: kept"))
                 continue
-            pool = self.pool
-            cap = self.cap
-            if pool.listener_room() <= 0 or (cap is not None and self._held >= cap):
-                where = self._where(listener, host)
-                share = f", {cap} of them {self.proto}'s share" if cap is not None else ""
-                msg = (f"{where}: listener limit reached ({pool.listeners} open{share}; "
-                       f"raise the open-files limit)")  # fmt: skip
-                results.append(BindResult(listener, host, False, "EMFILE", msg))
+            full = self._no_room(listener, host)
+            if full is not None:
+                results.append(full)
                 continue
             sock, result = self._bind(listener, host, family)
             results.append(result)
             if sock is not None:
                 held[host] = sock
-                pool.listeners += 1
+                self.pool.listeners += 1
                 self._held += 1
                 self._loop.add_reader(sock.fileno(), self._ready, key, sock)
         if held:
             self._socks[key] = held
             self._current[key] = listener
         return results
+
+    def _no_room(self, listener: Listener, host: str) -> BindResult | None:
+        """The refusal of one more socket when the descriptor pool's listener room (or this set's share of it
+        during a policy change, `cap`) is spent; None when there is room."""
+        pool, cap = self.pool, self.cap
+        if pool.listener_room() > 0 and (cap is None or self._held < cap):
+            return None
+        share = f", {cap} of them {self.proto}'s share" if cap is not None else ""
+        msg = (f"{self._where(listener, host)}: listener limit reached ({pool.listeners} open{share}; "
+               f"raise the open-files limit)")  # fmt: skip
+        return BindResult(listener, host, False, "EMFILE", msg)
 
     def _bind(
         self, listener: Listener, host: str, family: int, listen: bool = True
