@@ -314,6 +314,16 @@ def _drop_privileges(runas: tuple[int, int], pasta: bool) -> None:
         raise StartError(f"--runas: cannot change to {uid}:{gid}: {exc.strerror}") from None
 
 
+def _apply_file_policy(dp: Dataplane, new: Config, old: Config | None) -> None:
+    """The config file's egress rules and rate limits, at start (`old` None) and on SIGHUP. A file without
+    egress keys leaves rules set at run time alone; a [limits] table that changed wins over the control API's,
+    an unchanged one leaves them."""
+    if new.egress is not None:
+        dp.set_egress(new.egress)
+    if new.rate_limits != (old.rate_limits if old is not None else None):
+        dp.set_rate_limits(*(new.rate_limits or (None, None)))
+
+
 def _reload(current: Config, dp: Dataplane, notifier: Notifier, reparse: Reparse | None) -> Config:
     """SIGHUP: the configuration to keep running with (the new one, or `current` when the new one is bad)."""
     log = get_logger()
@@ -337,10 +347,7 @@ def _reload(current: Config, dp: Dataplane, notifier: Notifier, reparse: Reparse
         return current
     dp.set_forwarding(new.forward or ForwardTables(new.mode))
     dp.set_timeouts(new.timeouts)
-    if new.egress is not None:  # a file without egress keys leaves the rules set at run time alone
-        dp.set_egress(new.egress)
-    if new.rate_limits != current.rate_limits:  # a [limits] change wins over the control API's; else kept
-        dp.set_rate_limits(*(new.rate_limits or (None, None)))
+    _apply_file_policy(dp, new, current)
     fixed = sorted(
         name
         for name in Config.__dataclass_fields__
@@ -469,10 +476,7 @@ async def _serve(
         dp.set_forwarding(config.forward)
     if config.timeouts != Timeouts():
         dp.set_timeouts(config.timeouts)
-    if config.egress is not None:
-        dp.set_egress(config.egress)
-    if config.rate_limits is not None:
-        dp.set_rate_limits(*config.rate_limits)
+    _apply_file_policy(dp, config, None)
     if debug_enabled():  # -d: every flow's open and close (a watcher only then: none costs nothing)
         from passtd.daemon_api import FlowLog
 
