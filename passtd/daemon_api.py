@@ -84,7 +84,6 @@ from passtd.dataplane.core.flowtable import (
 from passtd.dataplane.core.fwd import OPTION_OF, ForwardTables, Listener, PortPolicy
 from passtd.dataplane.core.fwdbook import RuleBook
 from passtd.dataplane.core.ratelimit import RateSpec, TokenBucket
-from passtd.dataplane.core.splice import SpliceFlow
 from passtd.dataplane.core.tcp.conn import TcpConn
 from passtd.dataplane.core.timeouts import RANGES, Timeouts
 from passtd.dataplane.io.dataplane import Dataplane, flow_state
@@ -220,19 +219,10 @@ def _bind_view(result: BindResult) -> BindResultView:
     )
 
 
-def live_bytes(flow: Flow) -> tuple[int, int]:
-    """A flow's (from guest, to guest) bytes now: a spliced pair counts in its sockets until it closes."""
-    pair = flow.pair if isinstance(flow, SpliceFlow) else None
-    if pair is not None:
-        ab, ba = pair.bytes_ab, pair.bytes_ba
-        return (ba, ab) if flow.guest_initiated else (ab, ba)
-    return (flow.bytes_from_guest, flow.bytes_to_guest)
-
-
 def counters_view(tally: FwdTally | None) -> ForwardCountersView:
     if tally is None:
         return ForwardCountersView()
-    connections, datagrams, bytes_in, bytes_out = tally.snapshot(live_bytes)
+    connections, datagrams, bytes_in, bytes_out = tally.snapshot()
     return ForwardCountersView(
         connections=connections, datagrams=datagrams, bytes_in=bytes_in, bytes_out=bytes_out
     )

@@ -26,7 +26,7 @@ socket's name is only fixed by its first send.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final, Protocol, TypeAlias
 
@@ -84,6 +84,10 @@ class Flow:
         """The host socket whose local name the views show; None when the flow has none of its own."""
         return None
 
+    def byte_counts(self) -> tuple[int, int]:
+        """(from guest, to guest) now (a spliced pair counts in its sockets until it closes)."""
+        return self.bytes_from_guest, self.bytes_to_guest
+
 
 # How a flow's byte counters map onto its rule's: in (from the client of the forwarded port toward its
 # target) and out (back). UDP datagrams in are counted on the listening socket itself, so those flows
@@ -122,12 +126,11 @@ class FwdTally:
             self.bytes_in += got_in
             self.bytes_out += got_out
 
-    def snapshot(self, live_bytes: Callable[[Flow], tuple[int, int]]) -> tuple[int, int, int, int]:
-        """(connections, datagrams, bytes in, bytes out) now; `live_bytes(flow)` is a live flow's
-        (from guest, to guest), which for a spliced pair only its sockets know."""
+    def snapshot(self) -> tuple[int, int, int, int]:
+        """(connections, datagrams, bytes in, bytes out) now, the live flows' bytes included."""
         got_in, got_out = self.bytes_in, self.bytes_out
         for flow, how in self.live.values():
-            a, b = split_bytes(how, *live_bytes(flow))
+            a, b = split_bytes(how, *flow.byte_counts())
             got_in += a
             got_out += b
         return (self.connections, self.datagrams, got_in, got_out)

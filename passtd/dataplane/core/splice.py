@@ -60,3 +60,13 @@ class SpliceFlow(Flow):
         self.tally = None
         self.v6 = v6
         self.pair = None
+
+    def byte_counts(self) -> tuple[int, int]:
+        """While the pair relays, its counters: the accepted side is the guest's for -T (guest-initiated),
+        the host client's for a forwarded port."""
+        pair = self.pair
+        if pair is None:
+            return self.bytes_from_guest, self.bytes_to_guest
+        if self.guest_initiated:
+            return pair.bytes_ba, pair.bytes_ab
+        return pair.bytes_ab, pair.bytes_ba

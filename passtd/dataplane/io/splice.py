@@ -499,11 +499,7 @@ class Splicer:
         self.emit("opened", flow, "SPLICED", "")
 
     def _done(self, flow: SpliceFlow, reason: str) -> None:
-        pair = flow.pair
-        if pair is not None:
-            flow.bytes_from_guest, flow.bytes_to_guest = (
-                (pair.bytes_ba, pair.bytes_ab) if flow.guest_initiated else (pair.bytes_ab, pair.bytes_ba)
-            )
+        flow.bytes_from_guest, flow.bytes_to_guest = flow.byte_counts()
         self.flows.remove(flow)
         self.emit("closed", flow, "CLOSED", reason)
 
